@@ -1,0 +1,163 @@
+"""Recurrent LIF network in the e-prop convention (Bellec et al. 2020, Nat. Commun. 11:3625).
+
+The pseudo-derivative is defined once, in :func:`pseudo_derivative`; the autograd spike function and the
+online e-prop rule both call it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from neuroinit.cells.base import CellParams, LocalFactors, RecurrentCell, TraceSpec, readout
+from neuroinit.profiles import HardwareProfile
+
+__all__ = ["LIFState", "pseudo_derivative", "spike", "lif_step", "LIFRNN", "RESETS"]
+
+RESETS = ("subtract", "zero")
+
+
+class LIFState(NamedTuple):
+    """``v`` membrane (B, N); ``z`` spikes of the last step (B, N); ``ref`` refractory steps left (B, N);
+    ``y`` leaky readout (B, O)."""
+
+    v: torch.Tensor
+    z: torch.Tensor
+    ref: torch.Tensor
+    y: torch.Tensor
+
+
+def pseudo_derivative(v: torch.Tensor, v_th: torch.Tensor | float, gamma: torch.Tensor | float
+                      ) -> torch.Tensor:
+    """``psi = (gamma / v_th) * max(0, 1 - |v - v_th| / v_th)`` (Bellec et al. 2020, Methods; gamma = 0.3)."""
+    return (gamma / v_th) * torch.clamp(1.0 - torch.abs(v - v_th) / v_th, min=0.0)
+
+
+class _Spike(torch.autograd.Function):
+    """Heaviside forward, :func:`pseudo_derivative` backward."""
+
+    @staticmethod
+    def forward(ctx, v, v_th, gamma):
+        ctx.save_for_backward(v, v_th, gamma)
+        return (v > v_th).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, v_th, gamma = ctx.saved_tensors
+        return grad * pseudo_derivative(v, v_th, gamma), None, None
+
+
+def spike(v: torch.Tensor, v_th: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``z = H(v - v_th)`` with the pseudo-derivative as its gradient."""
+    return _Spike.apply(v, v_th, gamma)
+
+
+def lif_step(p: CellParams, s: LIFState, u: torch.Tensor, *, alpha, kappa, v_th, gamma,
+             reset: str = "subtract", n_refractory: int = 0, eprop_detach: bool = False,
+             feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, LIFState]:
+    """One step of the e-prop LIF network, ``alpha = exp(-dt/tau_m)``, ``kappa = exp(-dt/tau_out)``::
+
+        v_t = alpha v_{t-1} + W_rec z_{t-1} + W_in u_t + b - z_{t-1} v_th        (reset by subtraction)
+        v_t = alpha v_{t-1} (1 - z_{t-1}) + W_rec z_{t-1} + W_in u_t + b         (reset to zero)
+        z_t = H(v_t - v_th), forced to 0 while refractory (n_refractory steps after a spike)
+        y_t = kappa y_{t-1} + W_out z_t + b_out
+
+    With ``eprop_detach`` the spikes entering ``W_rec`` and the reset are detached (autograd e-prop, as in
+    Bellec et al.'s code), leaving the leak path ``alpha`` as the only temporal gradient path.
+    """
+    z_prev = s.z.detach() if eprop_detach else s.z
+    if reset == "subtract":
+        reset_term = z_prev * v_th
+    elif reset == "zero":
+        # alpha v (1 - z) written as a subtraction, so that e-prop's detach leaves the leak path at alpha
+        kept = (alpha * s.v).detach() if eprop_detach else alpha * s.v
+        reset_term = z_prev * kept
+    else:
+        raise ValueError(f"Invalid reset {reset!r}: allowed {', '.join(RESETS)}")
+    v = alpha * s.v + z_prev @ p.w_rec.T + u @ p.w_in.T + p.bias - reset_term
+    if n_refractory > 0:
+        free = (s.ref <= 0).to(v.dtype)
+        z = spike(v, v_th, gamma) * free
+        ref = torch.where(z > 0, torch.full_like(s.ref, n_refractory), torch.clamp(s.ref - 1, min=0))
+    else:
+        z = spike(v, v_th, gamma)
+        ref = s.ref
+    y = kappa * s.y + readout(z, p.w_out, p.b_out, feedback)
+    return y, LIFState(v, z, ref, y)
+
+
+class LIFRNN(RecurrentCell):
+    """Recurrent LIF network with a leaky readout; constants are buffers.
+
+    ``dt``, ``tau_m`` and ``tau_out`` are in ms; ``alpha = exp(-dt/tau_m)``, ``kappa = exp(-dt/tau_out)``.
+    """
+
+    model = "lif"
+
+    def __init__(self, params: CellParams, *, dt: float = 1.0, tau_m: float = 20.0, tau_out: float = 20.0,
+                 v_th: float = 1.0, gamma: float = 0.3, reset: str = "subtract", n_refractory: int = 0,
+                 profile: HardwareProfile | str | None = None, quantised_forward: bool = True,
+                 remove_autapses: bool = True) -> None:
+        for name, val in (("dt", dt), ("tau_m", tau_m), ("tau_out", tau_out), ("v_th", v_th)):
+            if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+                raise ValueError(f"Invalid {name} {val!r}: must be a positive finite number")
+        if reset not in RESETS:
+            raise ValueError(f"Invalid reset {reset!r}: allowed {', '.join(RESETS)}")
+        if not (isinstance(n_refractory, int) and n_refractory >= 0):
+            raise ValueError(f"Invalid n_refractory {n_refractory!r}: allowed integers >= 0")
+        super().__init__(params, profile=profile, quantised_forward=quantised_forward,
+                         remove_autapses=remove_autapses, threshold=v_th)
+        dtype = params.w_rec.dtype
+        self.register_buffer("alpha", torch.tensor(math.exp(-dt / tau_m), dtype=dtype))
+        self.register_buffer("kappa", torch.tensor(math.exp(-dt / tau_out), dtype=dtype))
+        self.register_buffer("v_th", torch.tensor(float(v_th), dtype=dtype))
+        self.register_buffer("gamma", torch.tensor(float(gamma), dtype=dtype))
+        self.dt, self.tau_m, self.tau_out = float(dt), float(tau_m), float(tau_out)
+        self.reset = reset
+        self.n_refractory = n_refractory
+
+    def extra_repr(self) -> str:
+        return (f"n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, dt={self.dt:g}, "
+                f"tau_m={self.tau_m:g}, tau_out={self.tau_out:g}, reset={self.reset}, "
+                f"n_refractory={self.n_refractory}, profile={self.profile.name}")
+
+    def init_state(self, batch_size: int) -> LIFState:
+        z = self.w_rec.new_zeros(batch_size, self.n_hidden)
+        return LIFState(v=z, z=z.clone(), ref=z.clone(), y=self.w_out.new_zeros(batch_size, self.n_out))
+
+    def step(self, params, state, u, *, eprop_detach=False, feedback=None):
+        return lif_step(params, state, u, alpha=self.alpha, kappa=self.kappa, v_th=self.v_th,
+                        gamma=self.gamma, reset=self.reset, n_refractory=self.n_refractory,
+                        eprop_detach=eprop_detach, feedback=feedback)
+
+    def observable(self, state: LIFState) -> torch.Tensor:
+        return state.v
+
+    def _post(self, v: torch.Tensor, ref_before: torch.Tensor) -> torch.Tensor:
+        psi = pseudo_derivative(v, self.v_th, self.gamma)
+        if self.n_refractory > 0:
+            psi = psi * (ref_before <= 0).to(psi.dtype)
+        return psi
+
+    def jacobian(self, params, state, u):
+        """Surrogate Jacobian ``d v_t / d v_{t-1} = alpha I + (W_rec - v_th I) diag(psi_{t-1})`` (subtractive
+        reset; reset to zero uses ``alpha (1 - z_{t-1})`` on the diagonal and ``- alpha v_{t-1} psi_{t-1}``).
+        ``psi`` replaces the Heaviside's zero derivative: this is the "surrogate" spectrum, not the true one."""
+        n = self.n_hidden
+        eye = torch.eye(n, dtype=state.v.dtype, device=state.v.device)
+        # psi of the previous step: the spike z_{t-1} was emitted from v_{t-1}; refractoriness is ignored here
+        psi = pseudo_derivative(state.v, self.v_th, self.gamma)
+        if self.reset == "subtract":
+            return self.alpha * eye + (params.w_rec - self.v_th * eye) * psi[:, None, :]
+        diag = self.alpha * (1 - state.z) - self.alpha * state.v * psi
+        return torch.diag_embed(diag) + params.w_rec * psi[:, None, :]
+
+    def trace_spec(self) -> TraceSpec:
+        a, k = float(self.alpha), float(self.kappa)
+        # zbar <- alpha zbar + z_{t-1};  e <- kappa e + psi_t zbar  (kappa-filtered for the leaky readout)
+        return TraceSpec(pre_decay=a, pre_gain=1.0, elig_decay=k, readout_decay=k)
+
+    def local_factors(self, params, prev, new, u):
+        return LocalFactors(pre_rec=prev.z, pre_in=u, post=self._post(new.v, prev.ref), readout_in=new.z)

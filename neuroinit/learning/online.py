@@ -1,0 +1,185 @@
+"""Online e-prop / RFLO with explicit eligibility traces, as a three-factor rule.
+
+For every weight ``W_ji`` (post j, pre i) the gradient estimate is (Bellec et al. 2020, Eqs. 1-3;
+Murray 2019 for RFLO)::
+
+    dE/dW_ji ~= sum_t L_j^t e_ji^t,     L_j^t = sum_k B_jk err_k^t        (third factor: learning signal)
+    pre_i^t  = pre_decay * pre_i^{t-1} + pre_gain * x_i^t                  (presynaptic trace)
+    e_ji^t   = post_j^t pre_i^t                           if elig_decay = 0 (factorised, O(B N) memory)
+    e_ji^t   = elig_decay * e_ji^{t-1} + post_j^t pre_i^t otherwise        (O(B N^2) memory)
+
+with ``err^t = d loss / d y^t`` (the task's per-step output error), ``B = W_out^T`` (symmetric) or a fixed
+random matrix. The cell supplies the constants (:class:`~neuroinit.cells.base.TraceSpec`) and per-step factors
+(:class:`~neuroinit.cells.base.LocalFactors`): voltage-form rate cells give the presynaptic rate trace and
+``f'(x)`` (factorised); rate-form cells give RFLO's ``N x N`` trace; LIF cells give filtered spikes and the
+pseudo-derivative, with the eligibility trace low-pass filtered by the readout's ``kappa`` (Bellec's
+``F_kappa``). The readout weights get their exact local gradient ``err^t (x) readout_trace^t``. Input weights
+and the bias use the same rule with the input (or 1) as presynaptic signal.
+
+Nothing is stored over time: memory is independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from neuroinit.cells.base import PARAM_NAMES, LocalFactors, RecurrentCell, TraceSpec
+from neuroinit.learning.base import LearningRule, Trial, accumulate_grads, feedback_matrix
+from neuroinit.tasks.base import Batch, Task
+
+__all__ = ["Traces", "init_traces", "trace_step", "OnlineState", "OnlineEprop"]
+
+
+class Traces(NamedTuple):
+    """Presynaptic traces (B, N) / (B, I) / (B, 1), optional full eligibility traces (B, N, N) / (B, N, I) /
+    (B, N) (None when the rule is factorised) and the readout's traces (B, N) / (B, 1)."""
+
+    pre_rec: torch.Tensor
+    pre_in: torch.Tensor
+    pre_bias: torch.Tensor
+    elig_rec: torch.Tensor | None
+    elig_in: torch.Tensor | None
+    elig_bias: torch.Tensor | None
+    readout: torch.Tensor
+    readout_bias: torch.Tensor
+
+
+def init_traces(spec: TraceSpec, batch_size: int, n_in: int, n_hidden: int, *, like: torch.Tensor) -> Traces:
+    z = lambda *shape: like.new_zeros(*shape)  # noqa: E731
+    full = spec.elig_decay != 0.0
+    return Traces(
+        pre_rec=z(batch_size, n_hidden), pre_in=z(batch_size, n_in), pre_bias=z(batch_size, 1),
+        elig_rec=z(batch_size, n_hidden, n_hidden) if full else None,
+        elig_in=z(batch_size, n_hidden, n_in) if full else None,
+        elig_bias=z(batch_size, n_hidden) if full else None,
+        readout=z(batch_size, n_hidden), readout_bias=z(batch_size, 1),
+    )
+
+
+def trace_step(spec: TraceSpec, tr: Traces, f: LocalFactors,
+               quantise: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Traces:
+    """Advance all traces by one step (module docstring). ``quantise(name, tensor)`` holds each stored trace
+    at a chip's precision (identity when None)."""
+    q = quantise or (lambda _name, x: x)
+    pd, pg, ed, rd = spec
+    pre_rec = q("pre_rec", pd * tr.pre_rec + pg * f.pre_rec)
+    pre_in = q("pre_in", pd * tr.pre_in + pg * f.pre_in)
+    pre_bias = q("pre_bias", pd * tr.pre_bias + pg)
+    elig_rec = elig_in = elig_bias = None
+    if tr.elig_rec is not None:
+        post = f.post
+        elig_rec = q("elig_rec", ed * tr.elig_rec + post[:, :, None] * pre_rec[:, None, :])
+        elig_in = q("elig_in", ed * tr.elig_in + post[:, :, None] * pre_in[:, None, :])
+        elig_bias = q("elig_bias", ed * tr.elig_bias + post * pre_bias)
+    readout = q("readout", rd * tr.readout + f.readout_in)
+    readout_bias = q("readout_bias", rd * tr.readout_bias + 1.0)
+    return Traces(pre_rec, pre_in, pre_bias, elig_rec, elig_in, elig_bias, readout, readout_bias)
+
+
+class OnlineState(NamedTuple):
+    """Everything an online run carries from one step to the next."""
+
+    cell: NamedTuple
+    traces: Traces
+
+
+class OnlineEprop(LearningRule):
+    """Online e-prop (or RFLO on a rate-form cell) with explicit traces; accumulates gradients step by step.
+
+    Use :meth:`backward` for a whole trial (gradients written once, or applied every ``apply_every`` steps
+    through an optimizer), or drive it yourself::
+
+        st = rule.start(batch_size)
+        for t, u in enumerate(inputs):
+            y, st = rule.step(st, u, lambda y: task.output_error(y, batch, t))
+        rule.flush()          # adds the accumulated gradient to .grad
+        optimizer.step()
+
+    ``trace_quantiser`` (see :mod:`neuroinit.learning.chip`) holds traces at a chip's precision.
+    """
+
+    name = "eprop"
+
+    def __init__(self, cell: RecurrentCell, *, feedback: str | torch.Tensor = "symmetric",
+                 generator: torch.Generator | None = None,
+                 trace_quantiser: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(cell)
+        self.feedback = feedback_matrix(cell, feedback, generator=generator)
+        self.spec = cell.trace_spec()
+        self.trace_quantiser = trace_quantiser
+        self._grads: dict[str, torch.Tensor] = {}
+        self._params = None
+
+    # ------------------------------------------------------------------ step by step
+    def start(self, batch_size: int) -> OnlineState:
+        cell = self.cell
+        self._params = cell.params()
+        self._grads = {n: torch.zeros_like(getattr(cell, n)) for n in PARAM_NAMES}
+        return OnlineState(cell.init_state(batch_size),
+                           init_traces(self.spec, batch_size, cell.n_in, cell.n_hidden, like=cell.w_rec.detach()))
+
+    @torch.no_grad()
+    def step(self, st: OnlineState, u: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor]
+             ) -> tuple[torch.Tensor, OnlineState]:
+        """Advance the network and its traces by one step and accumulate this step's gradient.
+
+        ``error(y_t)`` returns ``d loss / d y_t`` (B, O)."""
+        p = self._params
+        y, new = self.cell.step(p, st.cell, u)
+        f = self.cell.local_factors(p, st.cell, new, u)
+        tr = trace_step(self.spec, st.traces, f, self.trace_quantiser)
+        err = error(y)
+        learning_signal = err @ (p.w_out if self.feedback is None else self.feedback)
+        g = self._grads
+        if tr.elig_rec is None:
+            lp = learning_signal * f.post
+            g["w_rec"].addmm_(lp.T, tr.pre_rec)
+            g["w_in"].addmm_(lp.T, tr.pre_in)
+            g["bias"].add_((lp * tr.pre_bias).sum(0))
+        else:
+            g["w_rec"].add_(torch.einsum("bj,bji->ji", learning_signal, tr.elig_rec))
+            g["w_in"].add_(torch.einsum("bj,bji->ji", learning_signal, tr.elig_in))
+            g["bias"].add_((learning_signal * tr.elig_bias).sum(0))
+        g["w_out"].addmm_(err.T, tr.readout)
+        g["b_out"].add_((err * tr.readout_bias).sum(0))
+        return y, OnlineState(new, tr)
+
+    def flush(self) -> None:
+        """Add the gradient accumulated since the last flush to ``.grad`` and restart the accumulation."""
+        accumulate_grads(self.cell, self._grads)
+        for g in self._grads.values():
+            g.zero_()
+
+    def refresh_params(self) -> None:
+        """Re-read the cell's (possibly updated, possibly quantised) parameters for the next steps."""
+        self._params = self.cell.params()
+
+    # ------------------------------------------------------------------ whole trials
+    def backward(self, batch: Batch, task: Task, *, optimizer: torch.optim.Optimizer | None = None,
+                 apply_every: int | None = None) -> Trial:
+        """One trial. Without ``apply_every`` the trial's gradient is added to ``.grad`` at the end (the
+        caller steps the optimizer). With ``apply_every=K`` and an ``optimizer`` the gradient of every K steps
+        is applied at once (``zero_grad``, write, ``step``), as a chip's learning epoch; ``K = 1`` is fully
+        online."""
+        if apply_every is not None:
+            if optimizer is None or not (isinstance(apply_every, int) and apply_every >= 1):
+                raise ValueError(f"Invalid apply_every {apply_every!r}: needs an integer >= 1 and an optimizer")
+        st = self.start(batch.inputs.shape[1])
+        ys = []
+        n_steps = batch.inputs.shape[0]
+        for t in range(n_steps):
+            y, st = self.step(st, batch.inputs[t], lambda y_t, t=t: task.output_error(y_t, batch, t))
+            ys.append(y)
+            if apply_every is not None and ((t + 1) % apply_every == 0 or t + 1 == n_steps):
+                optimizer.zero_grad()
+                self.flush()
+                optimizer.step()
+                self.refresh_params()
+        if apply_every is None:
+            self.flush()
+        outputs = torch.stack(ys)
+        with torch.no_grad():
+            loss = task.loss(outputs, batch)
+        return Trial(loss.detach(), outputs)
