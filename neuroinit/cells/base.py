@@ -153,6 +153,11 @@ class RecurrentCell(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ the contract
     @abc.abstractmethod
+    def config(self) -> dict:
+        """Constructor keyword arguments (JSON-able; the profile by name) that rebuild the cell with
+        ``make_cell(cell.model, cell.float_params(), **cell.config())``."""
+
+    @abc.abstractmethod
     def init_state(self, batch_size: int) -> Any:
         """Zero state for a batch, on the cell's dtype and device."""
 

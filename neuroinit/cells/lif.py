@@ -123,6 +123,13 @@ class LIFRNN(RecurrentCell):
                 f"tau_m={self.tau_m:g}, tau_out={self.tau_out:g}, reset={self.reset}, "
                 f"n_refractory={self.n_refractory}, profile={self.profile.name}")
 
+    def config(self) -> dict:
+        """Constructor keyword arguments (JSON-able) that rebuild this cell from its params."""
+        return {"dt": self.dt, "tau_m": self.tau_m, "tau_out": self.tau_out, "v_th": float(self.v_th),
+                "gamma": float(self.gamma), "reset": self.reset, "n_refractory": self.n_refractory,
+                "profile": self.profile.name, "quantised_forward": self.quantised_forward,
+                "remove_autapses": self.remove_autapses}
+
     def init_state(self, batch_size: int) -> LIFState:
         z = self.w_rec.new_zeros(batch_size, self.n_hidden)
         return LIFState(v=z, z=z.clone(), ref=z.clone(), y=self.w_out.new_zeros(batch_size, self.n_out))

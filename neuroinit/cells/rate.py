@@ -90,6 +90,12 @@ class RateRNN(RecurrentCell):
         return (f"n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, form={self.form}, "
                 f"activation={self.activation_name}, alpha={float(self.alpha):g}, profile={self.profile.name}")
 
+    def config(self) -> dict:
+        """Constructor keyword arguments (JSON-able) that rebuild this cell from its params."""
+        return {"alpha": float(self.alpha), "activation": self.activation_name, "form": self.form,
+                "profile": self.profile.name, "quantised_forward": self.quantised_forward,
+                "remove_autapses": self.remove_autapses}
+
     def init_state(self, batch_size: int) -> RateState:
         return RateState(self.w_rec.new_zeros(batch_size, self.n_hidden))
 
