@@ -182,10 +182,12 @@ def bundled_profile_names() -> list[str]:
 
 
 def _resolve(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()
     if p.suffix == ".toml" or p.parent != Path("."):
         if not p.is_file():
-            raise ProfileError(f"{p}: no such profile file")
+            bundled = p.stem if p.stem in bundled_profile_names() else None
+            dym = f" (did you mean the bundled profile '{bundled}'?)" if bundled else ""
+            raise ProfileError(f"{p}: no such profile file{dym}")
         return p
     for d in _bundled_dirs():
         cand = d / f"{name_or_path}.toml"
