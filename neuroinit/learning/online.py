@@ -98,27 +98,53 @@ class OnlineEprop(LearningRule):
         optimizer.step()
 
     ``trace_quantiser`` (see :mod:`neuroinit.learning.chip`) holds traces at a chip's precision.
+
+    ``fast`` (:mod:`neuroinit.learning.fused`): ``True`` runs each step (and :meth:`backward` each trial) as one
+    native call where the cell allows it (float32, CPU), with the same results (chip-precision traces: the same
+    rounding distribution, other random draws); ``"auto"`` does so only where the results are the same
+    (float traces); ``False`` (default) always runs the PyTorch step. The fast path updates the state in place:
+    a state passed to :meth:`step` is consumed. ``uses_fast_path`` says which path the last :meth:`start` took.
     """
 
     name = "eprop"
 
     def __init__(self, cell: RecurrentCell, *, feedback: str | torch.Tensor = "symmetric",
                  generator: torch.Generator | None = None,
-                 trace_quantiser: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 trace_quantiser: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                 fast: bool | str = False) -> None:
         super().__init__(cell)
         self.feedback = feedback_matrix(cell, feedback, generator=generator)
         self.spec = cell.trace_spec()
         self.trace_quantiser = trace_quantiser
         self._grads: dict[str, torch.Tensor] = {}
         self._params = None
+        # --- fast path (neuroinit.learning.fused) ---
+        if fast not in (True, False, "auto"):
+            raise ValueError(f"Invalid fast {fast!r}: allowed True, False, 'auto'")
+        self.fast = fast
+        self.generator = generator
+        self._fused = None
 
     # ------------------------------------------------------------------ step by step
     def start(self, batch_size: int) -> OnlineState:
         cell = self.cell
         self._params = cell.params()
         self._grads = {n: torch.zeros_like(getattr(cell, n)) for n in PARAM_NAMES}
+        # --- fast path (neuroinit.learning.fused) ---
+        self._fused = None
+        if self.fast:
+            from neuroinit.learning import fused
+
+            self._fused = fused.attach(self, batch_size)
+            if self._fused is not None:
+                return OnlineState(self._fused.cell_state(), self._fused.traces())
         return OnlineState(cell.init_state(batch_size),
                            init_traces(self.spec, batch_size, cell.n_in, cell.n_hidden, like=cell.w_rec.detach()))
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether the run begun by the last :meth:`start` steps through the fused native step."""
+        return self._fused is not None
 
     @torch.no_grad()
     def step(self, st: OnlineState, u: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor]
@@ -126,6 +152,8 @@ class OnlineEprop(LearningRule):
         """Advance the network and its traces by one step and accumulate this step's gradient.
 
         ``error(y_t)`` returns ``d loss / d y_t`` (B, O)."""
+        if self._fused is not None:  # --- fast path (neuroinit.learning.fused) ---
+            return self._fused.step(u, error), OnlineState(self._fused.cell_state(), self._fused.traces())
         p = self._params
         y, new = self.cell.step(p, st.cell, u)
         f = self.cell.local_factors(p, st.cell, new, u)
@@ -155,6 +183,8 @@ class OnlineEprop(LearningRule):
     def refresh_params(self) -> None:
         """Re-read the cell's (possibly updated, possibly quantised) parameters for the next steps."""
         self._params = self.cell.params()
+        if self._fused is not None:  # --- fast path (neuroinit.learning.fused) ---
+            self._fused.set_params(self._params)
 
     # ------------------------------------------------------------------ whole trials
     def backward(self, batch: Batch, task: Task, *, optimizer: torch.optim.Optimizer | None = None,
@@ -166,12 +196,19 @@ class OnlineEprop(LearningRule):
         if apply_every is not None:
             if optimizer is None or not (isinstance(apply_every, int) and apply_every >= 1):
                 raise ValueError(f"Invalid apply_every {apply_every!r}: needs an integer >= 1 and an optimizer")
-        st = self.start(batch.inputs.shape[1])
-        ys = []
-        n_steps = batch.inputs.shape[0]
+        if self.fast:  # --- fast path (neuroinit.learning.fused): one native call per learning epoch ---
+            from neuroinit.learning import fused
+
+            trial = fused.backward(self, batch, task, optimizer=optimizer, apply_every=apply_every)
+            if trial is not None:
+                return trial
+        n_steps, batch_size = batch.inputs.shape[:2]
+        st = self.start(batch_size)
+        # preallocated: the outputs are the only thing kept per step (T * B * O numbers, no per-step objects)
+        outputs = self.cell.w_out.new_empty(n_steps, batch_size, self.cell.n_out)
         for t in range(n_steps):
             y, st = self.step(st, batch.inputs[t], lambda y_t, t=t: task.output_error(y_t, batch, t))
-            ys.append(y)
+            outputs[t] = y
             if apply_every is not None and ((t + 1) % apply_every == 0 or t + 1 == n_steps):
                 optimizer.zero_grad()
                 self.flush()
@@ -179,7 +216,6 @@ class OnlineEprop(LearningRule):
                 self.refresh_params()
         if apply_every is None:
             self.flush()
-        outputs = torch.stack(ys)
         with torch.no_grad():
             loss = task.loss(outputs, batch)
-        return Trial(loss.detach(), outputs)
+        return Trial(loss.detach(), outputs.detach())
