@@ -91,8 +91,9 @@ def gain_interval(profile: HardwareProfile | str, n_hidden: int, *, tol: float =
 
     The grid is chosen as :func:`neuroinit.quantize.choose_grid` does (from the expected largest weight);
     ``threshold`` adds the LIF constraint that the threshold fits the threshold mantissa. ``(0, inf)`` for
-    float profiles. Found by scanning gains on a log grid (1e-4 .. 1e4, 40 points per decade) and bisecting
-    both edges.
+    float profiles. Found by scanning gains on a log grid (40 points per decade) and bisecting
+    both edges. The scan spans the gains the profile's exponent range (and threshold) can reach, two decades past
+    either end; its ends read as 0 or inf only where free scaling has no such end.
     """
     profile = load_profile(profile)
     if profile.weights.is_float:
@@ -107,12 +108,23 @@ def gain_interval(profile: HardwareProfile | str, n_hidden: int, *, tol: float =
         step = _step_for(sigma, n_hidden, profile, min_scale)
         return abs(realised_gain_ratio(step, code_max, sigma) - 1.0) <= tol
 
-    gains = [10 ** (k / 40) for k in range(-160, 161)]
+    gains = [10 ** (k / 40) for k in range(*_scan_decades(profile, n_hidden, scale, min_scale))]
     good = [ok(g) for g in gains]
     if not any(good):
         return math.nan, math.nan
-    first = good.index(True)
-    last = len(good) - 1 - good[::-1].index(True)
+    # The longest run of good gains. Not "first good .. last good": the ratio is not monotonic below the finest
+    # step (it crosses 1 near sigma = 0.28 step, overshoots by up to 15% and comes back within 2% only near
+    # sigma = 1.45 step), and that hole must stay outside the interval.
+    first, last, k = 0, -1, 0
+    while k < len(good):
+        if good[k]:
+            end = k
+            while end + 1 < len(good) and good[end + 1]:
+                end += 1
+            if end - k > last - first:
+                first, last = k, end
+            k = end
+        k += 1
 
     def edge(bad: float, fine: float) -> float:
         for _ in range(50):
@@ -126,6 +138,29 @@ def gain_interval(profile: HardwareProfile | str, n_hidden: int, *, tol: float =
     g_min = edge(gains[first - 1], gains[first]) if first > 0 else 0.0
     g_max = edge(gains[last + 1], gains[last]) if last < len(gains) - 1 else math.inf
     return g_min, g_max
+
+
+def _scan_decades(profile: HardwareProfile, n_hidden: int, scale: float, min_scale: float) -> tuple[int, int]:
+    """``range`` bounds (in 1/40 decades of gain) that reach past both edges of the realisable gains.
+
+    Below the finest grid step (``2^exponent_min`` or the threshold's ``min_scale``) every weight rounds to
+    zero, above the coarsest grid's largest value every weight saturates: two decades beyond either is
+    unrealisable. A free-scaling grid has no finest (without ``min_scale``) and no coarsest step; it is
+    scale-invariant there, and the scan spans 8 decades on that side, so a good end reads as 0 or inf.
+    """
+    w = profile.weights
+    to_gain = math.sqrt(n_hidden) / scale  # g = sigma * sqrt(N) / scale
+    finest = max(2.0 ** w.exponent_min if w.scaling == "pow2" else 0.0, min_scale)
+    lo = math.floor(math.log10(finest * to_gain)) - 2 if finest > 0 else None
+    hi = None
+    if w.scaling == "pow2":
+        coarsest = w.code_max * 2.0 ** w.exponent_max / _expected_max_abs(n_hidden * n_hidden)
+        hi = math.ceil(math.log10(coarsest * to_gain)) + 2
+    if lo is None:
+        lo = (hi - 8) if hi is not None else -4
+    if hi is None:
+        hi = lo + 8
+    return 40 * lo, 40 * hi + 1
 
 
 def check_fits(profile: HardwareProfile, n_in: int, n_hidden: int, n_out: int) -> None:
@@ -183,6 +218,8 @@ def hardware_init(model: str, n_in: int, n_hidden: int, n_out: int, gain: float,
         raise ValueError(f"Invalid model {model!r}: allowed 'rate', 'lif'")
     if out_of_range not in ("error", "clamp"):
         raise ValueError(f"Invalid out_of_range {out_of_range!r}: allowed 'error', 'clamp'")
+    if rounding not in ("nearest", "stochastic"):  # checked here too: float profiles never reach the rounding
+        raise ValueError(f"Invalid rounding {rounding!r}: allowed 'nearest', 'stochastic'")
     profile = load_profile(profile)
     check_fits(profile, n_in, n_hidden, n_out)
     scale = v_th if model == "lif" else 1.0

@@ -61,16 +61,36 @@ def choose_grid(max_abs: float, spec: WeightSpec, *, min_scale: float = 0.0) -> 
     if spec.scaling == "free":
         scale = max(max_abs / qmax, min_scale)
         return Grid(scale if scale > 0 else 1.0, spec.code_min, qmax, None)
-    need = max(max_abs / qmax, min_scale)
-    e = math.ceil(math.log2(need)) if need > 0 else spec.exponent_min
-    e = min(max(e, spec.exponent_min), spec.exponent_max)
+    e = _pow2_exponent(max_abs, qmax, min_scale, spec.exponent_min, spec.exponent_max)
     return Grid(2.0 ** e, spec.code_min, qmax, e)
+
+
+def _pow2_exponent(max_abs: float, qmax: int, min_scale: float, e_min: int, e_max: int) -> int:
+    """The smallest e in [e_min, e_max] with ``max_abs <= qmax * 2^e`` and ``2^e >= min_scale``
+    (e_max when none fits), decided by exact comparisons (``qmax * 2^e`` and ``2^e`` are exact floats).
+    ``ceil(log2(max_abs / qmax))`` alone is off by one when the division or the logarithm rounds onto a power
+    of two, e.g. for max_abs one ulp above ``qmax * 2^e``."""
+
+    def fits(k: int) -> bool:
+        return max_abs <= math.ldexp(qmax, k) and math.ldexp(1.0, k) >= min_scale
+
+    need = max(max_abs / qmax, min_scale)
+    e = min(max(math.frexp(need)[1] if need > 0 else e_min, e_min), e_max)  # need < 2^e: within one
+    while e > e_min and fits(e - 1):
+        e -= 1
+    while e < e_max and not fits(e):
+        e += 1
+    return e
 
 
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Round to floor(x) or floor(x)+1 with probability 1 - frac(x) and frac(x): unbiased, E[round(x)] = x."""
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return torch.floor(x + u)
+    # Compare u with the exact fraction (x - floor(x) is exact in floating point) instead of floor(x + u):
+    # x + u rounds once more, which shifts P(up) by up to ulp(x)/2 (float32: 0.31 instead of 0.25 at
+    # x = 2^20 + 0.25) and can even move an integer x (1000 + 0.99999994 rounds to 1001 in float32).
+    low = torch.floor(x)
+    return low + (u >= 1 - (x - low)).to(x.dtype)
 
 
 def round_to_codes(x: torch.Tensor, grid: Grid, *, rounding: str = "nearest",
@@ -131,6 +151,9 @@ def wrap_int(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Wrap integer values into the signed ``bits``-bit range, as two's-complement overflow does."""
     if bits == 0:
         return x
-    m = 1 << bits
-    half = 1 << (bits - 1)
+    if not x.is_floating_point() and bits >= torch.iinfo(x.dtype).bits:
+        return x  # the integer dtype already wraps at (or inside) this width; 1 << 64 would not even convert
+    m, half = 1 << bits, 1 << (bits - 1)
+    if x.is_floating_point():  # Python ints >= 2^63 do not convert to a tensor scalar; floats hold 2^k exactly
+        m, half = float(m), float(half)
     return torch.remainder(x + half, m) - half

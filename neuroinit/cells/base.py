@@ -112,7 +112,8 @@ class RecurrentCell(nn.Module, abc.ABC):
         if remove_autapses:
             with torch.no_grad():
                 self.w_rec.fill_diagonal_(0.0)
-        self.grids: dict[str, Grid | None] = chip_grids(params, self.profile, threshold=threshold)
+        # from the cell's own weights, removed autapses included, as hardware_init chooses them
+        self.grids: dict[str, Grid | None] = chip_grids(self.float_params(), self.profile, threshold=threshold)
 
     @staticmethod
     def _check_shapes(p: CellParams) -> None:

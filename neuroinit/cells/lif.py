@@ -49,8 +49,11 @@ class _Spike(torch.autograd.Function):
         return grad * pseudo_derivative(v, v_th, gamma), None, None
 
 
-def spike(v: torch.Tensor, v_th: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """``z = H(v - v_th)`` with the pseudo-derivative as its gradient."""
+def spike(v: torch.Tensor, v_th: torch.Tensor | float, gamma: torch.Tensor | float) -> torch.Tensor:
+    """``z = H(v - v_th)`` with the pseudo-derivative as its gradient. ``v_th`` and ``gamma`` may be floats
+    (as :func:`lif_step`'s other constants may): autograd can only save tensors, so they are made tensors here."""
+    v_th = torch.as_tensor(v_th, dtype=v.dtype, device=v.device)
+    gamma = torch.as_tensor(gamma, dtype=v.dtype, device=v.device)
     return _Spike.apply(v, v_th, gamma)
 
 
@@ -103,6 +106,8 @@ class LIFRNN(RecurrentCell):
         for name, val in (("dt", dt), ("tau_m", tau_m), ("tau_out", tau_out), ("v_th", v_th)):
             if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
                 raise ValueError(f"Invalid {name} {val!r}: must be a positive finite number")
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"Invalid gamma {gamma!r}: must be a finite number >= 0 (Bellec et al.: 0.3)")
         if reset not in RESETS:
             raise ValueError(f"Invalid reset {reset!r}: allowed {', '.join(RESETS)}")
         if not (isinstance(n_refractory, int) and n_refractory >= 0):

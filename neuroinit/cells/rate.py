@@ -28,8 +28,15 @@ class Activation(NamedTuple):
     df: Callable[[torch.Tensor], torch.Tensor]
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# "linear" (f(x) = x) is for closed-form checks: a linear network's impulse response is a matrix power and its
+# Lyapunov spectrum is log|eig((1-alpha) I + alpha W_rec)| for any gain (science.md section 3).
 ACTIVATIONS: dict[str, Activation] = {
     "tanh": Activation(torch.tanh, lambda x: 1.0 - torch.tanh(x) ** 2),
+    "linear": Activation(_identity, torch.ones_like),
     "relu": Activation(torch.relu, lambda x: (x > 0).to(x.dtype)),
     "softplus": Activation(F.softplus, torch.sigmoid),
 }
