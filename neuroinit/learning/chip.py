@@ -95,4 +95,5 @@ def make_trace_quantiser(cell: RecurrentCell, *, generator: torch.Generator, inp
     def quantise(name: str, x: torch.Tensor) -> torch.Tensor:
         return quantize(x, grids[name], rounding="stochastic", generator=generator)
 
+    quantise.grids = grids  # read by the fused step (neuroinit.learning.fused) to round in its own loop
     return quantise

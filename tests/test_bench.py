@@ -1,0 +1,138 @@
+"""The bench runs end to end (output schema, not speed) and never times a wrong kernel."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from neuroinit import bench
+from neuroinit.cli import main
+
+RESULT_KEYS = {"variant", "hidden", "batch", "steps", "method", "profile", "us_per_step", "us_per_step_q1",
+               "us_per_step_q3", "us_per_step_min", "us_per_step_max", "repeats_us", "background_load",
+               "sample_steps_per_s", "synaptic_updates_per_s", "peak_memory_mib", "state_bytes", "ratio_to_fused",
+               "roofline", "roofline_fraction", "fast_path", "skipped"}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Calibration is cached per test (the machine's cache stays untouched); the fused library is shared."""
+    from neuroinit.learning import fused
+
+    lib_dir = fused.library_path().parent
+    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fused, "_cache_dir", lambda: lib_dir)
+    # a tiny calibration: the schema is under test, not the machine
+    monkeypatch.setattr(bench, "_measure_device", lambda device, quick: {
+        "bandwidth_gbs": {"L2": 100.0, "L3": 50.0, "DRAM": 20.0}, "matmul_gflops": 50.0,
+        "working_set_bytes": {"L2": 1, "L3": 2, "DRAM": 3}, "method": "stub"})
+
+
+def test_quick_bench_end_to_end_writes_the_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", "--profile", "loihi-like", "--quick", "--hidden", "8", "--batch", "2",
+                                    "--steps", "4", "--repeats", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "roofline" in res.output and "snntorch-bptt" in res.output and "norse-bptt" in res.output
+    assert "gradient checks: 9/9 ok" in res.output
+    data = json.loads(out.read_text())
+    assert data["schema_version"] == bench.SCHEMA_VERSION
+    assert {"config", "environment", "calibration", "gradient_checks", "results", "memory_scaling",
+            "wall_seconds"} <= set(data)
+    env = data["environment"]
+    for key in ("cpu_model", "torch", "torch_threads", "omp_wait_policy", "device", "fused"):
+        assert key in env
+    assert data["config"]["profile"] == "loihi-like" and data["config"]["quick"] is True
+    rows = data["results"]
+    assert all(set(r) == RESULT_KEYS for r in rows)
+    seen = {(r["variant"], r["method"], r["profile"]) for r in rows}
+    for variant in ("rate-voltage", "rate-rflo", "lif"):
+        assert (variant, "neuroinit-fused", "loihi-like") in seen
+        assert (variant, "neuroinit-fused", "ideal") in seen
+        for m in ("neuroinit-torch", "autograd-eprop", "bptt"):
+            assert (variant, m, "ideal") in seen
+    assert ("lif", "snntorch-bptt", "ideal") in seen and ("lif", "norse-bptt", "ideal") in seen
+    for r in rows:
+        assert r["skipped"] is None
+        assert r["us_per_step"] > 0 and len(r["repeats_us"]) == len(r["background_load"]) >= 1
+        assert r["us_per_step_min"] <= r["us_per_step"] <= r["us_per_step_max"]
+        assert math.isclose(r["sample_steps_per_s"], 2 / (r["us_per_step"] * 1e-6))
+        assert r["ratio_to_fused"] > 0
+        if r["method"] == "neuroinit-fused":
+            assert r["roofline_fraction"] > 0 and r["roofline"]["bound_us"] > 0 and r["fast_path"] is True
+        else:
+            assert r["roofline_fraction"] is None
+    assert {m["method"] for m in data["memory_scaling"]} == {"neuroinit-fused", "neuroinit-torch", "bptt"}
+
+
+def test_json_to_stdout_is_quiet_and_parses():
+    res = CliRunner().invoke(main, ["bench", "--model", "rate", "--hidden", "6", "--batch", "1", "--steps", "3",
+                                    "--repeats", "1", "--methods", "neuroinit-fused,bptt", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert {r["method"] for r in data["results"]} == {"neuroinit-fused", "bptt"}
+    assert data["memory_scaling"] == []  # only measured where LIF runs
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--hidden", "0"], "--hidden"), (["--hidden", "a,b"], "--hidden"), (["--steps", "1"], "steps"),
+    (["--methods", "foo"], "method"), (["--profile", "nope"], "nope"), (["--model", "spiking"], "model"),
+])
+def test_bad_input_exits_with_one_clear_line(args, needle):
+    res = CliRunner().invoke(main, ["bench", *args])
+    assert res.exit_code != 0
+    assert needle in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_refused_cleanly():
+    res = CliRunner().invoke(main, ["bench", "--device", "cuda", "--quick"])
+    assert res.exit_code != 0 and "cuda" in res.output and "Traceback" not in res.output
+
+
+def test_every_timed_method_computes_its_reference_gradient():
+    checks = bench.check_gradients()
+    assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    covered = {(c["variant"], c["method"]) for c in checks}
+    for variant in bench.MODEL_VARIANTS:
+        for method in ("neuroinit-fused", "neuroinit-torch"):
+            assert (variant, method) in covered
+    for method in ("bptt", "snntorch-bptt", "norse-bptt"):
+        assert ("lif", method) in covered
+
+
+def test_reference_lif_grads_is_neuroinit_bptt():
+    cell = bench.make_bench_cell("lif", 10, "ideal", seed=1, dtype=torch.float64)
+    batch = bench.make_batch("lif", 8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    task = bench.SyntheticTask(bench.N_IN, bench.N_OUT)
+    with torch.no_grad():
+        cell.w_in.mul_(3.0)
+    bench.BPTT(cell).backward(batch, task)
+    ref = bench.reference_lif_grads(cell.params(), batch, task, alpha=float(cell.alpha), kappa=float(cell.kappa),
+                                    v_th=1.0, gamma=0.3, reset="subtract", detach_reset=False)
+    for name, g in ref.items():
+        assert torch.allclose(getattr(cell, name).grad, g, rtol=1e-12, atol=1e-14), name
+
+
+def test_roofline_counts_trace_traffic_and_flops():
+    calib = {"bandwidth_gbs": {"L2": 100.0, "L3": 50.0, "DRAM": 20.0}, "matmul_gflops": 50.0,
+             "working_set_bytes": {"L2": 1}}
+    r = bench.roofline("rate-rflo", 512, 64, 0, 0, calib)
+    assert r["bytes_per_step"] == 8 * 64 * 512 * 512  # read + write every B x N x N trace element once
+    assert r["memory_level"] == "DRAM" and r["bound_by"] == "memory"
+    assert math.isclose(r["bound_us"], 8 * 64 * 512 ** 2 / 20e9 * 1e6)
+    small = bench.roofline("rate-voltage", 16, 1, 0, 0, calib)
+    assert small["bytes_per_step"] == 8 * 16 * 16 and small["memory_level"] == "L2"
+
+
+def test_markdown_table_renders_every_row(tmp_path):
+    cfg = bench.BenchConfig(models="lif", hidden=(6,), batch=(1,), steps=3, repeats=1,
+                            methods=("neuroinit-fused", "snntorch-bptt"), memory_scaling=False)
+    result = bench.run_bench(cfg)
+    md = bench.format_table(result, markdown=True)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| lif")]
+    assert len(lines) == 2 and all(ln.count("|") == len(bench.TABLE_HEADER) + 1 for ln in lines)

@@ -1,0 +1,196 @@
+"""The fused online step (neuroinit.learning.fused) equals the plain PyTorch step, and falls back to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuroinit.cells import make_cell
+from neuroinit.init import hardware_init
+from neuroinit.learning import fused
+from neuroinit.learning.chip import make_trace_quantiser
+from neuroinit.learning.online import OnlineEprop
+from neuroinit.tasks.base import Batch, Task
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused step unavailable: "
+                                f"{fused.unavailable_reason()}")
+
+PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
+
+
+class _Task(Task):
+    def __init__(self, n_in: int, n_out: int, kind: str) -> None:
+        self.name, self.n_in, self.n_out, self.loss_kind, self.dt_ms = "t", n_in, n_out, kind, 1.0
+
+    def batch(self, batch_size, *, generator, dtype=torch.float32, device="cpu"):
+        raise NotImplementedError
+
+    def accuracy(self, y, batch):
+        return 0.0
+
+
+def _setup(model: str, *, form: str = "voltage", kind: str = "mse", n: int = 20, b: int = 3, t_len: int = 25,
+           dtype=torch.float32, profile: str = "ideal", seed: int = 0, drive: float = 3.0, **cell_kw):
+    g = torch.Generator().manual_seed(seed)
+    p, _ = hardware_init(model, 3, n, 2, 1.3, profile, generator=g, out_of_range="clamp", dtype=dtype)
+    kw = {"form": form, "alpha": 0.3, **cell_kw} if model == "rate" else {"v_th": 0.5, **cell_kw}
+    cell = make_cell(model, p, profile=profile, **kw)
+    x = torch.randn(t_len, b, 3, generator=g, dtype=dtype) * (drive if model == "lif" else 1.0)
+    if kind == "mse":
+        targets = torch.randn(t_len, b, 2, generator=g, dtype=dtype)
+    else:
+        targets = torch.randint(0, 2, (t_len, b), generator=g)
+    mask = (torch.rand(t_len, b, generator=g) > 0.3).to(dtype)
+    return cell, Batch(x, targets, mask), _Task(3, 2, kind)
+
+
+def _grads(cell) -> dict[str, torch.Tensor]:
+    out = {n: getattr(cell, n).grad.clone() for n in PARAMS}
+    for n in PARAMS:
+        getattr(cell, n).grad = None
+    return out
+
+
+def _assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
+    for n in PARAMS:
+        scale = max(1.0, float(b[n].abs().max()))
+        assert float((a[n] - b[n]).abs().max()) <= tol * scale, n
+
+
+def _stepwise(rule: OnlineEprop, batch: Batch, task: Task) -> torch.Tensor:
+    st = rule.start(batch.inputs.shape[1])
+    ys = []
+    for t, u in enumerate(batch.inputs):
+        y, st = rule.step(st, u, lambda y_t, t=t: task.output_error(y_t, batch, t))
+        ys.append(y)
+    rule.flush()
+    return torch.stack(ys)
+
+
+CASES = [("rate", {"form": "voltage"}), ("rate", {"form": "rate"}), ("rate", {"form": "voltage", "activation":
+         "softplus"}), ("rate", {"form": "rate", "activation": "relu"}), ("lif", {}), ("lif", {"reset": "zero"}),
+         ("lif", {"n_refractory": 2})]
+
+
+@pytest.mark.parametrize("model,kw", CASES)
+@pytest.mark.parametrize("kind", ["mse", "ce"])
+def test_fused_step_equals_plain_step(model, kw, kind):
+    form = kw.pop("form", "voltage")
+    cell, batch, task = _setup(model, form=form, kind=kind, **kw)
+    plain = OnlineEprop(cell, fast=False)
+    y_plain = _stepwise(plain, batch, task)
+    g_plain = _grads(cell)
+    fast = OnlineEprop(cell, fast=True)
+    y_fast = _stepwise(fast, batch, task)
+    assert fast.uses_fast_path and not plain.uses_fast_path
+    _assert_close(_grads(cell), g_plain)
+    assert float((y_fast - y_plain).abs().max()) <= 1e-6
+    # whole trials: one native call
+    trial = fast.backward(batch, task)
+    _assert_close(_grads(cell), g_plain)
+    assert float((trial.outputs - y_plain).abs().max()) <= 1e-6
+
+
+def test_fused_traces_equal_plain_traces_after_every_step():
+    # membrane potentials of order 1: float32 rounding of v (summation order) stays at 1e-7 relative
+    cell, batch, task = _setup("lif", n=10, b=2, t_len=8, drive=0.7, v_th=1.0)
+    plain, fast = OnlineEprop(cell), OnlineEprop(cell, fast=True)
+    sp, sf = plain.start(2), fast.start(2)
+    for t, u in enumerate(batch.inputs):
+        err = lambda y_t, t=t: task.output_error(y_t, batch, t)  # noqa: E731
+        _, sp = plain.step(sp, u, err)
+        _, sf = fast.step(sf, u, err)
+        for a, b in [*zip(sf.traces, sp.traces), *zip(sf.cell, sp.cell)]:  # to 1e-6 relative (float32)
+            assert float((a - b).abs().max()) <= 1e-6 * max(1.0, float(b.abs().max()))
+
+
+def test_fused_random_feedback_and_learning_epochs_match():
+    cell, batch, task = _setup("rate", form="rate", t_len=12)
+    fb = torch.randn(2, 20, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fast in (False, True):
+        c = make_cell("rate", cell.float_params(), **cell.config())
+        rule = OnlineEprop(c, feedback=fb, fast=fast)
+        opt = torch.optim.SGD(c.parameters(), lr=0.5)
+        trial = rule.backward(batch, task, optimizer=opt, apply_every=5)
+        results.append((trial.outputs, [getattr(c, n).detach().clone() for n in PARAMS]))
+    assert float((results[0][0] - results[1][0]).abs().max()) <= 1e-5
+    for a, b in zip(results[0][1], results[1][1]):
+        assert float((a - b).abs().max()) <= 1e-5
+
+
+def test_float64_falls_back_to_pytorch_with_the_same_gradient():
+    cell, batch, task = _setup("lif", dtype=torch.float64)
+    rule = OnlineEprop(cell, fast=True)
+    rule.backward(batch, task)
+    assert not rule.uses_fast_path
+    g_fast = _grads(cell)
+    OnlineEprop(cell).backward(batch, task)
+    _assert_close(g_fast, _grads(cell), tol=0.0)
+
+
+def test_unavailable_library_falls_back_with_the_same_gradient(monkeypatch):
+    cell, batch, task = _setup("rate", form="rate")
+    rule = OnlineEprop(cell, fast=True)
+    rule.backward(batch, task)
+    assert rule.uses_fast_path
+    g_fast = _grads(cell)
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_reason", "disabled for the test")
+    assert not fused.available() and fused.unavailable_reason() == "disabled for the test"
+    rule = OnlineEprop(cell, fast=True)
+    rule.backward(batch, task)
+    assert not rule.uses_fast_path
+    _assert_close(g_fast, _grads(cell))
+
+
+def test_chip_precision_traces_stay_on_their_grids_and_auto_declines_them():
+    cell, batch, task = _setup("lif", profile="loihi-like", seed=2)
+    quantiser = make_trace_quantiser(cell, generator=torch.Generator().manual_seed(0))
+    auto = OnlineEprop(cell, trace_quantiser=quantiser, fast="auto")
+    auto.start(3)
+    assert not auto.uses_fast_path  # its random draws would differ from the PyTorch path's
+    rule = OnlineEprop(cell, trace_quantiser=quantiser, generator=torch.Generator().manual_seed(1), fast=True)
+    st = rule.start(3)
+    assert rule.uses_fast_path
+    for t, u in enumerate(batch.inputs):
+        _, st = rule.step(st, u, lambda y_t, t=t: task.output_error(y_t, batch, t))
+    for name, tr in zip(("pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "readout",
+                         "readout_bias"), st.traces):
+        grid = quantiser.grids[name]
+        codes = tr / grid.scale
+        assert torch.equal(codes, codes.round()), name
+        assert float(codes.min()) >= grid.code_min and float(codes.max()) <= grid.code_max, name
+    assert float(st.traces.elig_rec.abs().max()) > 0
+
+
+def test_chip_precision_rounding_is_unbiased():
+    """Stochastic rounding in the fused loop: the mean over many draws approaches the float trace."""
+    cell, batch, task = _setup("rate", form="rate", profile="loihi-like", n=8, b=1, t_len=1)
+    quantiser = make_trace_quantiser(cell, generator=torch.Generator().manual_seed(0))
+    float_rule = OnlineEprop(cell, fast=True)
+    sf = float_rule.start(1)
+    _, sf = float_rule.step(sf, batch.inputs[0], lambda y: torch.zeros_like(y))
+    exact = sf.traces.elig_rec.clone()
+    acc = torch.zeros_like(exact)
+    reps = 400
+    rule = OnlineEprop(cell, trace_quantiser=quantiser, generator=torch.Generator().manual_seed(3), fast=True)
+    for _ in range(reps):
+        st = rule.start(1)
+        _, st = rule.step(st, batch.inputs[0], lambda y: torch.zeros_like(y))
+        acc += st.traces.elig_rec
+    step = quantiser.grids["elig_rec"].scale
+    assert float((acc / reps - exact).abs().max()) <= 4 * step / reps ** 0.5
+
+
+def test_invalid_fast_value():
+    cell, _, _ = _setup("lif", n=4)
+    with pytest.raises(ValueError, match="Invalid fast"):
+        OnlineEprop(cell, fast="yes")
+
+
+def test_supports_names_the_reason():
+    cell, _, _ = _setup("lif", n=4, dtype=torch.float64)
+    assert "float32" in fused.supports(cell)
+    with pytest.raises(ValueError, match="Invalid fused step"):
+        fused.FusedOnline(cell, cell.params(), 1, {n: torch.zeros_like(getattr(cell, n)) for n in PARAMS})
