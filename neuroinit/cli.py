@@ -287,5 +287,145 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
 # --- end bench ---
 
 
+# --- export ---
+def _export_task(run, seed: int, trials: int):
+    """The run's task (Romo: its deterministic test variant), one float64 batch scaled as in training, or
+    ``(None, None)`` when the task cannot be rebuilt."""
+    import torch
+
+    from neuroinit.tasks import make_task
+
+    name = str(run.config.get("task", "romo"))
+    s = run.settings or {}
+    if "dt_ms" not in s:
+        return None, None
+    if name.lower() == "romo":
+        task = make_task("romo", dt_ms=s["dt_ms"], tau_ms=s.get("tau_ms", 100.0), variant="test")
+    else:
+        task = make_task(name, dt_ms=s["dt_ms"])
+    batch = task.batch(trials, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    scale = float(s.get("input_scale", 1.0))
+    return task, batch._replace(inputs=batch.inputs * scale)
+
+
+def _export_cell(path: str, which: str):
+    """The stored network with the weight grids it was trained on (the run file's codes and scales)."""
+    try:
+        from neuroinit.io.runfile import load_cell, read_run
+    except ImportError as e:  # pragma: no cover - run files ship with neuroinit
+        raise click.ClickException(f"cannot read run files: {e}") from None
+    from neuroinit.quantize import Grid
+
+    run = read_run(path)
+    cell = load_cell(path, which)
+    ws = run.weights[which]
+    for name, g in (ws.grids or {}).items():
+        if name in cell.grids and g is not None:
+            cell.grids[name] = Grid(float(g["scale"]), int(g["code_min"]), int(g["code_max"]),
+                                    None if g.get("exponent") is None else int(g["exponent"]))
+    return run, cell
+
+
+@main.command("export", cls=_OneLineErrorsCommand)
+@click.argument("run_file", type=click.Path(dir_okay=False))
+@click.option("--profile", default=None, help="Profile to deploy on (bundled name or .toml path) [the run's].")
+@click.option("--format", "fmt", type=click.Choice(["nir", "netx", "h5"]), required=True,
+              help="nir: NIR graph + conformance vectors; netx: lava-dl netx HDF5 (Loihi profiles); "
+                   "h5: neuroinit weights schema (any model; the export for rate networks).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
+@click.option("--verify", is_flag=True, help="NIR only: re-simulate the file in snntorch and norse and in the "
+                                             "profile's integer emulation; exit 1 on any snntorch/norse mismatch.")
+@click.option("--which", type=click.Choice(["final", "initial", "floss"]), default="final", show_default=True,
+              help="Which stored weights to export.")
+@click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Task trials for the conformance vectors and the float-vs-chip accuracy.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the task batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+@fail_cleanly
+def export_command(run_file: str, profile: str | None, fmt: str, out: str, verify: bool, which: str, trials: int,
+                   seed: int, as_json: bool) -> None:
+    """Quantise RUN_FILE's trained network onto a chip profile and write it as NIR, lava-dl netx or neuroinit
+    HDF5; report the float-vs-chip task accuracy (integer emulation) and, with --verify, spike mismatches of
+    snntorch, norse and the emulation against neuroinit's float simulation."""
+    import torch
+    from tqdm import tqdm
+
+    from neuroinit.profiles import load_profile
+
+    if verify and fmt != "nir":
+        raise click.ClickException(f"--verify checks NIR exports; allowed with --format nir (got --format {fmt})")
+    stages = ["load", "write", "accuracy"] + (["verify"] if verify else [])
+    bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr, leave=False,
+               disable=True if as_json else None)
+    bar.set_postfix_str("load")
+    run, cell = _export_cell(run_file, which)
+    prof = load_profile(profile) if profile else cell.profile
+    task, batch = _export_task(run, seed, trials)
+    bar.update(1)
+    report: dict = {"run": run_file, "which": which, "format": fmt, "out": out, "profile": prof.name,
+                    "model": cell.model}
+    bar.set_postfix_str("write")
+    if fmt == "nir":
+        from neuroinit.io.nir import to_nir, write_nir
+
+        if verify and cell.model == "lif":
+            from neuroinit.io.verify import check_verifiable
+
+            check_verifiable(to_nir(cell, prof)[0])   # refuse before anything is written
+        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None)
+        report.update(conformance=str(ex.conformance), exact=ex.exact, warnings=list(ex.warnings),
+                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes)
+    elif fmt == "netx":
+        from neuroinit.io.netx import write_netx
+
+        nx = write_netx(out, cell, prof)
+        report.update(input_scale=nx.input_scale, a_in_unit=nx.a_in_unit, notes=list(nx.notes))
+    else:
+        from neuroinit.io.nir import write_weights_h5
+
+        write_weights_h5(out, cell, prof)
+    bar.update(1)
+    bar.set_postfix_str("accuracy")
+    if cell.model == "lif" and task is not None:
+        from neuroinit.emulate.integer import compare_on_task
+
+        # netx: the deployment the file describes (graded input at input_scale, bias in a_in units)
+        dep_kw = {"input_frac_bits": nx.input_frac_bits, "bias_exp": 6} if fmt == "netx" else {}
+        report["accuracy"] = compare_on_task(cell, task, prof, batch=batch, generator=torch.Generator(), **dep_kw)
+    bar.update(1)
+    ok = True
+    if verify:
+        bar.set_postfix_str("verify")
+        from neuroinit.io.verify import verify_nir
+
+        rep = verify_nir(out)
+        report["verify"] = rep.to_dict()
+        ok = rep.ok
+        bar.update(1)
+    bar.close()
+    if as_json:
+        echo_json(_json_safe(report))
+    else:
+        click.echo(f"wrote {out} ({fmt}, profile {prof.name}, {cell.model} network)")
+        if "conformance" in report:
+            click.echo(f"conformance vectors: {report['conformance']} ({report['conformance_trials']} trials x "
+                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes)")
+        for w in report.get("warnings", []) + report.get("notes", []):
+            click.echo(f"warning: {w}")
+        acc = report.get("accuracy")
+        if acc:
+            click.echo(f"task accuracy: float {acc['float_accuracy']:.3f} -> chip {acc['chip_accuracy']:.3f} "
+                       f"({acc['accuracy_change']:+.3f}); loss {acc['float_loss']:.4g} -> {acc['chip_loss']:.4g} "
+                       f"({acc['arithmetic']} arithmetic, {acc['spike_mismatches']} spike mismatches of "
+                       f"{acc['spikes_float']} float spikes)")
+        if verify:
+            v = report["verify"]
+            click.echo(f"verify ({v['trials']} trials x {v['steps']} steps, {v['spikes_float']} spikes): "
+                       + ", ".join(f"{k} {n} mismatches" for k, n in v["mismatches"].items()))
+    if not ok:
+        raise click.ClickException("verification failed: snntorch or norse spikes differ from neuroinit's")
+# --- end export ---
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

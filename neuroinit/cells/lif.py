@@ -79,7 +79,9 @@ def lif_step(p: CellParams, s: LIFState, u: torch.Tensor, *, alpha, kappa, v_th,
         reset_term = z_prev * kept
     else:
         raise ValueError(f"Invalid reset {reset!r}: allowed {', '.join(RESETS)}")
-    v = alpha * s.v + z_prev @ p.w_rec.T + u @ p.w_in.T + p.bias - reset_term
+    # leak and reset first: alpha v - alpha v is exactly 0, so a reset membrane restarts from exactly 0 (as chips
+    # and NIR importers do) and a sum of grid weights that lands on v_th compares exactly (no rounding residue)
+    v = (alpha * s.v - reset_term) + z_prev @ p.w_rec.T + u @ p.w_in.T + p.bias
     if n_refractory > 0:
         free = (s.ref <= 0).to(v.dtype)
         z = spike(v, v_th, gamma) * free

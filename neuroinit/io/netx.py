@@ -1,0 +1,179 @@
+"""Export a trained LIF network as a lava-dl netx HDF5 file (what ``lava.lib.dl.netx.hdf5.Network`` loads), for
+the Loihi profiles.
+
+Layout (hardware.md section 2.2; lava-dl ``netx/hdf5.py``, ``netx/utils.py``)::
+
+    /layer/0   the recurrent LIF layer
+        type        b"dense_rec" (fixed-length ASCII, shape (1,))
+        shape       [N]
+        inFeatures  n_in,  outFeatures N
+        weight      (N, n_in)  integer-valued float64: 2 c_in, the 8-bit mixed-sign mantissas on step 2
+        weight_rec  (N, N)     integer-valued float64: 2 c_rec << (e_rec - e_min)
+        bias        (N,)       integer-valued float64: bias in a_in units (netx sets bias_exp = 6)
+        neuron/     type b"CUBA", iDecay 4096 (netx: du = iDecay - 1 = 4095, the current is this step's
+                    input only), vDecay = round(4096 (1 - alpha)), vThMant = v_th / a_in unit,
+                    refDelay 1 (no refractory period), gradedSpike 0
+    /layer/1   the readout: type b"dense", shape [O], inFeatures N, outFeatures O, weight 2 c_out (O, N),
+               bias b_out in readout a_in units, neuron CUBA with iDecay 4096, vDecay = round(4096 (1 - kappa)),
+               vThMant 131071 (the largest 17-bit mantissa: a non-spiking integrator read through its voltage)
+
+No version field (netx has none). neuroinit's own description lives in root attributes, which netx ignores:
+``format``, ``format_version``, ``profile``, ``profile_toml``, ``cell_config``, ``dt_ms``, ``alpha``,
+``kappa``, ``a_in_unit`` (value of one a_in unit in neuroinit's units, threshold = v_th), ``readout_unit``
+(value of one readout voltage LSB: ``2^(e_out - 1) / 64``), ``input_scale`` and ``input_frac_bits``, and the
+weight exponents.
+
+Units: one a_in unit is ``2^(e_min - 1)`` with ``e_min`` the finer of the input and recurrent exponents, as
+in :mod:`neuroinit.emulate.integer`. netx stores weights in ``[-256, 254]`` and finds the Dense weight exponent
+itself (``optimize_weight_bits``), so a matrix coarser than ``e_min`` cannot carry its shift in the weights:
+for the input matrix the shift moves into the input, sent as graded spikes ``round(u * input_scale)`` with
+``input_scale = 2^(e_in - e_min)`` (exact for spike inputs); a recurrent matrix coarser than the input one
+must still fit ``[-256, 254]`` after its shift, or the export is refused. netx's bias is in a_in units
+(bias_exp 6). ``emulate(deploy(cell, input_frac_bits=e_in - e_min, bias_exp=6), inputs)`` reproduces exactly
+what this file computes on Loihi for those inputs.
+The readout runs on the chip here, with integer decay, whereas the emulator's accuracy report computes it on
+the host in float.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from neuroinit.cells.base import RecurrentCell
+from neuroinit.emulate.integer import LAVA_BIAS_BITS, LAVA_BIAS_EXP, LAVA_VTH_MAX, deploy
+from neuroinit.io.atomic import atomic_write_path
+from neuroinit.profiles import HardwareProfile, load_profile
+
+__all__ = ["NETX_FORMAT", "NetxExport", "read_netx", "write_netx"]
+
+NETX_FORMAT = "neuroinit-netx"
+FORMAT_VERSION = 1
+NETX_W_MIN, NETX_W_MAX = -256, 254     # lava-dl netx optimize_weight_bits clips mixed-sign weights here
+
+
+@dataclass(frozen=True)
+class NetxExport:
+    path: Path
+    input_scale: float
+    input_frac_bits: int
+    a_in_unit: float
+    notes: tuple[str, ...]
+
+
+def _type(ds_name: str) -> np.ndarray:
+    return np.array([ds_name.encode("ascii")], dtype="S10")
+
+
+def _neuron(g: h5py.Group, *, v_decay: int, vth: int) -> None:
+    n = g.create_group("neuron")
+    n.create_dataset("type", data=_type("CUBA"))
+    n.create_dataset("iDecay", data=4096)
+    n.create_dataset("vDecay", data=int(v_decay))
+    n.create_dataset("vThMant", data=int(vth))
+    n.create_dataset("refDelay", data=1)
+    n.create_dataset("gradedSpike", data=0)
+
+
+def write_netx(path: str | Path, cell: RecurrentCell, profile: HardwareProfile | str | None = None) -> NetxExport:
+    """Write ``cell`` deployed on a Loihi ``profile`` (default: the cell's own) as lava-dl netx HDF5, atomically.
+
+    Raises ``ValueError`` (one line) for non-Loihi profiles, rate networks, networks that do not fit or
+    saturate, and recurrent weights that netx's ``[-256, 254]`` cannot hold."""
+    profile = load_profile(profile if profile is not None else cell.profile)
+    probe = deploy(cell, profile, input_frac_bits=0)
+    if probe.arithmetic != "lava":
+        raise ValueError(f"Invalid profile '{profile.name}' for --format netx: netx is lava-dl's format for Loihi; "
+                         "allowed: loihi-like, loihi2-like (use --format nir for other chips)")
+    g_in, g_rec, g_out = (probe.grids[n] for n in ("w_in", "w_rec", "w_out"))
+    e_min = probe.e_min
+    if probe.unit != 2.0 ** (e_min - 1):
+        raise ValueError(f"Invalid network for --format netx on '{profile.name}': the threshold needs "
+                         f"{round(float(probe.cell.v_th) / 2.0 ** (e_min - 1))} a_in units, beyond netx's 17-bit "
+                         f"vThMant ({LAVA_VTH_MAX}); allowed: weight exponents > {e_min} (use --format nir)")
+    frac = max(g_in.exponent - e_min, 0)
+    # exp_in = 0: the shift is in the graded input; bias_exp 6: netx's bias is in a_in units
+    dep = deploy(cell, profile, input_frac_bits=frac, bias_exp=LAVA_BIAS_EXP)
+    w_in = dep.w_in.astype(np.float64)
+    w_rec = (dep.w_rec << dep.exp_rec).astype(np.float64)
+    if w_rec.max(initial=0) > NETX_W_MAX or w_rec.min(initial=0) < NETX_W_MIN:
+        raise ValueError(f"Invalid network for --format netx on '{profile.name}': recurrent weights need "
+                         f"exponent {g_rec.exponent} but the input weights {g_in.exponent}; netx holds one "
+                         f"weight range [{NETX_W_MIN}, {NETX_W_MAX}] per layer and recurrent spikes are binary, "
+                         f"so the recurrent weights ({w_rec.min():.0f}..{w_rec.max():.0f}) do not fit; "
+                         "allowed: recurrent exponent <= input exponent (use --format nir)")
+    dc = dep.cell
+    kappa_dv = int(min(max(round(4096 * (1.0 - dep.kappa)), 0), 4095))
+    out_unit = 2.0 ** (g_out.exponent - 1)
+    b_out = np.rint(dc.b_out.detach().double().numpy() / out_unit)
+    bmax = 2 ** (LAVA_BIAS_BITS - 1)
+    notes = list(dep.notes)
+    if ((b_out > bmax - 1) | (b_out < -bmax)).any():
+        notes.append("readout bias saturates the 13-bit bias mantissa")
+        b_out = np.clip(b_out, -bmax, bmax - 1)
+    cfg = dict(dc.config())
+    cfg["profile"] = profile.name
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Invalid output path {path}: is a directory; allowed: a file path")
+    with atomic_write_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = NETX_FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["profile"] = profile.name
+        f.attrs["profile_toml"] = profile.text
+        f.attrs["cell_config"] = json.dumps(cfg, sort_keys=True)
+        f.attrs["dt_ms"] = dc.dt
+        f.attrs["alpha"] = dep.alpha
+        f.attrs["kappa"] = dep.kappa
+        f.attrs["a_in_unit"] = dep.unit
+        f.attrs["readout_unit"] = out_unit / 64
+        f.attrs["input_scale"] = 2.0 ** frac
+        f.attrs["input_frac_bits"] = frac
+        f.attrs["weight_exponent_in"] = g_in.exponent
+        f.attrs["weight_exponent_rec"] = g_rec.exponent
+        f.attrs["weight_exponent_out"] = g_out.exponent
+        f.attrs["notes"] = "\n".join(notes)
+        layers = f.create_group("layer")
+        rec = layers.create_group("0")
+        rec.create_dataset("type", data=_type("dense_rec"))
+        rec.create_dataset("shape", data=np.array([dc.n_hidden]))
+        rec.create_dataset("inFeatures", data=dc.n_in)
+        rec.create_dataset("outFeatures", data=dc.n_hidden)
+        rec.create_dataset("weight", data=w_in)
+        rec.create_dataset("weight_rec", data=w_rec)
+        rec.create_dataset("bias", data=dep.bias.astype(np.float64))
+        _neuron(rec, v_decay=dep.decay, vth=dep.threshold)
+        ro = layers.create_group("1")
+        ro.create_dataset("type", data=_type("dense"))
+        ro.create_dataset("shape", data=np.array([dc.n_out]))
+        ro.create_dataset("inFeatures", data=dc.n_hidden)
+        ro.create_dataset("outFeatures", data=dc.n_out)
+        ro.create_dataset("weight", data=(2 * dep.codes["w_out"]).astype(np.float64))
+        ro.create_dataset("bias", data=b_out)
+        _neuron(ro, v_decay=kappa_dv, vth=LAVA_VTH_MAX)
+    return NetxExport(path=path, input_scale=2.0 ** frac, input_frac_bits=frac, a_in_unit=dep.unit,
+                      notes=tuple(notes))
+
+
+def read_netx(path: str | Path) -> dict:
+    """The file as nested dicts of numpy values (strings decoded), with root attributes under ``"attrs"``."""
+    def walk(g: h5py.Group) -> dict:
+        out = {}
+        for k, v in g.items():
+            if isinstance(v, h5py.Group):
+                out[k] = walk(v)
+            else:
+                x = v[()]
+                if isinstance(x, np.ndarray) and x.dtype.kind == "S":
+                    x = x[0].decode("ascii")
+                out[k] = x
+        return out
+
+    with h5py.File(path, "r") as f:
+        d = walk(f)
+        d["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return d
