@@ -287,6 +287,295 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
 # --- end bench ---
 
 
+# --- dynamics ---
+class _DynamicsCommand(click.Command):
+    """Bad option values as one line on stderr (usage exit code 2) instead of usage text + hint + error."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            err = click.ClickException(e.format_message().splitlines()[0])
+            err.exit_code = 2
+            raise err from None
+
+
+_DYN_DTYPES = ("float32", "float64")
+
+
+def _dyn_task(name: str, settings: dict):
+    """The task whose inputs drive the network (None: autonomous), at the time step training uses
+    (``settings``: :func:`neuroinit.experiments.train.resolve_settings`' dt_ms and tau_ms)."""
+    from neuroinit.tasks import make_task
+
+    if name.lower() == "none":
+        return None
+    if name.lower() == "romo":
+        return make_task("romo", dt_ms=settings["dt_ms"], tau_ms=settings["tau_ms"])
+    return make_task(name, dt_ms=settings["dt_ms"])
+
+
+def _dyn_spectrum(cell, task, *, k: int, batch: int, steps: int, warmup: int, qr_every: int, seed: int,
+                  input_scale: float = 1.0):
+    """Lyapunov spectrum with inputs (task trials times ``input_scale``, as training feeds them) and initial states
+    drawn from ``seed`` (the same for every call)."""
+    import torch
+
+    from neuroinit.dynamics import lyapunov_spectrum, task_inputs
+
+    gen = torch.Generator().manual_seed(seed)
+    if task is None:
+        return lyapunov_spectrum(cell, None, k=k, steps=steps, batch=batch, warmup=warmup, qr_every=qr_every,
+                                 generator=gen)
+    if task.n_in != cell.n_in:
+        raise ValueError(f"Invalid task {task.name!r} for this network: it has {task.n_in} input channels, the "
+                         f"network {cell.n_in}")
+    inputs = input_scale * task_inputs(task, batch=batch, length=warmup + steps, generator=gen,
+                                       dtype=cell.w_rec.dtype)
+    with torch.no_grad():
+        return lyapunov_spectrum(cell, inputs, k=k, warmup=warmup, qr_every=qr_every, generator=gen)
+
+
+def _dyn_finite(obj):
+    """Non-finite floats as null, so --json stays strict JSON (-inf: a sequence met a zero Jacobian)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _dyn_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_dyn_finite(v) for v in obj]
+    return obj
+
+
+def _dyn_print_spectrum(res, title: str) -> None:
+    import torch
+
+    s = res.summary()
+    click.echo(f"{title}: max exponent {s['max']:+.4f} per step ({s['max_per_tau']:+.4f} per tau), "
+               f"std over sequences {s['std_per_step'][0]:.4f}")
+    if not bool(torch.isfinite(res.per_step).all()):
+        click.echo("  note: some sequences met a zero Jacobian (log 0 = -inf): a ReLU network that fell silent, "
+                   "or whose decaying state underflowed (try --dtype float64)")
+    if res.k > 1:
+        click.echo(f"  {'i':>4}  {'per step':>10}  {'std':>8}  {'per tau':>10}")
+        for i, (m, sd, pt) in enumerate(zip(s["mean_per_step"], s["std_per_step"], s["per_tau"]), start=1):
+            click.echo(f"  {i:>4}  {m:>+10.4f}  {sd:>8.4f}  {pt:>+10.4f}")
+
+
+@main.command("lyapunov", cls=_DynamicsCommand)
+@click.argument("run", required=False)
+@click.option("--which", type=click.Choice(["initial", "floss", "final"]), default=None,
+              help="Run-file form: which stored network [final].")
+@click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Fresh init: rate or LIF.")
+@click.option("--hidden", type=click.IntRange(min=1), default=None, help="Fresh init: hidden neurons N.")
+@click.option("--gain", type=float, default=None, help="Fresh init: recurrent gain g.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Fresh rate init: alpha = dt / tau [training's default: 0.5 on Romo, 0.2 on neurogym].")
+@click.option("--activation", type=click.Choice(["tanh", "relu", "softplus", "linear"]), default=None,
+              help="Fresh rate init: activation [tanh].")
+@click.option("--form", type=click.Choice(["voltage", "rate"]), default=None, help="Fresh rate init [voltage].")
+@click.option("--dt", type=click.FloatRange(0, min_open=True), default=None,
+              help="Fresh LIF init: dt in ms [training's default: 2 on Romo, 5 on neurogym].")
+@click.option("--tau-m", type=click.FloatRange(0, min_open=True), default=None,
+              help="Fresh LIF init: membrane time constant in ms [20].")
+@click.option("--input-scale", type=click.FloatRange(0, min_open=True), default=None,
+              help="Fresh init: factor on the task inputs [training's default: 1 rate, 2 LIF].")
+@click.option("--profile", default=None, help="Fresh init: hardware profile, bundled name or .toml path [ideal].")
+@click.option("--task", default=None,
+              help="Inputs that drive the network: romo, a neurogym id, or none (autonomous), at the network's "
+                   "time step [fresh: romo; run file: the run's task].")
+@click.option("--k", type=click.IntRange(min=1), default=1, show_default=True, help="How many top exponents.")
+@click.option("--batch", type=click.IntRange(min=1), default=10, show_default=True, help="Sequences.")
+@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Accumulated steps per sequence (task trials are concatenated back to back).")
+@click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Re-orthonormalised warm-up steps (discarded).")
+@click.option("--qr-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Re-orthonormalise every this many steps.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the fresh init (inputs and initial states use seed + 1, flossing seed + 2).")
+@click.option("--dtype", type=click.Choice(_DYN_DTYPES), default="float32", show_default=True)
+@click.option("--floss-iters", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Floss the network this many iterations, then report the exponents again.")
+@click.option("--floss-mode", type=click.Choice(["local", "full", "detached"]), default="local", show_default=True)
+@click.option("--floss-k", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--floss-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (no progress bar).")
+@fail_cleanly
+def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, dt, tau_m, input_scale, profile, task,
+                     k, batch, steps, warmup, qr_every, seed, dtype, floss_iters, floss_mode, floss_k, floss_lr,
+                     as_json) -> None:
+    """Top-K Lyapunov exponents (QR method; natural log, per step and per tau) of the network stored in RUN
+    (--which initial|floss|final), or of a fresh init (--model --hidden --gain [--alpha --profile]), driven by
+    task inputs as training feeds them (time step and input scale: the run's settings, or training's defaults).
+    LIF networks get the surrogate (pseudo-derivative) spectrum."""
+    import torch
+
+    from neuroinit.cells import make_cell
+
+    torch_dtype = getattr(torch, dtype)
+    fresh = {"--model": model, "--hidden": hidden, "--gain": gain, "--alpha": alpha, "--activation": activation,
+             "--form": form, "--dt": dt, "--tau-m": tau_m, "--input-scale": input_scale, "--profile": profile}
+    if run is not None:
+        given = [name for name, val in fresh.items() if val is not None]
+        if given:
+            raise ValueError(f"Invalid options {', '.join(given)} with a run file: they describe a fresh init; "
+                             "give either RUN or --model/--hidden/--gain")
+        from neuroinit.experiments.train import TrainConfig, resolve_settings
+        from neuroinit.io.runfile import load_cell, read_run
+
+        which = which or "final"
+        cell = load_cell(run, which, dtype=torch_dtype)
+        cfg = TrainConfig.from_dict(read_run(run).config)
+        settings = resolve_settings(cfg)
+        task_name = task or cfg.task
+        network = {"run": str(run), "which": which, "model": cell.model, "n_hidden": cell.n_hidden,
+                   "gain": cfg.gain, "seed": cfg.seed, "config": cell.config()}
+    else:
+        missing = [name for name, val in (("--model", model), ("--hidden", hidden), ("--gain", gain)) if val is None]
+        if missing:
+            raise ValueError(f"Missing {', '.join(missing)}: give a RUN file, or a fresh init with --model, "
+                             "--hidden and --gain")
+        if which is not None:
+            raise ValueError("Invalid option --which without a RUN file: it selects a stored network")
+        rate_only = [n for n in ("--alpha", "--activation", "--form") if fresh[n] is not None]
+        lif_only = [n for n in ("--dt", "--tau-m") if fresh[n] is not None]
+        if model == "lif" and rate_only:
+            raise ValueError(f"Invalid options {', '.join(rate_only)} for --model lif: allowed --dt, --tau-m")
+        if model == "rate" and lif_only:
+            raise ValueError(f"Invalid options {', '.join(lif_only)} for --model rate: allowed --alpha, "
+                             "--activation, --form")
+        from neuroinit.experiments.train import TrainConfig, resolve_settings
+        from neuroinit.init import hardware_init
+
+        profile = profile or "ideal"
+        task_name = task or "romo"
+        # training's defaults for this task and model (time step, tau, input scale), overridden by the options
+        settings = resolve_settings(TrainConfig(task="romo" if task_name.lower() == "none" else task_name,
+                                                model=model, hidden=hidden, gain=gain, profile=profile, seed=seed))
+        if model == "rate":
+            if alpha is not None:
+                settings["dt_ms"] = alpha * settings["tau_ms"]
+            kwargs = {"alpha": settings["dt_ms"] / settings["tau_ms"], "activation": activation or "tanh",
+                      "form": form or "voltage"}
+        else:
+            settings["dt_ms"] = settings["dt_ms"] if dt is None else dt
+            settings["tau_ms"] = settings["tau_ms"] if tau_m is None else tau_m
+            kwargs = {"dt": settings["dt_ms"], "tau_m": settings["tau_ms"], "tau_out": settings["tau_out_ms"]}
+        if input_scale is not None:
+            settings["input_scale"] = input_scale
+        task_obj = _dyn_task(task_name, settings)
+        n_in, n_out = (1, 2) if task_obj is None else (task_obj.n_in, task_obj.n_out)
+        params, report = hardware_init(model, n_in, hidden, n_out, gain, profile,
+                                       generator=torch.Generator().manual_seed(seed), dtype=torch_dtype)
+        cell = make_cell(model, params, profile=profile, **kwargs)
+        network = {"model": model, "n_hidden": hidden, "gain": gain, "used_gain": report.used_gain,
+                   "seed": seed, "config": cell.config()}
+    if run is not None:
+        task_obj = _dyn_task(task_name, settings)
+    if k > cell.n_hidden:
+        raise ValueError(f"Invalid --k {k}: must be between 1 and N = {cell.n_hidden}")
+    scale = float(settings["input_scale"])
+    spec = {"k": k, "batch": batch, "steps": steps, "warmup": warmup, "qr_every": qr_every, "seed": seed + 1,
+            "input_scale": scale}
+    drive = {"task": task_name if task_obj is not None else "none", "batch": batch, "steps": steps,
+             "warmup": warmup, "qr_every": qr_every, "dtype": dtype, "input_scale": scale,
+             "dt_ms": settings["dt_ms"]}
+    before = _dyn_spectrum(cell, task_obj, **spec)
+    out = {"network": network, "drive": drive, "lyapunov": before.summary()}
+    if not as_json:
+        what = f"{run} ({which})" if run is not None else (
+            f"fresh {model} network, N = {hidden}, gain {gain:g}, profile {profile}")
+        click.echo(what + f"; {cell.extra_repr()}")
+        click.echo(f"driven by {drive['task']} (dt {settings['dt_ms']:g} ms, input x {scale:g}): {batch} sequences x "
+                   f"{steps} steps after {warmup} warm-up steps, QR every {qr_every}, {dtype}")
+        _dyn_print_spectrum(before, "initial" if floss_iters else "exponents")
+    if floss_iters:
+        from neuroinit.dynamics import floss, task_inputs
+        from neuroinit.dynamics.flossing import DEFAULT_WARMUP
+
+        if floss_k > cell.n_hidden:
+            raise ValueError(f"Invalid --floss-k {floss_k}: must be between 1 and N = {cell.n_hidden}")
+        floss_steps = 55
+        input_fn = None
+        if task_obj is not None:
+            def input_fn(g):
+                return scale * task_inputs(task_obj, batch=1, length=DEFAULT_WARMUP + floss_steps, generator=g,
+                                           dtype=cell.w_rec.dtype)
+        bar = None
+        if not as_json:
+            from tqdm import tqdm
+
+            bar = tqdm(total=floss_iters, desc=f"{floss_mode} flossing", unit="it", file=sys.stderr, leave=False,
+                       disable=None)
+
+        def progress(it, loss, exps):
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"lambda_1 {exps[0]:+.4f}", refresh=False)
+
+        fr = floss(cell, iters=floss_iters, k=floss_k, mode=floss_mode, lr=floss_lr, input_fn=input_fn,
+                   steps=floss_steps, generator=torch.Generator().manual_seed(seed + 2), callback=progress)
+        if bar is not None:
+            bar.close()
+        after = _dyn_spectrum(cell, task_obj, **spec)
+        out["floss"] = {"iters": floss_iters, "mode": floss_mode, "k": floss_k, "lr": floss_lr,
+                        "losses": fr.losses, "exponents": fr.exponents}
+        out["lyapunov_after_floss"] = after.summary()
+        if not as_json:
+            _dyn_print_spectrum(after, f"after {floss_iters} {floss_mode} flossing iterations (k = {floss_k})")
+    if as_json:
+        echo_json(_dyn_finite(out))
+
+
+@main.command("curvature", cls=_DynamicsCommand)
+@click.argument("run")
+@click.option("--trials", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Fresh trials for the test loss of the generalisation gap.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=500, show_default=True,
+              help="At most this many Hessian-vector products.")
+@click.option("--tol", type=click.FloatRange(0, min_open=True), default=1e-6, show_default=True,
+              help="Stop when the eigenvalue estimate changes by less than this (relative).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@fail_cleanly
+def curvature_command(run, trials, max_iter, tol, as_json) -> None:
+    """Top Hessian eigenvalue of the loss w.r.t. W_rec of the trained network in RUN (power iteration on
+    Hessian-vector products, untruncated BPTT loss, float64, the run's batch size of held-out trials), and its
+    generalisation gap: test loss on fresh trials minus the training loss the run recorded at its end. The same
+    numbers as the curvature figure of 'neuroinit plot'."""
+    import math
+
+    from neuroinit.experiments.plots import curvature_of_run
+    from neuroinit.io.runfile import read_run
+
+    rf = read_run(run)
+    if "final" not in rf.weights:
+        raise ValueError(f"{run}: no trained network (weights 'final') in this run file; the run has not finished")
+    final_loss = rf.summary.get("final_loss")
+    if final_loss is None and rf.selected is not None:
+        final_loss = rf.selected.final_loss
+    res = curvature_of_run(str(run), rf.config, None if final_loss is None else float(final_loss),
+                           max_iter=max_iter, tol=tol, test_trials=trials)
+    out = {"run": str(run), **res}
+    if as_json:
+        echo_json(_dyn_finite(out))
+        return
+    click.echo(f"{run}: {rf.config.get('model')} network on {rf.config.get('task')}, N = {rf.config.get('hidden')}")
+    click.echo(f"top Hessian eigenvalue (W_rec, {res['held_out_trials']} held-out trials): "
+               f"{res['top_eigenvalue']:.6g} ({res['iterations']} Hessian-vector products, "
+               f"{'converged' if res['converged'] else 'NOT converged'})")
+    click.echo(f"test loss ({trials} fresh trials): {res['test_loss']:.6g}")
+    gap = res["gap"]
+    if gap is None or not math.isfinite(gap):
+        click.echo("generalisation gap: - (the run recorded no final training loss)")
+    else:
+        click.echo(f"train loss (recorded at the end of training): {res['train_loss']:.6g}; generalisation gap "
+                   f"(test - train): {gap:+.6g}")
+# --- end dynamics ---
+
+
 # --- export ---
 def _export_task(run, seed: int, trials: int):
     """The run's task (Romo: its deterministic test variant), one float64 batch scaled as in training, or
