@@ -23,10 +23,12 @@ RULES = ("bptt", "eprop", "eprop-autograd", "rflo")
 
 
 def make_rule(name: str, cell: RecurrentCell, *, generator: torch.Generator | None = None,
-              chip_precision: bool = True) -> LearningRule:
+              chip_precision: bool = True, fast: bool | str = "auto") -> LearningRule:
     """Build a rule by name. ``rflo`` draws its random feedback from ``generator``. With ``chip_precision``
     and a profile that learns on chip, the online rules hold their traces at the profile's trace precision
-    (the weight grid is enforced by :func:`attach_chip_constraints` on the optimizer)."""
+    (the weight grid is enforced by :func:`attach_chip_constraints` on the optimizer). ``fast`` selects the
+    online rules' fused native step (see :class:`OnlineEprop`; ``"auto"``: wherever it gives the same
+    results)."""
     if name == "bptt":
         return BPTT(cell)
     if name == "eprop-autograd":
@@ -39,5 +41,5 @@ def make_rule(name: str, cell: RecurrentCell, *, generator: torch.Generator | No
                                  "need a generator for stochastic rounding")
             quantiser = make_trace_quantiser(cell, generator=generator)
         return OnlineEprop(cell, feedback="symmetric" if name == "eprop" else "random", generator=generator,
-                           trace_quantiser=quantiser)
+                           trace_quantiser=quantiser, fast=fast)
     raise ValueError(f"Invalid rule {name!r}: allowed {', '.join(RULES)}")
