@@ -234,6 +234,7 @@ def _peak_memory(fn: Callable[[], None], device: str) -> float | None:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    _release_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -731,9 +732,11 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     res.us_per_step_q1, res.us_per_step_q3 = q[0], q[2]
     res.us_per_step_min, res.us_per_step_max = min(times), max(times)
+    timed_rule = fn
     res.sample_steps_per_s = b / (res.us_per_step * 1e-6)
     res.synaptic_updates_per_s = b * n * (n + N_IN + N_OUT) / (res.us_per_step * 1e-6)
-    rule = getattr(fn, "rule", None)
+    res.peak_memory_mib = trial_memory(method, variant, n, b, cfg.steps, profile, cfg)
+    rule = getattr(timed_rule, "rule", None)
     if rule is not None:
         res.fast_path = rule.uses_fast_path
         if rule._fused is not None:
@@ -741,26 +744,23 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
     return res
 
 
-def _rss_accounting() -> None:
-    """Serve every allocation of 64 KiB or more with its own mapping, returned on free, so the peak resident set
-    of a trial is what it allocated (glibc otherwise keeps freed memory and reuses it unseen). Called after the
-    timings: it makes large allocations slower, which would penalise the methods that allocate per step."""
+def _release_free_memory() -> None:
+    """Give the pages of freed heap memory back (glibc ``malloc_trim``), so that memory a trial reuses counts
+    again in its resident set: without it, memory freed by earlier runs is reused unseen."""
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if not name:
         return
     try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
+        ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
 def trial_memory(method: str, variant: str, n: int, b: int, t_len: int, profile: str, cfg: BenchConfig
                  ) -> float | None:
-    """Peak memory (MiB) of one trial, network and input already built."""
+    """Peak memory (MiB) of one trial of a freshly built network and input (the building not counted)."""
     cell = make_bench_cell(variant, n, profile, seed=cfg.seed, device=cfg.device)
     batch = make_batch(variant, t_len, b, generator=torch.Generator().manual_seed(1), device=cfg.device)
     fn = trial_fn(method, cell, batch, SyntheticTask(N_IN, N_OUT), seed=cfg.seed)
@@ -829,13 +829,6 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
         ref = base.get((r.variant, r.hidden, r.batch))
         if ref and r.us_per_step:
             r.ratio_to_fused = r.us_per_step / ref
-    if progress:
-        progress("peak memory of one trial per method")
-    if cfg.device == "cpu":
-        _rss_accounting()
-    for r in results:
-        if r.us_per_step is not None:
-            r.peak_memory_mib = trial_memory(r.method, r.variant, r.hidden, r.batch, r.steps, r.profile, cfg)
     mem = []
     if cfg.memory_scaling and "lif" in cfg.variants():
         if progress:

@@ -79,10 +79,15 @@ static inline float unif(uint32_t key, uint32_t idx) {
     return (float)(mix32(idx * 0x9e3779b9U ^ key) >> 8) * (1.0f / 16777216.0f);
 }
 static inline float sround(float x, float s, float lo, float hi, float u) {
+    /* codes outside [lo - 1, hi + 1] saturate anyway: clamping first keeps the int conversion exact */
     float c = x / s;
-    float low = floorf(c);
+    c = c < lo - 1.0f ? lo - 1.0f : c;
+    c = c > hi + 1.0f ? hi + 1.0f : c;
+    float low = (float)(int32_t)c;
+    low -= low > c ? 1.0f : 0.0f; /* floor, vectorisable */
     c = low + ((u >= 1.0f - (c - low)) ? 1.0f : 0.0f);
-    c = c < lo ? lo : (c > hi ? hi : c);
+    c = c < lo ? lo : c;
+    c = c > hi ? hi : c;
     return c * s;
 }
 static inline uint32_t qkey(const Run *r, int which) {
@@ -113,11 +118,76 @@ static inline float act_df(int a, float x) {
     }
 }
 
+/* Dot products with several independent accumulators (one accumulator chain is FMA-latency bound: ~1/8 of the
+   machine's rate). GCC/Clang vector extensions; -march=native picks the widest registers. */
+typedef float v8f __attribute__((vector_size(32)));
+static inline v8f ld8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
 static inline float dot(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
+    v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 += ld8(a + i) * ld8(b + i);
+        s1 += ld8(a + i + 8) * ld8(b + i + 8);
+        s2 += ld8(a + i + 16) * ld8(b + i + 16);
+        s3 += ld8(a + i + 24) * ld8(b + i + 24);
+    }
+    for (; i + 8 <= n; i += 8) s0 += ld8(a + i) * ld8(b + i);
+    float r = hsum8((s0 + s1) + (s2 + s3));
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* a . b_q for q = 0..3 (b_q = b + q * stride): the row a is read once for four batch elements */
+static inline void dot4(const float *a, const float *b, int64_t stride, int64_t n, float *out) {
+    const float *b0 = b, *b1 = b + stride, *b2 = b + 2 * stride, *b3 = b + 3 * stride;
+    v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f w = ld8(a + i);
+        s0 += w * ld8(b0 + i);
+        s1 += w * ld8(b1 + i);
+        s2 += w * ld8(b2 + i);
+        s3 += w * ld8(b3 + i);
+    }
+    float r0 = hsum8(s0), r1 = hsum8(s1), r2 = hsum8(s2), r3 = hsum8(s3);
+    for (; i < n; i++) { r0 += a[i] * b0[i]; r1 += a[i] * b1[i]; r2 += a[i] * b2[i]; r3 += a[i] * b3[i]; }
+    out[0] = r0; out[1] = r1; out[2] = r2; out[3] = r3;
+}
+
+/* the cell's update of neuron k = b N + j from its total drive d (recurrent + input + bias) */
+static inline void cell_update(Run *r, int64_t k, float d) {
+    const int model = (int)r->model, a = (int)r->actfn;
+    const float al = r->alpha, oma = 1.0f - r->alpha;
+    float *x = r->x;
+    if (model == VOLTAGE) {
+        float xn = oma * x[k] + al * d;
+        x[k] = xn;
+        r->act[k] = act_f(a, xn);
+        r->post[k] = act_df(a, xn);
+    } else if (model == RFLO) {
+        float xn = oma * x[k] + al * act_f(a, d);
+        r->post[k] = al * act_df(a, d);
+        r->act[k] = xn;
+        x[k] = xn; /* prev holds h_{t-1}: safe to overwrite */
+    } else {
+        float vold = x[k], zp = r->prev[k];
+        float reset = r->reset_zero ? zp * (r->alpha * vold) : zp * r->v_th;
+        float v = r->alpha * vold + d - reset;
+        float ps = (r->gamma / r->v_th) * fmaxf(1.0f - fabsf(v - r->v_th) / r->v_th, 0.0f);
+        float zn = v > r->v_th ? 1.0f : 0.0f;
+        if (r->n_ref > 0) {
+            float free_ = r->ref[k] <= 0.0f ? 1.0f : 0.0f;
+            ps *= free_;
+            zn *= free_;
+            r->ref[k] = zn > 0.0f ? (float)r->n_ref : fmaxf(r->ref[k] - 1.0f, 0.0f);
+        }
+        x[k] = v;
+        r->post[k] = ps;
+        r->act[k] = zn;
+        r->z[k] = zn;
+    }
 }
 
 /* ---------------------------------------------------------------- forward: network + presynaptic traces */
@@ -126,8 +196,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 void ni_forward(Run *r, const float *u) {
     const int64_t B = r->B, N = r->N, I = r->I, O = r->O;
     const int model = (int)r->model, a = (int)r->actfn;
-    const float al = r->alpha, oma = 1.0f - r->alpha;
-    float *prev = r->prev, *x = r->x, *post = r->post, *act = r->act;
+    float *prev = r->prev, *x = r->x, *act = r->act;
     /* presynaptic signal of the recurrent weights at this step */
     for (int64_t k = 0; k < B * N; k++) prev[k] = model == VOLTAGE ? act_f(a, x[k]) : (model == RFLO ? x[k] : r->z[k]);
     int par = B * N * N >= r->par_work;
@@ -135,37 +204,14 @@ void ni_forward(Run *r, const float *u) {
 #pragma omp parallel for if (par) schedule(dynamic, 4)
     for (int64_t j = 0; j < N; j++) {
         const float *wr = r->w_rec + j * N, *wi = r->w_in + j * I;
-        for (int64_t b = 0; b < B; b++) {
-            float d = dot(wr, prev + b * N, N) + dot(wi, u + b * I, I) + r->bias[j];
-            int64_t k = b * N + j;
-            if (model == VOLTAGE) {
-                float xn = oma * x[k] + al * d;
-                x[k] = xn;
-                act[k] = act_f(a, xn);
-                post[k] = act_df(a, xn);
-            } else if (model == RFLO) {
-                float xn = oma * x[k] + al * act_f(a, d);
-                post[k] = al * act_df(a, d);
-                act[k] = xn;
-                x[k] = xn;  /* prev holds h_{t-1}: safe to overwrite */
-            } else {
-                float vold = x[k], zp = prev[k];
-                float reset = r->reset_zero ? zp * (r->alpha * vold) : zp * r->v_th;
-                float v = r->alpha * vold + d - reset;
-                float ps = (r->gamma / r->v_th) * fmaxf(1.0f - fabsf(v - r->v_th) / r->v_th, 0.0f);
-                float zn = v > r->v_th ? 1.0f : 0.0f;
-                if (r->n_ref > 0) {
-                    float free_ = r->ref[k] <= 0.0f ? 1.0f : 0.0f;
-                    ps *= free_;
-                    zn *= free_;
-                    r->ref[k] = zn > 0.0f ? (float)r->n_ref : fmaxf(r->ref[k] - 1.0f, 0.0f);
-                }
-                x[k] = v;
-                post[k] = ps;
-                act[k] = zn;
-                r->z[k] = zn;
-            }
+        int64_t b = 0;
+        for (; b + 4 <= B; b += 4) {
+            float d4[4];
+            dot4(wr, prev + b * N, N, N, d4);
+            for (int64_t q = 0; q < 4; q++)
+                cell_update(r, (b + q) * N + j, d4[q] + dot(wi, u + (b + q) * I, I) + r->bias[j]);
         }
+        for (; b < B; b++) cell_update(r, b * N + j, dot(wr, prev + b * N, N) + dot(wi, u + b * I, I) + r->bias[j]);
     }
     /* readout */
     for (int64_t b = 0; b < B; b++)
@@ -209,7 +255,19 @@ void ni_update(Run *r) {
         for (int64_t j = 0; j < N; j++) {
             float *gr = r->g_rec + j * N, *gi = r->g_in + j * I;
             float gb = 0.0f;
-            for (int64_t b = 0; b < B; b++) {
+            int64_t b = 0;
+            for (; b + 4 <= B; b += 4) { /* four batch elements per pass over the gradient row */
+                const float c0 = lp[b * N + j], c1 = lp[(b + 1) * N + j], c2 = lp[(b + 2) * N + j],
+                            c3 = lp[(b + 3) * N + j];
+                const float *p0 = r->pre_rec + b * N, *p1 = p0 + N, *p2 = p1 + N, *p3 = p2 + N;
+                const float *q0 = r->pre_in + b * I, *q1 = q0 + I, *q2 = q1 + I, *q3 = q2 + I;
+#pragma omp simd
+                for (int64_t i = 0; i < N; i++) gr[i] += c0 * p0[i] + c1 * p1[i] + c2 * p2[i] + c3 * p3[i];
+                for (int64_t i = 0; i < I; i++) gi[i] += c0 * q0[i] + c1 * q1[i] + c2 * q2[i] + c3 * q3[i];
+                gb += c0 * r->pre_bias[b] + c1 * r->pre_bias[b + 1] + c2 * r->pre_bias[b + 2]
+                      + c3 * r->pre_bias[b + 3];
+            }
+            for (; b < B; b++) {
                 const float c = lp[b * N + j];
                 const float *pr = r->pre_rec + b * N, *pi = r->pre_in + b * I;
 #pragma omp simd
@@ -251,6 +309,7 @@ void ni_update(Run *r) {
                     gb += l * v;
                 } else {
                     const uint32_t base = (uint32_t)((b * N + j) * N), basei = (uint32_t)((b * N + j) * I);
+#pragma omp simd
                     for (int64_t i = 0; i < N; i++) {
                         float v = sround(ed * e[i] + p * pr[i], sr, lr, hr, unif(kr, base + (uint32_t)i));
                         e[i] = v;
@@ -379,7 +438,7 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]
 
 
 def library_path() -> Path:
