@@ -216,3 +216,18 @@ def test_write_is_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["run.h5"]  # no temporary file left behind
     with pytest.raises(ValueError, match="Invalid run status"):
         write_run(path, RunFile(**{**run.__dict__, "status": "weird"}))
+
+
+def test_load_cell_keeps_the_stored_grids_when_a_weight_sits_on_code_min(tmp_path):
+    # a weight trained onto code_min (-128 * scale) would make a fresh grid choice one exponent coarser
+    cell, report = _cell("lif", "loihi-like")
+    grid = cell.grids["w_rec"]
+    with torch.no_grad():
+        cell.w_rec[0, 1] = grid.code_min * grid.scale
+    run, _ = _run_file("lif", "loihi-like")
+    run.weights["final"] = weights_from_cell(cell)
+    path = tmp_path / "run.h5"
+    write_run(path, run)
+    loaded = load_cell(path, "final")
+    assert loaded.grids["w_rec"] == grid
+    assert torch.equal(loaded.params().w_rec, cell.params().w_rec)

@@ -1,1 +1,6 @@
-"""neuroinit.io"""
+"""Files neuroinit reads and writes: run files (:mod:`neuroinit.io.runfile`), NIR (:mod:`neuroinit.io.nir`),
+lava-dl netx (:mod:`neuroinit.io.netx`), export verification (:mod:`neuroinit.io.verify`)."""
+
+from neuroinit.io.runfile import load_cell, read_run
+
+__all__ = ["load_cell", "read_run"]

@@ -588,8 +588,9 @@ def load_cell(path: str | os.PathLike, which: str = "final", *, dtype=None, devi
     parsed from the stored TOML text. ``which``: ``"final"`` (trained; the selected learning rate),
     ``"initial"`` (from the hardware-aware init) or ``"floss"`` (after pre-flossing, when it ran).
 
-    The cell chooses its chip grids from the loaded weights (as any cell does at construction); the stored
-    integer codes and scales are in :func:`read_run`'s ``weights[which]``.
+    The cell's chip grids are the stored ones (not re-chosen from the loaded weights: a weight trained onto
+    ``code_min`` would make a fresh choice one exponent coarser); the integer codes are in :func:`read_run`'s
+    ``weights[which]``.
     """
     import torch
 
@@ -609,6 +610,11 @@ def load_cell(path: str | os.PathLike, which: str = "final", *, dtype=None, devi
     if dtype is not None or device != "cpu":
         params = CellParams(*(t.to(dtype=dtype or t.dtype, device=device) for t in params))
     try:
-        return make_cell(run.model, params, **kwargs)
+        cell = make_cell(run.model, params, **kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: cannot rebuild the {run.model!r} cell from /cell_config: {_one_line(e)}") from None
+    from neuroinit.quantize import Grid
+
+    for name, g in ws.grids.items():
+        cell.grids[name] = Grid(float(g["scale"]), int(g["code_min"]), int(g["code_max"]), g["exponent"])
+    return cell
