@@ -3,6 +3,7 @@ weights schema, and refusals that leave no file behind."""
 
 from __future__ import annotations
 
+import os
 import math
 
 import h5py
@@ -337,3 +338,11 @@ def test_cli_export_refusals_are_one_line_and_write_nothing(trained, tmp_path):
         assert len(res.output.strip().splitlines()) == 1
         assert not out.exists() and not run_missing.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["nofinal.h5", "sub.h5"]
+
+
+def test_atomic_write_gives_the_finished_file_the_usual_permissions(tmp_path):
+    with atomic_write_path(tmp_path / "y.h5") as tmp:
+        tmp.write_bytes(b"data")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "y.h5").stat().st_mode & 0o777 == 0o666 & ~mask
