@@ -3,8 +3,8 @@ weights schema, and refusals that leave no file behind."""
 
 from __future__ import annotations
 
-import os
 import math
+import os
 
 import h5py
 import nir
