@@ -284,49 +284,53 @@ void ni_update(Run *r) {
         const float sr = r->q_scale[Q_ELIG_REC], lr = r->q_min[Q_ELIG_REC], hr = r->q_max[Q_ELIG_REC];
         const float si = r->q_scale[Q_ELIG_IN], li = r->q_min[Q_ELIG_IN], hi = r->q_max[Q_ELIG_IN];
         const float sb = r->q_scale[Q_ELIG_BIAS], lb = r->q_min[Q_ELIG_BIAS], hb = r->q_max[Q_ELIG_BIAS];
-#pragma omp parallel for if (par) schedule(dynamic, 4)
-        for (int64_t j = 0; j < N; j++) {
-            float *gr = r->g_rec + j * N, *gi = r->g_in + j * I;
-            float gb = 0.0f;
+        /* blocks of jb rows: for each batch element the block's trace rows are one contiguous stream (jb N floats,
+           ~32 KB) and the block's gradient rows stay in L1/L2 across the batch; each thread owns whole blocks */
+        const int64_t jb = N >= 2048 ? 4 : 8192 / N > 4 ? 8192 / N : 4;
+#pragma omp parallel for if (par) schedule(dynamic, 1)
+        for (int64_t j0 = 0; j0 < N; j0 += jb) {
+            const int64_t j1 = j0 + jb < N ? j0 + jb : N;
             for (int64_t b = 0; b < B; b++) {
-                const float p = r->post[b * N + j], l = L[b * N + j];
-                const float *pr = r->pre_rec + b * N, *pi = r->pre_in + b * I;
-                float *e = r->elig_rec + (b * N + j) * N, *ei = r->elig_in + (b * N + j) * I;
-                if (!quant) {
-#pragma omp simd
-                    for (int64_t i = 0; i < N; i++) {
-                        float v = ed * e[i] + p * pr[i];
-                        e[i] = v;
-                        gr[i] += l * v;
+                for (int64_t j = j0; j < j1; j++) {
+                    float *gr = r->g_rec + j * N, *gi = r->g_in + j * I;
+                    const float p = r->post[b * N + j], l = L[b * N + j];
+                    const float *pr = r->pre_rec + b * N, *pi = r->pre_in + b * I;
+                    float *e = r->elig_rec + (b * N + j) * N, *ei = r->elig_in + (b * N + j) * I;
+                    if (!quant) {
+    #pragma omp simd
+                        for (int64_t i = 0; i < N; i++) {
+                            float v = ed * e[i] + p * pr[i];
+                            e[i] = v;
+                            gr[i] += l * v;
+                        }
+                        for (int64_t i = 0; i < I; i++) {
+                            float v = ed * ei[i] + p * pi[i];
+                            ei[i] = v;
+                            gi[i] += l * v;
+                        }
+                        float v = ed * r->elig_bias[b * N + j] + p * r->pre_bias[b];
+                        r->elig_bias[b * N + j] = v;
+                        r->g_bias[j] += l * v;
+                    } else {
+                        const uint32_t base = (uint32_t)((b * N + j) * N), basei = (uint32_t)((b * N + j) * I);
+    #pragma omp simd
+                        for (int64_t i = 0; i < N; i++) {
+                            float v = sround(ed * e[i] + p * pr[i], sr, lr, hr, unif(kr, base + (uint32_t)i));
+                            e[i] = v;
+                            gr[i] += l * v;
+                        }
+                        for (int64_t i = 0; i < I; i++) {
+                            float v = sround(ed * ei[i] + p * pi[i], si, li, hi, unif(ki, basei + (uint32_t)i));
+                            ei[i] = v;
+                            gi[i] += l * v;
+                        }
+                        float v = sround(ed * r->elig_bias[b * N + j] + p * r->pre_bias[b], sb, lb, hb,
+                                         unif(kb, (uint32_t)(b * N + j)));
+                        r->elig_bias[b * N + j] = v;
+                        r->g_bias[j] += l * v;
                     }
-                    for (int64_t i = 0; i < I; i++) {
-                        float v = ed * ei[i] + p * pi[i];
-                        ei[i] = v;
-                        gi[i] += l * v;
-                    }
-                    float v = ed * r->elig_bias[b * N + j] + p * r->pre_bias[b];
-                    r->elig_bias[b * N + j] = v;
-                    gb += l * v;
-                } else {
-                    const uint32_t base = (uint32_t)((b * N + j) * N), basei = (uint32_t)((b * N + j) * I);
-#pragma omp simd
-                    for (int64_t i = 0; i < N; i++) {
-                        float v = sround(ed * e[i] + p * pr[i], sr, lr, hr, unif(kr, base + (uint32_t)i));
-                        e[i] = v;
-                        gr[i] += l * v;
-                    }
-                    for (int64_t i = 0; i < I; i++) {
-                        float v = sround(ed * ei[i] + p * pi[i], si, li, hi, unif(ki, basei + (uint32_t)i));
-                        ei[i] = v;
-                        gi[i] += l * v;
-                    }
-                    float v = sround(ed * r->elig_bias[b * N + j] + p * r->pre_bias[b], sb, lb, hb,
-                                     unif(kb, (uint32_t)(b * N + j)));
-                    r->elig_bias[b * N + j] = v;
-                    gb += l * v;
                 }
             }
-            r->g_bias[j] += gb;
         }
     }
     /* readout: exact local gradient err (x) readout trace */
