@@ -729,7 +729,7 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
         loads.append(lm.load)
     res.repeats_us, res.background_load = times, loads
     res.us_per_step = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else [times[0]] * 3
     res.us_per_step_q1, res.us_per_step_q3 = q[0], q[2]
     res.us_per_step_min, res.us_per_step_max = min(times), max(times)
     timed_rule = fn

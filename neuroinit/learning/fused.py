@@ -399,8 +399,10 @@ _QUANT_NAMES = ("pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bi
 _PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "x", "z", "ref", "y", "prev", "post", "act", "L",
          "err", "yout", "pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "ro", "ro_bias",
          "g_in", "g_rec", "g_bias", "g_out", "g_bout", "inputs", "targets", "scale", "outputs", "labels")
-# below this many multiply-adds per parallel loop a step stays on one thread (fork/join costs ~1-5 us)
-PAR_WORK = 1 << 15
+# below this many multiply-adds per loop a step stays on one thread: a parallel loop ends in a barrier, which costs
+# ~1-5 us on a quiet machine but up to a scheduler time slice (ms) when the other core is busy (measured: LIF
+# N=64, B=16 at 49 us/step on one thread, 2349 us on two threads next to other work)
+PAR_WORK = 1 << 20
 
 
 class _Run(ctypes.Structure):
