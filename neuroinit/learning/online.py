@@ -102,7 +102,8 @@ class OnlineEprop(LearningRule):
     ``fast`` (:mod:`neuroinit.learning.fused`): ``True`` runs each step (and :meth:`backward` each trial) as one
     native call where the cell allows it (float32, CPU), with the same results (chip-precision traces: the same
     rounding distribution, other random draws); ``"auto"`` does so only where the results are the same
-    (float traces); ``False`` (default) always runs the PyTorch step. The fast path updates the state in place:
+    (float traces: equal to float32 rounding, ~1e-7 relative, not bit for bit); ``False`` (default) always runs
+    the PyTorch step. The fast path updates the state in place:
     a state passed to :meth:`step` is consumed. ``uses_fast_path`` says which path the last :meth:`start` took.
     """
 
