@@ -51,8 +51,9 @@ def train(profile: str, *, iters: int, hidden: int, lr: float, seed: int = 0) ->
     # 1. a cell whose weights are initialised on the profile's grid (gain 1, one shared scale)
     params, report = hardware_init("lif", task.n_in, hidden, task.n_out, 1.0, profile, generator=gen)
     cell = LIFRNN(params, dt=1.0, tau_m=20.0, tau_out=20.0, profile=profile)
-    # 2. a local rule that writes .grad (traces at the chip's precision when the profile learns on chip)
-    rule = make_rule("eprop", cell, generator=gen)
+    # 2. a local rule that writes .grad (traces at the chip's precision when the profile learns on chip),
+    #    stepped by the fused native kernel (chip traces: the same rounding distribution, other random draws)
+    rule = make_rule("eprop", cell, generator=gen, fast=True)
     # 3. any torch optimizer; the chip's weight grid (stochastic rounding, saturation) hooks onto its step
     opt = torch.optim.Adam(cell.parameters(), lr=lr)
     attach_chip_constraints(opt, cell, generator=gen)
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--no-timing", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # tiny per-step ops: more threads only add OpenMP synchronisation
     for profile in ("ideal", "reckon-like"):
         train(profile, iters=args.iters, hidden=args.hidden, lr=args.lr)
     if not args.no_timing:
