@@ -118,19 +118,21 @@ def test_invalid_settings_are_rejected(kwargs, needle):
 # ------------------------------------------------------------------------------------------ CLI on run files
 
 def _write_run(path, initial: RateRNN, final: RateRNN, *, final_loss: float) -> None:
-    from neuroinit.experiments.train import TrainConfig
+    from neuroinit.experiments.train import TrainConfig, resolve_settings
     from neuroinit.io.runfile import RunFile, RunRecord, package_versions, weights_from_cell, write_run
     from neuroinit.profiles import load_profile
 
     profile = load_profile("ideal")
     record = RunRecord(lr=1e-3, status="complete", loss_per_iteration=[0.1, final_loss], final_loss=final_loss,
                        final=weights_from_cell(final))
-    config = TrainConfig(task="romo", model="rate", hidden=initial.n_hidden, batch=4, seed=7).to_dict()
+    train_config = TrainConfig(task="romo", model="rate", hidden=initial.n_hidden, batch=4, seed=7)
+    config = train_config.to_dict()
     run = RunFile(path=str(path), format_version=1, status="complete", message="", seed=7, model="rate",
                   config=config, profile_text=profile.text,
                   cell_config=initial.config(), init_report={}, versions=package_versions(),
                   weights={"initial": weights_from_cell(initial), "final": weights_from_cell(final)},
-                  runs=[record], selected_run=0, summary={"final_loss": final_loss})
+                  runs=[record], selected_run=0, summary={"final_loss": final_loss},
+                  settings=resolve_settings(train_config))  # as train() stores them: time step, input scale
     write_run(path, run)
 
 
