@@ -26,8 +26,37 @@ def fail_cleanly(func):
     return wrapper
 
 
+def json_safe(obj):
+    """Non-finite floats as null (an ideal profile's gain interval ends at inf; a sequence that met a zero
+    Jacobian has exponent -inf), so ``--json`` output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    click.echo(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=float))
+
+
+class _OneLineUsageError(click.ClickException):
+    """A bad option value as one line ("Error: Invalid value for '--model': ...") with the usage exit code 2,
+    instead of click's usage text + hint + error (the CLI contract: one clear line, no traceback)."""
+
+    exit_code = 2
+
+
+class OneLineErrorsCommand(click.Command):
+    """A click command whose usage errors are one line on stderr (exit code 2)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise _OneLineUsageError(e.format_message().splitlines()[0]) from None
 
 
 @click.group()
@@ -99,32 +128,6 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
 
 
 # --- init ---
-class _OneLineUsageError(click.ClickException):
-    """A bad option value as one line ("Error: Invalid value for '--model': ...") with the usage exit code 2,
-    instead of click's usage text + hint + error (the CLI contract: one clear line, no traceback)."""
-
-    exit_code = 2
-
-
-class _OneLineErrorsCommand(click.Command):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            raise _OneLineUsageError(e.format_message().splitlines()[0]) from None
-
-
-def _json_safe(obj):
-    """Non-finite floats (the ideal profile's gain interval ends at inf) as null, so --json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -156,7 +159,7 @@ def _print_init_report(report) -> None:
                    f"{('-' if exp is None else str(exp)).rjust(8)}  {_fmt(report.rmse[name]).rjust(10)}")
 
 
-@main.command("init", cls=_OneLineErrorsCommand)
+@main.command("init", cls=OneLineErrorsCommand)
 @click.option("--model", type=click.Choice(["rate", "lif"]), required=True, help="Rate or LIF network.")
 @click.option("--hidden", type=click.IntRange(min=1), required=True, help="Number of hidden neurons N.")
 @click.option("--gain", type=float, required=True, help="Recurrent gain g: W_rec ~ g N(0, 1/N).")
@@ -181,7 +184,7 @@ def init_command(model: str, hidden: int, gain: float, profile: str, inputs: int
                               generator=torch.Generator().manual_seed(seed), rounding=rounding,
                               out_of_range="clamp" if clamp_gain else "error", dtype=torch.float64)
     if as_json:
-        echo_json(_json_safe(report.to_dict()))
+        echo_json(report.to_dict())
     else:
         _print_init_report(report)
 # --- end init ---
@@ -288,18 +291,6 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
 
 
 # --- dynamics ---
-class _DynamicsCommand(click.Command):
-    """Bad option values as one line on stderr (usage exit code 2) instead of usage text + hint + error."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            err = click.ClickException(e.format_message().splitlines()[0])
-            err.exit_code = 2
-            raise err from None
-
-
 _DYN_DTYPES = ("float32", "float64")
 
 
@@ -336,19 +327,6 @@ def _dyn_spectrum(cell, task, *, k: int, batch: int, steps: int, warmup: int, qr
         return lyapunov_spectrum(cell, inputs, k=k, warmup=warmup, qr_every=qr_every, generator=gen)
 
 
-def _dyn_finite(obj):
-    """Non-finite floats as null, so --json stays strict JSON (-inf: a sequence met a zero Jacobian)."""
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _dyn_finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_dyn_finite(v) for v in obj]
-    return obj
-
-
 def _dyn_print_spectrum(res, title: str) -> None:
     import torch
 
@@ -364,7 +342,7 @@ def _dyn_print_spectrum(res, title: str) -> None:
             click.echo(f"  {i:>4}  {m:>+10.4f}  {sd:>8.4f}  {pt:>+10.4f}")
 
 
-@main.command("lyapunov", cls=_DynamicsCommand)
+@main.command("lyapunov", cls=OneLineErrorsCommand)
 @click.argument("run", required=False)
 @click.option("--which", type=click.Choice(["initial", "floss", "final"]), default=None,
               help="Run-file form: which stored network [final].")
@@ -527,10 +505,10 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
         if not as_json:
             _dyn_print_spectrum(after, f"after {floss_iters} {floss_mode} flossing iterations (k = {floss_k})")
     if as_json:
-        echo_json(_dyn_finite(out))
+        echo_json(out)
 
 
-@main.command("curvature", cls=_DynamicsCommand)
+@main.command("curvature", cls=OneLineErrorsCommand)
 @click.argument("run")
 @click.option("--trials", type=click.IntRange(min=1), default=256, show_default=True,
               help="Fresh trials for the test loss of the generalisation gap.")
@@ -560,7 +538,7 @@ def curvature_command(run, trials, max_iter, tol, as_json) -> None:
                            max_iter=max_iter, tol=tol, test_trials=trials)
     out = {"run": str(run), **res}
     if as_json:
-        echo_json(_dyn_finite(out))
+        echo_json(out)
         return
     click.echo(f"{run}: {rf.config.get('model')} network on {rf.config.get('task')}, N = {rf.config.get('hidden')}")
     click.echo(f"top Hessian eigenvalue (W_rec, {res['held_out_trials']} held-out trials): "
@@ -577,20 +555,6 @@ def curvature_command(run, trials, max_iter, tol, as_json) -> None:
 
 
 # --- train ---
-class _TrainUsageError(click.ClickException):
-    """A bad option value as one line with the usage exit code 2 (no usage text, no traceback)."""
-
-    exit_code = 2
-
-
-class _TrainCommand(click.Command):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            raise _TrainUsageError(e.format_message().splitlines()[0]) from None
-
-
 def _float_list(value: str | None) -> tuple[float, ...]:
     if value is None:
         return ()
@@ -604,16 +568,6 @@ def _float_list(value: str | None) -> tuple[float, ...]:
     return vals
 
 
-def _finite_or_none(x):
-    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_or_none(v) for v in x]
-    return x
-
-
 # CLI option name -> TrainConfig field (the same name with dashes, except where noted)
 _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", "iters", "lr", "lr_grid",
                  "optimizer", "seed", "device", "dtype", "form", "activation", "dt_ms", "tau_ms", "tau_m_ms",
@@ -622,7 +576,7 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "floss_k", "floss_mode", "floss_lr", "fast")
 
 
-@main.command("train", cls=_TrainCommand)
+@main.command("train", cls=OneLineErrorsCommand)
 @click.option("--task", default="romo", show_default=True,
               help="'romo', a neurogym id (e.g. PerceptualDecisionMaking-v0) or an alias (2af, dms).")
 @click.option("--model", type=click.Choice(["rate", "lif"]), default="rate", show_default=True)
@@ -726,7 +680,7 @@ def train_command(out: str, resume: bool, overwrite: bool, threads: int, as_json
     bar.close()
     summary = result.to_dict()
     if as_json:
-        echo_json(_finite_or_none(summary))
+        echo_json(summary)
         return
     lt = result.learning_time
     click.echo(f"run file: {result.out_path} ({result.status})")
@@ -761,7 +715,7 @@ def _show_summary(rf) -> dict:
             "summary": s, "lyapunov": lyap, "floss_iters": int(len(rf.floss.get("losses", ())))}
 
 
-@main.command("show", cls=_TrainCommand)
+@main.command("show", cls=OneLineErrorsCommand)
 @click.argument("run", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @fail_cleanly
@@ -772,7 +726,7 @@ def show_command(run: str, as_json: bool) -> None:
     rf = read_run(run)
     info = _show_summary(rf)
     if as_json:
-        echo_json(_finite_or_none(info))
+        echo_json(info)
         return
     c, st, s = rf.config, rf.settings, rf.summary
     click.echo(f"{rf.path}: {rf.status}" + (f" ({rf.message})" if rf.message else ""))
@@ -842,7 +796,7 @@ def _export_cell(path: str, which: str):
     return run, cell
 
 
-@main.command("export", cls=_OneLineErrorsCommand)
+@main.command("export", cls=OneLineErrorsCommand)
 @click.argument("run_file", type=click.Path(dir_okay=False))
 @click.option("--profile", default=None, help="Profile to deploy on (bundled name or .toml path) [the run's].")
 @click.option("--format", "fmt", type=click.Choice(["nir", "netx", "h5"]), required=True,
@@ -920,7 +874,7 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         bar.update(1)
     bar.close()
     if as_json:
-        echo_json(_json_safe(report))
+        echo_json(report)
     else:
         click.echo(f"wrote {out} ({fmt}, profile {prof.name}, {cell.model} network)")
         if "conformance" in report:
@@ -944,31 +898,6 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
 
 # --- experiments ---
-class _ExperimentsCommand(click.Command):
-    """Bad option values as one line on stderr (usage exit code 2), no usage text."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            err = click.ClickException(e.format_message().splitlines()[0])
-            err.exit_code = 2
-            raise err from None
-
-
-def _exp_finite(obj):
-    """NaN / inf as null, so --json output is strict JSON."""
-    if isinstance(obj, float):
-        import math
-
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _exp_finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_exp_finite(v) for v in obj]
-    return obj
-
-
 def _gain_list(value: str | None) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -982,7 +911,7 @@ def _gain_list(value: str | None) -> tuple[float, ...] | None:
     return vals
 
 
-@main.command("sweep", cls=_ExperimentsCommand)
+@main.command("sweep", cls=OneLineErrorsCommand)
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Sweep directory (run files, ledger sweep.json) [sweeps/<spec name>].")
@@ -1046,7 +975,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
             bar.close()
     rows = sw.summarize(sw.summaries_from_dir(out_dir, curves=False))
     if as_json:
-        echo_json(_exp_finite({"report": report.to_dict(), "summary": rows}))
+        echo_json({"report": report.to_dict(), "summary": rows})
     else:
         click.echo(sw.format_summary(rows))
         c = report.counts
@@ -1061,7 +990,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
                                    f"{first['error']}; rerun the command to retry them")
 
 
-@main.command("plot", cls=_ExperimentsCommand)
+@main.command("plot", cls=OneLineErrorsCommand)
 @click.argument("sweep_dir", type=click.Path())
 @click.option("--figure", type=click.Choice(["learning-curves", "lyapunov", "flossing", "rate-vs-spiking",
                                              "curvature"]), required=True)
@@ -1105,7 +1034,7 @@ def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter
         click.echo(f"{figure}: {n} curves -> {out}")
 
 
-@main.command("compare", cls=_ExperimentsCommand)
+@main.command("compare", cls=OneLineErrorsCommand)
 @click.argument("run_a", type=click.Path(dir_okay=False))
 @click.argument("run_b", type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Image file (.png/.pdf/.svg).")

@@ -13,14 +13,6 @@ from neuroinit.cli import main
 from neuroinit.init import hardware_init
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The report's eigvals spin for seconds when LAPACK's threads compete for a busy machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _invoke(*args: str):
     return CliRunner().invoke(main, ["init", *args])
