@@ -587,8 +587,8 @@ def plot_compare(run_a, run_b, out) -> int:
                 continue
             sel = k == rf.selected_run or len(rf.runs) == 1
             axes[0].plot(rec.iteration, rec.loss, color=color, lw=1.5 if sel else 0.8, alpha=1.0 if sel else 0.45,
-                         ls="-" if sel else ":", label=f"{name} lr {rec.lr:.2g}" + (" (selected)" if sel and
-                                                                                   len(rf.runs) > 1 else ""))
+                         ls="-" if sel else ":", label=f"{name.split(':')[0]} lr {rec.lr:.2g}"
+                         + (" (selected)" if sel and len(rf.runs) > 1 else ""))
             n += 1
         for which, ls in (("initial", "--"), ("final", "-")):
             res = rf.lyapunov.get(which)
