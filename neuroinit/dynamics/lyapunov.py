@@ -185,25 +185,7 @@ def lyapunov_spectrum(cell: RecurrentCell, inputs: Tensor | None = None, *, k: i
     if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
         raise ValueError(f"Invalid init_scale {init_scale!r}: must be a positive finite number")
     dtype, device = cell.w_rec.dtype, cell.w_rec.device
-    if inputs is None:
-        _check_int("batch", batch, 1)
-        steps = DEFAULT_STEPS if steps is None else _check_int("steps", steps, 1)
-        inputs = torch.zeros(warmup + steps, batch, cell.n_in, dtype=dtype, device=device)
-    else:
-        if not isinstance(inputs, Tensor) or inputs.dim() != 3 or inputs.shape[-1] != cell.n_in:
-            shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-            raise ValueError(f"Invalid inputs {shape}: expected a (T, B, {cell.n_in}) tensor")
-        if not bool(torch.isfinite(inputs).all()):
-            raise ValueError("Invalid inputs: they contain NaN or infinite values")
-        avail = inputs.shape[0] - warmup
-        if avail < 1:
-            raise ValueError(f"Invalid inputs of {inputs.shape[0]} steps: need more than warmup = {warmup} "
-                             "(use task_inputs to concatenate trials)")
-        steps = avail if steps is None else _check_int("steps", steps, 1)
-        if steps > avail:
-            raise ValueError(f"Invalid steps {steps}: the inputs hold only {avail} steps after the warm-up")
-        inputs = inputs[:warmup + steps].to(dtype=dtype, device=device)
-        batch = inputs.shape[1]
+    inputs, steps, batch = _driving_inputs(cell, inputs, steps=steps, batch=batch, warmup=warmup)
 
     with torch.no_grad():
         state = _random_state(cell, batch, generator, dtype, device, float(init_scale))
@@ -217,6 +199,32 @@ def lyapunov_spectrum(cell: RecurrentCell, inputs: Tensor | None = None, *, k: i
     mean = per_step.mean(0)
     std = per_step.std(0) if batch > 1 else torch.zeros_like(mean)
     return LyapunovResult(per_step=per_step, mean=mean, std=std, per_tau=mean / dt_over_tau(cell), k=k)
+
+
+def _driving_inputs(cell: RecurrentCell, inputs: Tensor | None, *, steps: int | None, batch: int,
+                    warmup: int) -> tuple[Tensor, int, int]:
+    """The ``(warmup + steps, B, I)`` inputs that drive an exponent estimate, on the cell's dtype and device:
+    zeros for ``batch`` autonomous sequences of ``steps`` (default :data:`DEFAULT_STEPS`) when ``inputs`` is
+    None, else the first ``warmup + steps`` steps of ``inputs`` (default: all of them). Returns
+    ``(inputs, steps, batch)``."""
+    dtype, device = cell.w_rec.dtype, cell.w_rec.device
+    if inputs is None:
+        _check_int("batch", batch, 1)
+        steps = DEFAULT_STEPS if steps is None else _check_int("steps", steps, 1)
+        return torch.zeros(warmup + steps, batch, cell.n_in, dtype=dtype, device=device), steps, batch
+    if not isinstance(inputs, Tensor) or inputs.dim() != 3 or inputs.shape[-1] != cell.n_in:
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ValueError(f"Invalid inputs {shape}: expected a (T, B, {cell.n_in}) tensor")
+    if not bool(torch.isfinite(inputs).all()):
+        raise ValueError("Invalid inputs: they contain NaN or infinite values")
+    avail = inputs.shape[0] - warmup
+    if avail < 1:
+        raise ValueError(f"Invalid inputs of {inputs.shape[0]} steps: need more than warmup = {warmup} "
+                         "(use task_inputs to concatenate trials)")
+    steps = avail if steps is None else _check_int("steps", steps, 1)
+    if steps > avail:
+        raise ValueError(f"Invalid steps {steps}: the inputs hold only {avail} steps after the warm-up")
+    return inputs[:warmup + steps].to(dtype=dtype, device=device), steps, inputs.shape[1]
 
 
 def _run(cell: RecurrentCell, params, state: Any, q: Tensor, inputs: Tensor, qr_every: int, *,
@@ -272,17 +280,7 @@ def two_trajectory_exponent(cell: RecurrentCell, inputs: Tensor | None = None, *
     _check_int("warmup", warmup, 0)
     _check_int("renorm_every", renorm_every, 1)
     dtype, device = cell.w_rec.dtype, cell.w_rec.device
-    if inputs is None:
-        _check_int("batch", batch, 1)
-        steps = DEFAULT_STEPS if steps is None else _check_int("steps", steps, 1)
-        inputs = torch.zeros(warmup + steps, batch, cell.n_in, dtype=dtype, device=device)
-    else:
-        avail = inputs.shape[0] - warmup
-        steps = avail if steps is None else _check_int("steps", steps, 1)
-        if avail < 1 or steps > avail:
-            raise ValueError(f"Invalid inputs of {inputs.shape[0]} steps for warmup {warmup} + steps {steps}")
-        inputs = inputs[:warmup + steps].to(dtype=dtype, device=device)
-        batch = inputs.shape[1]
+    inputs, steps, batch = _driving_inputs(cell, inputs, steps=steps, batch=batch, warmup=warmup)
     with torch.no_grad():
         params = cell.params()
         ref = _random_state(cell, batch, generator, dtype, device, float(init_scale))
