@@ -106,6 +106,17 @@ def _extras(configs: list[dict], explicit: list[str], ignore: set[str]) -> list[
     return sorted(out)
 
 
+def _panels_by_network(best: list[tuple]) -> tuple[list[str], dict[tuple, list], list[tuple]]:
+    """Group ``(config, lr, runs)`` conditions into one panel per task, model, profile (and any other setting
+    that varies): the panel fields, the panels, and their keys in display order."""
+    fields = ["task", "model", "profile"]
+    fields += _extras([c for c, _, _ in best], fields, _IGNORE)
+    panels: dict[tuple, list] = {}
+    for t in best:
+        panels.setdefault(_panel_key(t[0], fields), []).append(t)
+    return fields, panels, sorted(panels, key=_panel_order)
+
+
 def _panel_key(config: dict, fields: Iterable[str]) -> tuple:
     return tuple((f, json.dumps(config.get(f), sort_keys=True)) for f in fields)
 
@@ -284,12 +295,7 @@ def plot_lyapunov(runs: list[RunSummary], out, *, per: str = "step") -> int:
     best = [t for t in best if t[2]]
     if not best:
         raise ValueError("no finished runs with Lyapunov exponents (train with lyapunov = true)")
-    fields = ["task", "model", "profile"]
-    fields += _extras([c for c, _, _ in best], fields, _IGNORE)
-    panels: dict[tuple, list] = {}
-    for t in best:
-        panels.setdefault(_panel_key(t[0], fields), []).append(t)
-    keys = sorted(panels, key=_panel_order)
+    fields, panels, keys = _panels_by_network(best)
     fig, axes = _figure(len(keys), ncols=min(len(keys), 2), size=(5.2, 3.8))
     n = 0
     for ax, key in zip(axes, keys):
@@ -504,12 +510,7 @@ def plot_curvature(runs: list[RunSummary], out, *, sweep_dir=None, max_iter: int
         values[r.run_id] = cache[key]
         if progress is not None:
             progress(i + 1, len(todo))
-    fields = ["task", "model", "profile"]
-    fields += _extras([c for c, _, _ in best], fields, _IGNORE)
-    panels: dict[tuple, list] = {}
-    for t in best:
-        panels.setdefault(_panel_key(t[0], fields), []).append(t)
-    keys = sorted(panels, key=_panel_order)
+    fields, panels, keys = _panels_by_network(best)
     fig, axes = _figure(2 * len(keys), ncols=2, size=(4.8, 3.5))
     n = 0
     for row, key in enumerate(keys):
