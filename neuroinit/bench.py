@@ -889,7 +889,7 @@ def format_table(result: dict, *, markdown: bool = False) -> str:
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     env, cal = result["environment"], result["calibration"]
     bw = ", ".join(f"{k} {v:.1f}" for k, v in cal["bandwidth_gbs"].items())
-    lines += ["", f"us/step: median over repeats (IQR: quartiles); x fused: time / neuroinit-fused (ideal); "
+    lines += ["", "us/step: median over repeats (IQR: quartiles); x fused: time / neuroinit-fused (ideal); "
               "roofline: lower bound / measured (bound by memory level or flop); load: background CPU cores busy",
               f"calibration{' (cached)' if cal.get('cached') else ''}: bandwidth GB/s {bw}; matmul "
               f"{cal['matmul_gflops']:.1f} GFLOP/s",
