@@ -36,7 +36,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "supports", "FusedOnline", "library_path", "C_SOURCE"]
+__all__ = ["available", "unavailable_reason", "supports", "FusedOnline", "chunk_steps", "library_path",
+           "C_SOURCE"]
 
 C_SOURCE = r"""/* neuroinit fused online e-prop / RFLO step (float32). One call advances the network by one step and, in one
    pass over every stored eligibility trace, updates the trace and accumulates the gradient.
@@ -55,18 +56,19 @@ enum { Q_PRE_REC = 0, Q_PRE_IN, Q_PRE_BIAS, Q_ELIG_REC, Q_ELIG_IN, Q_ELIG_BIAS, 
 
 typedef struct {
     int64_t model, actfn, B, N, I, O;
-    int64_t reset_zero, n_ref, full, quant, par_work, loss, T;
+    int64_t reset_zero, n_ref, full, quant, par_work, loss, T, rec_pos;
     uint64_t seed;
     float alpha, kappa, v_th, gamma;
     float pd, pg, ed, rd;
     float q_scale[8], q_min[8], q_max[8];
-    float *w_in, *w_rec, *bias, *w_out, *b_out, *fb;
+    float *w_in, *w_rec, *bias, *w_out, *b_out, *fb, *wt_in, *wt_rec;
     float *x, *z, *ref, *y;
-    float *prev, *post, *act, *L, *err, *yout;
+    float *prev, *post, *act, *L, *err, *yout, *drive;
     float *pre_rec, *pre_in, *pre_bias, *elig_rec, *elig_in, *elig_bias, *ro, *ro_bias;
     float *g_in, *g_rec, *g_bias, *g_out, *g_bout;
     float *inputs, *targets, *scale, *outputs;
     int64_t *labels;
+    float *rec_L, *rec_post, *rec_pre, *rec_pre_in, *rec_pre_bias; /* chunk records (K, B, .), or NULL */
 } Run;
 
 /* ---------------------------------------------------------------- stochastic rounding (counter-based RNG) */
@@ -100,118 +102,180 @@ static void quant_vec(const Run *r, int which, float *v, int64_t n) {
     for (int64_t k = 0; k < n; k++) v[k] = sround(v[k], s, lo, hi, unif(key, (uint32_t)k));
 }
 
-/* ---------------------------------------------------------------- activations */
-static inline float act_f(int a, float x) {
-    switch (a) {
-        case TANH: return tanhf(x);
-        case LINEAR: return x;
-        case RELU: return x > 0.0f ? x : 0.0f;
-        default: return x > 20.0f ? x : log1pf(expf(x)); /* softplus, torch's threshold 20 */
-    }
-}
-static inline float act_df(int a, float x) {
-    switch (a) {
-        case TANH: { float t = tanhf(x); return 1.0f - t * t; }
-        case LINEAR: return 1.0f;
-        case RELU: return x > 0.0f ? 1.0f : 0.0f;
-        default: return 1.0f / (1.0f + expf(-x));
-    }
-}
-
-/* Dot products with several independent accumulators (one accumulator chain is FMA-latency bound: ~1/8 of the
-   machine's rate). GCC/Clang vector extensions; -march=native picks the widest registers. */
+/* ---------------------------------------------------------------- vector helpers */
+/* GCC/Clang vector extensions; -march=native picks the widest registers. */
 typedef float v8f __attribute__((vector_size(32)));
 static inline v8f ld8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
-static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline void st8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 += ld8(a + i) * ld8(b + i);
-        s1 += ld8(a + i + 8) * ld8(b + i + 8);
-        s2 += ld8(a + i + 16) * ld8(b + i + 16);
-        s3 += ld8(a + i + 24) * ld8(b + i + 24);
+/* ---------------------------------------------------------------- activations (vectorisable loops) */
+/* expm1 x for |x| <= 20: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 split in a short and a small part),
+   expm1 r by its Taylor polynomial of degree 8 (truncation error r^9 / 9! < 2e-8 |r|), then
+   expm1 x = 2^k expm1 r + (2^k - 1). Branch-free so that loops over it vectorise. */
+static inline float expm1_small(float x) {
+    const float k = floorf(x * 1.44269504f + 0.5f);
+    const float r = (x - k * 0.693145751953125f) - k * 1.42860677e-06f;
+    const float e = r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720
+                    + r * (1.0f / 5040 + r * (1.0f / 40320))))))));
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    return two_k * e + (two_k - 1.0f);
+}
+/* tanh x = expm1(2x) / (expm1(2x) + 2), x clamped to [-9, 9] (tanh 9 rounds to 1 in float32); accurate to a few
+   ulp near 0 as well (no cancellation: expm1, not exp - 1). */
+static inline float tanh_fast(float x) {
+    x = x < -9.0f ? -9.0f : (x > 9.0f ? 9.0f : x);
+    const float y = expm1_small(2.0f * x);
+    return y / (y + 2.0f);
+}
+/* f = act(d), df = act'(d) for n values; f may alias d */
+static void activate(int a, const float *d, float *f, float *df, int64_t n) {
+    switch (a) {
+        case TANH:
+#pragma omp simd
+            for (int64_t k = 0; k < n; k++) { const float t = tanh_fast(d[k]); f[k] = t; df[k] = 1.0f - t * t; }
+            break;
+        case LINEAR:
+            for (int64_t k = 0; k < n; k++) { f[k] = d[k]; df[k] = 1.0f; }
+            break;
+        case RELU:
+#pragma omp simd
+            for (int64_t k = 0; k < n; k++) { const float v = d[k]; f[k] = v > 0.0f ? v : 0.0f; df[k] = v > 0.0f ? 1.0f : 0.0f; }
+            break;
+        default: /* softplus with torch's threshold 20; derivative: the logistic function */
+            for (int64_t k = 0; k < n; k++) {
+                const float v = d[k];
+                f[k] = v > 20.0f ? v : log1pf(expf(v));
+                df[k] = 1.0f / (1.0f + expf(-v));
+            }
     }
+}
+
+/* ---------------------------------------------------------------- products */
+static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline float dot(const float *a, const float *b, int64_t n) {
+    v8f s0 = {0}, s1 = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) { s0 += ld8(a + i) * ld8(b + i); s1 += ld8(a + i + 8) * ld8(b + i + 8); }
     for (; i + 8 <= n; i += 8) s0 += ld8(a + i) * ld8(b + i);
-    float r = hsum8((s0 + s1) + (s2 + s3));
+    float r = hsum8(s0 + s1);
     for (; i < n; i++) r += a[i] * b[i];
     return r;
 }
 
-/* a . b_q for q = 0..3 (b_q = b + q * stride): the row a is read once for four batch elements */
-static inline void dot4(const float *a, const float *b, int64_t stride, int64_t n, float *out) {
-    const float *b0 = b, *b1 = b + stride, *b2 = b + 2 * stride, *b3 = b + 3 * stride;
-    v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        v8f w = ld8(a + i);
-        s0 += w * ld8(b0 + i);
-        s1 += w * ld8(b1 + i);
-        s2 += w * ld8(b2 + i);
-        s3 += w * ld8(b3 + i);
+/* D (B, N) += A (B, K) Wt (K, N), all row-major: register blocks of 4 rows x 16 columns (8 vector
+   accumulators; the K x 16 panel of Wt stays in L1 across the row blocks); a single row splits K four ways
+   instead (one accumulator chain is FMA-latency bound). Column blocks split over threads when par. */
+static void matmul_acc(const float *A, int64_t B, int64_t K, const float *Wt, int64_t N, float *D, int par) {
+    const int64_t nb = N / 16;
+#pragma omp parallel for if (par) schedule(static)
+    for (int64_t jb = 0; jb < nb; jb++) {
+        const int64_t j0 = jb * 16;
+        int64_t b = 0;
+        for (; b + 4 <= B; b += 4) {
+            const float *a0 = A + b * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
+            float *d0 = D + b * N + j0, *d1 = d0 + N, *d2 = d1 + N, *d3 = d2 + N;
+            v8f c00 = ld8(d0), c01 = ld8(d0 + 8), c10 = ld8(d1), c11 = ld8(d1 + 8);
+            v8f c20 = ld8(d2), c21 = ld8(d2 + 8), c30 = ld8(d3), c31 = ld8(d3 + 8);
+            for (int64_t k = 0; k < K; k++) {
+                const v8f w0 = ld8(Wt + k * N + j0), w1 = ld8(Wt + k * N + j0 + 8);
+                c00 += a0[k] * w0; c01 += a0[k] * w1;
+                c10 += a1[k] * w0; c11 += a1[k] * w1;
+                c20 += a2[k] * w0; c21 += a2[k] * w1;
+                c30 += a3[k] * w0; c31 += a3[k] * w1;
+            }
+            st8(d0, c00); st8(d0 + 8, c01); st8(d1, c10); st8(d1 + 8, c11);
+            st8(d2, c20); st8(d2 + 8, c21); st8(d3, c30); st8(d3 + 8, c31);
+        }
+        for (; b < B; b++) {
+            const float *a0 = A + b * K;
+            float *d0 = D + b * N + j0;
+            v8f c0 = ld8(d0), c1 = ld8(d0 + 8), e0 = {0}, e1 = {0}, f0 = {0}, f1 = {0}, g0 = {0}, g1 = {0};
+            int64_t k = 0;
+            for (; k + 4 <= K; k += 4) {
+                const float *w = Wt + k * N + j0;
+                c0 += a0[k] * ld8(w); c1 += a0[k] * ld8(w + 8);
+                e0 += a0[k + 1] * ld8(w + N); e1 += a0[k + 1] * ld8(w + N + 8);
+                f0 += a0[k + 2] * ld8(w + 2 * N); f1 += a0[k + 2] * ld8(w + 2 * N + 8);
+                g0 += a0[k + 3] * ld8(w + 3 * N); g1 += a0[k + 3] * ld8(w + 3 * N + 8);
+            }
+            for (; k < K; k++) { c0 += a0[k] * ld8(Wt + k * N + j0); c1 += a0[k] * ld8(Wt + k * N + j0 + 8); }
+            st8(d0, (c0 + e0) + (f0 + g0)); st8(d0 + 8, (c1 + e1) + (f1 + g1));
+        }
     }
-    float r0 = hsum8(s0), r1 = hsum8(s1), r2 = hsum8(s2), r3 = hsum8(s3);
-    for (; i < n; i++) { r0 += a[i] * b0[i]; r1 += a[i] * b1[i]; r2 += a[i] * b2[i]; r3 += a[i] * b3[i]; }
-    out[0] = r0; out[1] = r1; out[2] = r2; out[3] = r3;
+    for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
+        for (int64_t b = 0; b < B; b++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += A[b * K + k] * Wt[k * N + j];
+            D[b * N + j] += s;
+        }
 }
 
-/* the cell's update of neuron k = b N + j from its total drive d (recurrent + input + bias) */
-static inline void cell_update(Run *r, int64_t k, float d) {
-    const int model = (int)r->model, a = (int)r->actfn;
-    const float al = r->alpha, oma = 1.0f - r->alpha;
-    float *x = r->x;
-    if (model == VOLTAGE) {
-        float xn = oma * x[k] + al * d;
-        x[k] = xn;
-        r->act[k] = act_f(a, xn);
-        r->post[k] = act_df(a, xn);
-    } else if (model == RFLO) {
-        float xn = oma * x[k] + al * act_f(a, d);
-        r->post[k] = al * act_df(a, d);
-        r->act[k] = xn;
-        x[k] = xn; /* prev holds h_{t-1}: safe to overwrite */
-    } else {
-        float vold = x[k], zp = r->prev[k];
-        float reset = r->reset_zero ? zp * (r->alpha * vold) : zp * r->v_th;
-        float v = r->alpha * vold + d - reset;
-        float ps = (r->gamma / r->v_th) * fmaxf(1.0f - fabsf(v - r->v_th) / r->v_th, 0.0f);
-        float zn = v > r->v_th ? 1.0f : 0.0f;
-        if (r->n_ref > 0) {
-            float free_ = r->ref[k] <= 0.0f ? 1.0f : 0.0f;
-            ps *= free_;
-            zn *= free_;
-            r->ref[k] = zn > 0.0f ? (float)r->n_ref : fmaxf(r->ref[k] - 1.0f, 0.0f);
+/* D (B, N) += Z (B, K) Wt (K, N) for sparse Z (spikes): only the rows of Wt whose presynaptic entry is non-zero
+   are added, so the cost follows the number of spikes (event-driven, as on a chip); the same sum as the dense
+   product (zero terms skipped). */
+static void events_acc(const float *Z, int64_t B, int64_t K, const float *Wt, int64_t N, float *D, int par) {
+#pragma omp parallel for if (par) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *d = D + b * N;
+        for (int64_t k = 0; k < K; k++) {
+            const float zk = Z[b * K + k];
+            if (zk == 0.0f) continue;
+            const float *w = Wt + k * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) d[j] += zk * w[j];
         }
-        x[k] = v;
-        r->post[k] = ps;
-        r->act[k] = zn;
-        r->z[k] = zn;
     }
 }
 
 /* ---------------------------------------------------------------- forward: network + presynaptic traces */
 /* Advances the cell state by one step driven by u (B, I); writes y (B, O) to r->yout, the postsynaptic factor
-   to r->post, the presynaptic signal to r->prev and the non-eligibility traces. */
+   to r->post, the presynaptic signal to r->prev and the non-eligibility traces. Voltage form: r->act holds
+   f(x) between steps (fused.py initialises it to f(x_0)). */
 void ni_forward(Run *r, const float *u) {
-    const int64_t B = r->B, N = r->N, I = r->I, O = r->O;
+    const int64_t B = r->B, N = r->N, I = r->I, O = r->O, BN = B * N;
     const int model = (int)r->model, a = (int)r->actfn;
-    float *prev = r->prev, *x = r->x, *act = r->act;
+    const float al = r->alpha, oma = 1.0f - r->alpha;
+    float *prev = r->prev, *x = r->x, *act = r->act, *d = r->drive, *post = r->post;
     /* presynaptic signal of the recurrent weights at this step */
-    for (int64_t k = 0; k < B * N; k++) prev[k] = model == VOLTAGE ? act_f(a, x[k]) : (model == RFLO ? x[k] : r->z[k]);
-    int par = B * N * N >= r->par_work;
-    /* recurrent + input drive */
-#pragma omp parallel for if (par) schedule(dynamic, 4)
-    for (int64_t j = 0; j < N; j++) {
-        const float *wr = r->w_rec + j * N, *wi = r->w_in + j * I;
-        int64_t b = 0;
-        for (; b + 4 <= B; b += 4) {
-            float d4[4];
-            dot4(wr, prev + b * N, N, N, d4);
-            for (int64_t q = 0; q < 4; q++)
-                cell_update(r, (b + q) * N + j, d4[q] + dot(wi, u + (b + q) * I, I) + r->bias[j]);
+    memcpy(prev, model == VOLTAGE ? act : (model == RFLO ? x : r->z), sizeof(float) * BN);
+    /* drive d = prev W_rec^T + u W_in^T + bias */
+    for (int64_t b = 0; b < B; b++) memcpy(d + b * N, r->bias, sizeof(float) * N);
+    const int par = B * N * N >= r->par_work;
+    if (model == LIF) events_acc(prev, B, N, r->wt_rec, N, d, par);
+    else matmul_acc(prev, B, N, r->wt_rec, N, d, par);
+    matmul_acc(u, B, I, r->wt_in, N, d, 0);
+    /* the cells' updates */
+    if (model == VOLTAGE) {
+        for (int64_t k = 0; k < BN; k++) x[k] = oma * x[k] + al * d[k];
+        activate(a, x, act, post, BN);
+    } else if (model == RFLO) {
+        activate(a, d, d, post, BN);
+        for (int64_t k = 0; k < BN; k++) { x[k] = oma * x[k] + al * d[k]; act[k] = x[k]; post[k] *= al; }
+    } else {
+        const float th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
+        const int zero = (int)r->reset_zero, refr = r->n_ref > 0;
+        float *z = r->z, *ref = r->ref;
+#pragma omp simd
+        for (int64_t k = 0; k < BN; k++) {
+            const float vold = x[k], zp = prev[k];
+            const float reset = zero ? zp * (al * vold) : zp * th;
+            const float v = al * vold + d[k] - reset;
+            const float dv = v > th ? v - th : th - v, tri = 1.0f - dv / th; /* no libm calls: vectorises */
+            float ps = gs * (tri > 0.0f ? tri : 0.0f);
+            float zn = v > th ? 1.0f : 0.0f;
+            if (refr) {
+                const float free_ = ref[k] <= 0.0f ? 1.0f : 0.0f;
+                ps *= free_;
+                zn *= free_;
+                ref[k] = zn > 0.0f ? nref : (ref[k] > 1.0f ? ref[k] - 1.0f : 0.0f);
+            }
+            x[k] = v;
+            post[k] = ps;
+            act[k] = zn;
+            z[k] = zn;
         }
-        for (; b < B; b++) cell_update(r, b * N + j, dot(wr, prev + b * N, N) + dot(wi, u + b * I, I) + r->bias[j]);
     }
     /* readout */
     for (int64_t b = 0; b < B; b++)
@@ -222,10 +286,10 @@ void ni_forward(Run *r, const float *u) {
         }
     /* presynaptic and readout traces (O(B N)) */
     const float pd = r->pd, pg = r->pg, rd = r->rd;
-    for (int64_t k = 0; k < B * N; k++) r->pre_rec[k] = pd * r->pre_rec[k] + pg * prev[k];
+    for (int64_t k = 0; k < BN; k++) r->pre_rec[k] = pd * r->pre_rec[k] + pg * prev[k];
     for (int64_t k = 0; k < B * I; k++) r->pre_in[k] = pd * r->pre_in[k] + pg * u[k];
     for (int64_t b = 0; b < B; b++) r->pre_bias[b] = pd * r->pre_bias[b] + pg;
-    for (int64_t k = 0; k < B * N; k++) r->ro[k] = rd * r->ro[k] + act[k];
+    for (int64_t k = 0; k < BN; k++) r->ro[k] = rd * r->ro[k] + act[k];
     for (int64_t b = 0; b < B; b++) r->ro_bias[b] = rd * r->ro_bias[b] + 1.0f;
     quant_vec(r, Q_PRE_REC, r->pre_rec, B * N);
     quant_vec(r, Q_PRE_IN, r->pre_in, B * I);
@@ -247,7 +311,16 @@ void ni_update(Run *r) {
             L[b * N + j] = s;
         }
     const int par = B * N * (N + I) >= r->par_work;
-    if (!r->full) {
+    if (r->rec_L && !r->quant) {
+        /* chunked exact update (ni_chunk_prepare + GEMMs in fused.py): record this step's factors, touch no
+           eligibility trace */
+        const int64_t s = r->rec_pos++;
+        memcpy(r->rec_L + s * B * N, L, sizeof(float) * B * N);
+        memcpy(r->rec_post + s * B * N, r->post, sizeof(float) * B * N);
+        memcpy(r->rec_pre + s * B * N, r->pre_rec, sizeof(float) * B * N);
+        memcpy(r->rec_pre_in + s * B * I, r->pre_in, sizeof(float) * B * I);
+        memcpy(r->rec_pre_bias + s * B, r->pre_bias, sizeof(float) * B);
+    } else if (!r->full) {
         /* factorised: e = post (x) pre, never stored */
         float *lp = r->post; /* becomes L * post: post is not needed after this step */
         for (int64_t k = 0; k < B * N; k++) lp[k] = L[k] * lp[k];
@@ -380,6 +453,30 @@ void ni_run(Run *r, int64_t t0, int64_t t1) {
     }
 }
 
+/* Chunked exact update, step 1 of 2 (step 2: GEMMs in fused.py). Over the K = rec_pos recorded steps of a chunk
+   that starts from the trace e0 (decay ed), the gradient and the trace at the chunk's end are
+       sum_s L_s e_s = sum_s (Lf_s * post_s) (x) pre_s + c * e0,   Lf_s = sum_{t >= s} ed^(t - s) L_t,  c = ed Lf_0
+       e_K = ed^K e0 + sum_s ed^(K - 1 - s) post_s (x) pre_s
+   (e_s = ed^(s + 1) e0 + sum_{q <= s} ed^(s - q) post_q (x) pre_q, summed by parts). In place: rec_L becomes
+   Lf * post, rec_post becomes ed^(K - 1 - s) post; c (B, N) receives ed Lf_0. */
+void ni_chunk_prepare(Run *r, float *c) {
+    const int64_t n = r->B * r->N, K = r->rec_pos;
+    const float ed = r->ed;
+    float w = 1.0f;
+    for (int64_t k = 0; k < n; k++) c[k] = 0.0f; /* running Lf */
+    for (int64_t s = K - 1; s >= 0; s--) {
+        float *L = r->rec_L + s * n, *p = r->rec_post + s * n;
+        for (int64_t k = 0; k < n; k++) {
+            const float lf = L[k] + ed * c[k];
+            c[k] = lf;
+            L[k] = lf * p[k];
+            p[k] *= w;
+        }
+        w *= ed;
+    }
+    for (int64_t k = 0; k < n; k++) c[k] *= ed;
+}
+
 /* Memory bandwidth probe for the roofline (neuroinit.bench): ``reps`` in-place passes a <- c a + d over n floats,
    the access pattern of a trace update (read + write each element once per pass). */
 void ni_stream(float *a, int64_t n, int64_t reps) {
@@ -396,9 +493,10 @@ _MODELS = {"voltage": 0, "rate": 1, "lif": 2}
 _ACTS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
 _LOSSES = {"mse": 1, "ce": 2}
 _QUANT_NAMES = ("pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "readout", "readout_bias")
-_PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "x", "z", "ref", "y", "prev", "post", "act", "L",
-         "err", "yout", "pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "ro", "ro_bias",
-         "g_in", "g_rec", "g_bias", "g_out", "g_bout", "inputs", "targets", "scale", "outputs", "labels")
+_PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "wt_in", "wt_rec", "x", "z", "ref", "y", "prev",
+         "post", "act", "L", "err", "yout", "drive", "pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "ro", "ro_bias",
+         "g_in", "g_rec", "g_bias", "g_out", "g_bout", "inputs", "targets", "scale", "outputs", "labels",
+         "rec_L", "rec_post", "rec_pre", "rec_pre_in", "rec_pre_bias")
 # below this many multiply-adds per loop a step stays on one thread: a parallel loop ends in a barrier, which costs
 # ~1-5 us on a quiet machine but up to a scheduler time slice (ms) when the other core is busy (measured: LIF
 # N=64, B=16 at 49 us/step on one thread, 2349 us on two threads next to other work)
@@ -407,7 +505,7 @@ PAR_WORK = 1 << 20
 
 class _Run(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "B", "N", "I", "O", "reset_zero", "n_ref",
-                                               "full", "quant", "par_work", "loss", "T")]
+                                               "full", "quant", "par_work", "loss", "T", "rec_pos")]
                 + [("seed", ctypes.c_uint64)]
                 + [(n, ctypes.c_float) for n in ("alpha", "kappa", "v_th", "gamma", "pd", "pg", "ed", "rd")]
                 + [(n, ctypes.c_float * 8) for n in ("q_scale", "q_min", "q_max")]
@@ -476,6 +574,8 @@ def _build() -> ctypes.CDLL:
     lib.ni_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.ni_update.argtypes = [ctypes.c_void_p]
     lib.ni_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.ni_chunk_prepare.restype = None
+    lib.ni_chunk_prepare.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.ni_abi.restype = ctypes.c_int
     lib.ni_stream.restype = None
     lib.ni_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
@@ -567,23 +667,17 @@ class FusedOnline:
         model, actfn = _cell_code(cell)
         spec = cell.trace_spec()
         b, n, i, o = batch_size, cell.n_hidden, cell.n_in, cell.n_out
-        f32 = dict(dtype=torch.float32)
-        zeros = lambda *s: torch.zeros(*s, **f32)  # noqa: E731
+        empty = lambda *s: torch.empty(*s, dtype=torch.float32)  # noqa: E731
         self.full = spec.elig_decay != 0.0
         self.model = model
         self.buf = {
-            "x": zeros(b, n), "z": zeros(b, n), "ref": zeros(b, n), "y": zeros(b, o),
-            "prev": zeros(b, n), "post": zeros(b, n), "act": zeros(b, n), "L": zeros(b, n),
-            "err": zeros(b, o), "yout": zeros(b, o),
-            "pre_rec": zeros(b, n), "pre_in": zeros(b, i), "pre_bias": zeros(b, 1),
-            "elig_rec": zeros(b, n, n) if self.full else None, "elig_in": zeros(b, n, i) if self.full else None,
-            "elig_bias": zeros(b, n) if self.full else None, "ro": zeros(b, n), "ro_bias": zeros(b, 1),
+            "x": empty(b, n), "z": empty(b, n), "ref": empty(b, n), "y": empty(b, o),
+            "prev": empty(b, n), "post": empty(b, n), "act": empty(b, n), "L": empty(b, n),
+            "err": empty(b, o), "yout": empty(b, o), "drive": empty(b, n),
+            "pre_rec": empty(b, n), "pre_in": empty(b, i), "pre_bias": empty(b, 1),
+            "elig_rec": empty(b, n, n) if self.full else None, "elig_in": empty(b, n, i) if self.full else None,
+            "elig_bias": empty(b, n) if self.full else None, "ro": empty(b, n), "ro_bias": empty(b, 1),
         }
-        for name in ("w_in", "w_rec", "bias", "w_out", "b_out"):
-            g = grads[name]
-            if g.dtype != torch.float32 or not g.is_contiguous():
-                raise ValueError(f"Invalid gradient buffer {name}: needs a contiguous float32 tensor")
-        self.grads = grads
         r = _Run()
         r.model, r.actfn, r.B, r.N, r.I, r.O = model, actfn, b, n, i, o
         r.full, r.par_work = int(self.full), PAR_WORK
@@ -603,13 +697,47 @@ class FusedOnline:
         self.run_struct = r
         for name, t in self.buf.items():
             setattr(r, name, _ptr(t))
+        self._feedback = feedback
+        self._ref = ctypes.byref(r)
+        # what a later run may reuse these buffers for (:meth:`matches`)
+        self._key = (id(cell), b, id(feedback), id(quantiser), tuple(spec), repr(sorted(cell.config().items())))
+        # chunked exact update (float traces, whole runs): records, the chunk waiting to enter the full traces
+        self._rec: dict[str, torch.Tensor] | None = None
+        self.reset(params, grads)
+        self._write_zero_traces()  # touched once: the memory a run holds does not depend on its length
+
+    def matches(self, cell, batch_size: int, *, feedback=None, quantiser=None) -> bool:
+        """Whether a new run of ``cell`` can reuse these buffers (same cell, batch, feedback and quantiser)."""
+        key = (id(cell), batch_size, id(feedback), id(quantiser), tuple(cell.trace_spec()),
+               repr(sorted(cell.config().items())))
+        return key == self._key and cell is self.cell
+
+    def reset(self, params, grads: dict[str, torch.Tensor]) -> None:
+        """Start a new run: zero state and traces, accumulate into ``grads``, compute with ``params``.
+        Buffers are reused (allocating and first touching them costs more than a short trial's arithmetic)."""
+        for name in ("w_in", "w_rec", "bias", "w_out", "b_out"):
+            g = grads[name]
+            if g.dtype != torch.float32 or not g.is_contiguous():
+                raise ValueError(f"Invalid gradient buffer {name}: needs a contiguous float32 tensor")
+        self.grads = grads
         for name, pname in (("g_in", "w_in"), ("g_rec", "w_rec"), ("g_bias", "bias"), ("g_out", "w_out"),
                             ("g_bout", "b_out")):
-            setattr(r, name, grads[pname].data_ptr())
-        self._feedback = feedback
+            setattr(self.run_struct, name, grads[pname].data_ptr())
+        for name, t in self.buf.items():
+            if t is not None and not name.startswith("elig"):
+                t.zero_()
+        if self.model == _MODELS["voltage"]:  # the kernel keeps act = f(x) between steps
+            self.buf["act"].copy_(self.cell.activation.f(self.buf["x"]))
+        self._elig_zero = True  # the full traces are zero; their buffers are written when first needed
+        self._pending = 0
+        self.run_struct.rec_pos = 0
         self.set_params(params)
-        self._ref = ctypes.byref(r)
-        self._step_inputs: torch.Tensor | None = None
+
+    def _write_zero_traces(self) -> None:
+        if self._elig_zero and self.full:
+            for name in ("elig_rec", "elig_in", "elig_bias"):
+                self.buf[name].zero_()
+        self._elig_zero = False
 
     # -------------------------------------------------------------- parameters and state
     def set_params(self, params) -> None:
@@ -618,6 +746,9 @@ class FusedOnline:
                                                                                "b_out")}
         self._params["fb"] = (self._params["w_out"] if self._feedback is None
                               else self._feedback.detach().contiguous())
+        # the forward product reads the transposed matrices (row k: what presynaptic k sends to every neuron)
+        self._params["wt_rec"] = self._params["w_rec"].T.contiguous()
+        self._params["wt_in"] = self._params["w_in"].T.contiguous()
         for name, t in self._params.items():
             setattr(self.run_struct, name, t.data_ptr())
 
@@ -635,6 +766,8 @@ class FusedOnline:
         """The traces as :class:`~neuroinit.learning.online.Traces`, viewing the fused buffers."""
         from neuroinit.learning.online import Traces
 
+        self._materialise()
+        self._write_zero_traces()
         bf = self.buf
         return Traces(bf["pre_rec"], bf["pre_in"], bf["pre_bias"], bf["elig_rec"], bf["elig_in"], bf["elig_bias"],
                       bf["ro"], bf["ro_bias"])
@@ -642,7 +775,8 @@ class FusedOnline:
     def state_bytes(self) -> int:
         """Bytes held across steps (state, traces, scratch, gradient accumulators): independent of T."""
         return sum(t.numel() * 4 for t in self.buf.values() if t is not None) + \
-            sum(g.numel() * 4 for g in self.grads.values())
+            sum(g.numel() * 4 for g in self.grads.values()) + \
+            sum(t.numel() * 4 for t in (self._rec or {}).values())
 
     def _reseed(self) -> None:
         if self.quantised:
@@ -652,6 +786,8 @@ class FusedOnline:
     def step(self, u: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One step driven by ``u`` (B, I); ``error(y)`` gives d loss / d y (B, O). Returns y (a new tensor)."""
         u = u.detach().to(torch.float32).contiguous()
+        self._materialise()
+        self._write_zero_traces()
         self._reseed()
         self.lib.ni_forward(self._ref, u.data_ptr())
         y = self.buf["yout"].clone()
@@ -677,14 +813,95 @@ class FusedOnline:
         r.loss, r.T = _LOSSES[loss], t_len
         r.inputs, r.scale, r.outputs = inputs.data_ptr(), scale.data_ptr(), outputs.data_ptr()
         r.targets, r.labels = _ptr(targets), _ptr(labels)
-        self._reseed()
-        self.lib.ni_run(self._ref, t0, t1)
         self._keep = keep  # keep the buffers alive while the struct points at them
+        if self.quantised:  # chip precision: every trace rounded at every step, by the per-step kernel
+            self._write_zero_traces()
+            self._reseed()
+            self.lib.ni_run(self._ref, t0, t1)
+            return
+        cap = self._records()
+        self._set_records(True)
+        try:
+            for a in range(t0, t1, cap):
+                self._materialise()
+                self.lib.ni_run(self._ref, a, min(a + cap, t1))
+                self._flush_chunk()
+        finally:
+            self._set_records(False)  # single steps update the traces themselves
+
+    # -------------------------------------------------------------- chunked exact update (float traces)
+    def _records(self) -> int:
+        """Allocates the chunk records once; returns their capacity in steps."""
+        if self._rec is None:
+            b, n, i = (int(getattr(self.run_struct, k)) for k in ("B", "N", "I"))
+            cap = chunk_steps(n, i, self.full)
+            self._rec = {"rec_L": torch.empty(cap, b, n), "rec_post": torch.empty(cap, b, n),
+                         "rec_pre": torch.empty(cap, b, n), "rec_pre_in": torch.empty(cap, b, i),
+                         "rec_pre_bias": torch.empty(cap, b, 1), "c": torch.empty(b, n)}
+        return self._rec["rec_L"].shape[0]
+
+    def _set_records(self, on: bool) -> None:
+        for name in ("rec_L", "rec_post", "rec_pre", "rec_pre_in", "rec_pre_bias"):
+            setattr(self.run_struct, name, self._rec[name].data_ptr() if on else None)
+
+    def _flush_chunk(self) -> None:
+        """Adds the gradient of the recorded chunk (``ni_chunk_prepare``'s equations) by three GEMMs; full
+        traces are brought to the chunk's end lazily (:meth:`_materialise`), only if anything needs them."""
+        k = int(self.run_struct.rec_pos)
+        if k == 0:
+            return
+        rec, g = self._rec, self.grads
+        self.lib.ni_chunk_prepare(self._ref, rec["c"].data_ptr())
+        n = rec["rec_L"].shape[2]
+        a = rec["rec_L"][:k].view(-1, n)  # (K B, N): Lf * post
+        g["w_rec"].addmm_(a.T, rec["rec_pre"][:k].view(-1, n))
+        g["w_in"].addmm_(a.T, rec["rec_pre_in"][:k].view(-1, rec["rec_pre_in"].shape[2]))
+        g["bias"].addmv_(a.T, rec["rec_pre_bias"][:k].view(-1))
+        if not self.full:
+            self.run_struct.rec_pos = 0
+            return
+        if not self._elig_zero:  # the chunk's first trace, decayed into every step of the chunk
+            c, bf = rec["c"], self.buf
+            g["w_rec"].add_(torch.einsum("bj,bji->ji", c, bf["elig_rec"]))
+            g["w_in"].add_(torch.einsum("bj,bji->ji", c, bf["elig_in"]))
+            g["bias"].add_((c * bf["elig_bias"]).sum(0))
+        self._pending = k
+
+    def _materialise(self) -> None:
+        """Brings the full eligibility traces to the end of the last flushed chunk: ``e <- ed^K e + sum_s
+        ed^(K - 1 - s) post_s (x) pre_s`` (batched GEMMs)."""
+        k = self._pending
+        if not k:
+            return
+        rec, bf = self._rec, self.buf
+        beta = 0.0 if self._elig_zero else float(self.run_struct.ed) ** k  # beta 0: the old buffer is ignored
+        post = rec["rec_post"][:k].permute(1, 2, 0)  # (B, N, K), already weighted by ed^(K - 1 - s)
+        bf["elig_rec"].baddbmm_(post, rec["rec_pre"][:k].transpose(0, 1), beta=beta)
+        bf["elig_in"].baddbmm_(post, rec["rec_pre_in"][:k].transpose(0, 1), beta=beta)
+        bias_part = torch.bmm(post, rec["rec_pre_bias"][:k].transpose(0, 1)).squeeze(2)
+        if self._elig_zero:
+            bf["elig_bias"].copy_(bias_part)
+        else:
+            bf["elig_bias"].mul_(beta).add_(bias_part)
+        self._pending = 0
+        self._elig_zero = False
+        self.run_struct.rec_pos = 0
 
 
-def attach(rule, batch_size: int) -> FusedOnline | None:
+def chunk_steps(n_hidden: int, n_in: int, full: bool) -> int:
+    """Steps per chunk of the chunked exact update. Factorised rules: 64 (GEMMs over 64 B rows run near the
+    matmul rate). Full traces: records up to twice the size of the traces themselves (~2 N / 3 steps, 32..512),
+    so that most trials fit one chunk and their traces are never materialised, while memory stays independent
+    of T."""
+    if not full:
+        return 64
+    return max(32, min(512, 2 * n_hidden * (n_hidden + n_in + 1) // (3 * n_hidden + n_in + 1)))
+
+
+def attach(rule, batch_size: int, *, reuse: FusedOnline | None = None) -> FusedOnline | None:
     """A :class:`FusedOnline` for ``rule`` (an ``OnlineEprop`` just started), or None where the fused step does
-    not apply: ``rule.fast == "auto"`` also declines chip-precision traces (their random draws would differ)."""
+    not apply: ``rule.fast == "auto"`` also declines chip-precision traces (their random draws would differ).
+    ``reuse``: the rule's previous one, reset and returned where it fits."""
     quantiser = rule.trace_quantiser
     if rule.fast == "auto" and quantiser is not None:
         return None
@@ -692,6 +909,9 @@ def attach(rule, batch_size: int) -> FusedOnline | None:
         return None
     if any(g.dtype != torch.float32 or not g.is_contiguous() for g in rule._grads.values()):
         return None
+    if reuse is not None and reuse.matches(rule.cell, batch_size, feedback=rule.feedback, quantiser=quantiser):
+        reuse.reset(rule._params, rule._grads)
+        return reuse
     return FusedOnline(rule.cell, rule._params, batch_size, rule._grads, feedback=rule.feedback,
                        quantiser=quantiser, generator=getattr(rule, "generator", None))
 
@@ -705,7 +925,7 @@ def backward(rule, batch, task, *, optimizer=None, apply_every: int | None = Non
     if task.loss_kind not in _LOSSES:
         return None
     n_steps, batch_size = batch.inputs.shape[:2]
-    rule.start(batch_size)
+    rule._begin(batch_size)  # start() without handing out the state (which would write the zero full traces)
     fz = rule._fused
     if fz is None or batch.inputs.device.type != "cpu":
         return None

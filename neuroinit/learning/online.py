@@ -128,19 +128,26 @@ class OnlineEprop(LearningRule):
 
     # ------------------------------------------------------------------ step by step
     def start(self, batch_size: int) -> OnlineState:
+        """Begin a run of ``batch_size`` sequences: zero state, traces and accumulated gradient. (The fast path
+        reuses the previous run's buffers: a state returned by an earlier ``start`` is reset too.)"""
+        self._begin(batch_size)
+        if self._fused is not None:  # --- fast path (neuroinit.learning.fused) ---
+            return OnlineState(self._fused.cell_state(), self._fused.traces())
+        cell = self.cell
+        return OnlineState(cell.init_state(batch_size),
+                           init_traces(self.spec, batch_size, cell.n_in, cell.n_hidden, like=cell.w_rec.detach()))
+
+    def _begin(self, batch_size: int) -> None:
+        """Everything :meth:`start` does except building the state to hand out."""
         cell = self.cell
         self._params = cell.params()
         self._grads = {n: torch.zeros_like(getattr(cell, n)) for n in PARAM_NAMES}
         # --- fast path (neuroinit.learning.fused) ---
-        self._fused = None
+        previous, self._fused = self._fused, None
         if self.fast:
             from neuroinit.learning import fused
 
-            self._fused = fused.attach(self, batch_size)
-            if self._fused is not None:
-                return OnlineState(self._fused.cell_state(), self._fused.traces())
-        return OnlineState(cell.init_state(batch_size),
-                           init_traces(self.spec, batch_size, cell.n_in, cell.n_hidden, like=cell.w_rec.detach()))
+            self._fused = fused.attach(self, batch_size, reuse=previous)
 
     @property
     def uses_fast_path(self) -> bool:
