@@ -69,7 +69,8 @@ def _stepwise(rule: OnlineEprop, batch: Batch, task: Task) -> torch.Tensor:
 
 CASES = [("rate", {"form": "voltage"}), ("rate", {"form": "rate"}), ("rate", {"form": "voltage", "activation":
          "softplus"}), ("rate", {"form": "rate", "activation": "relu"}), ("lif", {}), ("lif", {"reset": "zero"}),
-         ("lif", {"n_refractory": 2})]
+         ("lif", {"n_refractory": 2}), ("rate", {"form": "voltage", "n": 40, "b": 16}),
+         ("lif", {"n": 70, "b": 6})]
 
 
 @pytest.mark.parametrize("model,kw", CASES)
@@ -197,13 +198,15 @@ def test_supports_names_the_reason():
 
 
 @pytest.mark.parametrize("model,form,kw", [("lif", "voltage", {}), ("rate", "rate", {}),
-                                           ("rate", "voltage", {"activation": "softplus"})])
+                                           ("rate", "voltage", {"activation": "softplus"}),
+                                           ("rate", "voltage", {"n": 40, "b": 16})])
 def test_chunked_update_across_chunk_boundaries_equals_plain_step(monkeypatch, model, form, kw):
-    # chunks of 4 steps over 25 steps: the full traces are carried across six chunk boundaries
+    # chunks of 4 steps over 25 steps: the full traces are carried across six chunk boundaries. n = 40, b = 16:
+    # the forward product's blocks of 6 and 4 rows, 16-column panels and the 8 remaining columns
     monkeypatch.setattr(fused, "chunk_steps", lambda n, i, full: 4)
     cell, batch, task = _setup(model, form=form, **kw)
     plain = OnlineEprop(cell, fast=False)
-    st = plain.start(3)
+    st = plain.start(batch.inputs.shape[1])
     ys = []
     for t, u in enumerate(batch.inputs):
         y, st = plain.step(st, u, lambda y_t, t=t: task.output_error(y_t, batch, t))

@@ -1,23 +1,36 @@
-"""Fused online e-prop / RFLO step: one native call per step (or per whole trial) on the CPU, float32.
+"""Fused online e-prop / RFLO: one native call per step (or per whole trial) on the CPU, float32.
 
 The plain step (:meth:`neuroinit.learning.online.OnlineEprop.step`) costs ~15 eager PyTorch ops (2-3 us each) and
-passes over every ``B x N x N`` eligibility trace three times (decay, add, gradient einsum). The fused step does
-the network step, the traces and the gradient accumulation in one native function, and updates each stored trace
-and accumulates its gradient in a single pass (read + write the trace once per step: the memory roofline of
-RFLO and LIF e-prop).
+passes over every ``B x N x N`` eligibility trace three times (decay, add, gradient einsum). Here a small C
+library does the network step (the forward product in registers, event-driven for spikes), the presynaptic and
+readout traces and the learning signal in one native call per step, and the weight gradient is summed in one
+of two ways:
 
-Route (measured on the project's 2-core machine; ``benchmarks/README.md``): a small C file compiled at first use
-with the machine's C compiler (``cc -O3 -march=native -fopenmp``, ~1-3 s, cached per source/compiler/CPU under
+* **chunked exact update** (float traces, whole trials: :meth:`FusedOnline.run`). The steps of a chunk record
+  their learning signal ``L``, postsynaptic factor and presynaptic traces; at the chunk's end the gradient of
+  every step of the chunk is one GEMM over the chunk's ``K B`` rows (``ni_chunk_prepare`` has the equations:
+  the eligibility trace's decay is moved onto the learning signal, filtered backwards inside the chunk), and
+  full traces are carried to the next chunk by a batched GEMM, only when the trial is longer than a chunk or
+  the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums reordered), at
+  the matmul rate instead of the memory bandwidth of a per-step trace pass; memory stays independent of T
+  (the records hold :func:`chunk_steps` steps).
+* **per-step traces** (single :meth:`FusedOnline.step` calls, and chip-precision traces, which are rounded at
+  every step): each stored trace is updated and its gradient accumulated in one pass.
+
+Route (measured on the project's 2-core machine; ``benchmarks/README.md``): a C file compiled at first use with
+the machine's C compiler (``cc -O3 -march=native -fopenmp``, ~1-3 s, cached per source/compiler/CPU under
 ``$NEUROINIT_CACHE`` or ``~/.cache/neuroinit``) and called through :mod:`ctypes` with one pointer to a struct of
-buffers. No new Python dependency; torch's own OpenMP runtime is shared (same soname), so the two thread pools
-do not fight. Where no compiler is found, or for float64, CUDA tensors or cells it does not know, callers fall
-back to the PyTorch path (:func:`available`, :func:`supports`), which gives the same results.
+buffers; the chunk GEMMs are torch's. No new Python dependency; torch's own OpenMP runtime is shared (same
+soname), so the two thread pools do not fight. Where no compiler is found, or for float64, CUDA tensors or cells
+it does not know, callers fall back to the PyTorch path (:func:`available`, :func:`supports`), which gives the
+same results.
 
 Semantics equal :func:`neuroinit.learning.online.trace_step` + the gradient accumulation of
 ``OnlineEprop.step`` (tests: ``tests/test_fused.py``, to 1e-6 in float32). Traces held at chip precision
 (``make_trace_quantiser``) use stochastic rounding with an in-kernel counter-based generator seeded from the
 rule's ``torch.Generator`` once per step: the same distribution as the PyTorch path, not the same draws.
-The fused state is updated in place: a state handed to a step is consumed by it.
+The fused state is updated in place: a state handed to a step is consumed by it, and a new run reuses the
+previous run's buffers.
 """
 
 from __future__ import annotations
@@ -39,9 +52,9 @@ import torch
 __all__ = ["available", "unavailable_reason", "supports", "FusedOnline", "chunk_steps", "library_path",
            "C_SOURCE"]
 
-C_SOURCE = r"""/* neuroinit fused online e-prop / RFLO step (float32). One call advances the network by one step and, in one
-   pass over every stored eligibility trace, updates the trace and accumulates the gradient.
-   Mirrors neuroinit.learning.online.trace_step + OnlineEprop.step; see neuroinit/learning/fused.py. */
+C_SOURCE = r"""/* neuroinit fused online e-prop / RFLO (float32): the network step, presynaptic and readout
+   traces and learning signal in one call per step; the eligibility traces either updated per step (one pass that
+   also accumulates the gradient) or recorded for the chunked exact update. See neuroinit/learning/fused.py. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -61,14 +74,16 @@ typedef struct {
     float alpha, kappa, v_th, gamma;
     float pd, pg, ed, rd;
     float q_scale[8], q_min[8], q_max[8];
-    float *w_in, *w_rec, *bias, *w_out, *b_out, *fb, *wt_in, *wt_rec;
+    float *w_in, *w_rec, *bias, *w_out, *b_out, *fb, *wt_in, *wt_rec, *wp_in, *wp_rec;
     float *x, *z, *ref, *y;
-    float *prev, *post, *act, *L, *err, *yout, *drive;
+    float *post, *act, *L, *err, *yout, *drive;
     float *pre_rec, *pre_in, *pre_bias, *elig_rec, *elig_in, *elig_bias, *ro, *ro_bias;
     float *g_in, *g_rec, *g_bias, *g_out, *g_bout;
     float *inputs, *targets, *scale, *outputs;
-    int64_t *labels;
-    float *rec_L, *rec_post, *rec_pre, *rec_pre_in, *rec_pre_bias; /* chunk records (K, B, .), or NULL */
+    int64_t *labels, *events;
+    float *rec_L, *rec_post, *rec_pre, *rec_pre_in; /* chunk records (K, B, .), or NULL; rec_pre_in: (K, B, I + 1),
+                                                    the input traces then the bias trace */
+    float *pre_src; /* where the presynaptic trace's previous value is read (NULL: pre_rec) */
 } Run;
 
 /* ---------------------------------------------------------------- stochastic rounding (counter-based RNG) */
@@ -141,7 +156,11 @@ static void activate(int a, const float *d, float *f, float *df, int64_t n) {
             break;
         case RELU:
 #pragma omp simd
-            for (int64_t k = 0; k < n; k++) { const float v = d[k]; f[k] = v > 0.0f ? v : 0.0f; df[k] = v > 0.0f ? 1.0f : 0.0f; }
+            for (int64_t k = 0; k < n; k++) {
+                const float v = d[k];
+                f[k] = v > 0.0f ? v : 0.0f;
+                df[k] = v > 0.0f ? 1.0f : 0.0f;
+            }
             break;
         default: /* softplus with torch's threshold 20; derivative: the logistic function */
             for (int64_t k = 0; k < n; k++) {
@@ -164,88 +183,127 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return r;
 }
 
-/* D (B, N) += A (B, K) Wt (K, N), all row-major: register blocks of 4 rows x 16 columns (8 vector
-   accumulators; the K x 16 panel of Wt stays in L1 across the row blocks); a single row splits K four ways
-   instead (one accumulator chain is FMA-latency bound). Column blocks split over threads when par. */
-static void matmul_acc(const float *A, int64_t B, int64_t K, const float *Wt, int64_t N, float *D, int par) {
-    const int64_t nb = N / 16;
+/* The forward product: the drive of every neuron, D (B, N) = bias + A (B, K) Wt (K, N) + U (B, I) Wti (I, N), all
+   row-major (Wt, Wti: the transposed weight matrices, row k = what presynaptic k sends to every neuron). */
+
+/* R rows x 16 columns of D in 2 R vector registers (R = 6 or 4: 2 loads + R broadcasts per 2 R FMAs). P, Pi: the
+   column block's K x 16 and I x 16 panels of Wt and Wti, packed contiguously (fused.py), so that the panel stays in
+   L1 across row blocks (rows of Wt 4 KB apart would all fall into a few L1 sets). R is a constant after inlining,
+   so the q loops unroll. */
+static inline __attribute__((always_inline)) void drive_rows(const int R, const float *A, int64_t K, const float *P,
+        const float *U, int64_t I, const float *Pi, const float *bias, int64_t N, int64_t j0, float *D) {
+    v8f c[6][2];
+    const v8f b0 = ld8(bias + j0), b1 = ld8(bias + j0 + 8);
+    for (int q = 0; q < R; q++) { c[q][0] = b0; c[q][1] = b1; }
+    for (int64_t k = 0; k < K; k++) {
+        const v8f w0 = ld8(P + 16 * k), w1 = ld8(P + 16 * k + 8);
+        for (int q = 0; q < R; q++) { const float a = A[q * K + k]; c[q][0] += a * w0; c[q][1] += a * w1; }
+    }
+    for (int64_t k = 0; k < I; k++) {
+        const v8f w0 = ld8(Pi + 16 * k), w1 = ld8(Pi + 16 * k + 8);
+        for (int q = 0; q < R; q++) { const float a = U[q * I + k]; c[q][0] += a * w0; c[q][1] += a * w1; }
+    }
+    for (int q = 0; q < R; q++) { st8(D + q * N + j0, c[q][0]); st8(D + q * N + j0 + 8, c[q][1]); }
+}
+
+/* one row x 16 columns: K split four ways (a single accumulator chain is FMA-latency bound) */
+static void drive_row(const float *a, int64_t K, const float *P, const float *u, int64_t I, const float *Pi,
+                      const float *bias, int64_t j0, float *d) {
+    v8f c[4][2] = {{{0}}};
+    c[0][0] = ld8(bias + j0); c[0][1] = ld8(bias + j0 + 8);
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4)
+        for (int q = 0; q < 4; q++) {
+            const float *w = P + 16 * (k + q);
+            c[q][0] += a[k + q] * ld8(w); c[q][1] += a[k + q] * ld8(w + 8);
+        }
+    for (; k < K; k++) { c[0][0] += a[k] * ld8(P + 16 * k); c[0][1] += a[k] * ld8(P + 16 * k + 8); }
+    for (k = 0; k < I; k++) { c[1][0] += u[k] * ld8(Pi + 16 * k); c[1][1] += u[k] * ld8(Pi + 16 * k + 8); }
+    st8(d + j0, (c[0][0] + c[1][0]) + (c[2][0] + c[3][0]));
+    st8(d + j0 + 8, (c[0][1] + c[1][1]) + (c[2][1] + c[3][1]));
+}
+
+/* Wp, Wpi: Wt and Wti packed by 16-column blocks (block jb: K x 16, then I x 16, contiguous) */
+static void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
+                        int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
+                        int par) {
+    /* rows in blocks of 6, then 4 (a remainder of 2 turns one block of 6 into two of 4), then single rows */
+    const int64_t b6 = 6 * (B / 6 - (B % 6 == 2 && B >= 8)), nb = N / 16;
 #pragma omp parallel for if (par) schedule(static)
     for (int64_t jb = 0; jb < nb; jb++) {
         const int64_t j0 = jb * 16;
+        const float *P = Wp + jb * K * 16, *Pi = Wpi + jb * I * 16;
         int64_t b = 0;
-        for (; b + 4 <= B; b += 4) {
-            const float *a0 = A + b * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
-            float *d0 = D + b * N + j0, *d1 = d0 + N, *d2 = d1 + N, *d3 = d2 + N;
-            v8f c00 = ld8(d0), c01 = ld8(d0 + 8), c10 = ld8(d1), c11 = ld8(d1 + 8);
-            v8f c20 = ld8(d2), c21 = ld8(d2 + 8), c30 = ld8(d3), c31 = ld8(d3 + 8);
-            for (int64_t k = 0; k < K; k++) {
-                const v8f w0 = ld8(Wt + k * N + j0), w1 = ld8(Wt + k * N + j0 + 8);
-                c00 += a0[k] * w0; c01 += a0[k] * w1;
-                c10 += a1[k] * w0; c11 += a1[k] * w1;
-                c20 += a2[k] * w0; c21 += a2[k] * w1;
-                c30 += a3[k] * w0; c31 += a3[k] * w1;
-            }
-            st8(d0, c00); st8(d0 + 8, c01); st8(d1, c10); st8(d1 + 8, c11);
-            st8(d2, c20); st8(d2 + 8, c21); st8(d3, c30); st8(d3 + 8, c31);
-        }
-        for (; b < B; b++) {
-            const float *a0 = A + b * K;
-            float *d0 = D + b * N + j0;
-            v8f c0 = ld8(d0), c1 = ld8(d0 + 8), e0 = {0}, e1 = {0}, f0 = {0}, f1 = {0}, g0 = {0}, g1 = {0};
-            int64_t k = 0;
-            for (; k + 4 <= K; k += 4) {
-                const float *w = Wt + k * N + j0;
-                c0 += a0[k] * ld8(w); c1 += a0[k] * ld8(w + 8);
-                e0 += a0[k + 1] * ld8(w + N); e1 += a0[k + 1] * ld8(w + N + 8);
-                f0 += a0[k + 2] * ld8(w + 2 * N); f1 += a0[k + 2] * ld8(w + 2 * N + 8);
-                g0 += a0[k + 3] * ld8(w + 3 * N); g1 += a0[k + 3] * ld8(w + 3 * N + 8);
-            }
-            for (; k < K; k++) { c0 += a0[k] * ld8(Wt + k * N + j0); c1 += a0[k] * ld8(Wt + k * N + j0 + 8); }
-            st8(d0, (c0 + e0) + (f0 + g0)); st8(d0 + 8, (c1 + e1) + (f1 + g1));
-        }
+        for (; b < b6; b += 6) drive_rows(6, A + b * K, K, P, U + b * I, I, Pi, bias, N, j0, D + b * N);
+        for (; b + 4 <= B; b += 4) drive_rows(4, A + b * K, K, P, U + b * I, I, Pi, bias, N, j0, D + b * N);
+        for (; b < B; b++) drive_row(A + b * K, K, P, U + b * I, I, Pi, bias, j0, D + b * N);
     }
     for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
         for (int64_t b = 0; b < B; b++) {
-            float s = 0.0f;
+            float s = bias[j];
             for (int64_t k = 0; k < K; k++) s += A[b * K + k] * Wt[k * N + j];
-            D[b * N + j] += s;
+            for (int64_t k = 0; k < I; k++) s += U[b * I + k] * Wti[k * N + j];
+            D[b * N + j] = s;
         }
 }
 
-/* D (B, N) += Z (B, K) Wt (K, N) for sparse Z (spikes): only the rows of Wt whose presynaptic entry is non-zero
-   are added, so the cost follows the number of spikes (event-driven, as on a chip); the same sum as the dense
-   product (zero terms skipped). */
-static void events_acc(const float *Z, int64_t B, int64_t K, const float *Wt, int64_t N, float *D, int par) {
+/* The same for sparse A (spikes): only the rows of Wt whose presynaptic entry is non-zero are added, so the cost
+   follows the number of spikes (event-driven, as on a chip); the same sum as the dense product (zero terms
+   skipped). 64 columns of D stay in registers while all of a row's events are added. idx: B x K scratch. */
+static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *U, int64_t I,
+                         const float *Wti, const float *bias, int64_t N, float *D, int64_t *idx, int par) {
 #pragma omp parallel for if (par) schedule(static)
     for (int64_t b = 0; b < B; b++) {
+        const float *z = Z + b * K, *u = U + b * I;
         float *d = D + b * N;
-        for (int64_t k = 0; k < K; k++) {
-            const float zk = Z[b * K + k];
-            if (zk == 0.0f) continue;
-            const float *w = Wt + k * N;
-#pragma omp simd
-            for (int64_t j = 0; j < N; j++) d[j] += zk * w[j];
+        int64_t *ev = idx + b * K, ne = 0;
+        for (int64_t k = 0; k < K; k++) { ev[ne] = k; ne += z[k] != 0.0f; } /* branch-free: no mispredictions */
+        int64_t j0 = 0;
+        for (; j0 + 64 <= N; j0 += 64) {
+            v8f c[8];
+            for (int q = 0; q < 8; q++) c[q] = ld8(bias + j0 + 8 * q);
+            for (int64_t e = 0; e < ne; e++) {
+                const float zk = z[ev[e]], *w = Wt + ev[e] * N + j0;
+                for (int q = 0; q < 8; q++) c[q] += zk * ld8(w + 8 * q);
+            }
+            for (int64_t k = 0; k < I; k++)
+                for (int q = 0; q < 8; q++) c[q] += u[k] * ld8(Wti + k * N + j0 + 8 * q);
+            for (int q = 0; q < 8; q++) st8(d + j0 + 8 * q, c[q]);
+        }
+        for (; j0 + 8 <= N; j0 += 8) {
+            v8f c0 = ld8(bias + j0);
+            for (int64_t e = 0; e < ne; e++) c0 += z[ev[e]] * ld8(Wt + ev[e] * N + j0);
+            for (int64_t k = 0; k < I; k++) c0 += u[k] * ld8(Wti + k * N + j0);
+            st8(d + j0, c0);
+        }
+        for (; j0 < N; j0++) {
+            float s = bias[j0];
+            for (int64_t e = 0; e < ne; e++) s += z[ev[e]] * Wt[ev[e] * N + j0];
+            for (int64_t k = 0; k < I; k++) s += u[k] * Wti[k * N + j0];
+            d[j0] = s;
         }
     }
 }
 
 /* ---------------------------------------------------------------- forward: network + presynaptic traces */
 /* Advances the cell state by one step driven by u (B, I); writes y (B, O) to r->yout, the postsynaptic factor
-   to r->post, the presynaptic signal to r->prev and the non-eligibility traces. Voltage form: r->act holds
+   to r->post and the non-eligibility traces. Voltage form: r->act holds
    f(x) between steps (fused.py initialises it to f(x_0)). */
 void ni_forward(Run *r, const float *u) {
     const int64_t B = r->B, N = r->N, I = r->I, O = r->O, BN = B * N;
     const int model = (int)r->model, a = (int)r->actfn;
     const float al = r->alpha, oma = 1.0f - r->alpha;
-    float *prev = r->prev, *x = r->x, *act = r->act, *d = r->drive, *post = r->post;
-    /* presynaptic signal of the recurrent weights at this step */
-    memcpy(prev, model == VOLTAGE ? act : (model == RFLO ? x : r->z), sizeof(float) * BN);
-    /* drive d = prev W_rec^T + u W_in^T + bias */
-    for (int64_t b = 0; b < B; b++) memcpy(d + b * N, r->bias, sizeof(float) * N);
+    float *x = r->x, *act = r->act, *d = r->drive, *post = r->post;
+    /* presynaptic signal of the recurrent weights at this step: read before the cell update below overwrites it
+       (the LIF update reads z[k] before writing it) */
+    const float *prev = model == VOLTAGE ? act : (model == RFLO ? x : r->z);
+    const float pd = r->pd, pg = r->pg, rd = r->rd;
+    const float *pre_old = r->pre_src ? r->pre_src : r->pre_rec;
+    for (int64_t k = 0; k < BN; k++) r->pre_rec[k] = pd * pre_old[k] + pg * prev[k];
+    /* drive d = bias + prev W_rec^T + u W_in^T */
     const int par = B * N * N >= r->par_work;
-    if (model == LIF) events_acc(prev, B, N, r->wt_rec, N, d, par);
-    else matmul_acc(prev, B, N, r->wt_rec, N, d, par);
-    matmul_acc(u, B, I, r->wt_in, N, d, 0);
+    if (model == LIF) drive_events(prev, B, N, r->wt_rec, u, I, r->wt_in, r->bias, N, d, r->events, par);
+    else drive_dense(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, par);
     /* the cells' updates */
     if (model == VOLTAGE) {
         for (int64_t k = 0; k < BN; k++) x[k] = oma * x[k] + al * d[k];
@@ -259,7 +317,7 @@ void ni_forward(Run *r, const float *u) {
         float *z = r->z, *ref = r->ref;
 #pragma omp simd
         for (int64_t k = 0; k < BN; k++) {
-            const float vold = x[k], zp = prev[k];
+            const float vold = x[k], zp = z[k]; /* = prev[k] */
             const float reset = zero ? zp * (al * vold) : zp * th;
             const float v = al * vold + d[k] - reset;
             const float dv = v > th ? v - th : th - v, tri = 1.0f - dv / th; /* no libm calls: vectorises */
@@ -284,9 +342,7 @@ void ni_forward(Run *r, const float *u) {
             if (model == LIF) { s = r->kappa * r->y[b * O + o] + s; r->y[b * O + o] = s; }
             r->yout[b * O + o] = s;
         }
-    /* presynaptic and readout traces (O(B N)) */
-    const float pd = r->pd, pg = r->pg, rd = r->rd;
-    for (int64_t k = 0; k < BN; k++) r->pre_rec[k] = pd * r->pre_rec[k] + pg * prev[k];
+    /* the other presynaptic traces and the readout traces (O(B N)) */
     for (int64_t k = 0; k < B * I; k++) r->pre_in[k] = pd * r->pre_in[k] + pg * u[k];
     for (int64_t b = 0; b < B; b++) r->pre_bias[b] = pd * r->pre_bias[b] + pg;
     for (int64_t k = 0; k < BN; k++) r->ro[k] = rd * r->ro[k] + act[k];
@@ -304,22 +360,24 @@ void ni_forward(Run *r, const float *u) {
 void ni_update(Run *r) {
     const int64_t B = r->B, N = r->N, I = r->I, O = r->O;
     float *L = r->L, *err = r->err;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t j = 0; j < N; j++) {
-            float s = 0.0f;
-            for (int64_t o = 0; o < O; o++) s += err[b * O + o] * r->fb[o * N + j];
-            L[b * N + j] = s;
+    for (int64_t b = 0; b < B; b++) { /* learning signal L = err B (feedback B: O x N) */
+        float *l = L + b * N;
+        for (int64_t j = 0; j < N; j++) l[j] = 0.0f;
+        for (int64_t o = 0; o < O; o++) {
+            const float e = err[b * O + o], *fb = r->fb + o * N;
+            for (int64_t j = 0; j < N; j++) l[j] += e * fb[j];
         }
+    }
     const int par = B * N * (N + I) >= r->par_work;
     if (r->rec_L && !r->quant) {
         /* chunked exact update (ni_chunk_prepare + GEMMs in fused.py): record this step's factors, touch no
            eligibility trace */
-        const int64_t s = r->rec_pos++;
-        memcpy(r->rec_L + s * B * N, L, sizeof(float) * B * N);
-        memcpy(r->rec_post + s * B * N, r->post, sizeof(float) * B * N);
-        memcpy(r->rec_pre + s * B * N, r->pre_rec, sizeof(float) * B * N);
-        memcpy(r->rec_pre_in + s * B * I, r->pre_in, sizeof(float) * B * I);
-        memcpy(r->rec_pre_bias + s * B, r->pre_bias, sizeof(float) * B);
+        const int64_t s = r->rec_pos++; /* L, post and pre_rec were written in place by ni_run's redirection */
+        for (int64_t b = 0; b < B; b++) {
+            float *row = r->rec_pre_in + (s * B + b) * (I + 1);
+            memcpy(row, r->pre_in + b * I, sizeof(float) * I);
+            row[I] = r->pre_bias[b];
+        }
     } else if (!r->full) {
         /* factorised: e = post (x) pre, never stored */
         float *lp = r->post; /* becomes L * post: post is not needed after this step */
@@ -443,14 +501,27 @@ static void output_error(Run *r, int64_t t) {
 /* Runs steps t0 <= t < t1 of r->inputs (T, B, I), errors from the loss, outputs into r->outputs (T, B, O).
    ``r->seed`` advances by one per step (stochastic rounding keys). */
 void ni_run(Run *r, int64_t t0, int64_t t1) {
-    const int64_t B = r->B, I = r->I, O = r->O;
+    const int64_t B = r->B, I = r->I, O = r->O, BN = B * r->N;
+    /* recording (chunked update): this step's L, post and presynaptic trace are written straight into their
+       record rows (the trace reads its previous value from the row before) instead of being copied there */
+    const int rec = r->rec_L && !r->quant;
+    float *post0 = r->post, *L0 = r->L, *pre0 = r->pre_rec;
     for (int64_t t = t0; t < t1; t++) {
+        if (rec) {
+            const int64_t s = r->rec_pos;
+            r->post = r->rec_post + s * BN;
+            r->L = r->rec_L + s * BN;
+            r->pre_src = s == 0 ? pre0 : r->rec_pre + (s - 1) * BN;
+            r->pre_rec = r->rec_pre + s * BN;
+        }
         ni_forward(r, r->inputs + t * B * I);
         memcpy(r->outputs + t * B * O, r->yout, sizeof(float) * B * O);
         output_error(r, t);
         ni_update(r);
         r->seed = r->seed * 6364136223846793005ULL + 1442695040888963407ULL;
     }
+    if (rec && t1 > t0) memcpy(pre0, r->pre_rec, sizeof(float) * BN); /* the trace's home holds its latest value */
+    r->post = post0; r->L = L0; r->pre_rec = pre0; r->pre_src = NULL;
 }
 
 /* Chunked exact update, step 1 of 2 (step 2: GEMMs in fused.py). Over the K = rec_pos recorded steps of a chunk
@@ -493,10 +564,11 @@ _MODELS = {"voltage": 0, "rate": 1, "lif": 2}
 _ACTS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
 _LOSSES = {"mse": 1, "ce": 2}
 _QUANT_NAMES = ("pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "readout", "readout_bias")
-_PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "wt_in", "wt_rec", "x", "z", "ref", "y", "prev",
-         "post", "act", "L", "err", "yout", "drive", "pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "ro", "ro_bias",
+_PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "wt_in", "wt_rec", "wp_in", "wp_rec",
+         "x", "z", "ref", "y", "post", "act", "L", "err", "yout", "drive",
+         "pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "ro", "ro_bias",
          "g_in", "g_rec", "g_bias", "g_out", "g_bout", "inputs", "targets", "scale", "outputs", "labels",
-         "rec_L", "rec_post", "rec_pre", "rec_pre_in", "rec_pre_bias")
+         "events", "rec_L", "rec_post", "rec_pre", "rec_pre_in", "pre_src")
 # below this many multiply-adds per loop a step stays on one thread: a parallel loop ends in a barrier, which costs
 # ~1-5 us on a quiet machine but up to a scheduler time slice (ms) when the other core is busy (measured: LIF
 # N=64, B=16 at 49 us/step on one thread, 2349 us on two threads next to other work)
@@ -672,7 +744,7 @@ class FusedOnline:
         self.model = model
         self.buf = {
             "x": empty(b, n), "z": empty(b, n), "ref": empty(b, n), "y": empty(b, o),
-            "prev": empty(b, n), "post": empty(b, n), "act": empty(b, n), "L": empty(b, n),
+            "post": empty(b, n), "act": empty(b, n), "L": empty(b, n),
             "err": empty(b, o), "yout": empty(b, o), "drive": empty(b, n),
             "pre_rec": empty(b, n), "pre_in": empty(b, i), "pre_bias": empty(b, 1),
             "elig_rec": empty(b, n, n) if self.full else None, "elig_in": empty(b, n, i) if self.full else None,
@@ -697,6 +769,8 @@ class FusedOnline:
         self.run_struct = r
         for name, t in self.buf.items():
             setattr(r, name, _ptr(t))
+        self._events = torch.empty(b, n, dtype=torch.int64)  # scratch: indices of the spikes of a step
+        r.events = self._events.data_ptr()
         self._feedback = feedback
         self._ref = ctypes.byref(r)
         # what a later run may reuse these buffers for (:meth:`matches`)
@@ -749,6 +823,11 @@ class FusedOnline:
         # the forward product reads the transposed matrices (row k: what presynaptic k sends to every neuron)
         self._params["wt_rec"] = self._params["w_rec"].T.contiguous()
         self._params["wt_in"] = self._params["w_in"].T.contiguous()
+        # ... and the dense product reads them packed by 16-column blocks (block jb: rows 16 jb .. 16 jb + 15)
+        for name in ("rec", "in"):
+            wt = self._params["wt_" + name]
+            k, n = wt.shape
+            self._params["wp_" + name] = wt[:, :16 * (n // 16)].reshape(k, n // 16, 16).transpose(0, 1).contiguous()
         for name, t in self._params.items():
             setattr(self.run_struct, name, t.data_ptr())
 
@@ -836,12 +915,12 @@ class FusedOnline:
             b, n, i = (int(getattr(self.run_struct, k)) for k in ("B", "N", "I"))
             cap = chunk_steps(n, i, self.full)
             self._rec = {"rec_L": torch.empty(cap, b, n), "rec_post": torch.empty(cap, b, n),
-                         "rec_pre": torch.empty(cap, b, n), "rec_pre_in": torch.empty(cap, b, i),
-                         "rec_pre_bias": torch.empty(cap, b, 1), "c": torch.empty(b, n)}
+                         "rec_pre": torch.empty(cap, b, n), "rec_pre_in": torch.empty(cap, b, i + 1),
+                         "c": torch.empty(b, n)}
         return self._rec["rec_L"].shape[0]
 
     def _set_records(self, on: bool) -> None:
-        for name in ("rec_L", "rec_post", "rec_pre", "rec_pre_in", "rec_pre_bias"):
+        for name in ("rec_L", "rec_post", "rec_pre", "rec_pre_in"):
             setattr(self.run_struct, name, self._rec[name].data_ptr() if on else None)
 
     def _flush_chunk(self) -> None:
@@ -855,8 +934,9 @@ class FusedOnline:
         n = rec["rec_L"].shape[2]
         a = rec["rec_L"][:k].view(-1, n)  # (K B, N): Lf * post
         g["w_rec"].addmm_(a.T, rec["rec_pre"][:k].view(-1, n))
-        g["w_in"].addmm_(a.T, rec["rec_pre_in"][:k].view(-1, rec["rec_pre_in"].shape[2]))
-        g["bias"].addmv_(a.T, rec["rec_pre_bias"][:k].view(-1))
+        g_in_bias = a.T @ rec["rec_pre_in"][:k].view(-1, rec["rec_pre_in"].shape[2])  # (N, I + 1): one pass over a
+        g["w_in"].add_(g_in_bias[:, :-1])
+        g["bias"].add_(g_in_bias[:, -1])
         if not self.full:
             self.run_struct.rec_pos = 0
             return
@@ -877,8 +957,12 @@ class FusedOnline:
         beta = 0.0 if self._elig_zero else float(self.run_struct.ed) ** k  # beta 0: the old buffer is ignored
         post = rec["rec_post"][:k].permute(1, 2, 0)  # (B, N, K), already weighted by ed^(K - 1 - s)
         bf["elig_rec"].baddbmm_(post, rec["rec_pre"][:k].transpose(0, 1), beta=beta)
-        bf["elig_in"].baddbmm_(post, rec["rec_pre_in"][:k].transpose(0, 1), beta=beta)
-        bias_part = torch.bmm(post, rec["rec_pre_bias"][:k].transpose(0, 1)).squeeze(2)
+        in_bias = torch.bmm(post, rec["rec_pre_in"][:k].transpose(0, 1))  # (B, N, I + 1)
+        if self._elig_zero:
+            bf["elig_in"].copy_(in_bias[:, :, :-1])
+        else:
+            bf["elig_in"].mul_(beta).add_(in_bias[:, :, :-1])
+        bias_part = in_bias[:, :, -1]
         if self._elig_zero:
             bf["elig_bias"].copy_(bias_part)
         else:
