@@ -15,7 +15,7 @@ from neuroinit.cli import main
 RESULT_KEYS = {"variant", "hidden", "batch", "steps", "method", "profile", "us_per_step", "us_per_step_q1",
                "us_per_step_q3", "us_per_step_min", "us_per_step_max", "repeats_us", "background_load",
                "sample_steps_per_s", "synaptic_updates_per_s", "peak_memory_mib", "state_bytes", "ratio_to_fused",
-               "roofline", "roofline_fraction", "fast_path", "skipped"}
+               "roofline", "roofline_fraction", "own_roofline_fraction", "fast_path", "chunk_steps", "skipped"}
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +64,10 @@ def test_quick_bench_end_to_end_writes_the_schema(tmp_path):
         assert r["ratio_to_fused"] > 0
         if r["method"] == "neuroinit-fused":
             assert r["roofline_fraction"] > 0 and r["roofline"]["bound_us"] > 0 and r["fast_path"] is True
+            # float traces run the chunked exact update (and get its own roofline); chip precision the per-step one
+            chunked = r["profile"] == "ideal"
+            assert (r["chunk_steps"] is not None) == chunked == ("chunked" in r["roofline"])
+            assert (r["own_roofline_fraction"] or 0) > 0 if chunked else r["own_roofline_fraction"] is None
         else:
             assert r["roofline_fraction"] is None
     assert {m["method"] for m in data["memory_scaling"]} == {"neuroinit-fused", "neuroinit-torch", "bptt"}
@@ -136,3 +140,17 @@ def test_markdown_table_renders_every_row(tmp_path):
     md = bench.format_table(result, markdown=True)
     lines = [ln for ln in md.splitlines() if ln.startswith("| lif")]
     assert len(lines) == 2 and all(ln.count("|") == len(bench.TABLE_HEADER) + 1 for ln in lines)
+
+
+def test_chunked_roofline_counts_the_carried_traces_only_for_long_trials():
+    calib = {"bandwidth_gbs": {"L2": 100.0, "L3": 50.0, "DRAM": 20.0}, "matmul_gflops": 100.0}
+    n, b, i, o = 64, 4, 8, 2
+    one = bench.roofline("lif", n, b, i, o, calib, steps=100, chunk=100)["chunked"]
+    four = bench.roofline("lif", n, b, i, o, calib, steps=100, chunk=25)["chunked"]
+    forward, grad = 2 * b * n * (n + i + o), 2 * b * n * (n + i + 1)
+    assert one["boundaries"] == 0 and one["flops_per_step"] == forward + grad and one["bytes_per_step"] == 0
+    # three boundaries, each a GEMM over the chunk's 25 steps into the B N (N + I + 1) traces
+    assert four["boundaries"] == 3
+    assert math.isclose(four["flops_per_step"], forward + grad + grad * 25 * 3 / 100)
+    assert bench.roofline("rate-voltage", n, b, i, o, calib, steps=100, chunk=25)["chunked"]["boundaries"] == 0
+    assert "chunked" not in bench.roofline("lif", n, b, i, o, calib)

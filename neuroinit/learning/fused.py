@@ -548,6 +548,26 @@ void ni_chunk_prepare(Run *r, float *c) {
     for (int64_t k = 0; k < n; k++) c[k] *= ed;
 }
 
+/* Chunked exact update, the carried part: G += sum_b c[b, j] e0[b, j, :] for the recurrent, input and bias
+   traces (c from ni_chunk_prepare), one read of each trace, no temporary. Threads own rows j of G. */
+void ni_chunk_carry(Run *r, const float *c) {
+    const int64_t B = r->B, N = r->N, I = r->I;
+    const int par = B * N * (N + I) >= r->par_work;
+#pragma omp parallel for if (par) schedule(static)
+    for (int64_t j = 0; j < N; j++) {
+        float *gr = r->g_rec + j * N, *gi = r->g_in + j * I, gb = 0.0f;
+        for (int64_t b = 0; b < B; b++) {
+            const float cb = c[b * N + j];
+            const float *e = r->elig_rec + (b * N + j) * N, *ei = r->elig_in + (b * N + j) * I;
+#pragma omp simd
+            for (int64_t i = 0; i < N; i++) gr[i] += cb * e[i];
+            for (int64_t i = 0; i < I; i++) gi[i] += cb * ei[i];
+            gb += cb * r->elig_bias[b * N + j];
+        }
+        r->g_bias[j] += gb;
+    }
+}
+
 /* Memory bandwidth probe for the roofline (neuroinit.bench): ``reps`` in-place passes a <- c a + d over n floats,
    the access pattern of a trace update (read + write each element once per pass). */
 void ni_stream(float *a, int64_t n, int64_t reps) {
@@ -646,8 +666,9 @@ def _build() -> ctypes.CDLL:
     lib.ni_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.ni_update.argtypes = [ctypes.c_void_p]
     lib.ni_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    lib.ni_chunk_prepare.restype = None
-    lib.ni_chunk_prepare.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("ni_chunk_prepare", "ni_chunk_carry"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.ni_abi.restype = ctypes.c_int
     lib.ni_stream.restype = None
     lib.ni_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
@@ -909,6 +930,11 @@ class FusedOnline:
             self._set_records(False)  # single steps update the traces themselves
 
     # -------------------------------------------------------------- chunked exact update (float traces)
+    @property
+    def chunk_capacity(self) -> int | None:
+        """Steps per chunk where the last run used the chunked exact update (None: per-step traces)."""
+        return None if self._rec is None else self._rec["rec_L"].shape[0]
+
     def _records(self) -> int:
         """Allocates the chunk records once; returns their capacity in steps."""
         if self._rec is None:
@@ -941,10 +967,7 @@ class FusedOnline:
             self.run_struct.rec_pos = 0
             return
         if not self._elig_zero:  # the chunk's first trace, decayed into every step of the chunk
-            c, bf = rec["c"], self.buf
-            g["w_rec"].add_(torch.einsum("bj,bji->ji", c, bf["elig_rec"]))
-            g["w_in"].add_(torch.einsum("bj,bji->ji", c, bf["elig_in"]))
-            g["bias"].add_((c * bf["elig_bias"]).sum(0))
+            self.lib.ni_chunk_carry(self._ref, rec["c"].data_ptr())
         self._pending = k
 
     def _materialise(self) -> None:
