@@ -67,12 +67,11 @@ def feedback_matrix(cell: RecurrentCell, kind: str | torch.Tensor, *, generator:
 def accumulate_grads(cell: RecurrentCell, grads: dict[str, torch.Tensor]) -> None:
     """Add ``grads`` (name -> tensor) to the cell's ``.grad``, as ``backward()`` would; removed autapses stay
     at zero."""
-    mask = cell.recurrent_mask()
     for name in PARAM_NAMES:
         g = grads.get(name)
         if g is None:
             continue
-        if name == "w_rec" and mask is not None:
-            g = g * mask
         p = getattr(cell, name)
         p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
+        if name == "w_rec" and cell.remove_autapses:
+            p.grad.diagonal().zero_()

@@ -793,6 +793,7 @@ class FusedOnline:
         self._events = torch.empty(b, n, dtype=torch.int64)  # scratch: indices of the spikes of a step
         r.events = self._events.data_ptr()
         self._feedback = feedback
+        self._given = None
         self._ref = ctypes.byref(r)
         # what a later run may reuse these buffers for (:meth:`matches`)
         self._key = (id(cell), b, id(feedback), id(quantiser), tuple(spec), repr(sorted(cell.config().items())))
@@ -837,8 +838,13 @@ class FusedOnline:
     # -------------------------------------------------------------- parameters and state
     def set_params(self, params) -> None:
         """Point the step at (new) parameters, e.g. after an optimizer step."""
-        self._params = {n: getattr(params, n).detach().contiguous() for n in ("w_in", "w_rec", "bias", "w_out",
-                                                                               "b_out")}
+        given = [getattr(params, n) for n in ("w_in", "w_rec", "bias", "w_out", "b_out")]
+        # the same tensors, unchanged since (version counters): the transposed and packed copies still hold
+        if self._given is not None and all(a is b and a._version == v for a, (b, v) in zip(given, self._given)):
+            return
+        self._given = [(t, t._version) for t in given]  # references: a freed tensor's address is never mistaken
+        self._params = {n: t.detach().contiguous() for n, t in zip(("w_in", "w_rec", "bias", "w_out", "b_out"),
+                                                                    given)}
         self._params["fb"] = (self._params["w_out"] if self._feedback is None
                               else self._feedback.detach().contiguous())
         # the forward product reads the transposed matrices (row k: what presynaptic k sends to every neuron)
@@ -960,9 +966,11 @@ class FusedOnline:
         n = rec["rec_L"].shape[2]
         a = rec["rec_L"][:k].view(-1, n)  # (K B, N): Lf * post
         g["w_rec"].addmm_(a.T, rec["rec_pre"][:k].view(-1, n))
-        g_in_bias = a.T @ rec["rec_pre_in"][:k].view(-1, rec["rec_pre_in"].shape[2])  # (N, I + 1): one pass over a
-        g["w_in"].add_(g_in_bias[:, :-1])
-        g["bias"].add_(g_in_bias[:, -1])
+        # (I + 1, N): one pass over a. Oriented so: MKL's path for a.T @ (K B, I + 1) ran 8x slower (1.2 ms vs
+        # 0.16 ms at K B = 1600, N = 256, I + 1 = 9)
+        g_in_bias = rec["rec_pre_in"][:k].view(-1, rec["rec_pre_in"].shape[2]).T @ a
+        g["w_in"].add_(g_in_bias[:-1].T)
+        g["bias"].add_(g_in_bias[-1])
         if not self.full:
             self.run_struct.rec_pos = 0
             return
@@ -972,24 +980,24 @@ class FusedOnline:
 
     def _materialise(self) -> None:
         """Brings the full eligibility traces to the end of the last flushed chunk: ``e <- ed^K e + sum_s
-        ed^(K - 1 - s) post_s (x) pre_s`` (batched GEMMs)."""
+        ed^(K - 1 - s) post_s (x) pre_s`` (a GEMM per batch element)."""
         k = self._pending
         if not k:
             return
         rec, bf = self._rec, self.buf
         beta = 0.0 if self._elig_zero else float(self.run_struct.ed) ** k  # beta 0: the old buffer is ignored
-        post = rec["rec_post"][:k].permute(1, 2, 0)  # (B, N, K), already weighted by ed^(K - 1 - s)
-        bf["elig_rec"].baddbmm_(post, rec["rec_pre"][:k].transpose(0, 1), beta=beta)
-        in_bias = torch.bmm(post, rec["rec_pre_in"][:k].transpose(0, 1))  # (B, N, I + 1)
-        if self._elig_zero:
-            bf["elig_in"].copy_(in_bias[:, :, :-1])
-        else:
-            bf["elig_in"].mul_(beta).add_(in_bias[:, :, :-1])
-        bias_part = in_bias[:, :, -1]
-        if self._elig_zero:
-            bf["elig_bias"].copy_(bias_part)
-        else:
-            bf["elig_bias"].mul_(beta).add_(bias_part)
+        # one GEMM per batch element on strided views of the records: a batched GEMM over the permuted records
+        # made contiguous copies of them (memory growing with the number of chunk boundaries)
+        for b in range(bf["elig_rec"].shape[0]):
+            post = rec["rec_post"][:k, b].T  # (N, K), already weighted by ed^(K - 1 - s)
+            bf["elig_rec"][b].addmm_(post, rec["rec_pre"][:k, b], beta=beta)
+            in_bias = post @ rec["rec_pre_in"][:k, b]  # (N, I + 1)
+            if self._elig_zero:
+                bf["elig_in"][b].copy_(in_bias[:, :-1])
+                bf["elig_bias"][b].copy_(in_bias[:, -1])
+            else:
+                bf["elig_in"][b].mul_(beta).add_(in_bias[:, :-1])
+                bf["elig_bias"][b].mul_(beta).add_(in_bias[:, -1])
         self._pending = 0
         self._elig_zero = False
         self.run_struct.rec_pos = 0
