@@ -249,40 +249,47 @@ static void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, c
 
 /* The same for sparse A (spikes): only the rows of Wt whose presynaptic entry is non-zero are added, so the cost
    follows the number of spikes (event-driven, as on a chip); the same sum as the dense product (zero terms
-   skipped). 64 columns of D stay in registers while all of a row's events are added. idx: B x K scratch. */
-static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *U, int64_t I,
-                         const float *Wti, const float *bias, int64_t N, float *D, int64_t *idx, int par) {
-#pragma omp parallel for if (par) schedule(static)
+   skipped). Each row's events are listed once (idx: B x (K + 1), the count last); then per 16-column block, whose
+   packed K x 16 panel stays in L1, every row sums its events in four independent accumulator pairs. */
+static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
+                         int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
+                         int64_t *idx, int par) {
     for (int64_t b = 0; b < B; b++) {
-        const float *z = Z + b * K, *u = U + b * I;
-        float *d = D + b * N;
-        int64_t *ev = idx + b * K, ne = 0;
+        const float *z = Z + b * K;
+        int64_t *ev = idx + b * (K + 1), ne = 0;
         for (int64_t k = 0; k < K; k++) { ev[ne] = k; ne += z[k] != 0.0f; } /* branch-free: no mispredictions */
-        int64_t j0 = 0;
-        for (; j0 + 64 <= N; j0 += 64) {
-            v8f c[8];
-            for (int q = 0; q < 8; q++) c[q] = ld8(bias + j0 + 8 * q);
-            for (int64_t e = 0; e < ne; e++) {
-                const float zk = z[ev[e]], *w = Wt + ev[e] * N + j0;
-                for (int q = 0; q < 8; q++) c[q] += zk * ld8(w + 8 * q);
-            }
-            for (int64_t k = 0; k < I; k++)
-                for (int q = 0; q < 8; q++) c[q] += u[k] * ld8(Wti + k * N + j0 + 8 * q);
-            for (int q = 0; q < 8; q++) st8(d + j0 + 8 * q, c[q]);
-        }
-        for (; j0 + 8 <= N; j0 += 8) {
-            v8f c0 = ld8(bias + j0);
-            for (int64_t e = 0; e < ne; e++) c0 += z[ev[e]] * ld8(Wt + ev[e] * N + j0);
-            for (int64_t k = 0; k < I; k++) c0 += u[k] * ld8(Wti + k * N + j0);
-            st8(d + j0, c0);
-        }
-        for (; j0 < N; j0++) {
-            float s = bias[j0];
-            for (int64_t e = 0; e < ne; e++) s += z[ev[e]] * Wt[ev[e] * N + j0];
-            for (int64_t k = 0; k < I; k++) s += u[k] * Wti[k * N + j0];
-            d[j0] = s;
+        ev[K] = ne;
+    }
+    const int64_t nb = N / 16;
+#pragma omp parallel for if (par) schedule(static)
+    for (int64_t jb = 0; jb < nb; jb++) {
+        const int64_t j0 = jb * 16;
+        const float *P = Wp + jb * K * 16, *Pi = Wpi + jb * I * 16;
+        for (int64_t b = 0; b < B; b++) {
+            const float *z = Z + b * K, *u = U + b * I;
+            const int64_t *ev = idx + b * (K + 1), ne = ev[K];
+            v8f c[4][2] = {{{0}}};
+            c[0][0] = ld8(bias + j0); c[0][1] = ld8(bias + j0 + 8);
+            int64_t e = 0;
+            for (; e + 4 <= ne; e += 4)
+                for (int q = 0; q < 4; q++) {
+                    const int64_t k = ev[e + q];
+                    c[q][0] += z[k] * ld8(P + 16 * k); c[q][1] += z[k] * ld8(P + 16 * k + 8);
+                }
+            for (; e < ne; e++) { const int64_t k = ev[e]; c[0][0] += z[k] * ld8(P + 16 * k); c[0][1] += z[k] * ld8(P + 16 * k + 8); }
+            for (int64_t k = 0; k < I; k++) { c[1][0] += u[k] * ld8(Pi + 16 * k); c[1][1] += u[k] * ld8(Pi + 16 * k + 8); }
+            st8(D + b * N + j0, (c[0][0] + c[1][0]) + (c[2][0] + c[3][0]));
+            st8(D + b * N + j0 + 8, (c[0][1] + c[1][1]) + (c[2][1] + c[3][1]));
         }
     }
+    for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t *ev = idx + b * (K + 1);
+            float s = bias[j];
+            for (int64_t e = 0; e < ev[K]; e++) s += Z[b * K + ev[e]] * Wt[ev[e] * N + j];
+            for (int64_t k = 0; k < I; k++) s += U[b * I + k] * Wti[k * N + j];
+            D[b * N + j] = s;
+        }
 }
 
 /* ---------------------------------------------------------------- forward: network + presynaptic traces */
@@ -302,7 +309,7 @@ void ni_forward(Run *r, const float *u) {
     for (int64_t k = 0; k < BN; k++) r->pre_rec[k] = pd * pre_old[k] + pg * prev[k];
     /* drive d = bias + prev W_rec^T + u W_in^T */
     const int par = B * N * N >= r->par_work;
-    if (model == LIF) drive_events(prev, B, N, r->wt_rec, u, I, r->wt_in, r->bias, N, d, r->events, par);
+    if (model == LIF) drive_events(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, r->events, par);
     else drive_dense(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, par);
     /* the cells' updates */
     if (model == VOLTAGE) {
@@ -790,7 +797,7 @@ class FusedOnline:
         self.run_struct = r
         for name, t in self.buf.items():
             setattr(r, name, _ptr(t))
-        self._events = torch.empty(b, n, dtype=torch.int64)  # scratch: indices of the spikes of a step
+        self._events = torch.empty(b, n + 1, dtype=torch.int64)  # scratch: a step's spike indices, their count
         r.events = self._events.data_ptr()
         self._feedback = feedback
         self._given = None
@@ -946,9 +953,11 @@ class FusedOnline:
         if self._rec is None:
             b, n, i = (int(getattr(self.run_struct, k)) for k in ("B", "N", "I"))
             cap = chunk_steps(n, i, self.full)
-            self._rec = {"rec_L": torch.empty(cap, b, n), "rec_post": torch.empty(cap, b, n),
-                         "rec_pre": torch.empty(cap, b, n), "rec_pre_in": torch.empty(cap, b, i + 1),
-                         "c": torch.empty(b, n)}
+            # zeroed once (buffers are reused across runs): every page is touched, so the memory a run holds
+            # does not depend on how many of the rows its length fills
+            self._rec = {"rec_L": torch.zeros(cap, b, n), "rec_post": torch.zeros(cap, b, n),
+                         "rec_pre": torch.zeros(cap, b, n), "rec_pre_in": torch.zeros(cap, b, i + 1),
+                         "c": torch.zeros(b, n)}
         return self._rec["rec_L"].shape[0]
 
     def _set_records(self, on: bool) -> None:
