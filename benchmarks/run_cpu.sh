@@ -9,7 +9,7 @@ threads="${2:-2}"
 lif_hidden="${3:-256,512}"
 rate_hidden="${4:-512,1024}"
 batch="${5:-1,16,64}"
-repeats="${6:-3}"
+repeats="${6:-5}"
 for model in lif rate; do
     out="benchmarks/results/cpu-${model}-${profile}-t${threads}"
     recal=""; [ "$model" = lif ] && recal="--recalibrate"

@@ -601,9 +601,8 @@ def _floss(ctx: _Context, cell: RecurrentCell) -> dict:
             if grid is not None:
                 p = getattr(cell, name)
                 p.copy_(quantize(p, grid, rounding="nearest"))
-        mask = cell.recurrent_mask()
-        if mask is not None:
-            cell.w_rec.mul_(mask)
+        if cell.remove_autapses:
+            cell.w_rec.diagonal().zero_()
     return {"losses": np.asarray(res.losses, dtype=np.float64),
             "exponents": np.asarray(res.exponents, dtype=np.float64)}
 
@@ -818,7 +817,7 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
             bad = f"the loss is {loss} at iteration {i}"
         else:
             opt.step()
-            if not all(bool(torch.isfinite(getattr(cell, n)).all()) for n in PARAM_NAMES):
+            if not bool(torch.isfinite(torch.cat([getattr(cell, n).detach().reshape(-1) for n in PARAM_NAMES])).all()):
                 bad = f"the weights became NaN/Inf in the update of iteration {i}"
         if bad is not None:
             last = rec.checkpoint.iteration if rec.checkpoint is not None else 0

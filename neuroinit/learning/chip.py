@@ -61,9 +61,8 @@ def attach_chip_constraints(optimizer: torch.optim.Optimizer, cell: RecurrentCel
             if grid is not None:
                 p = getattr(cell, name)
                 p.copy_(quantize(p, grid, rounding=rounding, generator=generator))
-        mask = cell.recurrent_mask()
-        if mask is not None:
-            cell.w_rec.mul_(mask)
+        if cell.remove_autapses:  # removed autapses stay at zero (in place: no N x N mask per step)
+            cell.w_rec.diagonal().zero_()
 
     return optimizer.register_step_post_hook(project)
 
