@@ -817,7 +817,9 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
             bad = f"the loss is {loss} at iteration {i}"
         else:
             opt.step()
-            if not bool(torch.isfinite(torch.cat([getattr(cell, n).detach().reshape(-1) for n in PARAM_NAMES])).all()):
+            # a tensor's sum is finite iff its entries are (weights far below float overflow); 20x cheaper than
+            # isfinite().all() here (10 vs 216 us at 67k weights), checked every iteration
+            if not all(math.isfinite(float(getattr(cell, n).detach().sum())) for n in PARAM_NAMES):
                 bad = f"the weights became NaN/Inf in the update of iteration {i}"
         if bad is not None:
             last = rec.checkpoint.iteration if rec.checkpoint is not None else 0

@@ -601,6 +601,16 @@ void ni_chunk_carry(Run *r, const float *c) {
     }
 }
 
+/* The layouts the forward product reads, from W (n x k, row-major: row j = what neuron j receives): wt = W^T
+   (k x n) and wp = W^T packed by 16-column blocks (block jb: k x 16, contiguous). */
+void ni_pack(const float *w, int64_t n, int64_t k, float *wt, float *wp) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < k; i++) wt[i * n + j] = w[j * k + i];
+    for (int64_t jb = 0; jb < n / 16; jb++)
+        for (int64_t i = 0; i < k; i++)
+            memcpy(wp + (jb * k + i) * 16, wt + i * n + jb * 16, sizeof(float) * 16);
+}
+
 /* Memory bandwidth probe for the roofline (neuroinit.bench): ``reps`` in-place passes a <- c a + d over n floats,
    the access pattern of a trace update (read + write each element once per pass). */
 void ni_stream(float *a, int64_t n, int64_t reps) {
@@ -702,6 +712,8 @@ def _build() -> ctypes.CDLL:
     for name in ("ni_chunk_prepare", "ni_chunk_carry"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.ni_chunk_prepare.restype = ctypes.c_int64
+    lib.ni_pack.restype = None
+    lib.ni_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.ni_chunk_carry.restype = None
     lib.ni_abi.restype = ctypes.c_int
     lib.ni_stream.restype = None
@@ -881,14 +893,15 @@ class FusedOnline:
                                                                     given)}
         self._params["fb"] = (self._params["w_out"] if self._feedback is None
                               else self._feedback.detach().contiguous())
-        # the forward product reads the transposed matrices (row k: what presynaptic k sends to every neuron)
-        self._params["wt_rec"] = self._params["w_rec"].T.contiguous()
-        self._params["wt_in"] = self._params["w_in"].T.contiguous()
-        # ... and the dense product reads them packed by 16-column blocks (block jb: rows 16 jb .. 16 jb + 15)
+        # the forward product reads the transposed matrices (row k: what presynaptic k sends to every neuron),
+        # also packed by 16-column blocks (``ni_pack``)
         for name in ("rec", "in"):
-            wt = self._params["wt_" + name]
-            k, n = wt.shape
-            self._params["wp_" + name] = wt[:, :16 * (n // 16)].reshape(k, n // 16, 16).transpose(0, 1).contiguous()
+            w = self._params["w_" + name]
+            n, k = w.shape
+            self._params["wt_" + name] = w.new_empty(k, n)
+            self._params["wp_" + name] = w.new_empty(n // 16, k, 16)
+            self.lib.ni_pack(w.data_ptr(), n, k, self._params["wt_" + name].data_ptr(),
+                             self._params["wp_" + name].data_ptr())
         for name, t in self._params.items():
             setattr(self.run_struct, name, t.data_ptr())
 
