@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Final, final
 
+import numpy as np
 import torch
 
 from neuroinit.tasks.base import Batch, Task, _check_batch_size
@@ -112,30 +113,28 @@ class RomoTask(Task):
     def __repr__(self) -> str:
         return f"RomoTask(dt_tau={self.dt_tau}, tau_ms={self.tau_ms}, variant={self.variant!r})"
 
-    def _draw(
-        self, batch_size: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-trial ``(a1, a2, gap_steps)`` as float64 / int64 tensors on the generator's device."""
+    def _draw(self, batch_size: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-trial ``(a1, a2, gap_steps)`` as float64 / int64 arrays. The random numbers come from
+        ``generator`` (on its device); the bookkeeping runs in NumPy (a few us per op instead of ~10)."""
         gdev = generator.device
         if self.variant == "test":
-            pairs = torch.tensor(self.TEST_PAIRS, dtype=torch.float64, device=gdev)
-            idx = torch.arange(batch_size, device=gdev) % len(self.TEST_PAIRS)
-            gap = torch.full((batch_size,), self.gap_test_steps, dtype=torch.int64, device=gdev)
-            return pairs[idx, 0], pairs[idx, 1], gap
+            pairs = np.asarray(self.TEST_PAIRS, dtype=np.float64)
+            idx = np.arange(batch_size) % len(self.TEST_PAIRS)
+            return pairs[idx, 0], pairs[idx, 1], np.full(batch_size, self.gap_test_steps, dtype=np.int64)
         gap = torch.randint(
             self.gap_min_steps, self.gap_max_steps + 1, (batch_size,), generator=generator, device=gdev
-        )
+        ).cpu().numpy()
         span = AMP_HIGH - AMP_LOW
-        amps = AMP_LOW + span * torch.rand(
-            batch_size, 2, generator=generator, dtype=torch.float64, device=gdev
-        )
-        bad = (amps[:, 0] - amps[:, 1]).abs() < MIN_AMP_DIFF
-        while bool(bad.any()):
-            n_bad = int(bad.sum())
-            amps[bad] = AMP_LOW + span * torch.rand(
-                n_bad, 2, generator=generator, dtype=torch.float64, device=gdev
-            )
-            bad = (amps[:, 0] - amps[:, 1]).abs() < MIN_AMP_DIFF
+
+        def uniform(n: int) -> np.ndarray:
+            r = torch.rand(n, 2, generator=generator, dtype=torch.float64, device=gdev).cpu().numpy()
+            return AMP_LOW + span * r
+
+        amps = uniform(batch_size)
+        bad = np.abs(amps[:, 0] - amps[:, 1]) < MIN_AMP_DIFF
+        while bad.any():
+            amps[bad] = uniform(int(bad.sum()))
+            bad = np.abs(amps[:, 0] - amps[:, 1]) < MIN_AMP_DIFF
         return amps[:, 0], amps[:, 1], gap
 
     def batch(
@@ -149,13 +148,8 @@ class RomoTask(Task):
         """A batch of ``(n_steps, batch_size)`` trials; the test variant ignores ``generator`` (no draws)."""
         _check_batch_size(batch_size)
         a1, a2, gap = self._draw(batch_size, generator)
-        a1 = a1.to(device=device, dtype=dtype)
         a2_larger = a2 > a1  # decided on float64 before any cast
-        a2 = a2.to(device=device, dtype=dtype)
-        a2_larger = a2_larger.to(device)
-        gap = gap.to(device)
-
-        t = torch.arange(self.n_steps, device=device).unsqueeze(1)  # (T, 1)
+        t = np.arange(self.n_steps)[:, None]  # (T, 1)
         f1_start = self.fixation_steps
         f1_end = f1_start + self.stimulus_steps
         f2_start = f1_end + gap  # (B,)
@@ -167,11 +161,15 @@ class RomoTask(Task):
         in_f2 = (t >= f2_start) & (t < f2_end)  # (T, B)
         in_dec = (t >= dec_start) & (t < dec_end)  # (T, B)
 
-        inputs = (in_f1.to(dtype) * a1 + in_f2.to(dtype) * a2).unsqueeze(-1)
+        def out(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(x).to(dtype=dtype, device=device)
+
+        # the two stimuli never overlap: each input step is exactly one amplitude (rounded once to dtype) or 0
+        inputs = out(np.where(in_f1, a1, np.where(in_f2, a2, 0.0))[..., None])
         # (B, 2) one-hot of the larger stimulus: output 0 = "f1 larger", output 1 = "f2 larger"
-        chosen = torch.stack([~a2_larger, a2_larger], dim=-1).to(dtype)
-        targets = TARGET_LEVEL * in_dec.to(dtype).unsqueeze(-1) * chosen
-        mask = ((t < f2_end) | in_dec).to(dtype)
+        chosen = np.stack([~a2_larger, a2_larger], axis=-1)
+        targets = out(TARGET_LEVEL * (in_dec[..., None] & chosen).astype(np.float64))
+        mask = out(((t < f2_end) | in_dec).astype(np.float64))
         return Batch(inputs=inputs, targets=targets, mask=mask)
 
     def accuracy(self, y: torch.Tensor, batch: Batch) -> float:
