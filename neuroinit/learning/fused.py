@@ -839,7 +839,6 @@ class FusedOnline:
         self._events = torch.empty(b, n + 1, dtype=torch.int64)  # scratch: a step's spike indices, their count
         r.events = self._events.data_ptr()
         self._feedback = feedback
-        self._given = None
         self._ref = ctypes.byref(r)
         # what a later run may reuse these buffers for (:meth:`matches`)
         self._key = (id(cell), b, id(feedback), id(quantiser), tuple(spec), repr(sorted(cell.config().items())))
@@ -884,13 +883,8 @@ class FusedOnline:
     # -------------------------------------------------------------- parameters and state
     def set_params(self, params) -> None:
         """Point the step at (new) parameters, e.g. after an optimizer step."""
-        given = [getattr(params, n) for n in ("w_in", "w_rec", "bias", "w_out", "b_out")]
-        # the same tensors, unchanged since (version counters): the transposed and packed copies still hold
-        if self._given is not None and all(a is b and a._version == v for a, (b, v) in zip(given, self._given)):
-            return
-        self._given = [(t, t._version) for t in given]  # references: a freed tensor's address is never mistaken
-        self._params = {n: t.detach().contiguous() for n, t in zip(("w_in", "w_rec", "bias", "w_out", "b_out"),
-                                                                    given)}
+        self._params = {n: getattr(params, n).detach().contiguous() for n in ("w_in", "w_rec", "bias", "w_out",
+                                                                               "b_out")}
         self._params["fb"] = (self._params["w_out"] if self._feedback is None
                               else self._feedback.detach().contiguous())
         # the forward product reads the transposed matrices (row k: what presynaptic k sends to every neuron),
