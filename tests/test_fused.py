@@ -236,3 +236,20 @@ def test_reused_buffers_start_from_zero(monkeypatch):
     rule.backward(batch, task)
     assert rule._fused is buffers
     _assert_close(_grads(cell), first, tol=0.0)
+
+
+def test_reused_buffers_see_weights_changed_in_place():
+    # buffers are reused across runs; weights written in place between runs (even through .data, which leaves
+    # the version counter alone) must reach the forward product
+    cell, batch, task = _setup("rate", form="voltage", n=40, b=6)
+    fast, plain = OnlineEprop(cell, fast=True), OnlineEprop(cell, fast=False)
+    fast.backward(batch, task)
+    _grads(cell)
+    with torch.no_grad():
+        cell.w_rec.data.mul_(0.5)
+        cell.w_in.data.add_(0.1)
+    trial = fast.backward(batch, task)
+    g_fast = _grads(cell)
+    ref = plain.backward(batch, task)
+    _assert_close(g_fast, _grads(cell))
+    assert float((trial.outputs - ref.outputs).abs().max()) <= 1e-6
