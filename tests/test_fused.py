@@ -57,14 +57,15 @@ def _assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
         assert float((a[n] - b[n]).abs().max()) <= tol * scale, n
 
 
-def _stepwise(rule: OnlineEprop, batch: Batch, task: Task) -> torch.Tensor:
+def _stepwise(rule: OnlineEprop, batch: Batch, task: Task):
+    """Step by step through the batch; returns the outputs (T, B, O) and the final state."""
     st = rule.start(batch.inputs.shape[1])
     ys = []
     for t, u in enumerate(batch.inputs):
         y, st = rule.step(st, u, lambda y_t, t=t: task.output_error(y_t, batch, t))
         ys.append(y)
     rule.flush()
-    return torch.stack(ys)
+    return torch.stack(ys), st
 
 
 CASES = [("rate", {"form": "voltage"}), ("rate", {"form": "rate"}), ("rate", {"form": "voltage", "activation":
@@ -79,10 +80,10 @@ def test_fused_step_equals_plain_step(model, kw, kind):
     form = kw.pop("form", "voltage")
     cell, batch, task = _setup(model, form=form, kind=kind, **kw)
     plain = OnlineEprop(cell, fast=False)
-    y_plain = _stepwise(plain, batch, task)
+    y_plain, _ = _stepwise(plain, batch, task)
     g_plain = _grads(cell)
     fast = OnlineEprop(cell, fast=True)
-    y_fast = _stepwise(fast, batch, task)
+    y_fast, _ = _stepwise(fast, batch, task)
     assert fast.uses_fast_path and not plain.uses_fast_path
     _assert_close(_grads(cell), g_plain)
     assert float((y_fast - y_plain).abs().max()) <= 1e-6
@@ -205,19 +206,13 @@ def test_chunked_update_across_chunk_boundaries_equals_plain_step(monkeypatch, m
     # the forward product's blocks of 6 and 4 rows, 16-column panels and the 8 remaining columns
     monkeypatch.setattr(fused, "chunk_steps", lambda n, i, full: 4)
     cell, batch, task = _setup(model, form=form, **kw)
-    plain = OnlineEprop(cell, fast=False)
-    st = plain.start(batch.inputs.shape[1])
-    ys = []
-    for t, u in enumerate(batch.inputs):
-        y, st = plain.step(st, u, lambda y_t, t=t: task.output_error(y_t, batch, t))
-        ys.append(y)
-    plain.flush()
+    y_plain, st = _stepwise(OnlineEprop(cell, fast=False), batch, task)
     g_plain = _grads(cell)
     fast = OnlineEprop(cell, fast=True)
     trial = fast.backward(batch, task)
     assert fast.uses_fast_path
     _assert_close(_grads(cell), g_plain)
-    assert float((trial.outputs - torch.stack(ys)).abs().max()) <= 1e-6
+    assert float((trial.outputs - y_plain).abs().max()) <= 1e-6
     # the traces at the end of the run (full ones brought up to date on request) equal the stepwise ones, to
     # float32 rounding accumulated over 25 steps (decay powers ed^k taken at once, not step by step)
     for a, b in zip(fast._fused.traces(), st.traces):
