@@ -548,6 +548,12 @@ void ni_run(Run *r, int64_t t0, int64_t t1) {
    signal, e.g. steps outside the loss mask -- by moving the others (and their presynaptic records) to the front:
    a three-factor update without its third factor changes nothing. Returns the number of rows to sum (K B when
    the traces are full: those rows also carry the traces). */
+static int row_is_zero(const float *a, int64_t n) {
+    int nonzero = 0;
+    for (int64_t j = 0; j < n; j++) nonzero |= a[j] != 0.0f;
+    return !nonzero;
+}
+
 int64_t ni_chunk_prepare(Run *r, float *c) {
     const int64_t B = r->B, N = r->N, I = r->I, n = B * N, K = r->rec_pos;
     const float ed = r->ed;
@@ -565,20 +571,20 @@ int64_t ni_chunk_prepare(Run *r, float *c) {
     }
     for (int64_t k = 0; k < n; k++) c[k] *= ed;
     if (r->full) return K * B;
-    int64_t kept = 0;
-    for (int64_t row = 0; row < K * B; row++) {
-        const float *a = r->rec_L + row * N;
-        int nonzero = 0;
-        for (int64_t j = 0; j < N; j++) nonzero |= a[j] != 0.0f;
-        if (!nonzero) continue;
-        if (kept != row) {
-            memcpy(r->rec_L + kept * N, a, sizeof(float) * N);
-            memcpy(r->rec_pre + kept * N, r->rec_pre + row * N, sizeof(float) * N);
-            memcpy(r->rec_pre_in + kept * (I + 1), r->rec_pre_in + row * (I + 1), sizeof(float) * (I + 1));
-        }
-        kept++;
+    /* fill each empty row from the front with the last non-empty row (the sum does not depend on the order):
+       at most as many rows move as are empty */
+    int64_t lo = 0, hi = K * B;
+    for (;;) {
+        while (lo < hi && !row_is_zero(r->rec_L + lo * N, N)) lo++;
+        while (hi > lo && row_is_zero(r->rec_L + (hi - 1) * N, N)) hi--;
+        if (lo >= hi) break;
+        hi--; /* row hi is non-empty, row lo empty: move hi to lo */
+        memcpy(r->rec_L + lo * N, r->rec_L + hi * N, sizeof(float) * N);
+        memcpy(r->rec_pre + lo * N, r->rec_pre + hi * N, sizeof(float) * N);
+        memcpy(r->rec_pre_in + lo * (I + 1), r->rec_pre_in + hi * (I + 1), sizeof(float) * (I + 1));
+        lo++;
     }
-    return kept;
+    return lo;
 }
 
 /* Chunked exact update, the carried part: G += sum_b c[b, j] e0[b, j, :] for the recurrent, input and bias
@@ -604,11 +610,16 @@ void ni_chunk_carry(Run *r, const float *c) {
 /* The layouts the forward product reads, from W (n x k, row-major: row j = what neuron j receives): wt = W^T
    (k x n) and wp = W^T packed by 16-column blocks (block jb: k x 16, contiguous). */
 void ni_pack(const float *w, int64_t n, int64_t k, float *wt, float *wp) {
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t i = 0; i < k; i++) wt[i * n + j] = w[j * k + i];
-    for (int64_t jb = 0; jb < n / 16; jb++)
+    const int64_t nb = n / 16;
+    for (int64_t jb = 0; jb < nb; jb++) /* 16 rows of W at a time: reads stay in 16 cache lines, writes contiguous */
         for (int64_t i = 0; i < k; i++)
-            memcpy(wp + (jb * k + i) * 16, wt + i * n + jb * 16, sizeof(float) * 16);
+            for (int64_t jj = 0; jj < 16; jj++) {
+                const float v = w[(jb * 16 + jj) * k + i];
+                wt[i * n + jb * 16 + jj] = v;
+                wp[(jb * k + i) * 16 + jj] = v;
+            }
+    for (int64_t j = nb * 16; j < n; j++)
+        for (int64_t i = 0; i < k; i++) wt[i * n + j] = w[j * k + i];
 }
 
 /* Memory bandwidth probe for the roofline (neuroinit.bench): ``reps`` in-place passes a <- c a + d over n floats,
@@ -839,6 +850,7 @@ class FusedOnline:
         self._events = torch.empty(b, n + 1, dtype=torch.int64)  # scratch: a step's spike indices, their count
         r.events = self._events.data_ptr()
         self._feedback = feedback
+        self._layouts: dict[str, torch.Tensor] = {}
         self._ref = ctypes.byref(r)
         # what a later run may reuse these buffers for (:meth:`matches`)
         self._key = (id(cell), b, id(feedback), id(quantiser), tuple(spec), repr(sorted(cell.config().items())))
@@ -892,10 +904,12 @@ class FusedOnline:
         for name in ("rec", "in"):
             w = self._params["w_" + name]
             n, k = w.shape
-            self._params["wt_" + name] = w.new_empty(k, n)
-            self._params["wp_" + name] = w.new_empty(n // 16, k, 16)
-            self.lib.ni_pack(w.data_ptr(), n, k, self._params["wt_" + name].data_ptr(),
-                             self._params["wp_" + name].data_ptr())
+            if ("wt_" + name) not in self._layouts:  # allocated once, rewritten at every call
+                self._layouts["wt_" + name] = w.new_empty(k, n)
+                self._layouts["wp_" + name] = w.new_empty(n // 16, k, 16)
+            wt, wp = self._layouts["wt_" + name], self._layouts["wp_" + name]
+            self.lib.ni_pack(w.data_ptr(), n, k, wt.data_ptr(), wp.data_ptr())
+            self._params["wt_" + name], self._params["wp_" + name] = wt, wp
         for name, t in self._params.items():
             setattr(self.run_struct, name, t.data_ptr())
 
