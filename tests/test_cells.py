@@ -497,3 +497,16 @@ def test_grids_ignore_the_removed_diagonal():
     assert b.grids["w_rec"] == a.grids["w_rec"]
     kept = RateRNN(p._replace(w_rec=big), profile="loihi-like", remove_autapses=False)
     assert kept.grids["w_rec"].scale > a.grids["w_rec"].scale
+
+
+@pytest.mark.parametrize("form", ["voltage", "rate"])
+def test_rate_jacobian_apply_equals_the_formed_jacobian(form):
+    g = torch.Generator().manual_seed(3)
+    params, _ = hardware_init("rate", 2, 12, 1, 1.4, "ideal", generator=g, dtype=torch.float64)
+    cell = make_cell("rate", params, alpha=0.3, form=form)
+    p = cell.params()
+    state = RateState(torch.randn(4, 12, generator=g, dtype=torch.float64))
+    u = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    q = torch.randn(4, 12, 3, generator=g, dtype=torch.float64)
+    expected = cell.jacobian(p, state, u) @ q
+    assert torch.allclose(cell.jacobian_apply(p, state, u, q), expected, rtol=0, atol=1e-13)

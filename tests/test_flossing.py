@@ -52,12 +52,20 @@ def test_flossing_moves_the_top_exponent_of_a_small_gain_network_toward_zero(mod
 
 
 def test_flossing_autonomous_pushes_exponents_down_toward_target():
-    """A chaotic network flossed toward a negative target (no input_fn: autonomous, fresh initial states)."""
-    cell = rate_cell(32, 2.0, alpha=1.0)
-    res = floss(cell, iters=15, k=2, mode="full", target=-0.1, lr=3e-3, generator=gen(2))
-    first, last = res.exponents[0], res.exponents[-1]
+    """A chaotic network (g = 3, top exponents ~ +0.15, +0.09) flossed toward a negative target (no input_fn:
+    autonomous, fresh initial states), judged by independent spectra before and after: the in-loop estimates of
+    one short window each are too noisy to compare one iteration with another (0.12-0.37 apart here)."""
+    cell = rate_cell(32, 3.0, alpha=1.0)
+
+    def distance_to_target() -> float:
+        spec = lyapunov_spectrum(cell, None, k=2, steps=300, batch=4, warmup=50, generator=gen(7))
+        return float((spec.mean + 0.1).abs().sum())
+
+    before = distance_to_target()
+    res = floss(cell, iters=15, k=2, mode="full", target=-0.1, lr=1e-2, generator=gen(2))
     assert all(len(e) == 2 for e in res.exponents)
-    assert sum(abs(v + 0.1) for v in last) < sum(abs(v + 0.1) for v in first)
+    # measured 0.438 -> 0.126 (and -> 0.080 with the Jacobian formed explicitly: chaos amplifies rounding)
+    assert distance_to_target() < 0.5 * before
 
 
 def test_loss_is_the_mean_of_squared_distances_to_the_target():

@@ -177,6 +177,11 @@ class RecurrentCell(nn.Module, abc.ABC):
     def jacobian(self, params: CellParams, state: Any, u: torch.Tensor) -> torch.Tensor:
         """(B, N, N) Jacobian d observable_{t} / d observable_{t-1} of the step taken from ``state``."""
 
+    def jacobian_apply(self, params: CellParams, state: Any, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``jacobian(params, state, u) @ q`` for (B, N, k) vectors ``q``; cells override it to skip forming the
+        (B, N, N) matrix."""
+        return self.jacobian(params, state, u) @ q
+
     @abc.abstractmethod
     def trace_spec(self) -> TraceSpec:
         """Constants of this cell's three-factor rule."""

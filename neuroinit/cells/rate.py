@@ -126,6 +126,15 @@ class RateRNN(RecurrentCell):
         d = self.activation.df(self._pre_activation(params, state, u))
         return (1 - a) * eye + a * d[:, :, None] * params.w_rec
 
+    def jacobian_apply(self, params, state, u, q):
+        """The Jacobian (:meth:`jacobian`) applied to ``q`` (B, N, k) without forming it: one (N x N) by (N x k)
+        product per sequence instead of building B N x N matrices."""
+        a = self.alpha
+        if self.form == "voltage":
+            return (1 - a) * q + a * (params.w_rec @ (self.activation.df(state.x)[:, :, None] * q))
+        d = self.activation.df(self._pre_activation(params, state, u))
+        return (1 - a) * q + a * d[:, :, None] * (params.w_rec @ q)
+
     def trace_spec(self) -> TraceSpec:
         a = float(self.alpha)
         if self.form == "voltage":

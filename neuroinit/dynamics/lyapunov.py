@@ -236,13 +236,12 @@ def _run(cell: RecurrentCell, params, state: Any, q: Tensor, inputs: Tensor, qr_
     log_sum = q.new_zeros(q.shape[0], q.shape[2])
     pending = 0
     for u in inputs:
-        d = cell.jacobian(params, state, u)
+        q = cell.jacobian_apply(params, state, u, q)  # D_t q, D_t taken at the state the step starts from
         if track_state:
             state = cell.step(params, state, u, eprop_detach=eprop_detach)[1]
         else:
             with torch.no_grad():
                 state = _detach_state(cell.step(params, state, u)[1])
-        q = d @ q
         pending += 1
         if pending == qr_every:
             q, log_r = _orthonormalise(q)
