@@ -984,8 +984,10 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
             continue
         for r in sel:
             rf = r["roofline"]
-            own = "" if r.get("own_roofline_fraction") is None else \
-                f"; chunked update: {r['own_roofline_fraction']:.0%} of its own bound {rf['chunked']['bound_us']:.0f} us"
+            own = ""
+            if r.get("own_roofline_fraction") is not None:
+                own = (f"; chunked update: {r['own_roofline_fraction']:.0%} of its own bound "
+                       f"{rf['chunked']['bound_us']:.0f} us")
             add(f">= {need:.0%} of the roofline for {label}: N={r['hidden']} B={r['batch']}",
                 f"{r['roofline_fraction']:.0%} ({r['us_per_step']:.0f} us vs per-step trace bound "
                 f"{rf['bound_us']:.0f} us, {rf['bound_by']}, {rf['memory_level']}{own})",
