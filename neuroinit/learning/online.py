@@ -16,7 +16,9 @@ pseudo-derivative, with the eligibility trace low-pass filtered by the readout's
 ``F_kappa``). The readout weights get their exact local gradient ``err^t (x) readout_trace^t``. Input weights
 and the bias use the same rule with the input (or 1) as presynaptic signal.
 
-Nothing is stored over time: memory is independent of the sequence length.
+Nothing is stored over time (the fused path, :mod:`neuroinit.learning.fused`, records at most
+:func:`~neuroinit.learning.fused.chunk_steps` steps for its chunked exact update): memory is independent of
+the sequence length.
 """
 
 from __future__ import annotations
