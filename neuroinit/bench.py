@@ -35,9 +35,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -163,7 +163,7 @@ def environment(device: str = "cpu") -> dict:
             from importlib.metadata import version
 
             env[pkg] = version(pkg)
-        except Exception as e:  # an import failure is recorded, the peer is then skipped
+        except Exception as e:  # noqa: BLE001  any import failure (ImportError, a torch ABI error) is recorded
             env[pkg] = f"unavailable: {type(e).__name__}"
     from neuroinit.learning import fused
 
@@ -321,10 +321,11 @@ def _measure_device(device: str, quick: bool) -> dict:
         a = torch.zeros(n)
         reps = max(1, int((2 ** 30 if not quick else 2 ** 28) // nbytes))
         if lib is not None:
-            t = _best_time(lambda: lib.ni_stream(a.data_ptr(), n, reps), 3 if quick else 5, lambda: None)
+            t = _best_time(lambda a=a, n=n, reps=reps: lib.ni_stream(a.data_ptr(), n, reps), 3 if quick else 5,
+                           lambda: None)
             bw[level] = 8 * n * reps / t / 1e9
         else:
-            t = _best_time(lambda: a.mul_(0.999).add_(0.001), 3 if quick else 5, lambda: None)
+            t = _best_time(lambda a=a: a.mul_(0.999).add_(0.001), 3 if quick else 5, lambda: None)
             bw[level] = 16 * n / t / 1e9
     n = 1024 if quick else 2048
     m = torch.randn(n, n)
@@ -490,7 +491,7 @@ class NorseNet(torch.nn.Module):
                  dt: float = 1.0) -> None:
         super().__init__()
         norse_torch = _import_quietly("norse.torch")
-        LIFParameters, LIFRecurrent = norse_torch.LIFParameters, norse_torch.LIFRecurrent  # noqa: N806
+        LIFParameters, LIFRecurrent = norse_torch.LIFParameters, norse_torch.LIFRecurrent
         beta = 1.0 - alpha
         n, n_in = p.w_in.shape
         params = LIFParameters(tau_syn_inv=torch.as_tensor(1.0 / dt), tau_mem_inv=torch.as_tensor(beta / dt),
@@ -615,7 +616,7 @@ def _peer_available(method: str) -> str | None:
         return None
     try:
         _import_quietly("snntorch" if method == "snntorch-bptt" else "norse.torch")
-    except Exception as e:  # recorded in the result, the method is skipped
+    except Exception as e:  # noqa: BLE001  any import failure is recorded in the result, the method skipped
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -623,11 +624,11 @@ def _peer_available(method: str) -> str | None:
 # ------------------------------------------------------------------------------------------ gradient checks
 def _max_rel(a: dict, b: dict) -> float:
     worst = 0.0
-    for k in b:
-        if a.get(k) is None or b[k] is None:
+    for k, ref in b.items():
+        if a.get(k) is None or ref is None:
             continue
-        scale = max(float(b[k].abs().max()), 1e-12)
-        worst = max(worst, float((a[k] - b[k]).abs().max()) / scale)
+        scale = max(float(ref.abs().max()), 1e-12)
+        worst = max(worst, float((a[k] - ref).abs().max()) / scale)
     return worst
 
 
@@ -919,15 +920,16 @@ def format_table(result: dict, *, markdown: bool = False) -> str:
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     env, cal = result["environment"], result["calibration"]
     bw = ", ".join(f"{k} {v:.1f}" for k, v in cal["bandwidth_gbs"].items())
-    lines += ["", "us/step: median over repeats (IQR: quartiles); x fused: time / neuroinit-fused (ideal); "
-              "roofline: bound of a rule that updates every trace at every step / measured (memory level or flop; "
-              "over 100% where the chunked update moves less); own roofline: bound of the chunked update's own "
-              "work / measured; load: background CPU cores busy",
-              f"calibration{' (cached)' if cal.get('cached') else ''}: bandwidth GB/s {bw}; matmul "
-              f"{cal['matmul_gflops']:.1f} GFLOP/s",
-              f"environment: {env['cpu_model']}, {env['logical_cpus']} CPUs, torch {env['torch']} "
-              f"({env['torch_threads']} threads), OMP_WAIT_POLICY {env['omp_wait_policy']}, device "
-              f"{env['device']}, fused {env['fused']}"]
+    lines += ["",
+              ("us/step: median over repeats (IQR: quartiles); x fused: time / neuroinit-fused (ideal); "
+               "roofline: bound of a rule that updates every trace at every step / measured (memory level or "
+               "flop; over 100% where the chunked update moves less); own roofline: bound of the chunked "
+               "update's own work / measured; load: background CPU cores busy"),
+              (f"calibration{' (cached)' if cal.get('cached') else ''}: bandwidth GB/s {bw}; matmul "
+               f"{cal['matmul_gflops']:.1f} GFLOP/s"),
+              (f"environment: {env['cpu_model']}, {env['logical_cpus']} CPUs, torch {env['torch']} "
+               f"({env['torch_threads']} threads), OMP_WAIT_POLICY {env['omp_wait_policy']}, device "
+               f"{env['device']}, fused {env['fused']}")]
     bad = [c for c in result["gradient_checks"] if not c["ok"]]
     lines.append(f"gradient checks: {len(result['gradient_checks']) - len(bad)}/{len(result['gradient_checks'])}"
                  " ok" + ("" if not bad else " FAILED: " + ", ".join(f"{c['variant']}/{c['method']}" for c in bad)))

@@ -260,7 +260,7 @@ def _report(model, profile, requested, used, interval, p: CellParams, q: CellPar
     thr_code = None
     finest = [g for k, g in grids.items() if g is not None and k != "w_out"]
     if threshold is not None and finest:
-        thr_code = int(round(threshold / min(g.scale for g in finest)))
+        thr_code = round(float(threshold) / min(g.scale for g in finest))
     return InitReport(
         profile=profile.name, model=model, n_hidden=n, requested_gain=float(requested), used_gain=float(used),
         gain_interval=(float(interval[0]), float(interval[1])),

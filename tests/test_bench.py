@@ -154,3 +154,11 @@ def test_chunked_roofline_counts_the_carried_traces_only_for_long_trials():
     assert math.isclose(four["flops_per_step"], forward + grad + grad * 25 * 3 / 100)
     assert bench.roofline("rate-voltage", n, b, i, o, calib, steps=100, chunk=25)["chunked"]["boundaries"] == 0
     assert "chunked" not in bench.roofline("lif", n, b, i, o, calib)
+
+
+def test_bench_help_lists_every_method():
+    res = CliRunner().invoke(main, ["bench", "--help"])
+    assert res.exit_code == 0
+    listed = " ".join(res.output.split())  # click wraps the help text
+    for method in bench.METHODS:
+        assert method in listed

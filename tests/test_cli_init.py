@@ -13,7 +13,6 @@ from neuroinit.cli import main
 from neuroinit.init import hardware_init
 
 
-
 def _invoke(*args: str):
     return CliRunner().invoke(main, ["init", *args])
 

@@ -99,7 +99,7 @@ def test_fused_traces_equal_plain_traces_after_every_step():
     plain, fast = OnlineEprop(cell), OnlineEprop(cell, fast=True)
     sp, sf = plain.start(2), fast.start(2)
     for t, u in enumerate(batch.inputs):
-        err = lambda y_t, t=t: task.output_error(y_t, batch, t)  # noqa: E731
+        err = lambda y_t, t=t: task.output_error(y_t, batch, t)
         _, sp = plain.step(sp, u, err)
         _, sf = fast.step(sf, u, err)
         for a, b in [*zip(sf.traces, sp.traces), *zip(sf.cell, sp.cell)]:  # to 1e-6 relative (float32)
@@ -168,7 +168,7 @@ def test_chip_precision_traces_stay_on_their_grids_and_auto_declines_them():
 
 def test_chip_precision_rounding_is_unbiased():
     """Stochastic rounding in the fused loop: the mean over many draws approaches the float trace."""
-    cell, batch, task = _setup("rate", form="rate", profile="loihi-like", n=8, b=1, t_len=1)
+    cell, batch, _task = _setup("rate", form="rate", profile="loihi-like", n=8, b=1, t_len=1)
     quantiser = make_trace_quantiser(cell, generator=torch.Generator().manual_seed(0))
     float_rule = OnlineEprop(cell, fast=True)
     sf = float_rule.start(1)

@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 from neuroinit.cells import LIFRNN, PARAM_NAMES, RateRNN
 from neuroinit.init import float_init, hardware_init
 from neuroinit.learning import (
-    BPTT, AutogradEprop, OnlineEprop, attach_chip_constraints, learning_grids, make_rule,
+    BPTT,
+    AutogradEprop,
+    OnlineEprop,
+    attach_chip_constraints,
+    learning_grids,
+    make_rule,
 )
 from neuroinit.tasks.base import Batch, Task
 

@@ -220,7 +220,7 @@ def test_write_is_atomic(tmp_path):
 
 def test_load_cell_keeps_the_stored_grids_when_a_weight_sits_on_code_min(tmp_path):
     # a weight trained onto code_min (-128 * scale) would make a fresh grid choice one exponent coarser
-    cell, report = _cell("lif", "loihi-like")
+    cell, _report = _cell("lif", "loihi-like")
     grid = cell.grids["w_rec"]
     with torch.no_grad():
         cell.w_rec[0, 1] = grid.code_min * grid.scale

@@ -6,7 +6,8 @@ Pure step functions over :class:`~neuroinit.cells.base.CellParams` and :class:`R
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -7,10 +7,21 @@
   (science.md section 5).
 """
 
-from neuroinit.dynamics.curvature import CurvatureResult, batch_loss, generalisation_gap, top_hessian_eigenvalue
+from neuroinit.dynamics.curvature import (
+                                         CurvatureResult,
+                                         batch_loss,
+                                         generalisation_gap,
+                                         top_hessian_eigenvalue,
+)
 from neuroinit.dynamics.flossing import FLOSS_MODES, FlossResult, floss
-from neuroinit.dynamics.lyapunov import (LyapunovResult, dt_over_tau, lyapunov_spectrum, max_exponent,
-                                         task_inputs, two_trajectory_exponent)
+from neuroinit.dynamics.lyapunov import (
+                                         LyapunovResult,
+                                         dt_over_tau,
+                                         lyapunov_spectrum,
+                                         max_exponent,
+                                         task_inputs,
+                                         two_trajectory_exponent,
+)
 
 __all__ = ["FLOSS_MODES", "CurvatureResult", "FlossResult", "LyapunovResult", "batch_loss", "dt_over_tau",
            "floss", "generalisation_gap", "lyapunov_spectrum", "max_exponent", "task_inputs",

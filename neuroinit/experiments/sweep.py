@@ -501,7 +501,7 @@ def execute_run(payload: dict) -> dict:
         result["summary"] = _file_summary(target)
         if not shared:
             result["file_bytes"] = target.read_bytes()
-    except Exception as e:  # noqa: BLE001 - a failing run is a result, not the end of the sweep
+    except Exception as e:  # noqa: BLE001  a failing run is recorded with its error; the others go on
         result["status"] = "failed"
         result["error"] = _one_line(e)
         result["traceback"] = "".join(traceback.format_exception(e)[-6:])[-4000:]
@@ -843,7 +843,7 @@ def _run_local(pending: list[PlannedRun], payload: dict, workers: int, threads: 
                     except BrokenProcessPool:
                         lost.append(run)
                         continue
-                    except Exception as e:  # noqa: BLE001 - pickling problems and the like
+                    except Exception as e:  # noqa: BLE001  recorded as a failed run, the sweep goes on
                         res = {"run_id": run.run_id, "status": "failed", "error": _one_line(e), "traceback": "",
                                "summary": {}, "wall_time": None, "host": "", "file_bytes": None}
                     finish(run, res)

@@ -12,7 +12,7 @@ the float path bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

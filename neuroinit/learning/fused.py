@@ -44,8 +44,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -709,11 +709,12 @@ def _build() -> ctypes.CDLL:
             src = Path(tmp) / "fused.c"
             src.write_text(C_SOURCE)
             out = Path(tmp) / path.name
-            proc = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+            proc = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
+                                  check=False)  # the failure is reported below, with the compiler's first line
             if proc.returncode != 0:
                 raise OSError(f"compiling the fused step failed: {proc.stderr.strip().splitlines()[:1]}")
             os.replace(out, path)  # atomic: concurrent builders race harmlessly
-    import torch  # noqa: F401  (torch's OpenMP runtime is loaded first, so the library shares it)
+    # torch (imported above) has loaded its OpenMP runtime: the library binds to the same one
     lib = ctypes.CDLL(str(path))
     for name in ("ni_forward", "ni_update", "ni_run"):
         getattr(lib, name).restype = None
@@ -742,7 +743,7 @@ def _load() -> ctypes.CDLL | None:
         if _lib is None and _reason is None:
             if os.environ.get("NEUROINIT_NO_FUSED"):
                 _reason = "disabled by NEUROINIT_NO_FUSED"
-            elif not sys.platform.startswith("linux") and not sys.platform == "darwin":
+            elif not sys.platform.startswith("linux") and sys.platform != "darwin":
                 _reason = f"unsupported platform {sys.platform}"
             else:
                 try:
@@ -817,7 +818,7 @@ class FusedOnline:
         model, actfn = _cell_code(cell)
         spec = cell.trace_spec()
         b, n, i, o = batch_size, cell.n_hidden, cell.n_in, cell.n_out
-        empty = lambda *s: torch.empty(*s, dtype=torch.float32)  # noqa: E731
+        empty = lambda *s: torch.empty(*s, dtype=torch.float32)
         self.full = spec.elig_decay != 0.0
         self.model = model
         self.buf = {

@@ -23,7 +23,8 @@ the sequence length.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -49,7 +50,7 @@ class Traces(NamedTuple):
 
 
 def init_traces(spec: TraceSpec, batch_size: int, n_in: int, n_hidden: int, *, like: torch.Tensor) -> Traces:
-    z = lambda *shape: like.new_zeros(*shape)  # noqa: E731
+    z = lambda *shape: like.new_zeros(*shape)
     full = spec.elig_decay != 0.0
     return Traces(
         pre_rec=z(batch_size, n_hidden), pre_in=z(batch_size, n_in), pre_bias=z(batch_size, 1),
@@ -203,9 +204,9 @@ class OnlineEprop(LearningRule):
         caller steps the optimizer). With ``apply_every=K`` and an ``optimizer`` the gradient of every K steps
         is applied at once (``zero_grad``, write, ``step``), as a chip's learning epoch; ``K = 1`` is fully
         online."""
-        if apply_every is not None:
-            if optimizer is None or not (isinstance(apply_every, int) and apply_every >= 1):
-                raise ValueError(f"Invalid apply_every {apply_every!r}: needs an integer >= 1 and an optimizer")
+        if apply_every is not None and (optimizer is None
+                                        or not (isinstance(apply_every, int) and apply_every >= 1)):
+            raise ValueError(f"Invalid apply_every {apply_every!r}: needs an integer >= 1 and an optimizer")
         if self.fast:  # --- fast path (neuroinit.learning.fused): one native call per learning epoch ---
             from neuroinit.learning import fused
 
