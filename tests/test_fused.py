@@ -248,3 +248,19 @@ def test_reused_buffers_see_weights_changed_in_place():
     ref = plain.backward(batch, task)
     _assert_close(g_fast, _grads(cell))
     assert float((trial.outputs - ref.outputs).abs().max()) <= 1e-6
+
+
+def test_buffers_are_not_reused_for_another_batch_size_or_quantiser():
+    cell, batch, task = _setup("rate", form="rate", profile="loihi-like", n=8, b=3, t_len=4)
+    g = torch.Generator().manual_seed(0)
+    rule = OnlineEprop(cell, fast=True, trace_quantiser=make_trace_quantiser(cell, generator=g))
+    rule.start(3)
+    first = rule._fused
+    rule.start(3)
+    assert rule._fused is first
+    rule.start(2)
+    assert rule._fused is not first
+    second = rule._fused
+    rule.trace_quantiser = make_trace_quantiser(cell, generator=g)
+    rule.start(2)
+    assert rule._fused is not second

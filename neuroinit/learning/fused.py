@@ -10,8 +10,8 @@ of two ways:
   their learning signal ``L``, postsynaptic factor and presynaptic traces; at the chunk's end the gradient of
   every step of the chunk is one GEMM over the chunk's ``K B`` rows (``ni_chunk_prepare`` has the equations:
   the eligibility trace's decay is moved onto the learning signal, filtered backwards inside the chunk), and
-  full traces are carried to the next chunk by a batched GEMM, only when the trial is longer than a chunk or
-  the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums reordered), at
+  full traces are carried to the next chunk by a GEMM per batch element, only when the trial is longer than a
+  chunk or the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums reordered), at
   the matmul rate instead of the memory bandwidth of a per-step trace pass; memory stays independent of T
   (the records hold :func:`chunk_steps` steps).
 * **per-step traces** (single :meth:`FusedOnline.step` calls, and chip-precision traces, which are rounded at
@@ -853,18 +853,19 @@ class FusedOnline:
         self._feedback = feedback
         self._layouts: dict[str, torch.Tensor] = {}
         self._ref = ctypes.byref(r)
-        # what a later run may reuse these buffers for (:meth:`matches`)
-        self._key = (id(cell), b, id(feedback), id(quantiser), tuple(spec), repr(sorted(cell.config().items())))
+        # what a later run may reuse these buffers for (:meth:`matches`); references, not ids: a freed object's
+        # id can come back for another one
+        self._quantiser, self._config = quantiser, _cell_constants(cell)
         # chunked exact update (float traces, whole runs): records, the chunk waiting to enter the full traces
         self._rec: dict[str, torch.Tensor] | None = None
         self.reset(params, grads)
         self._write_zero_traces()  # touched once: the memory a run holds does not depend on its length
 
     def matches(self, cell, batch_size: int, *, feedback=None, quantiser=None) -> bool:
-        """Whether a new run of ``cell`` can reuse these buffers (same cell, batch, feedback and quantiser)."""
-        key = (id(cell), batch_size, id(feedback), id(quantiser), tuple(cell.trace_spec()),
-               repr(sorted(cell.config().items())))
-        return key == self._key and cell is self.cell
+        """Whether a new run of ``cell`` can reuse these buffers: the same cell (constants unchanged), batch
+        size, feedback and quantiser."""
+        return (cell is self.cell and batch_size == self.run_struct.B and feedback is self._feedback
+                and quantiser is self._quantiser and _cell_constants(cell) == self._config)
 
     def reset(self, params, grads: dict[str, torch.Tensor]) -> None:
         """Start a new run: zero state and traces, accumulate into ``grads``, compute with ``params``.
@@ -1014,7 +1015,7 @@ class FusedOnline:
             setattr(self.run_struct, name, self._rec[name].data_ptr() if on else None)
 
     def _flush_chunk(self) -> None:
-        """Adds the gradient of the recorded chunk (``ni_chunk_prepare``'s equations) by three GEMMs; full
+        """Adds the gradient of the recorded chunk (``ni_chunk_prepare``'s equations) by two GEMMs; full
         traces are brought to the chunk's end lazily (:meth:`_materialise`), only if anything needs them."""
         k = int(self.run_struct.rec_pos)
         if k == 0:
@@ -1059,6 +1060,11 @@ class FusedOnline:
         self._pending = 0
         self._elig_zero = False
         self.run_struct.rec_pos = 0
+
+
+def _cell_constants(cell) -> tuple:
+    """What the fused run copies from a cell when it is built: its rule's constants and configuration."""
+    return tuple(cell.trace_spec()), repr(sorted(cell.config().items()))
 
 
 def chunk_steps(n_hidden: int, n_in: int, full: bool) -> int:
