@@ -540,6 +540,7 @@ class ChipState(NamedTuple):
     i: np.ndarray
     n: np.ndarray
     ref: np.ndarray
+    clipped: int = 0   # entries of this step whose synaptic sum saturated (differs from the unclipped sum)
 
 
 def chip_population_step(s: ChipState, counts: np.ndarray, weights: np.ndarray, *, bias: np.ndarray,
@@ -565,8 +566,10 @@ def chip_population_step(s: ChipState, counts: np.ndarray, weights: np.ndarray, 
     trained = dep.reset if reset == "as-trained" else None
     if trained == "zero":
         v = np.where(s.n > 0, 0, v)
-    acc = synaptic_adds(s.i if rules.synapse == "current" else np.zeros_like(v), counts, weights,
-                        every_add=every, bits=bits, mode=mode)
+    acc0 = s.i if rules.synapse == "current" else np.zeros_like(v)
+    acc = synaptic_adds(acc0, counts, weights, every_add=every, bits=bits, mode=mode)
+    clipped = int((acc != synaptic_adds(acc0, counts, weights, every_add=False, bits=bits, mode=mode)).sum()) \
+        if every else 0
     if rules.synapse == "current":
         acc = acc - chip_decay(acc, syn_decay, dep)
         i_new = acc
@@ -590,14 +593,14 @@ def chip_population_step(s: ChipState, counts: np.ndarray, weights: np.ndarray, 
         v = v - n * threshold
     elif reset == "zero":
         v = np.where(n > 0, 0, v)
-    return ChipState(v, i_new, n, ref)
+    return ChipState(v, i_new, n, ref, clipped)
 
 
 def fixed_lif_step(v: np.ndarray, z_prev: np.ndarray, drive: np.ndarray, dep: Deployment
                    ) -> tuple[np.ndarray, np.ndarray]:
     """One hidden step of the ``fixed`` arithmetic from a membrane ``v``, last step's spikes ``z_prev`` and an
-    already summed ``drive`` (weight units), without a synaptic current: returns the new membrane and the spike
-    counts (:func:`chip_population_step` with one presynaptic "neuron" carrying the drive)."""
+    already summed ``drive`` (weight units; it enters a fresh synaptic current when the profile has one): returns
+    the new membrane and the spike counts (:func:`chip_population_step`, one presynaptic input per neuron)."""
     b = v.shape[0]
     s = ChipState(v.astype(np.int64), np.zeros_like(v, np.int64), z_prev.astype(np.int64), np.zeros_like(v, np.int64))
     w = np.eye(v.shape[1], dtype=np.int64)
@@ -743,7 +746,7 @@ def _run_fixed(dep: Deployment, k: np.ndarray) -> dict:
     zeros = np.zeros((batch, n), np.int64)
     s = ChipState(zeros, zeros, zeros, zeros)
     lim = (1 << (dep.state_bits - 1))
-    events = {"v_saturated": 0, "multi_spikes": 0}
+    events = {"v_saturated": 0, "multi_spikes": 0, "synaptic_sum_saturated": 0}
     out = {"spikes": np.zeros((n_steps, batch, n), np.int64), "v": np.zeros((n_steps, batch, n), np.int64),
            "i": np.zeros((n_steps, batch, n), np.int64) if dep.rules.synapse == "current" else None}
     ro = dep.readout
@@ -762,6 +765,7 @@ def _run_fixed(dep: Deployment, k: np.ndarray) -> dict:
                                  reset=dep.rules.reset, n_refractory=dep.n_refractory, dep=dep)
         events["v_saturated"] += int(((s.v == lim - 1) | (s.v == -lim)).sum())
         events["multi_spikes"] += int((s.n > 1).sum())
+        events["synaptic_sum_saturated"] += s.clipped
         out["spikes"][t], out["v"][t] = s.n, s.v
         if out["i"] is not None:
             out["i"][t] = s.i

@@ -1,0 +1,143 @@
+"""Xylo: the profile-stated neuron arithmetic against SynSense's bit-accurate simulator xylosim, the Xylo
+export's limit checks, and the refusal of arithmetic the emulator does not know."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from neuroinit.cells import LIFRNN
+from neuroinit.emulate.integer import chip_decay, deploy, emulate, spike_counts
+from neuroinit.init import hardware_init
+from neuroinit.io.xylo import read_xylo, verify_xylo, write_xylo, xylo_spec
+from neuroinit.profiles import ProfileError, load_profile, profile_from_dict, profile_to_dict
+
+
+def _cell(*, n_in=4, n=16, n_out=2, gain=1.5, seed=0, bias=0.05, profile="xylo-like", **kw) -> LIFRNN:
+    g = torch.Generator().manual_seed(seed)
+    p, _ = hardware_init("lif", n_in, n, n_out, gain, profile, generator=g, out_of_range="clamp")
+    p = p._replace(bias=bias * torch.randn(n, generator=g))
+    return LIFRNN(p, reset="subtract", profile=profile, **kw)
+
+
+def _random_chip(seed: int, *, n_in=6, n=20, n_out=3, w_scale=127, shift_in=0, shift_rec=0, density=0.5):
+    """A xylo-like deployment with random integer codes (weights, decays, threshold, biases): the arithmetic,
+    not a trained network, is under test."""
+    rng = np.random.default_rng(seed)
+    dep = deploy(_cell(n_in=n_in, n=n, n_out=n_out, gain=0.5, seed=seed))
+    codes = lambda shape: (rng.integers(-w_scale, w_scale + 1, shape) * (rng.random(shape) < density))
+    w_rec = codes((n, n))
+    np.fill_diagonal(w_rec, 0)
+    ro = dict(dep.readout, w_out=codes((n_out, n)), decay=int(rng.integers(0, 8)), syn_decay=int(rng.integers(1, 5)),
+              bias=rng.integers(-50, 50, n_out), threshold=int(rng.integers(200, 3000)))
+    return dataclasses.replace(
+        dep, w_in=codes((n, n_in)), w_rec=w_rec, exp_in=shift_in, exp_rec=shift_rec,
+        threshold=int(rng.integers(20, 2000)), decay=int(rng.integers(0, 10)), syn_decay=int(rng.integers(1, 8)),
+        bias=rng.integers(-100, 100, n), readout=ro)
+
+
+# ------------------------------------------------------------------------------------ rules, by hand
+
+def test_xylo_rules_by_hand():
+    dep = deploy(_cell())
+    x = np.array([3, 15, 16, -1, -3, 0, 1000, -1000])
+    # xylosim decay(): v >> dash, and +-1 when that is 0 (a small positive state still decays)
+    assert chip_decay(x, 4, dep).tolist() == [1, 1, 1, -1, -1, 0, 62, -63]
+    assert chip_decay(x, 0, dep).tolist() == x.tolist()   # dash 0 empties the state
+    # Xylo: spikes at v >= theta, min(floor(v / theta), 31) of them
+    v = np.array([9, 10, 19, 20, 10 * 40])
+    assert spike_counts(v, 10, ">=", 31).tolist() == [0, 1, 1, 2, 31]
+    assert spike_counts(v, 10, ">", 31).tolist() == [0, 0, 1, 1, 31]
+    assert spike_counts(v, 10, ">=", 1).tolist() == [0, 1, 1, 1, 1]
+
+
+# ------------------------------------------------------------------------------------ against xylosim
+
+@pytest.mark.parametrize("seed,w_scale,shift_in,shift_rec,rate_max", [
+    (0, 20, 0, 0, 1),       # 0/1 raster, mostly single spikes
+    (1, 127, 0, 0, 15),     # input counts up to 15: multi-spike steps
+    (2, 127, 3, 1, 15),     # shifted weights: the synaptic current and membrane saturate
+    (3, 127, 5, 0, 15),     # deep saturation, negative and positive
+])
+def test_emulator_equals_xylosim_on_random_networks(seed, w_scale, shift_in, shift_rec, rate_max):
+    pytest.importorskip("xylosim")
+    dep = _random_chip(seed, w_scale=w_scale, shift_in=shift_in, shift_rec=shift_rec)
+    spec = xylo_spec(dep)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, rate_max + 1, (150, 3, dep.w_in.shape[1]), generator=g).double()
+    x = x * (torch.rand(x.shape, generator=g) < 0.4)
+    rep = verify_xylo(spec, dep, x)
+    assert rep["steps"] == 150 and rep["spikes"] > 100
+    assert rep["spike_mismatches"] == rep["i_mismatches"] == rep["v_mismatches"] == rep["v_out_mismatches"] == 0
+    em = emulate(dep, x)
+    if rate_max > 1:
+        assert rep["multi_spike_entries"] > 0
+    if shift_in >= 3:
+        assert em.events["synaptic_sum_saturated"] > 0 and em.events["v_saturated"] > 0, "must saturate"
+
+
+def test_xylosim_and_emulator_see_saturation_order():
+    """Saturation after every add makes the order of adds matter: a big positive input then a negative
+    recurrent input differs from their clipped sum; both simulators must agree on it."""
+    pytest.importorskip("xylosim")
+    dep = _random_chip(4, n_in=2, n=2, n_out=1, w_scale=127, shift_in=7, shift_rec=7, density=1.0)
+    w_in = np.array([[127, 127], [127, 127]])
+    w_rec = np.array([[0, -128], [-128, 0]])
+    dep = dataclasses.replace(dep, w_in=w_in, w_rec=w_rec, threshold=30000, decay=1, syn_decay=1,
+                              bias=np.zeros(2, np.int64))
+    spec = xylo_spec(dep)
+    x = torch.zeros(20, 1, 2, dtype=torch.float64)
+    x[:8] = 15
+    rep = verify_xylo(spec, dep, x)
+    assert rep["spike_mismatches"] == rep["i_mismatches"] == rep["v_mismatches"] == 0 and rep["spikes"] > 0
+
+
+# ------------------------------------------------------------------------------------ export and limits
+
+def test_write_read_xylo_round_trip(tmp_path):
+    cell = _cell(gain=1.0)
+    exp = write_xylo(tmp_path / "net.h5", cell)
+    spec, attrs = read_xylo(tmp_path / "net.h5")
+    assert attrs["format"] == "neuroinit-xylo" and attrs["profile"] == "xylo-like" and attrs["input_cap"] == 15
+    for name, value in exp.spec.items():
+        assert np.array_equal(spec[name], value), name
+    assert spec["weights_in"].shape == (4, 16) and spec["weights_out"].shape == (16, 2)
+
+
+def test_xylo_export_refuses_each_violated_limit():
+    dep = deploy(_cell())
+    with pytest.raises(ValueError, match=r"weight_shift_in = 9; allowed: 0\.\.7"):
+        xylo_spec(dataclasses.replace(dep, exp_in=9))
+    with pytest.raises(ValueError, match=r"threshold 40000\.\.40000; allowed: 1\.\.32767"):
+        xylo_spec(dataclasses.replace(dep, threshold=40000))
+    with pytest.raises(ValueError, match=r"dash_syn 0\.\.0; allowed: 1\.\.15"):
+        xylo_spec(dataclasses.replace(dep, syn_decay=0))
+    with pytest.raises(ValueError, match=r"bias outside int16"):
+        xylo_spec(dataclasses.replace(dep, bias=np.full(16, 40000)))
+    with pytest.raises(ValueError, match=r"fan-in 74; allowed: <= 63"):
+        xylo_spec(dataclasses.replace(dep, w_in=np.ones((70, 4), np.int64), w_rec=np.ones((70, 70), np.int64),
+                                      bias=np.zeros(70, np.int64)))
+    with pytest.raises(ValueError, match=r"neuron\.synapse = 'none' is not Xylo's arithmetic"):
+        write_xylo("unused.h5", _cell(profile="reckon-like", n_in=2, n=8))
+
+
+def test_unknown_arithmetic_is_refused(tmp_path):
+    text = load_profile("xylo-like").text.replace('synapse = "current"', 'synapse = "dendritic"')
+    path = tmp_path / "odd.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ProfileError) as err:
+        load_profile(path)
+    msg = str(err.value)
+    assert str(path) in msg and "neuron.synapse" in msg and "'dendritic'" in msg and "none, current" in msg
+    assert "\n" not in msg
+    base = profile_to_dict(load_profile("xylo-like"))
+    base["neuron"]["max_spikes"] = 0
+    with pytest.raises(ProfileError, match=r"neuron\.max_spikes.*allowed: integer 1\.\.255"):
+        profile_from_dict(base, where="<test>")
+    base = profile_to_dict(load_profile("xylo-like"))
+    base["neuron"]["schedule"] = "dense-delay"
+    with pytest.raises(ProfileError, match=r"neuron\.schedule.*dense-delay"):
+        profile_from_dict(base, where="<test>")
