@@ -769,8 +769,8 @@ def _cell_code(cell) -> tuple[int, int] | None:
     from neuroinit.cells.lif import LIFRNN
     from neuroinit.cells.rate import RateRNN
 
-    if isinstance(cell, LIFRNN):
-        return _MODELS["lif"], 0
+    if isinstance(cell, LIFRNN):   # the chip neuron options (synaptic current, >=) run unfused
+        return (_MODELS["lif"], 0) if cell.tau_syn is None and cell.threshold_compare == ">" else None
     if isinstance(cell, RateRNN) and cell.activation_name in _ACTS:
         return _MODELS[cell.form], _ACTS[cell.activation_name]
     return None
