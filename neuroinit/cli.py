@@ -800,9 +800,10 @@ def _export_cell(path: str, which: str):
 @main.command("export", cls=OneLineErrorsCommand)
 @click.argument("run_file", type=click.Path(dir_okay=False))
 @click.option("--profile", default=None, help="Profile to deploy on (bundled name or .toml path) [the run's].")
-@click.option("--format", "fmt", type=click.Choice(["nir", "netx", "h5"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["nir", "netx", "h5", "xylo"]), required=True,
               help="nir: NIR graph + conformance vectors; netx: lava-dl netx HDF5 (Loihi profiles); "
-                   "h5: neuroinit weights schema (any model; the export for rate networks).")
+                   "h5: neuroinit weights schema (any model; the export for rate networks); "
+                   "xylo: Xylo's integer specification (xylo-like profile; --verify runs xylosim).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
 @click.option("--verify", is_flag=True, help="NIR only: re-simulate the file in snntorch and norse and in the "
                                              "profile's integer emulation; exit 1 on any snntorch/norse mismatch.")
@@ -823,8 +824,9 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
     from neuroinit.profiles import load_profile
 
-    if verify and fmt != "nir":
-        raise click.ClickException(f"--verify checks NIR exports; allowed with --format nir (got --format {fmt})")
+    if verify and fmt not in ("nir", "xylo"):
+        raise click.ClickException(f"--verify checks NIR and Xylo exports; allowed with --format nir or xylo "
+                                   f"(got --format {fmt})")
     stages = ["load", "write", "accuracy"] + (["verify"] if verify else [])
     bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr, leave=False,
                disable=True if as_json else None)
@@ -851,6 +853,11 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
         nx = write_netx(out, cell, prof)
         report.update(input_scale=nx.input_scale, a_in_unit=nx.a_in_unit, notes=list(nx.notes))
+    elif fmt == "xylo":
+        from neuroinit.io.xylo import export_xylo
+
+        xy = export_xylo(out, cell, prof, batch.inputs if batch is not None else None, verify=verify, seed=seed)
+        report.update(input_frac_bits=xy["input_frac_bits"], notes=xy["notes"])
     else:
         from neuroinit.io.nir import write_weights_h5
 
@@ -862,10 +869,14 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
         # netx: the deployment the file describes (graded input at input_scale, bias in a_in units)
         dep_kw = {"input_frac_bits": nx.input_frac_bits, "bias_exp": 6} if fmt == "netx" else {}
+        if fmt == "xylo":   # the input counts the file describes
+            dep_kw = {"input_frac_bits": xy["input_frac_bits"]}
         report["accuracy"] = compare_on_task(cell, task, prof, batch=batch, generator=torch.Generator(), **dep_kw)
     bar.update(1)
     ok = True
-    if verify:
+    if verify and fmt == "xylo":
+        report["verify"], ok = xy["verify"], xy["ok"]
+    elif verify:
         bar.set_postfix_str("verify")
         from neuroinit.io.verify import verify_nir
 
@@ -889,12 +900,18 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
                        f"({acc['accuracy_change']:+.3f}); loss {acc['float_loss']:.4g} -> {acc['chip_loss']:.4g} "
                        f"({acc['arithmetic']} arithmetic, {acc['spike_mismatches']} spike mismatches of "
                        f"{acc['spikes_float']} float spikes)")
-        if verify:
+        if verify and fmt == "xylo":
+            for name, v in report["verify"].items():
+                click.echo(f"verify xylosim, {name} input ({v['trials']} trials x {v['steps']} steps, "
+                           f"{v['spikes']} spikes): {v['spike_mismatches']} spike, {v['i_mismatches']} current, "
+                           f"{v['v_mismatches']} membrane, {v['v_out_mismatches']} readout mismatches")
+        elif verify:
             v = report["verify"]
             click.echo(f"verify ({v['trials']} trials x {v['steps']} steps, {v['spikes_float']} spikes): "
                        + ", ".join(f"{k} {n} mismatches" for k, n in v["mismatches"].items()))
     if not ok:
-        raise click.ClickException("verification failed: snntorch or norse spikes differ from neuroinit's")
+        raise click.ClickException("verification failed: xylosim differs from the package's emulation" if fmt == "xylo"
+                                   else "verification failed: snntorch or norse spikes differ from neuroinit's")
 # --- end export ---
 
 

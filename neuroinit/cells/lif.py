@@ -173,17 +173,28 @@ class LIFRNN(RecurrentCell):
             self.register_buffer("beta_syn", torch.tensor(math.exp(-dt / tau_syn), dtype=dtype))
 
     @staticmethod
-    def neuron_options(profile: HardwareProfile | str, dt: float, tau_syn: float | None = None) -> dict:
+    def neuron_options(profile: HardwareProfile | str, dt: float, tau_syn: float | None = None, *,
+                       tau_m: float | None = None, tau_out: float | None = None) -> dict:
         """The cell options a profile's ``[neuron]`` section asks for, so that what is trained is what deploys:
-        ``threshold_compare`` and, for ``synapse = "current"``, ``tau_syn`` (default ``dt / ln 2``:
-        beta = 0.5, the chip's fastest current, exactly realised by dash_syn = 1)."""
+        ``threshold_compare``; for ``synapse = "current"`` ``tau_syn`` (default ``dt / ln 2``: beta = 0.5, the
+        chip's fastest current, exactly dash_syn = 1); with a bit-shift decay, ``tau_m`` / ``tau_out`` (when
+        given) and ``tau_syn`` moved to the nearest factor the chip realises, ``1 - 2^-dash``."""
         from neuroinit.profiles import load_profile
 
-        rules = load_profile(profile).neuron
+        prof = load_profile(profile)
+        rules = prof.neuron
         out: dict = {"threshold_compare": rules.threshold_compare}
         if rules.synapse == "current":
             out["tau_syn"] = float(tau_syn) if tau_syn is not None else dt / math.log(2.0)
+        if prof.decay.kind == "shift":
+            top = 2 ** prof.decay.bits - 1
+            for name, tau in (("tau_m", tau_m), ("tau_out", tau_out), ("tau_syn", out.get("tau_syn"))):
+                if tau is None:
+                    continue
+                dash = min(max(round(math.log2(1.0 / (1.0 - math.exp(-dt / tau)))), 1), top)
+                out[name] = -dt / math.log(1.0 - 2.0 ** -dash)
         return out
+
     def extra_repr(self) -> str:
         return (f"n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, dt={self.dt:g}, "
                 f"tau_m={self.tau_m:g}, tau_out={self.tau_out:g}, reset={self.reset}, "

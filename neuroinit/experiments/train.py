@@ -156,6 +156,8 @@ class TrainConfig:
     v_th: float = 1.0
     reset: str = "subtract"
     n_refractory: int = 0
+    chip_neuron: bool = False         # LIF: train the profile's [neuron] model (synaptic current, >=), as deployed
+    tau_syn_ms: float | None = None   # LIF with chip_neuron and a synaptic current: its tau (default dt / ln 2)
     input_scale: float | None = None
     clamp_gain: bool = False
     log_every: int = 10
@@ -268,7 +270,11 @@ class TrainConfig:
             raise ValueError(f"Invalid n_refractory {self.n_refractory!r}: must be an integer >= 0")
         if not _is_number(self.checkpoint_seconds) or self.checkpoint_seconds < 0:
             raise ValueError(f"Invalid checkpoint_seconds {self.checkpoint_seconds!r}: a number >= 0 (0 = off)")
-        for name in ("clamp_gain", "lyapunov", "fast"):
+        if self.tau_syn_ms is not None and (not _is_number(self.tau_syn_ms) or self.tau_syn_ms <= 0):
+            raise ValueError(f"Invalid tau_syn_ms {self.tau_syn_ms!r}: must be a finite number > 0")
+        if (self.chip_neuron is True or self.tau_syn_ms is not None) and self.model != "lif":
+            raise ValueError("Invalid chip_neuron / tau_syn_ms for a rate network: they set LIF neuron options")
+        for name in ("clamp_gain", "lyapunov", "fast", "chip_neuron"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be true or false")
         if not _is_int(self.floss_iters) or self.floss_iters < 0:
@@ -412,6 +418,10 @@ class _Context:
         else:
             self.cell_kwargs = {"dt": s["dt_ms"], "tau_m": s["tau_m_ms"], "tau_out": s["tau_out_ms"],
                                 "v_th": config.v_th, "reset": config.reset, "n_refractory": config.n_refractory}
+            if config.chip_neuron:   # what is trained is what deploys: the profile's neuron options
+                from neuroinit.cells.lif import LIFRNN
+                self.cell_kwargs.update(LIFRNN.neuron_options(self.profile, s["dt_ms"], config.tau_syn_ms,
+                                                              tau_m=s["tau_m_ms"], tau_out=s["tau_out_ms"]))
         # Quantised profiles: weights go back onto the grid after each optimizer step. Chips that learn on chip
         # use their own update rounding (stochastic on Loihi / ReckOn); the others round to nearest (off-chip
         # training with a projected forward pass).
