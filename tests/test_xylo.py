@@ -124,6 +124,35 @@ def test_xylo_export_refuses_each_violated_limit():
         write_xylo("unused.h5", _cell(profile="reckon-like", n_in=2, n=8))
 
 
+def test_arithmetic_follows_the_rules_not_the_name():
+    from neuroinit.emulate.integer import arithmetic_of
+
+    for name, want in (("loihi-like", "lava"), ("xylo-like", "fixed")):
+        base = profile_to_dict(load_profile(name))
+        base["name"] = "some-chip"
+        prof = profile_from_dict(base, where="<renamed>")
+        assert arithmetic_of(prof) == want
+    base = profile_to_dict(load_profile("xylo-like"))
+    base["name"] = "loihi-impostor"
+    dep = deploy(_cell(), profile_from_dict(base, where="<renamed>"))
+    assert dep.arithmetic == "fixed" and dep.spike_compare == ">=" and dep.chip_reset == "subtract"
+
+
+def test_lif_chip_options_train_what_deploys():
+    opts = LIFRNN.neuron_options("xylo-like", 1.0, tau_m=20.0, tau_out=4.0)
+    assert opts["threshold_compare"] == ">=" and abs(np.exp(-1.0 / opts["tau_syn"]) - 0.5) < 1e-12
+    assert abs(np.exp(-1.0 / opts["tau_m"]) - (1 - 2.0 ** -4)) < 1e-12   # dash_mem 4 exactly
+    assert LIFRNN.neuron_options("loihi-like", 1.0) == {"threshold_compare": ">"}
+    cell = _cell(**opts)
+    dep = deploy(cell)
+    assert dep.syn_decay == 1 and dep.alpha_syn_chip == 0.5 and dep.decay == 4 and dep.alpha_chip == cell.alpha
+    assert not any(n.startswith(("synaptic decay realised", "decay realised", "the cell has no")) for n in dep.notes)
+    # v >= v_th fires at the threshold itself, v > v_th does not
+    from neuroinit.cells.lif import spike
+    v = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    assert spike(v, 1.0, 0.3, ">=").tolist() == [0, 1, 1] and spike(v, 1.0, 0.3).tolist() == [0, 0, 1]
+
+
 def test_unknown_arithmetic_is_refused(tmp_path):
     text = load_profile("xylo-like").text.replace('synapse = "current"', 'synapse = "dendritic"')
     path = tmp_path / "odd.toml"
@@ -141,3 +170,40 @@ def test_unknown_arithmetic_is_refused(tmp_path):
     base["neuron"]["schedule"] = "dense-delay"
     with pytest.raises(ProfileError, match=r"neuron\.schedule.*dense-delay"):
         profile_from_dict(base, where="<test>")
+
+
+# ------------------------------------------------------------------------------------ trained network, CLI
+
+def test_trained_xylo_network_exports_and_matches_xylosim(tmp_path):
+    """Train a tiny xylo-like network with the chip's neuron options for a few iterations, export it with
+    --format xylo --verify: the file loads into xylosim and matches the emulation on a 0/1 raster and on the
+    task's inputs (as Xylo's input counts)."""
+    pytest.importorskip("xylosim")
+    import json
+
+    from click.testing import CliRunner
+
+    from neuroinit.cli import main
+    from neuroinit.experiments.train import TrainConfig, train
+
+    run = tmp_path / "run.h5"
+    cfg = TrainConfig(task="romo", model="lif", profile="xylo-like", chip_neuron=True, hidden=16, batch=8, iters=4,
+                      lyapunov=False, eval_batch=16, checkpoint_every=1000, log_every=2, seed=0)
+    train(cfg, run)
+    out = tmp_path / "net.xylo.h5"
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "xylo", "--out", str(out), "--verify",
+                                    "--trials", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    for name in ("raster", "task"):
+        v = rep["verify"][name]
+        assert v["steps"] >= 100 and v["spikes"] > 50, (name, v)
+        assert v["spike_mismatches"] == v["i_mismatches"] == v["v_mismatches"] == v["v_out_mismatches"] == 0
+    assert rep["accuracy"]["arithmetic"] == "fixed" and 0 <= rep["accuracy"]["chip_accuracy"] <= 1
+    spec, attrs = read_xylo(out)
+    assert attrs["input_frac_bits"] == rep["input_frac_bits"] and spec["dash_syn"].min() == 1
+    assert rep["profile"] == "xylo-like"
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "xylo", "--profile", "loihi-like", "--out",
+                                    str(tmp_path / "x.h5")])
+    assert res.exit_code != 0 and "neuron.synapse = 'none' is not Xylo's arithmetic" in res.output
+    assert not (tmp_path / "x.h5").exists()
