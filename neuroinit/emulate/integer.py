@@ -41,18 +41,20 @@ Three arithmetics (:func:`arithmetic_of`):
     step ``k - 1`` (input ``u_{k-1}`` from the input Dense, spikes ``z_{k-2}`` from the recurrent Dense).
     Spikes are returned on neuroinit's time axis (chip steps 1..T); ``chip_steps = T + 1``.
 
-``fixed`` (``xylo-like``, ``reckon-like`` and any profile with integer state): a generic integer LIF with the
-    profile's widths. v is ``state.bits`` signed, saturating or wrapping per ``state.overflow``; one v LSB is
-    ``2^e_min / 2^threshold.shift``; weights as Lava's (codes, per-matrix shift) but without the step-2 storage;
-    threshold ``theta = v_th / 2^e_min`` (an unsigned ``threshold.bits`` code) compared as ``theta << shift``.
-    Decay per ``decay.kind``: ``linear`` ``v <- sign(v) ((|v| (2^B - d)) >> B)`` with ``d = round(2^B (1 - alpha))``
-    (truncation toward zero, as Lava; ReckOn's exact rounding is not documented), ``shift``
-    ``v <- v - (v >> dash)`` with ``dash = round(log2(1 / (1 - alpha)))`` (Xylo's bit-shift decay, arithmetic
-    shift), ``float`` ``v <- trunc(alpha v)``. No input delay (the step is neuroinit's); reset to zero or by
-    subtraction as trained; spike when ``v > theta`` (ReckOn: ``v >= theta``, srnn.v).
+``fixed`` (``xylo-like``, ``reckon-like`` and any integer profile with ``neuron.schedule = "same-step"``):
+    the rules the profile's ``[neuron]`` section states (:class:`~neuroinit.profiles.NeuronSpec`), composed in
+    :func:`chip_population_step`: a synaptic current or none, the decay's rounding (:func:`chip_decay`), ``>`` or
+    ``>=``, the reset (at once, or the trained one on the next step), spikes per step (:func:`spike_counts`),
+    saturation once or after every add (:func:`synaptic_adds`), graded inputs or spike counts with a cap
+    (:func:`chip_inputs`), a host or an integer LIF readout. One v LSB is ``2^e_min / 2^threshold.shift``; weights
+    are codes with per-matrix shifts; threshold ``theta = v_th / 2^e_min`` (an unsigned ``threshold.bits`` code)
+    compared as ``theta << shift``. Decay codes by :func:`decay_code`. With xylo-like's rules this is Xylo's
+    neuron as SynSense's xylosim computes it (verified in ``tests/test_xylo.py``).
 
-In all three the leaky readout ``y <- kappa y + W_out z + b_out`` runs on the host in float64 from the chip's
-spikes, with ``W_out`` on its grid. Refractoriness follows neuroinit (spike suppressed for ``n_refractory``
+The arithmetic is chosen from the profile's values (:func:`arithmetic_of`), never from its name.
+
+The leaky readout ``y <- kappa y + W_out z + b_out`` runs on the host in float64 from the chip's spikes, with
+``W_out`` on its grid, unless the profile's readout is ``chip-lif``. Refractoriness follows neuroinit (spike suppressed for ``n_refractory``
 steps, the membrane keeps integrating); Lava's LIF has none, so a refractory network is noted as not
 bit-exact there.
 """
