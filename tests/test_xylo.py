@@ -16,11 +16,12 @@ from neuroinit.io.xylo import read_xylo, verify_xylo, write_xylo, xylo_spec
 from neuroinit.profiles import ProfileError, load_profile, profile_from_dict, profile_to_dict
 
 
-def _cell(*, n_in=4, n=16, n_out=2, gain=1.5, seed=0, bias=0.05, profile="xylo-like", **kw) -> LIFRNN:
+def _cell(*, n_in=4, n=16, n_out=2, gain=1.5, seed=0, bias=0.05, profile="xylo-like", reset="subtract",
+          **kw) -> LIFRNN:
     g = torch.Generator().manual_seed(seed)
     p, _ = hardware_init("lif", n_in, n, n_out, gain, profile, generator=g, out_of_range="clamp")
     p = p._replace(bias=bias * torch.randn(n, generator=g))
-    return LIFRNN(p, reset="subtract", profile=profile, **kw)
+    return LIFRNN(p, reset=reset, profile=profile, **kw)
 
 
 def _random_chip(seed: int, *, n_in=6, n=20, n_out=3, w_scale=127, shift_in=0, shift_rec=0, density=0.5):
@@ -142,11 +143,13 @@ def test_lif_chip_options_train_what_deploys():
     opts = LIFRNN.neuron_options("xylo-like", 1.0, tau_m=20.0, tau_out=4.0)
     assert opts["threshold_compare"] == ">=" and abs(np.exp(-1.0 / opts["tau_syn"]) - 0.5) < 1e-12
     assert abs(np.exp(-1.0 / opts["tau_m"]) - (1 - 2.0 ** -4)) < 1e-12   # dash_mem 4 exactly
-    assert LIFRNN.neuron_options("loihi-like", 1.0) == {"threshold_compare": ">"}
+    assert opts["max_spikes"] == 31 and opts["reset"] == "subtract" and opts["reset_leaks"] is True
+    assert LIFRNN.neuron_options("loihi-like", 1.0) == {"threshold_compare": ">", "reset": "zero"}
     cell = _cell(**opts)
     dep = deploy(cell)
     assert dep.syn_decay == 1 and dep.alpha_syn_chip == 0.5 and dep.decay == 4 and dep.alpha_chip == cell.alpha
-    assert not any(n.startswith(("synaptic decay realised", "decay realised", "the cell has no")) for n in dep.notes)
+    assert not any(n.startswith(("synaptic decay realised", "decay realised", "the cell has no", "the chip emits",
+                                 "the chip subtracts", "the chip spikes at")) for n in dep.notes), dep.notes
     # v >= v_th fires at the threshold itself, v > v_th does not
     from neuroinit.cells.lif import spike
     v = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)

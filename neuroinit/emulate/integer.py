@@ -353,8 +353,11 @@ def deploy(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
     chip_reset = dep_cell.reset if rules.reset == "as-trained" else rules.reset
     if chip_reset != dep_cell.reset:
         notes.append(f"the chip resets by {chip_reset}, the network was trained with reset by {dep_cell.reset}")
-    if rules.max_spikes > 1:
-        notes.append(f"the chip emits up to {rules.max_spikes} spikes per step (the float network one)")
+    if rules.max_spikes != getattr(dep_cell, "max_spikes", 1):
+        notes.append(f"the chip emits up to {rules.max_spikes} spikes per step (the float network up to "
+                     f"{getattr(dep_cell, 'max_spikes', 1)})")
+    if chip_reset == "subtract" and rules.reset == "subtract" and not getattr(dep_cell, "reset_leaks", False):
+        notes.append("the chip subtracts the threshold at once, before the next leak (the float network after it)")
     f_bits = input_frac_bits
     if rules.input == "counts" and f_bits > e_in - e_min:
         f_bits = max(e_in - e_min, 0)
