@@ -206,6 +206,19 @@ def test_fixed_step_shift_decay_saturation_and_compare():
     assert n.tolist() == [[3]] and new.tolist() == [[0]]
 
 
+@pytest.mark.parametrize("profile", ["reckon-like", "xylo-like"])
+def test_fixed_integer_inputs_are_exact_for_any_input_frac_bits(profile):
+    """Spike counts (0/1 here) reach the chip exactly whatever the graded-input precision: the summed input is
+    shifted, not each weight (a right-shifted int8 weight would vanish)."""
+    cell = _cell(profile, n_in=2, n=16, gain=1.0, bias=0.02, reset="subtract")
+    x = _spikes(60, 3, 2, rate=0.5)
+    ref = emulate(deploy(cell, input_frac_bits=0), x)
+    for f in (3, 8):
+        em = emulate(deploy(cell, input_frac_bits=f), x)
+        assert torch.equal(em.spikes, ref.spikes) and torch.equal(em.v, ref.v)
+    assert ref.spikes.sum() > 20
+
+
 def test_fixed_emulation_runs_and_wraps_when_asked():
     base = profile_to_dict(load_profile("xylo-like"))
     base["state"] = {"bits": 8, "overflow": "wrap"}

@@ -747,7 +747,11 @@ def _run_fixed(dep: Deployment, k: np.ndarray) -> dict:
     n_steps, batch, _ = k.shape
     n = dep.cell.n_hidden
     ts = dep.threshold_shift
-    w_hidden = np.concatenate([_shifted(dep.w_in, dep.exp_in).T, _shifted(dep.w_rec, dep.exp_rec).T], 0) << ts
+    # per-synapse weights in state units; a negative input shift (graded inputs with more fractional bits than
+    # the weight exponents leave) shifts the summed input instead, which then enters as one input per neuron
+    sum_in = dep.exp_in < 0
+    w_first = np.eye(n, dtype=np.int64) if sum_in else _shifted(dep.w_in, dep.exp_in).T
+    w_hidden = np.concatenate([w_first, _shifted(dep.w_rec, dep.exp_rec).T], 0) << ts
     zeros = np.zeros((batch, n), np.int64)
     s = ChipState(zeros, zeros, zeros, zeros)
     lim = (1 << (dep.state_bits - 1))
@@ -765,7 +769,8 @@ def _run_fixed(dep: Deployment, k: np.ndarray) -> dict:
     theta = dep.threshold << ts
     for t in range(n_steps):
         prev = s.n
-        s = chip_population_step(s, np.concatenate([k[t], prev], 1), w_hidden, bias=dep.bias, decay=dep.decay,
+        first = lava_dense(dep.w_in, k[t], dep.exp_in) if sum_in else k[t]
+        s = chip_population_step(s, np.concatenate([first, prev], 1), w_hidden, bias=dep.bias, decay=dep.decay,
                                  syn_decay=dep.syn_decay, threshold=theta, max_spikes=dep.rules.max_spikes,
                                  reset=dep.rules.reset, n_refractory=dep.n_refractory, dep=dep)
         events["v_saturated"] += int(((s.v == lim - 1) | (s.v == -lim)).sum())
