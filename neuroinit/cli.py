@@ -574,7 +574,7 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "optimizer", "seed", "device", "dtype", "form", "activation", "dt_ms", "tau_ms", "tau_m_ms",
                  "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "clamp_gain", "log_every",
                  "checkpoint_every", "checkpoint_seconds", "eval_batch", "lyapunov", "lyapunov_k", "floss_iters",
-                 "floss_k", "floss_mode", "floss_lr", "fast")
+                 "floss_k", "floss_mode", "floss_lr", "fast", "chip_neuron", "tau_syn_ms")
 
 
 @main.command("train", cls=OneLineErrorsCommand)
@@ -606,6 +606,10 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
 @click.option("--v-th", type=float, default=1.0, show_default=True, help="LIF threshold.")
 @click.option("--reset", type=click.Choice(["subtract", "zero"]), default="subtract", show_default=True)
 @click.option("--n-refractory", type=int, default=0, show_default=True, help="LIF refractory steps.")
+@click.option("--chip-neuron", is_flag=True, help="LIF: train the profile's [neuron] model (xylo-like: synaptic "
+                                                  "current, v >= v_th, spike counts, its reset; docs/export.md).")
+@click.option("--tau-syn-ms", type=float, default=None, help="With --chip-neuron: synaptic current tau in ms "
+                                                             "[default dt / ln 2].")
 @click.option("--input-scale", type=float, default=None, help="Factor on the task inputs [default 1, LIF 2].")
 @click.option("--clamp-gain", is_flag=True, help="Clamp a gain the profile cannot realise instead of failing.")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Log loss and accuracy every N its.")
