@@ -845,7 +845,9 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
             check_verifiable(to_nir(cell, prof)[0])   # refuse before anything is written
         ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None)
         report.update(conformance=str(ex.conformance), exact=ex.exact, warnings=list(ex.warnings),
-                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes)
+                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes,
+                      conformance_dropped_trials=ex.dropped_trials,
+                      v_threshold=float(ex.graph.nodes["lif"].v_threshold[0]))
     elif fmt == "netx":
         from neuroinit.io.netx import write_netx
 
@@ -880,7 +882,8 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         click.echo(f"wrote {out} ({fmt}, profile {prof.name}, {cell.model} network)")
         if "conformance" in report:
             click.echo(f"conformance vectors: {report['conformance']} ({report['conformance_trials']} trials x "
-                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes)")
+                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes; "
+                       f"{report['conformance_dropped_trials']} near-tie trials dropped)")
         for w in report.get("warnings", []) + report.get("notes", []):
             click.echo(f"warning: {w}")
         acc = report.get("accuracy")
@@ -891,8 +894,9 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
                        f"{acc['spikes_float']} float spikes)")
         if verify:
             v = report["verify"]
-            click.echo(f"verify ({v['trials']} trials x {v['steps']} steps, {v['spikes_float']} spikes): "
-                       + ", ".join(f"{k} {n} mismatches" for k, n in v["mismatches"].items()))
+            for name, b in v["by_input"].items():   # the conformance (task) input and a 0/1 raster
+                click.echo(f"verify {name} ({b['trials']} trials x {b['steps']} steps, {b['spikes_float']} spikes): "
+                           + ", ".join(f"{k} {n} mismatches" for k, n in b["mismatches"].items()))
     if not ok:
         raise click.ClickException("verification failed: snntorch or norse spikes differ from neuroinit's")
 # --- end export ---

@@ -21,6 +21,7 @@ from neuroinit.io.nir import (
     NIR_DT,
     conformance_path,
     euler_tau,
+    graph_cell,
     nir_equal,
     read_conformance,
     write_nir,
@@ -95,8 +96,11 @@ def test_nir_round_trip_equals_what_we_wrote(trained, tmp_path):
     assert meta["dt"] == NIR_DT and meta["reset"] == "zero" and meta["format"] == "neuroinit-nir"
     # conformance vectors: the input and neuroinit's float spikes/outputs
     x, z, y = read_conformance(conformance_path(tmp_path / "net.nir"))
-    z_ref, y_ref, _ = run_cell(dep.cell, inputs)
+    theta = float(lif.v_threshold[0])
+    assert np.all(lif.v_threshold == theta) and 0 < theta - float(cell.v_th) <= 2.0 ** -15
+    z_ref, y_ref, _ = run_cell(graph_cell(dep.cell, theta), inputs)
     assert torch.equal(x, inputs) and torch.equal(z, z_ref) and torch.equal(y, y_ref)
+    assert torch.equal(z, run_cell(dep.cell, inputs)[0])    # the tiny shift changes no spike here
 
 
 def test_euler_tau_hits_alpha_exactly():

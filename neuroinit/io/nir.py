@@ -13,11 +13,39 @@ neuroinit's step (reset to zero)::
 NIR's LIF ``tau dv/dt = (v_leak - v) + r I`` integrated with Euler at step ``dt`` is
 ``v <- (1 - dt/tau) v + (r dt/tau) I``. With ``dt = NIR_DT`` (1e-4 s, the step snntorch hard-codes and norse is
 given), ``tau = dt / (1 - alpha)`` (nudged by ulps so that ``1 - dt/tau == alpha`` in float64), ``r = tau/dt``,
-``v_leak = 0``, ``v_reset = 0`` and ``v_threshold = v_th``, the importers compute exactly neuroinit's step:
-the leak, the input scaling (``r dt / tau = 1``), the spike on the new membrane, the reset to zero; the
-recurrent ``Linear`` is evaluated from the previous step's spikes (nirtorch keeps the cycle's output as state),
+``v_leak = 0``, ``v_reset = 0`` and ``v_threshold = theta`` (``v_th``, tie-proofed below), the importers
+compute exactly neuroinit's step: the leak, the input scaling (``r dt / tau = 1``), the spike on the new
+membrane, the reset to zero; the recurrent ``Linear`` is evaluated from the previous step's spikes (nirtorch keeps the cycle's output as state),
 which is neuroinit's ``W_rec z_{t-1}``. The graph's time base is therefore one neuroinit step = ``NIR_DT``
 seconds: ``tau`` values are in seconds of that time base; the physical ``dt`` and ``tau_m`` are in metadata.
+
+Tie-proofing (the graph's threshold and the conformance trials). The importers compute the same step in a
+different operation order (norse: ``v + dt (1/tau) (r I - v)``), so their membranes differ from neuroinit's by
+rounding; that can only flip a spike where neuroinit's membrane lies within that rounding of the threshold.
+Two constructions keep every membrane away from it:
+
+1. *Threshold off the reachable grid values.* When ``W_in`` and ``W_rec`` are on power-of-two grids (every
+   quantised profile), a membrane that starts from 0 (at t = 0 and after every reset) under 0/1 input is a
+   sum of grid weights plus the bias: a multiple of ``q``, the finer of the two steps (plus ``b``). A
+   threshold on that grid (``v_th = 1`` is) is *reached exactly*, and then neuroinit's ``1.0 > 1.0`` and
+   norse's ``1.0000000000000002 > 1.0`` disagree. The graph's threshold ``theta`` is ``v_th`` moved up to
+   ``eps = 2 TIE_MARGIN v_th`` (2^-15, at most ``q / 4``) off the grid, within the same grid interval
+   (:func:`tie_proof_threshold`): for every membrane on the grid ``v > theta`` iff ``v > v_th`` (the trained
+   network's decision, and an integer chip's), now with margin ``eps`` instead of 0. Only off-grid membranes
+   (after a leak, or from analog input) in ``(v_th, theta]`` decide differently: a band of width 3e-5 x v_th,
+   rarely hit (a half-grid-step shift, 1/128 for 8-bit weights, was hit ~40 times per 1000 trial-steps of a
+   trained 32-neuron network and, the network being chaotic, changed most later spikes). The graph, its
+   conformance vectors and ``--verify``'s float reference use ``theta``; the trained ``v_th`` stays in the
+   metadata (``cell_config``, LIF ``v_th``) and is what the integer emulation deploys. Float weights
+   (``ideal``) or incommensurable grid scales: ``theta = v_th``.
+2. *Conformance trials with margin.* Off the grid, membranes are continuous and a near-tie is a coincidence,
+   not a structure; the conformance trials are those whose every membrane (neuroinit's float64 run against
+   ``theta``) is at least ``TIE_MARGIN * v_th`` (2^-16, about 1.5e-5) from it, as on-grid membranes are by
+   construction (1.); others are dropped and counted (:func:`tie_free_trials`). Importer rounding stays far
+   below that margin: spikes agree up to step t, so both membranes restart from exactly 0 after each reset
+   and differ by at most a few rounding errors per step summed over the leak, ``~ (n_in + n) u max|v| / (1 - alpha)`` with ``u = 2^-53`` (float64: ~1e-13); with
+   float32 importers (``u = 2^-24``, the stock importers' default) typical deviations are ~1e-6, and the
+   margin is what the tests check 0 mismatches against.
 
 What NIR cannot express (``docs/export.md``): reset by subtraction (exported with a warning, not exact),
 refractoriness (exported with a warning), rate nonlinearities (rate networks are refused here; see
@@ -28,6 +56,7 @@ discretisation in the graph's metadata.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -57,6 +86,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "NIR_DT",
+    "TIE_MARGIN",
     "WEIGHTS_FORMAT",
     "NirExport",
     "cell_from_nir",
@@ -64,14 +94,21 @@ __all__ = [
     "conformance_path",
     "default_conformance_input",
     "euler_tau",
+    "graph_cell",
+    "membrane_grid",
     "nir_equal",
     "read_conformance",
+    "tie_free_raster",
+    "tie_free_trials",
+    "tie_margins",
+    "tie_proof_threshold",
     "to_nir",
     "write_nir",
     "write_weights_h5",
 ]
 
 NIR_DT = 1e-4            # seconds per neuroinit step in the exported graph's time base
+TIE_MARGIN = 2.0 ** -16  # conformance trials keep every membrane this far (x v_th) from the threshold
 FORMAT = "neuroinit-nir"
 FORMAT_VERSION = 1
 WEIGHTS_FORMAT = "neuroinit-weights"
@@ -135,6 +172,8 @@ class NirExport:
     steps: int = 0
     trials: int = 0
     spikes: int = 0
+    dropped_trials: int = 0      # conformance trials dropped for a near-tie (module docstring)
+    margin: float = math.inf     # smallest |v - theta| / v_th in the conformance trials
 
 
 def _graph_warnings(cell: RecurrentCell) -> list[str]:
@@ -165,15 +204,18 @@ def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
     tau_m = euler_tau(dep.alpha, dt)
     tau_o = euler_tau(dep.kappa, dt)
     warnings = _graph_warnings(dc)
+    q = membrane_grid(dep)
+    theta = tie_proof_threshold(float(dc.v_th), q)
     lif_meta = {"model": "neuroinit.cells.LIFRNN", "alpha": dep.alpha, "reset": dc.reset,
                 "n_refractory": int(dc.n_refractory), "v_th": float(dc.v_th), "dt_ms": dc.dt, "tau_m_ms": dc.tau_m,
+                "membrane_grid": float(q) if q is not None else 0.0, "v_threshold_offset": theta - float(dc.v_th),
                 "discretisation": "euler: v <- (1 - dt/tau) v + (r dt/tau) I with r dt/tau = 1, spike v > v_th, "
-                                  "v <- v_reset = 0"}
+                                  "v <- v_reset = 0; v_threshold = v_th moved off the grid q (tie-proof)"}
     nodes = {
         "input": nir.Input(input_type={"input": np.array([n_in])}),
         "w_in": nir.Affine(weight=p.w_in, bias=p.bias, metadata=_weight_meta(dep, "w_in")),
         "lif": nir.LIF(tau=np.full(n, tau_m), r=np.full(n, tau_m / dt), v_leak=np.zeros(n),
-                       v_threshold=np.full(n, float(dc.v_th)), v_reset=np.zeros(n), metadata=lif_meta),
+                       v_threshold=np.full(n, theta), v_reset=np.zeros(n), metadata=lif_meta),
         "w_rec": nir.Linear(weight=p.w_rec, metadata=_weight_meta(dep, "w_rec")),
         "w_out": nir.Affine(weight=p.w_out, bias=p.b_out, metadata=_weight_meta(dep, "w_out")),
         "readout": nir.LI(tau=np.full(n_out, tau_o), r=np.full(n_out, tau_o / dt), v_leak=np.zeros(n_out),
@@ -191,6 +233,73 @@ def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
         "notes": "\n".join(dep.notes),
     }
     return nir.NIRGraph(nodes=nodes, edges=list(EDGES), metadata=meta), dep, warnings
+
+
+# ------------------------------------------------------------------------------------------ tie-proofing
+
+def membrane_grid(dep: Deployment) -> float | None:
+    """Step ``q`` of the grid every sum of ``W_in`` and ``W_rec`` entries lies on: the finer grid step when both
+    matrices are quantised and the coarser step is an integer multiple of it (power-of-two grids); else None."""
+    grids = [dep.grids.get(name) for name in ("w_in", "w_rec")]
+    if any(g is None for g in grids):
+        return None
+    q = min(float(g.scale) for g in grids)
+    if not all(float(g.scale) / q == round(float(g.scale) / q) for g in grids):
+        return None
+    return q
+
+
+def tie_proof_threshold(v_th: float, q: float | None) -> float:
+    """The graph's threshold: ``v_th`` moved, where needed, to at least ``eps = min(2 TIE_MARGIN v_th, q / 4)``
+    from every value on the grid ``q``, inside the same grid interval ``[g0, g0 + q]``, ``g0 = floor(v_th / q) q``
+    (so ``v > theta`` iff ``v > v_th`` for every membrane on the grid); ``v_th`` itself when ``q`` is None."""
+    v_th = float(v_th)
+    if q is None:
+        return v_th
+    eps = min(2.0 * TIE_MARGIN * v_th, q / 4.0)
+    g0 = math.floor(v_th / q) * q
+    return min(max(v_th, g0 + eps), g0 + q - eps)
+
+
+def graph_cell(cell: RecurrentCell, v_threshold: float) -> RecurrentCell:
+    """Copy of a deployed LIF ``cell`` with the graph's threshold (what the exported graph computes)."""
+    out = copy.deepcopy(cell)
+    with torch.no_grad():
+        out.v_th.fill_(float(v_threshold))
+    return out
+
+
+def tie_margins(cell: RecurrentCell, inputs: torch.Tensor) -> torch.Tensor:
+    """Per trial, the smallest ``|v - v_th| / v_th`` of neuroinit's float run of ``cell`` on ``inputs``."""
+    _, _, v = run_cell(cell, inputs)
+    return ((v.double() - float(cell.v_th)).abs() / float(cell.v_th)).amin(dim=(0, 2))
+
+
+def tie_free_trials(cell: RecurrentCell, inputs: torch.Tensor, margin: float = TIE_MARGIN
+                    ) -> tuple[torch.Tensor, int, float]:
+    """The trials of ``inputs`` whose every membrane stays ``margin * v_th`` from the threshold (module
+    docstring), how many were dropped, and the smallest relative margin kept. Raises ``ValueError`` when no
+    trial qualifies."""
+    m = tie_margins(cell, inputs)
+    keep = m >= margin
+    if not bool(keep.any()):
+        raise ValueError(f"Invalid conformance input: every one of its {inputs.shape[1]} trials has a membrane "
+                         f"within {margin:g} x v_th of the threshold (smallest margin {float(m.min()):.3g}); "
+                         "allowed: inputs with at least one tie-free trial (e.g. more trials)")
+    return inputs[:, keep], int((~keep).sum()), float(m[keep].min())
+
+
+def tie_free_raster(cell: RecurrentCell, *, steps: int = 256, trials: int = 4, rate: float = 0.3, seed: int = 0,
+                    margin: float = TIE_MARGIN) -> tuple[torch.Tensor, int, float]:
+    """``trials`` tie-free trials of :func:`default_conformance_input` (drawn from 4x as many seeded
+    candidates, in order), the number of candidates dropped before them, and the smallest margin kept."""
+    cand = default_conformance_input(cell.n_in, steps=steps, trials=4 * trials, rate=rate, seed=seed)
+    m = tie_margins(cell, cand)
+    idx = torch.nonzero(m >= margin).flatten()[:trials]
+    if idx.numel() == 0:
+        raise ValueError(f"Invalid network for a 0/1 conformance raster: all {cand.shape[1]} candidate trials have "
+                         f"a membrane within {margin:g} x v_th of the threshold")
+    return cand[:, idx], int(idx[-1]) + 1 - idx.numel(), float(m[idx].min())
 
 
 # ------------------------------------------------------------------------------------------ conformance
@@ -235,22 +344,27 @@ def read_conformance(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torc
 def write_nir(path: str | Path, cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
               inputs: torch.Tensor | None = None, dt: float = NIR_DT, conformance: bool = True) -> NirExport:
     """Write ``cell`` deployed on ``profile`` to ``path`` with ``nir.write`` and, with ``conformance``, its
-    conformance vectors (``inputs``, default :func:`default_conformance_input`, and neuroinit's float spikes and
-    outputs) with ``nir.write_data`` to :func:`conformance_path`. Both files are written atomically: on any
+    conformance vectors (the tie-free trials of ``inputs``, default a tie-free 0/1 raster, and the graph's
+    float spikes and outputs as neuroinit computes them; module docstring) with ``nir.write_data`` to
+    :func:`conformance_path`. Both files are written atomically: on any
     error neither is left behind (an existing file is left as it was)."""
     graph, dep, warnings = to_nir(cell, profile, dt=dt)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"Invalid output path {path}: is a directory; allowed: a file path")
     data = None
+    dropped, margin = 0, math.inf
     if conformance:
+        gcell = graph_cell(dep.cell, float(np.asarray(graph.nodes["lif"].v_threshold)[0]))
         if inputs is None:
-            inputs = default_conformance_input(dep.cell.n_in)
-        inputs = inputs.detach().to(device="cpu", dtype=torch.float64)
-        if inputs.dim() != 3 or inputs.shape[-1] != dep.cell.n_in:
-            raise ValueError(f"Invalid conformance input shape {tuple(inputs.shape)}: expected "
-                             f"(steps, trials, {dep.cell.n_in})")
-        data = conformance_data(dep.cell, inputs, dt)
+            inputs, dropped, margin = tie_free_raster(gcell)
+        else:
+            inputs = inputs.detach().to(device="cpu", dtype=torch.float64)
+            if inputs.dim() != 3 or inputs.shape[-1] != dep.cell.n_in:
+                raise ValueError(f"Invalid conformance input shape {tuple(inputs.shape)}: expected "
+                                 f"(steps, trials, {dep.cell.n_in})")
+            inputs, dropped, margin = tie_free_trials(gcell, inputs)
+        data = conformance_data(gcell, inputs, dt)
     cpath = conformance_path(path) if conformance else None
     with atomic_write_path(path) as tmp:
         nir.write(tmp, graph)
@@ -260,7 +374,8 @@ def write_nir(path: str | Path, cell: RecurrentCell, profile: HardwareProfile | 
     spikes = int(data.nodes["lif"].observables["spikes"].data.sum()) if data is not None else 0
     return NirExport(path=path, conformance=cpath, graph=graph, exact=not warnings, warnings=tuple(warnings),
                      steps=int(inputs.shape[0]) if data is not None else 0,
-                     trials=int(inputs.shape[1]) if data is not None else 0, spikes=spikes)
+                     trials=int(inputs.shape[1]) if data is not None else 0, spikes=spikes,
+                     dropped_trials=dropped, margin=margin)
 
 
 # ------------------------------------------------------------------------------------------ reading back

@@ -43,8 +43,11 @@ from neuroinit.io.nir import (
     NODE_NAMES,
     cell_from_nir,
     conformance_path,
-    default_conformance_input,
+    graph_cell,
     read_conformance,
+    tie_free_raster,
+    tie_free_trials,
+    tie_margins,
 )
 
 __all__ = [
@@ -243,7 +246,8 @@ def simulate_imported(module: torch.fx.GraphModule, inputs: torch.Tensor, *, dty
 
 @dataclass
 class VerifyReport:
-    """Spike mismatches of each simulator against neuroinit's float simulation of the export."""
+    """Spike mismatches of each simulator against neuroinit's float simulation of the export, summed over the
+    input sets (``by_input``: ``conformance`` or ``given``, and ``raster01``, a tie-free 0/1 raster)."""
 
     path: str
     steps: int
@@ -255,11 +259,14 @@ class VerifyReport:
     integer: dict = field(default_factory=dict)
     conformance_match: bool = True
     dtype: str = "float64"
+    by_input: dict[str, dict] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """snntorch and norse reproduce neuroinit's spikes exactly, as do the conformance vectors."""
-        return self.conformance_match and all(self.mismatches.get(k, 1) == 0 for k in ("snntorch", "norse"))
+        """Every importer run reproduces neuroinit's spikes exactly on every input set, as do the conformance
+        vectors."""
+        names = [k for k in self.mismatches if k not in ("integer", "conformance_file")]
+        return self.conformance_match and bool(names) and all(self.mismatches[k] == 0 for k in names)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -267,50 +274,83 @@ class VerifyReport:
         return d
 
 
+def _graph_threshold(graph: nir.NIRGraph) -> float:
+    th = np.asarray(graph.nodes["lif"].v_threshold, dtype=np.float64)
+    if th.size == 0 or not np.all(th == th.flat[0]):
+        raise ValueError("Invalid NIR graph for verification: v_threshold must be the same for all neurons")
+    return float(th.flat[0])
+
+
 def verify_nir(path: str | Path, *, inputs: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
                simulators: tuple[str, ...] = ("snntorch", "norse", "integer"),
                input_frac_bits: int = 8) -> VerifyReport:
-    """Load ``path`` with ``nir.read``, import it into snntorch and norse, run the conformance input (from the
-    conformance file beside it, else ``inputs``, else :func:`~neuroinit.io.nir.default_conformance_input`)
-    through them and through neuroinit's float simulation and integer emulation of the profile in the file's
-    metadata, and count spike mismatches (``integer``: chip vs float; nonzero where the chip's arithmetic
-    differs, e.g. truncating decays)."""
+    """Load ``path`` with ``nir.read``, import it into the importers named in ``simulators`` and run two input
+    sets through them and through neuroinit's float simulation of the graph: the conformance input (from the
+    conformance file beside it, else the tie-free trials of ``inputs``) and a tie-free seeded 0/1 raster
+    (:func:`~neuroinit.io.nir.tie_free_raster`); count spike mismatches. ``integer`` runs the profile's integer
+    emulation of the trained network (trained ``v_th``) against its float simulation on the same inputs
+    (nonzero where the chip's arithmetic differs, e.g. truncating decays)."""
     path = Path(path)
     with _Quiet():
         graph = nir.read(str(path))
     check_verifiable(graph)
     cell, profile = cell_from_nir(graph)
-    expected = None
+    gcell = graph_cell(cell, _graph_threshold(graph))
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor | None, int, float]] = {}
     cpath = conformance_path(path)
-    if inputs is None and cpath.is_file():
-        inputs, expected, _ = read_conformance(cpath)
-    if inputs is None:
-        inputs = default_conformance_input(cell.n_in)
-    inputs = inputs.detach().to(device="cpu", dtype=torch.float64)
-    z_ref, y_ref, _ = run_cell(cell, inputs)
-    report = VerifyReport(path=str(path), steps=int(inputs.shape[0]), trials=int(inputs.shape[1]),
-                          neurons=int(cell.n_hidden), spikes_float=int(z_ref.sum()), dtype=str(dtype).split(".")[-1])
-    if expected is not None:
-        report.conformance_match = spike_mismatches(expected, z_ref) == 0
-        report.mismatches["conformance_file"] = spike_mismatches(expected, z_ref)
+    if inputs is not None:
+        x, dropped, margin = tie_free_trials(gcell, inputs.detach().to(device="cpu", dtype=torch.float64))
+        sets["given"] = (x, None, dropped, margin)
+    elif cpath.is_file():
+        x, expected, _ = read_conformance(cpath)
+        sets["conformance"] = (x, expected, 0, float(tie_margins(gcell, x).min()))
+    x, dropped, margin = tie_free_raster(gcell)
+    sets["raster01"] = (x, None, dropped, margin)
+    first = next(iter(sets.values()))[0]
+    report = VerifyReport(path=str(path), steps=int(first.shape[0]), trials=int(first.shape[1]),
+                          neurons=int(cell.n_hidden), spikes_float=0, dtype=str(dtype).split(".")[-1])
     importers = {"snntorch": import_snntorch, "norse": import_norse}
     for name in simulators:
-        if name in importers:
-            module = importers[name](graph, dtype=dtype)
-            z, y = simulate_imported(module, inputs, dtype=dtype)
-            report.mismatches[name] = spike_mismatches(z, z_ref)
-            report.output_max_abs_diff[name] = float((y - y_ref).abs().max()) if y.numel() else 0.0
-        elif name == "integer":
+        if name not in (*importers, "integer", *EXTRA_SIMULATORS):
+            raise ValueError(f"Invalid simulator {name!r}: allowed snntorch, norse, integer, "
+                             + ", ".join(EXTRA_SIMULATORS))
+    for set_name, (x, expected, dropped, margin) in sets.items():
+        z_ref, y_ref, _ = run_cell(gcell, x)
+        rep = {"steps": int(x.shape[0]), "trials": int(x.shape[1]), "spikes_float": int(z_ref.sum()),
+               "dropped_trials": dropped, "margin": margin, "mismatches": {}, "output_max_abs_diff": {}}
+        report.spikes_float += rep["spikes_float"]
+        if expected is not None:
+            n_conf = spike_mismatches(expected, z_ref)
+            report.conformance_match = n_conf == 0
+            rep["mismatches"]["conformance_file"] = n_conf
+        for name in simulators:
+            if name in importers:  # a fresh module per input set (snntorch keeps its state inside)
+                z, y = simulate_imported(importers[name](graph, dtype=dtype), x, dtype=dtype)
+            elif name in EXTRA_SIMULATORS:
+                z, y = EXTRA_SIMULATORS[name](path, x)
+            else:
+                continue
+            rep["mismatches"][name] = spike_mismatches(z, z_ref)
+            diff = float((y - y_ref).abs().max()) if y.numel() else 0.0
+            rep["output_max_abs_diff"][name] = diff if math.isfinite(diff) else float("nan")
+        if "integer" in simulators:
+            z_tr, y_tr, _ = run_cell(cell, x)
             dep = deploy(cell, profile, input_frac_bits=input_frac_bits)
-            em = emulate(dep, inputs)
-            n_mis = spike_mismatches(em.spikes, z_ref)
-            report.mismatches["integer"] = n_mis
-            report.output_max_abs_diff["integer"] = float((em.outputs - y_ref).abs().max())
-            report.integer = {"profile": profile.name, "arithmetic": dep.arithmetic, "spikes": int(em.spikes.sum()),
-                              "mismatches": n_mis, "chip_steps": em.chip_steps, "events": dict(em.events),
-                              "notes": list(dep.notes)}
-        else:
-            raise ValueError(f"Invalid simulator {name!r}: allowed snntorch, norse, integer")
-    if not math.isfinite(report.output_max_abs_diff.get("snntorch", 0.0)):
-        report.output_max_abs_diff["snntorch"] = float("nan")
+            em = emulate(dep, x)
+            rep["mismatches"]["integer"] = spike_mismatches(em.spikes, z_tr)
+            rep["output_max_abs_diff"]["integer"] = float((em.outputs - y_tr).abs().max())
+            report.integer.setdefault("profile", profile.name)
+            report.integer.setdefault("arithmetic", dep.arithmetic)
+            report.integer.setdefault("notes", list(dep.notes))
+            report.integer.setdefault("chip_steps", em.chip_steps)
+            report.integer[set_name] = {"spikes": int(em.spikes.sum()), "mismatches": rep["mismatches"]["integer"],
+                                        "events": dict(em.events)}
+        for k, n in rep["mismatches"].items():
+            report.mismatches[k] = report.mismatches.get(k, 0) + n
+        for k, d in rep["output_max_abs_diff"].items():
+            report.output_max_abs_diff[k] = max(report.output_max_abs_diff.get(k, 0.0), d)
+        report.by_input[set_name] = rep
     return report
+
+
+EXTRA_SIMULATORS: dict = {}
