@@ -86,6 +86,9 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "NIR_DT",
+    "STOCK_EDGES",
+    "STOCK_NODE_NAMES",
+    "TARGETS",
     "TIE_MARGIN",
     "WEIGHTS_FORMAT",
     "NirExport",
@@ -115,6 +118,10 @@ WEIGHTS_FORMAT = "neuroinit-weights"
 NODE_NAMES = ("input", "w_in", "lif", "w_rec", "w_out", "readout", "output")
 EDGES = [("input", "w_in"), ("w_in", "lif"), ("lif", "w_rec"), ("w_rec", "lif"), ("lif", "w_out"),
          ("w_out", "readout"), ("readout", "output")]
+TARGETS = ("generic", "stock")
+STOCK_NODE_NAMES = ("input", "w_in", "lif", "w_rec", "rec_scale", "w_out", "output")
+STOCK_EDGES = [("input", "w_in"), ("w_in", "lif"), ("lif", "w_rec"), ("w_rec", "rec_scale"), ("rec_scale", "lif"),
+               ("lif", "w_out"), ("w_out", "output")]
 
 
 def _neuroinit_version() -> str:
@@ -187,11 +194,15 @@ def _graph_warnings(cell: RecurrentCell) -> list[str]:
     return out
 
 
-def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *, dt: float = NIR_DT
-           ) -> tuple[nir.NIRGraph, Deployment, list[str]]:
+def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *, dt: float = NIR_DT,
+           target: str = "generic") -> tuple[nir.NIRGraph, Deployment, list[str]]:
     """The NIR graph of ``cell`` deployed on ``profile`` (default: the cell's own), the deployment, and
-    warnings about what the graph does not reproduce. Raises ``ValueError`` for rate networks, networks that
-    do not fit the profile and saturating weights."""
+    warnings about what the graph does not reproduce. ``target``: ``generic`` (the graph above) or ``stock``
+    (:data:`STOCK_EDGES`: the shape snntorch's ``import_from_nir`` and norse's ``from_nir`` read as they are;
+    ``docs/export.md``). Raises ``ValueError`` for rate networks, networks that do not fit the profile,
+    saturating weights and an unknown target."""
+    if target not in TARGETS:
+        raise ValueError(f"Invalid NIR target {target!r}: allowed {', '.join(TARGETS)}")
     if getattr(cell, "model", None) == "rate":
         raise ValueError("Invalid model 'rate' for NIR export: NIR has no rate nonlinearity (tanh/relu units "
                          "with a leak); export rate networks with --format h5 (neuroinit weights schema)")
@@ -222,17 +233,40 @@ def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
                           metadata={"kappa": dep.kappa, "tau_out_ms": dc.tau_out}),
         "output": nir.Output(output_type={"output": np.array([n_out])}),
     }
+    edges = list(EDGES)
+    if target == "stock":
+        nodes, edges = _stock_shape(nodes, n, tau_m / dt)
     cfg = dict(dc.config())
     cfg["profile"] = dep.profile.name
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "neuroinit_version": _neuroinit_version(),
+        "nir_target": target, "kappa": dep.kappa, "tau_out_ms": dc.tau_out,
+        "readout": ("y_t = kappa y_{t-1} + a_t on the graph's output a_t (w_out's current)" if target == "stock"
+                    else "the LI node 'readout'"),
         "model": "lif", "profile": dep.profile.name, "profile_toml": dep.profile.text,
         "dt": dt, "time_base": f"one neuroinit step = {dt:g} s; tau = dt / (1 - alpha) (Euler)",
         "dt_physical_s": dc.dt / 1000.0, "reset": dc.reset, "discretisation": "euler",
         "exact": not warnings, "warnings": "\n".join(warnings), "cell_config": json.dumps(cfg, sort_keys=True),
         "notes": "\n".join(dep.notes),
     }
-    return nir.NIRGraph(nodes=nodes, edges=list(EDGES), metadata=meta), dep, warnings
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=meta), dep, warnings
+
+
+def _stock_shape(nodes: dict, n: int, r: float) -> tuple[dict, list]:
+    """The generic nodes rewritten for the stock importers (module docstring of :mod:`neuroinit.io.importers`):
+    ``r`` folded into what feeds the LIF (``w_in``: ``r W_in``, ``r b``; a diagonal ``rec_scale = r I`` after
+    ``w_rec``, so the recurrent cycle has three nodes), ``LIF.r = 1``, no LI (the output is ``w_out``'s current).
+    The unscaled ``W_in`` and ``b`` stay in ``w_in``'s metadata (``grid_weight``, ``grid_bias``)."""
+    out = dict(nodes)
+    w_in, lif = nodes["w_in"], nodes["lif"]
+    meta = dict(w_in.metadata)
+    meta.update(grid_weight=np.asarray(w_in.weight), grid_bias=np.asarray(w_in.bias), r=r)
+    out["w_in"] = nir.Affine(weight=r * np.asarray(w_in.weight), bias=r * np.asarray(w_in.bias), metadata=meta)
+    out["lif"] = nir.LIF(tau=lif.tau, r=np.ones(n), v_leak=lif.v_leak, v_threshold=lif.v_threshold,
+                         v_reset=lif.v_reset, metadata=lif.metadata)
+    out["rec_scale"] = nir.Linear(weight=np.diag(np.full(n, r)), metadata={"r": r})
+    del out["readout"]
+    return out, list(STOCK_EDGES)
 
 
 # ------------------------------------------------------------------------------------------ tie-proofing
@@ -342,13 +376,14 @@ def read_conformance(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torc
 # ------------------------------------------------------------------------------------------ writing
 
 def write_nir(path: str | Path, cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
-              inputs: torch.Tensor | None = None, dt: float = NIR_DT, conformance: bool = True) -> NirExport:
+              inputs: torch.Tensor | None = None, dt: float = NIR_DT, conformance: bool = True,
+              target: str = "generic") -> NirExport:
     """Write ``cell`` deployed on ``profile`` to ``path`` with ``nir.write`` and, with ``conformance``, its
     conformance vectors (the tie-free trials of ``inputs``, default a tie-free 0/1 raster, and the graph's
     float spikes and outputs as neuroinit computes them; module docstring) with ``nir.write_data`` to
     :func:`conformance_path`. Both files are written atomically: on any
     error neither is left behind (an existing file is left as it was)."""
-    graph, dep, warnings = to_nir(cell, profile, dt=dt)
+    graph, dep, warnings = to_nir(cell, profile, dt=dt, target=target)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"Invalid output path {path}: is a directory; allowed: a file path")
@@ -421,7 +456,7 @@ def cell_from_nir(graph: nir.NIRGraph) -> tuple[RecurrentCell, HardwareProfile]:
 
     from neuroinit.cells import make_cell
 
-    meta = graph.metadata
+    meta = meta_graph = graph.metadata
     if _meta_str(meta.get("format", "")) != FORMAT:
         raise ValueError(f"Invalid NIR file: not written by neuroinit (metadata format = "
                          f"{meta.get('format')!r}, expected {FORMAT!r})")
@@ -432,9 +467,11 @@ def cell_from_nir(graph: nir.NIRGraph) -> tuple[RecurrentCell, HardwareProfile]:
     cfg = json.loads(_meta_str(meta["cell_config"]))
     cfg["profile"] = profile
     nodes = graph.nodes
+    w_in_meta = nodes["w_in"].metadata or {}
+    w_in = w_in_meta.get("grid_weight", nodes["w_in"].weight)   # stock target: r folded into the graph's w_in
+    bias = w_in_meta.get("grid_bias", nodes["w_in"].bias)
     params = CellParams(*(torch.from_numpy(np.asarray(a, dtype=np.float64).copy()) for a in (
-        nodes["w_in"].weight, nodes["w_rec"].weight, nodes["w_in"].bias, nodes["w_out"].weight,
-        nodes["w_out"].bias)))
+        w_in, nodes["w_rec"].weight, bias, nodes["w_out"].weight, nodes["w_out"].bias)))
     cell = deployed_cell(make_cell("lif", params, **cfg), profile)
     for name in QUANTISED_PARAMS:  # the exported grids, not ones re-chosen from the weights (a weight at
         meta = nodes[name].metadata or {}   # code_min = -128 would make choose_grid pick a coarser exponent)
@@ -444,7 +481,8 @@ def cell_from_nir(graph: nir.NIRGraph) -> tuple[RecurrentCell, HardwareProfile]:
                                     int(np.asarray(meta["code_max"])), exp)
     with torch.no_grad():  # the leak factors as exported (a float32 cell's alpha is not exp(-dt/tau) in float64)
         cell.alpha.fill_(float(np.asarray(nodes["lif"].metadata["alpha"])))
-        cell.kappa.fill_(float(np.asarray(nodes["readout"].metadata["kappa"])))
+        kappa = nodes["readout"].metadata["kappa"] if "readout" in nodes else meta_graph["kappa"]
+        cell.kappa.fill_(float(np.asarray(kappa)))
     return cell, profile
 
 

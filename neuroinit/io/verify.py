@@ -41,6 +41,7 @@ import torch
 from neuroinit.emulate.integer import deploy, emulate, run_cell, spike_mismatches
 from neuroinit.io.nir import (
     NODE_NAMES,
+    STOCK_NODE_NAMES,
     cell_from_nir,
     conformance_path,
     graph_cell,
@@ -54,6 +55,7 @@ __all__ = [
     "SNNTORCH_DT",
     "VerifyReport",
     "check_verifiable",
+    "default_simulators",
     "import_norse",
     "import_snntorch",
     "simulate_imported",
@@ -86,10 +88,12 @@ class _Quiet:
 
 def check_verifiable(graph: nir.NIRGraph) -> None:
     """Raise ``ValueError`` unless ``graph`` is a neuroinit LIF export the importers can reproduce exactly."""
-    missing = [n for n in NODE_NAMES if n not in graph.nodes]
+    stock = str(np.asarray(graph.metadata.get("nir_target", "generic"))) == "stock"
+    names = STOCK_NODE_NAMES if stock else NODE_NAMES
+    missing = [n for n in names if n not in graph.nodes]
     if missing:
         raise ValueError(f"Invalid NIR graph for verification: missing nodes {missing}; allowed: graphs written "
-                         "by neuroinit export (nodes " + ", ".join(NODE_NAMES) + ")")
+                         "by neuroinit export (nodes " + ", ".join(names) + ")")
     meta = graph.metadata
     reset = meta.get("reset", "zero")
     reset = reset.decode() if isinstance(reset, bytes) else str(reset)
@@ -282,7 +286,7 @@ def _graph_threshold(graph: nir.NIRGraph) -> float:
 
 
 def verify_nir(path: str | Path, *, inputs: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
-               simulators: tuple[str, ...] = ("snntorch", "norse", "integer"),
+               simulators: tuple[str, ...] | None = None,
                input_frac_bits: int = 8) -> VerifyReport:
     """Load ``path`` with ``nir.read``, import it into the importers named in ``simulators`` and run two input
     sets through them and through neuroinit's float simulation of the graph: the conformance input (from the
@@ -291,6 +295,7 @@ def verify_nir(path: str | Path, *, inputs: torch.Tensor | None = None, dtype: t
     emulation of the trained network (trained ``v_th``) against its float simulation on the same inputs
     (nonzero where the chip's arithmetic differs, e.g. truncating decays)."""
     path = Path(path)
+    simulators = default_simulators() if simulators is None else tuple(simulators)
     with _Quiet():
         graph = nir.read(str(path))
     check_verifiable(graph)
@@ -309,11 +314,9 @@ def verify_nir(path: str | Path, *, inputs: torch.Tensor | None = None, dtype: t
     first = next(iter(sets.values()))[0]
     report = VerifyReport(path=str(path), steps=int(first.shape[0]), trials=int(first.shape[1]),
                           neurons=int(cell.n_hidden), spikes_float=0, dtype=str(dtype).split(".")[-1])
-    importers = {"snntorch": import_snntorch, "norse": import_norse}
     for name in simulators:
-        if name not in (*importers, "integer", *EXTRA_SIMULATORS):
-            raise ValueError(f"Invalid simulator {name!r}: allowed snntorch, norse, integer, "
-                             + ", ".join(EXTRA_SIMULATORS))
+        if name not in (*IMPORTERS, "integer"):
+            raise ValueError(f"Invalid simulator {name!r}: allowed {', '.join(IMPORTERS)}, integer")
     for set_name, (x, expected, dropped, margin) in sets.items():
         z_ref, y_ref, _ = run_cell(gcell, x)
         rep = {"steps": int(x.shape[0]), "trials": int(x.shape[1]), "spikes_float": int(z_ref.sum()),
@@ -324,12 +327,9 @@ def verify_nir(path: str | Path, *, inputs: torch.Tensor | None = None, dtype: t
             report.conformance_match = n_conf == 0
             rep["mismatches"]["conformance_file"] = n_conf
         for name in simulators:
-            if name in importers:  # a fresh module per input set (snntorch keeps its state inside)
-                z, y = simulate_imported(importers[name](graph, dtype=dtype), x, dtype=dtype)
-            elif name in EXTRA_SIMULATORS:
-                z, y = EXTRA_SIMULATORS[name](path, x)
-            else:
+            if name not in IMPORTERS:
                 continue
+            z, y = _simulate(name, graph, x, dtype)
             rep["mismatches"][name] = spike_mismatches(z, z_ref)
             diff = float((y - y_ref).abs().max()) if y.numel() else 0.0
             rep["output_max_abs_diff"][name] = diff if math.isfinite(diff) else float("nan")
@@ -353,4 +353,37 @@ def verify_nir(path: str | Path, *, inputs: torch.Tensor | None = None, dtype: t
     return report
 
 
-EXTRA_SIMULATORS: dict = {}
+IMPORTERS = ("snntorch", "norse", "rockpool")
+
+
+def _simulate(name: str, graph: nir.NIRGraph, x: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spikes and outputs of importer ``name`` on ``x``, from a fresh module (snntorch keeps its state inside):
+    rockpool through :func:`~neuroinit.io.importers.load_rockpool` (float32); a stock graph through the stock
+    importer (float32), its output current through the leaky readout; a generic graph through
+    :func:`import_snntorch` / :func:`import_norse` in ``dtype``."""
+    from neuroinit.io.importers import (
+        graph_target,
+        leaky_readout,
+        load_norse,
+        load_rockpool,
+        load_snntorch,
+        run_rockpool,
+    )
+
+    if name == "rockpool":
+        return run_rockpool(load_rockpool(graph), x)
+    if graph_target(graph) == "stock":
+        module = {"snntorch": load_snntorch, "norse": load_norse}[name](graph)
+        z, a = simulate_imported(module, x, dtype=torch.float32)
+        return z, leaky_readout(a, float(np.asarray(graph.metadata["kappa"])))
+    module = {"snntorch": import_snntorch, "norse": import_norse}[name](graph, dtype=dtype)
+    return simulate_imported(module, x, dtype=dtype)
+
+
+def default_simulators() -> tuple[str, ...]:
+    """snntorch, norse, rockpool where installed (the ``importers`` extra), and the integer emulation."""
+    import importlib.util
+
+    rock = ("rockpool",) if importlib.util.find_spec("rockpool") is not None else ()
+    return ("snntorch", "norse", *rock, "integer")
