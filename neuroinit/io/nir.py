@@ -5,6 +5,14 @@ Graph (flat, one recurrent cycle; see ``docs/export.md``)::
     input (Input) -> w_in (Affine: W_in, b) -> lif (LIF) -> w_out (Affine: W_out, b_out) -> readout (LI) -> output
                                               lif -> w_rec (Linear: W_rec, no bias) -> lif
 
+With ``target="stock"`` (``--nir-target stock``) the same network is written in the shape snntorch's
+``import_from_nir`` and norse's ``from_nir`` read as they are (:mod:`neuroinit.io.importers` says why)::
+
+    input -> w_in (Affine: r W_in, r b) -> lif (LIF, r = 1) -> w_out (Affine: W_out, b_out) -> output
+             lif -> w_rec (Linear: W_rec) -> rec_scale (Linear: r I) -> lif
+
+its output is the readout current ``a_t``; ``y_t = kappa y_{t-1} + a_t`` with ``kappa`` in the metadata.
+
 neuroinit's step (reset to zero)::
 
     v_t = alpha v_{t-1} (1 - z_{t-1}) + W_rec z_{t-1} + W_in u_t + b,   z_t = H(v_t - v_th)
