@@ -41,8 +41,8 @@ Two constructions keep every membrane away from it:
    (:func:`tie_proof_threshold`): for every membrane on the grid ``v > theta`` iff ``v > v_th`` (the trained
    network's decision, and an integer chip's), now with margin ``eps`` instead of 0. Only off-grid membranes
    (after a leak, or from analog input) in ``(v_th, theta]`` decide differently: a band of width 3e-5 x v_th,
-   rarely hit (a half-grid-step shift, 1/128 for 8-bit weights, was hit ~40 times per 1000 trial-steps of a
-   trained 32-neuron network and, the network being chaotic, changed most later spikes). The graph, its
+   rarely hit (2 of 65536 membranes of a trained 32-neuron network's 0/1 raster; a half-grid-step shift,
+   1/128 there, was hit 67 times and, the network being chaotic, changed 70% of the later spikes). The graph, its
    conformance vectors and ``--verify``'s float reference use ``theta``; the trained ``v_th`` stays in the
    metadata (``cell_config``, LIF ``v_th``) and is what the integer emulation deploys. Float weights
    (``ideal``) or incommensurable grid scales: ``theta = v_th``.
