@@ -116,6 +116,11 @@ def test_threshold_stays_in_its_grid_interval():
         grid = np.arange(-200, 200) * q                            # same decision for every grid value
         assert np.array_equal(grid > theta, grid > v_th)
     assert tie_proof_threshold(0.8, None) == 0.8
+    for v_th in (1.0, 0.75, 1.0 + q / 2, 1.0 + 1e-9):                # a cell that spikes at v >= v_th
+        theta = tie_proof_threshold(v_th, q, ">=")
+        assert abs(theta - v_th) <= q / 4 and np.array_equal(grid > theta, grid >= v_th)
+    with pytest.raises(ValueError, match="Invalid threshold comparison"):
+        tie_proof_threshold(1.0, q, "<")
 
 
 def test_tie_free_trials_drop_near_ties_and_refuse_when_none_is_left(trained):

@@ -199,6 +199,9 @@ def _graph_warnings(cell: RecurrentCell) -> list[str]:
                    "reset='zero' for an exact export)")
     if cell.n_refractory:
         out.append(f"NIR has no refractory period: n_refractory = {cell.n_refractory} is dropped from the graph")
+    if getattr(cell, "tau_syn", None):
+        out.append(f"NIR's LIF has no synaptic current: tau_syn = {cell.tau_syn} ms is dropped from the graph "
+                   "(train without a synaptic current for an exact NIR export)")
     return out
 
 
@@ -224,10 +227,12 @@ def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
     tau_o = euler_tau(dep.kappa, dt)
     warnings = _graph_warnings(dc)
     q = membrane_grid(dep)
-    theta = tie_proof_threshold(float(dc.v_th), q)
+    compare = getattr(dc, "threshold_compare", ">")
+    theta = tie_proof_threshold(float(dc.v_th), q, compare)
     lif_meta = {"model": "neuroinit.cells.LIFRNN", "alpha": dep.alpha, "reset": dc.reset,
                 "n_refractory": int(dc.n_refractory), "v_th": float(dc.v_th), "dt_ms": dc.dt, "tau_m_ms": dc.tau_m,
                 "membrane_grid": float(q) if q is not None else 0.0, "v_threshold_offset": theta - float(dc.v_th),
+                "threshold_compare": compare, "tau_syn_ms": float(getattr(dc, "tau_syn", None) or 0.0),
                 "discretisation": "euler: v <- (1 - dt/tau) v + (r dt/tau) I with r dt/tau = 1, spike v > v_th, "
                                   "v <- v_reset = 0; v_threshold = v_th moved off the grid q (tie-proof)"}
     nodes = {
@@ -291,16 +296,20 @@ def membrane_grid(dep: Deployment) -> float | None:
     return q
 
 
-def tie_proof_threshold(v_th: float, q: float | None) -> float:
-    """The graph's threshold: ``v_th`` moved, where needed, to at least ``eps = min(2 TIE_MARGIN v_th, q / 4)``
-    from every value on the grid ``q``, inside the same grid interval ``[g0, g0 + q]``, ``g0 = floor(v_th / q) q``
-    (so ``v > theta`` iff ``v > v_th`` for every membrane on the grid); ``v_th`` itself when ``q`` is None."""
+def tie_proof_threshold(v_th: float, q: float | None, compare: str = ">") -> float:
+    """The graph's threshold (NIR spikes at ``v > theta``): ``v_th`` moved, where needed, to at least
+    ``eps = min(2 TIE_MARGIN v_th, q / 4)`` from every value on the grid ``q``, inside the grid interval that
+    keeps the trained decision for every membrane on the grid: ``(g0, g0 + q)`` with ``g0 = floor(v_th / q) q``
+    for ``compare = ">"``, ``(g1 - q, g1)`` with ``g1 = ceil(v_th / q) q`` for ``">="`` (a cell that spikes
+    at the threshold, as Xylo). ``v_th`` itself when ``q`` is None."""
     v_th = float(v_th)
+    if compare not in (">", ">="):
+        raise ValueError(f"Invalid threshold comparison {compare!r}: allowed '>', '>='")
     if q is None:
         return v_th
     eps = min(2.0 * TIE_MARGIN * v_th, q / 4.0)
-    g0 = math.floor(v_th / q) * q
-    return min(max(v_th, g0 + eps), g0 + q - eps)
+    lo = math.floor(v_th / q) * q if compare == ">" else math.ceil(v_th / q) * q - q
+    return min(max(v_th, lo + eps), lo + q - eps)
 
 
 def graph_cell(cell: RecurrentCell, v_threshold: float) -> RecurrentCell:

@@ -114,6 +114,10 @@ def check_verifiable(graph: nir.NIRGraph) -> None:
     if n_ref:
         raise ValueError(f"Invalid network for --verify: n_refractory = {n_ref} cannot be expressed in NIR; "
                          "allowed: n_refractory = 0")
+    tau_syn = float(np.asarray(lif.metadata.get("tau_syn_ms", 0.0))) if lif.metadata else 0.0
+    if tau_syn:
+        raise ValueError(f"Invalid network for --verify: a synaptic current (tau_syn = {tau_syn:g} ms) cannot be "
+                         "expressed in NIR's LIF; allowed: networks without tau_syn")
     if not (np.allclose(lif.v_leak, 0) and np.allclose(lif.v_reset, 0)):
         raise ValueError("Invalid NIR graph for verification: v_leak and v_reset must be 0")
 
