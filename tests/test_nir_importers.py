@@ -224,6 +224,14 @@ def test_stock_importers_fail_on_the_generic_file_as_documented(trained, tmp_pat
         rockpool_nir.from_nir(copy.deepcopy(g))
 
 
+def test_stock_target_refuses_a_dt_snntorch_would_not_use(trained):
+    cell, _ = trained
+    with pytest.raises(ValueError, match="Invalid dt 0.001 for target 'stock'"):
+        to_nir(cell, dt=1e-3, target="stock")
+    with pytest.raises(ValueError, match="Invalid NIR target 'lava'"):
+        to_nir(cell, target="lava")
+
+
 def test_rockpool_adapter_is_built_from_rockpool_classes(trained, tmp_path):
     pytest.importorskip("rockpool")
     from rockpool.nn.modules import ExpSynTorch, LIFNeuronTorch, LinearTorch

@@ -94,11 +94,11 @@ def load_snntorch(source: str | Path | nir.NIRGraph, *, dtype: torch.dtype = tor
     (``init_hidden``): build a new module (or ``snntorch.utils.reset``) for each new sequence."""
     graph = _graph(source)
     if graph_target(graph) == "stock":
-        from snntorch.import_nir import import_from_nir
-
         from neuroinit.io.verify import _Quiet
 
         with _Quiet(), contextlib.redirect_stdout(io.StringIO()):
+            from snntorch.import_nir import import_from_nir
+
             return import_from_nir(copy.deepcopy(graph))
     from neuroinit.io.verify import import_snntorch
 
@@ -111,11 +111,11 @@ def load_norse(source: str | Path | nir.NIRGraph, *, dtype: torch.dtype = torch.
     module(x_t, state)`` step by step."""
     graph = _graph(source)
     if graph_target(graph) == "stock":
-        import norse.torch
-
         from neuroinit.io.verify import _Quiet
 
         with _Quiet():
+            import norse.torch
+
             return norse.torch.from_nir(copy.deepcopy(graph), ignore_warnings=True,
                                         dt=float(_meta(graph, "dt")))
     from neuroinit.io.verify import import_norse

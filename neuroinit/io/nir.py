@@ -219,6 +219,9 @@ def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
                          "with a leak); export rate networks with --format h5 (neuroinit weights schema)")
     if not (isinstance(dt, float) and dt > 0 and math.isfinite(dt)):
         raise ValueError(f"Invalid dt {dt!r}: must be a positive float (seconds per step)")
+    if target == "stock" and dt != NIR_DT:
+        raise ValueError(f"Invalid dt {dt!r} for target 'stock': snntorch's import_from_nir hard-codes "
+                         f"dt = {NIR_DT:g}; allowed: dt = {NIR_DT:g}")
     dep = deploy(cell, profile)
     dc = dep.cell
     p = CellParams(*(t.detach().double().numpy().copy() for t in dc.params()))

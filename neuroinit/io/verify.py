@@ -264,7 +264,9 @@ def simulate_imported(module: torch.fx.GraphModule, inputs: torch.Tensor, *, dty
 @dataclass
 class VerifyReport:
     """Spike mismatches of each simulator against neuroinit's float simulation of the export, summed over the
-    input sets (``by_input``: ``conformance`` or ``given``, and ``raster01``, a tie-free 0/1 raster)."""
+    input sets (``by_input``: ``conformance`` or ``given``, and ``raster01``, a tie-free 0/1 raster, each with
+    its own steps, trials, spikes, dropped trials, margin and mismatches). ``steps`` and ``trials`` are the
+    first set's; ``spikes_float`` is summed."""
 
     path: str
     steps: int
