@@ -804,8 +804,12 @@ def _export_cell(path: str, which: str):
               help="nir: NIR graph + conformance vectors; netx: lava-dl netx HDF5 (Loihi profiles); "
                    "h5: neuroinit weights schema (any model; the export for rate networks).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
-@click.option("--verify", is_flag=True, help="NIR only: re-simulate the file in snntorch and norse and in the "
-                                             "profile's integer emulation; exit 1 on any snntorch/norse mismatch.")
+@click.option("--verify", is_flag=True, help="NIR only: re-simulate the file in snntorch, norse, rockpool (if "
+                                             "installed) and the profile's integer emulation on the task input "
+                                             "and a 0/1 raster; exit 1 on any importer mismatch.")
+@click.option("--nir-target", type=click.Choice(["generic", "stock"]), default="generic", show_default=True,
+              help="NIR only: generic (LI readout, r = tau/dt) or stock (the shape snntorch's import_from_nir "
+                   "and norse's from_nir read as they are; docs/export.md).")
 @click.option("--which", type=click.Choice(["final", "initial", "floss"]), default="final", show_default=True,
               help="Which stored weights to export.")
 @click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True,
@@ -813,8 +817,8 @@ def _export_cell(path: str, which: str):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the task batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @fail_cleanly
-def export_command(run_file: str, profile: str | None, fmt: str, out: str, verify: bool, which: str, trials: int,
-                   seed: int, as_json: bool) -> None:
+def export_command(run_file: str, profile: str | None, fmt: str, out: str, verify: bool, nir_target: str,
+                   which: str, trials: int, seed: int, as_json: bool) -> None:
     """Quantise RUN_FILE's trained network onto a chip profile and write it as NIR, lava-dl netx or neuroinit
     HDF5; report the float-vs-chip task accuracy (integer emulation) and, with --verify, spike mismatches of
     snntorch, norse and the emulation against neuroinit's float simulation."""
@@ -842,10 +846,13 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         if verify and cell.model == "lif":
             from neuroinit.io.verify import check_verifiable
 
-            check_verifiable(to_nir(cell, prof)[0])   # refuse before anything is written
-        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None)
-        report.update(conformance=str(ex.conformance), exact=ex.exact, warnings=list(ex.warnings),
-                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes)
+            check_verifiable(to_nir(cell, prof, target=nir_target)[0])   # refuse before anything is written
+        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None, target=nir_target)
+        report.update(nir_target=nir_target, conformance=str(ex.conformance), exact=ex.exact,
+                      warnings=list(ex.warnings),
+                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes,
+                      conformance_dropped_trials=ex.dropped_trials,
+                      v_threshold=float(ex.graph.nodes["lif"].v_threshold[0]))
     elif fmt == "netx":
         from neuroinit.io.netx import write_netx
 
@@ -880,7 +887,8 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         click.echo(f"wrote {out} ({fmt}, profile {prof.name}, {cell.model} network)")
         if "conformance" in report:
             click.echo(f"conformance vectors: {report['conformance']} ({report['conformance_trials']} trials x "
-                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes)")
+                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes; "
+                       f"{report['conformance_dropped_trials']} near-tie trials dropped)")
         for w in report.get("warnings", []) + report.get("notes", []):
             click.echo(f"warning: {w}")
         acc = report.get("accuracy")
@@ -891,10 +899,11 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
                        f"{acc['spikes_float']} float spikes)")
         if verify:
             v = report["verify"]
-            click.echo(f"verify ({v['trials']} trials x {v['steps']} steps, {v['spikes_float']} spikes): "
-                       + ", ".join(f"{k} {n} mismatches" for k, n in v["mismatches"].items()))
+            for name, b in v["by_input"].items():   # the conformance (task) input and a 0/1 raster
+                click.echo(f"verify {name} ({b['trials']} trials x {b['steps']} steps, {b['spikes_float']} spikes): "
+                           + ", ".join(f"{k} {n} mismatches" for k, n in b["mismatches"].items()))
     if not ok:
-        raise click.ClickException("verification failed: snntorch or norse spikes differ from neuroinit's")
+        raise click.ClickException("verification failed: an importer's spikes differ from neuroinit's")
 # --- end export ---
 
 
