@@ -59,7 +59,8 @@ from neuroinit.emulate.integer import (
 from neuroinit.io.atomic import atomic_write_path
 from neuroinit.profiles import HardwareProfile, load_profile
 
-__all__ = ["NETX_FORMAT", "NetxExport", "netx_reference", "read_netx", "write_netx"]
+__all__ = ["NETX_FORMAT", "NetxExport", "find_lava_python", "netx_reference", "read_netx", "run_in_lava", "verify_netx",
+           "write_netx"]
 
 NETX_FORMAT = "neuroinit-netx"
 FORMAT_VERSION = 1
@@ -251,3 +252,82 @@ def read_netx(path: str | Path) -> dict:
         d = walk(f)
         d["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     return d
+
+
+LAVA_PYTHON_ENV = "NEUROINIT_LAVA_PYTHON"
+
+
+def find_lava_python() -> tuple[str | None, str]:
+    """The Python that runs Lava: ``$NEUROINIT_LAVA_PYTHON`` if set, else this interpreter when lava-dl imports.
+    Returns ``(executable or None, reason)`` (the reason says where it came from, or why there is none)."""
+    import importlib.util
+    import os
+    import sys
+
+    env = os.environ.get(LAVA_PYTHON_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise ValueError(f"Invalid {LAVA_PYTHON_ENV}={env}: no such file; allowed: the python of an "
+                             "environment with lava-nc and lava-dl (docs/export.md)")
+        return env, f"{LAVA_PYTHON_ENV}={env}"
+    try:
+        found = importlib.util.find_spec("lava.lib.dl.netx") is not None
+    except ModuleNotFoundError:
+        found = False
+    if found:
+        return sys.executable, "lava-dl importable here"
+    return None, (f"lava-dl not importable here and {LAVA_PYTHON_ENV} not set (Lava needs Python < 3.11; "
+                  "docs/export.md says how to make its environment)")
+
+
+def run_in_lava(path: str | Path, inputs: torch.Tensor, python: str) -> dict:
+    """Run the netx file in Lava through :mod:`neuroinit.io.lava_loader` (a subprocess of ``python``) on
+    time-major ``inputs`` (T, B, I); returns its arrays (``spikes``, ``v``, ``readout_v``, ``outputs``)."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    loader = Path(__file__).with_name("lava_loader.py")
+    with tempfile.TemporaryDirectory(prefix="neuroinit-lava-") as d:
+        np.save(Path(d) / "inputs.npy", inputs.detach().to(device="cpu", dtype=torch.float64).numpy())
+        cmd = [python, str(loader), str(path), "--inputs", str(Path(d) / "inputs.npy"), "--out",
+               str(Path(d) / "out.npz")]
+        if shutil.which("nice"):
+            cmd = ["nice", "-n", "10", *cmd]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"Lava run failed (exit {proc.returncode}, {python}): {tail[0]}")
+        with np.load(Path(d) / "out.npz") as z:
+            return {k: z[k] for k in z.files}
+
+
+def verify_netx(path: str | Path, cell: RecurrentCell, inputs: torch.Tensor, *, task=None, batch=None,
+                profile: HardwareProfile | str | None = None, integer_inputs: bool = False,
+                python: str | None = None) -> dict:
+    """Run the netx file as lava-dl loads it (:mod:`neuroinit.io.lava_loader`, ``Loihi2SimCfg`` fixed point) and
+    count mismatches against :func:`netx_reference` (the integer emulation): ``spike_mismatches``,
+    ``v_mismatches`` (layer 0 voltage), ``readout_v_mismatches``; with ``task`` and ``batch`` also the task
+    accuracy of Lava's outputs and of the emulation's. ``ok`` is True when all three counts are 0.
+    ``python``: the Lava interpreter (default :func:`find_lava_python`; ``ValueError`` when there is none)."""
+    if python is None:
+        python, why = find_lava_python()
+        if python is None:
+            raise ValueError(f"No Lava to verify in: {why}")
+    ref = netx_reference(cell, inputs, profile, integer_inputs=integer_inputs)
+    lava = run_in_lava(path, inputs, python)
+    rep = {"python": python, "steps": int(inputs.shape[0]), "trials": int(inputs.shape[1]),
+           "spikes_lava": int(lava["spikes"].sum()), "spikes_emulation": int(ref["spikes"].sum())}
+    for k in ("spikes", "v", "readout_v"):
+        if lava[k].shape != ref[k].shape:
+            raise RuntimeError(f"Lava returned {k} of shape {lava[k].shape}, expected {ref[k].shape}")
+        name = "spike_mismatches" if k == "spikes" else f"{k}_mismatches"
+        rep[name] = int((lava[k] != ref[k]).sum())
+    if task is not None and batch is not None:
+        rep["lava_accuracy"] = task.accuracy(torch.from_numpy(lava["outputs"]), batch)
+        rep["emulation_accuracy"] = task.accuracy(torch.from_numpy(ref["outputs"]), batch)
+        rep["emulation_host_readout_accuracy"] = task.accuracy(torch.from_numpy(ref["host_outputs"]), batch)
+    rep["ok"] = rep["spike_mismatches"] == 0 and rep["v_mismatches"] == 0 and rep["readout_v_mismatches"] == 0
+    return rep
