@@ -20,14 +20,20 @@ Layout (hardware.md section 2.2; lava-dl ``netx/hdf5.py``, ``netx/utils.py``)::
 No version field (netx has none). neuroinit's own description lives in root attributes, which netx ignores:
 ``format``, ``format_version``, ``profile``, ``profile_toml``, ``cell_config``, ``dt_ms``, ``alpha``,
 ``kappa``, ``a_in_unit`` (value of one a_in unit in neuroinit's units, threshold = v_th), ``readout_unit``
-(value of one readout voltage LSB: ``2^(e_out - 1) / 64``), ``input_scale`` and ``input_frac_bits``, and the
-weight exponents.
+(value of one readout voltage LSB: ``2^(e_out - 1) / 64``), ``input_scale`` and ``input_frac_bits``, the
+weight exponents, and what netx takes only as ``Network(...)`` arguments or never reads:
+``netx_input_message_bits`` (graded input), ``netx_reset_offset`` (netx's reset zeroes layer i at Lava time
+step ``reset_offset + 1 + i``: each layer starts its first real step from 0, which replaces holding the bias
+at 0 in the priming step) and ``readout`` (outputs = layer 1 voltage x ``readout_unit``, chip step t + 2).
+:mod:`neuroinit.io.lava_loader` applies them; :func:`netx_reference` is what Lava computes, :func:`verify_netx`
+runs the file in Lava and compares.
 
 Units: one a_in unit is ``2^(e_min - 1)`` with ``e_min`` the finer of the input and recurrent exponents, as
 in :mod:`neuroinit.emulate.integer`. netx stores weights in ``[-256, 254]`` and finds the Dense weight exponent
 itself (``optimize_weight_bits``), so a matrix coarser than ``e_min`` cannot carry its shift in the weights:
 for the input matrix the shift moves into the input, sent as graded spikes ``round(u * input_scale)`` with
-``input_scale = 2^(e_in - e_min)`` (exact for spike inputs); a recurrent matrix coarser than the input one
+``input_scale = 2^(e_in - e_min)`` (for integer inputs it is folded into the weights where they still fit,
+``integer_inputs``); a recurrent matrix coarser than the input one
 must still fit ``[-256, 254]`` after its shift, or the export is refused. netx's bias is in a_in units
 (bias_exp 6). ``emulate(deploy(cell, input_frac_bits=e_in - e_min, bias_exp=6), inputs)`` reproduces exactly
 what this file computes on Loihi for those inputs.
