@@ -173,3 +173,14 @@ def test_find_lava_python_refuses_a_missing_interpreter(monkeypatch, tmp_path):
     monkeypatch.setenv("NEUROINIT_LAVA_PYTHON", str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="NEUROINIT_LAVA_PYTHON"):
         find_lava_python()
+
+
+def test_a_bias_above_threshold_is_noted(net, tmp_path):
+    cell, _, _ = net
+    with torch.no_grad():
+        hot = LIFRNN(cell.params()._replace(bias=cell.bias.detach().clone()), reset="zero", profile="loihi-like",
+                     tau_m=20.0, tau_out=20.0)
+        hot.bias[0] = 1.5 * float(hot.v_th)
+    ex = write_netx(tmp_path / "n.h5", hot)
+    assert any("spike in Lava's priming step" in n for n in ex.notes)
+    assert not any("priming" in n for n in write_netx(tmp_path / "m.h5", cell).notes)
