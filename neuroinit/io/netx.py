@@ -8,6 +8,7 @@ Layout (hardware.md section 2.2; lava-dl ``netx/hdf5.py``, ``netx/utils.py``)::
         shape       [N]
         inFeatures  n_in,  outFeatures N
         weight      (N, n_in)  integer-valued float64: 2 c_in, the 8-bit mixed-sign mantissas on step 2
+                               (<< (e_in - e_min) when the input scale is folded in, below)
         weight_rec  (N, N)     integer-valued float64: 2 c_rec << (e_rec - e_min)
         bias        (N,)       integer-valued float64: bias in a_in units (netx sets bias_exp = 6)
         neuron/     type b"CUBA", iDecay 4096 (netx: du = iDecay - 1 = 4095, the current is this step's
@@ -30,11 +31,10 @@ runs the file in Lava and compares.
 
 Units: one a_in unit is ``2^(e_min - 1)`` with ``e_min`` the finer of the input and recurrent exponents, as
 in :mod:`neuroinit.emulate.integer`. netx stores weights in ``[-256, 254]`` and finds the Dense weight exponent
-itself (``optimize_weight_bits``), so a matrix coarser than ``e_min`` cannot carry its shift in the weights:
+itself (``optimize_weight_bits``, one exponent for ``weight`` and ``weight_rec`` together), so a matrix coarser than ``e_min`` cannot carry its shift in the weights:
 for the input matrix the shift moves into the input, sent as graded spikes ``round(u * input_scale)`` with
 ``input_scale = 2^(e_in - e_min)`` (for integer inputs it is folded into the weights where they still fit,
-``integer_inputs``); a recurrent matrix coarser than the input one
-must still fit ``[-256, 254]`` after its shift, or the export is refused. netx's bias is in a_in units
+``integer_inputs``); a recurrent matrix coarser than the input one must still fit ``[-256, 254]`` after its shift, or the export is refused. netx's bias is in a_in units
 (bias_exp 6). ``emulate(deploy(cell, input_frac_bits=e_in - e_min, bias_exp=6), inputs)`` reproduces exactly
 what this file computes on Loihi for those inputs.
 The readout runs on the chip here, with integer decay, whereas the emulator's accuracy report computes it on
