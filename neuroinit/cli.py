@@ -804,9 +804,11 @@ def _export_cell(path: str, which: str):
               help="nir: NIR graph + conformance vectors; netx: lava-dl netx HDF5 (Loihi profiles); "
                    "h5: neuroinit weights schema (any model; the export for rate networks).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
-@click.option("--verify", is_flag=True, help="NIR only: re-simulate the file in snntorch, norse, rockpool (if "
+@click.option("--verify", is_flag=True, help="NIR: re-simulate the file in snntorch, norse, rockpool (if "
                                              "installed) and the profile's integer emulation on the task input "
-                                             "and a 0/1 raster; exit 1 on any importer mismatch.")
+                                             "and a 0/1 raster; netx: run it in Lava (fixed point) when lava-dl or "
+                                             "$NEUROINIT_LAVA_PYTHON is there, else say skipped; exit 1 on any "
+                                             "mismatch.")
 @click.option("--nir-target", type=click.Choice(["generic", "stock"]), default="generic", show_default=True,
               help="NIR only: generic (LI readout, r = tau/dt) or stock (the shape snntorch's import_from_nir "
                    "and norse's from_nir read as they are; docs/export.md).")
@@ -827,8 +829,9 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
     from neuroinit.profiles import load_profile
 
-    if verify and fmt != "nir":
-        raise click.ClickException(f"--verify checks NIR exports; allowed with --format nir (got --format {fmt})")
+    if verify and fmt == "h5":
+        raise click.ClickException("--verify checks NIR and netx exports; allowed with --format nir or netx "
+                                   "(got --format h5)")
     stages = ["load", "write", "accuracy"] + (["verify"] if verify else [])
     bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr, leave=False,
                disable=True if as_json else None)
@@ -856,7 +859,8 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
     elif fmt == "netx":
         from neuroinit.io.netx import write_netx
 
-        nx = write_netx(out, cell, prof)
+        integer_inputs = batch is not None and bool(torch.equal(batch.inputs, batch.inputs.round()))
+        nx = write_netx(out, cell, prof, integer_inputs=integer_inputs)
         report.update(input_scale=nx.input_scale, a_in_unit=nx.a_in_unit, notes=list(nx.notes))
     else:
         from neuroinit.io.nir import write_weights_h5
@@ -872,7 +876,19 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         report["accuracy"] = compare_on_task(cell, task, prof, batch=batch, generator=torch.Generator(), **dep_kw)
     bar.update(1)
     ok = True
-    if verify:
+    if verify and fmt == "netx":
+        bar.set_postfix_str("verify")
+        from neuroinit.io.netx import find_lava_python, verify_netx
+
+        lava_python, why = find_lava_python()
+        if lava_python is None or batch is None or cell.model != "lif":
+            report["verify"] = {"skipped": why if lava_python is None else "no task batch to run"}
+        else:
+            report["verify"] = verify_netx(out, cell, batch.inputs, task=task, batch=batch, profile=prof,
+                                           integer_inputs=integer_inputs, python=lava_python)
+            ok = report["verify"]["ok"]
+        bar.update(1)
+    elif verify:
         bar.set_postfix_str("verify")
         from neuroinit.io.verify import verify_nir
 
@@ -897,13 +913,22 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
                        f"({acc['accuracy_change']:+.3f}); loss {acc['float_loss']:.4g} -> {acc['chip_loss']:.4g} "
                        f"({acc['arithmetic']} arithmetic, {acc['spike_mismatches']} spike mismatches of "
                        f"{acc['spikes_float']} float spikes)")
-        if verify:
-            v = report["verify"]
+        v = report.get("verify", {})
+        if "skipped" in v:
+            click.echo(f"verify in Lava skipped: {v['skipped']}")
+        elif fmt == "netx" and verify:
+            click.echo(f"verify in Lava ({v['trials']} trials x {v['steps']} steps, {v['spikes_lava']} spikes): "
+                       f"{v['spike_mismatches']} spike, {v['v_mismatches']} voltage, {v['readout_v_mismatches']} "
+                       f"readout mismatches vs the integer emulation"
+                       + (f"; accuracy Lava {v['lava_accuracy']:.3f}, emulation {v['emulation_accuracy']:.3f}"
+                          if "lava_accuracy" in v else ""))
+        elif verify:
             for name, b in v["by_input"].items():   # the conformance (task) input and a 0/1 raster
                 click.echo(f"verify {name} ({b['trials']} trials x {b['steps']} steps, {b['spikes_float']} spikes): "
                            + ", ".join(f"{k} {n} mismatches" for k, n in b["mismatches"].items()))
     if not ok:
-        raise click.ClickException("verification failed: an importer's spikes differ from neuroinit's")
+        raise click.ClickException("verification failed: Lava differs from the integer emulation" if fmt == "netx"
+                                   else "verification failed: an importer's spikes differ from neuroinit's")
 # --- end export ---
 
 
