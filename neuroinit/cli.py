@@ -713,7 +713,7 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "optimizer", "seed", "device", "dtype", "form", "activation", "dt_ms", "tau_ms", "tau_m_ms",
                  "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "clamp_gain", "log_every",
                  "checkpoint_every", "checkpoint_seconds", "eval_batch", "lyapunov", "lyapunov_k", "floss_iters",
-                 "floss_k", "floss_mode", "floss_lr", "fast")
+                 "floss_k", "floss_mode", "floss_lr", "fast", "align_every")
 
 
 @main.command("train", cls=OneLineErrorsCommand)
@@ -762,6 +762,9 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
 @click.option("--floss-lr", type=float, default=1e-3, show_default=True)
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Online e-prop / RFLO through the fused native step where it gives the same results.")
+@click.option("--align-every", type=int, default=0, show_default=True,
+              help="Every K iterations store the cosine / relative error of the rule's gradient vs BPTT's on the "
+                   "current batch in the run file (local rules; 0 = off; see 'neuroinit alignment').")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Run file to write (HDF5).")
 @click.option("--resume", is_flag=True, help="Continue OUT from its last checkpoint (config from the file).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
