@@ -1136,7 +1136,8 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
 @main.command("plot", cls=OneLineErrorsCommand)
 @click.argument("sweep_dir", type=click.Path())
 @click.option("--figure", type=click.Choice(["learning-curves", "lyapunov", "flossing", "rate-vs-spiking",
-                                             "curvature"]), required=True)
+                                             "curvature", "alignment"]), required=True,
+              help="alignment: SWEEP_DIR is a 'neuroinit alignment --out' JSON file.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Image file (.png/.pdf/.svg).")
 @click.option("--task", default=None, help="Only this task.")
 @click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Only this model.")
@@ -1151,7 +1152,8 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
 @fail_cleanly
 def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, as_json) -> None:
     """Draw a figure from the runs of a sweep: learning curves by gain (Fig. 1/2), max Lyapunov exponent vs
-    gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule."""
+    gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule; or the
+    gradient alignment vs gain from an alignment JSON file (--figure alignment)."""
     from neuroinit.experiments.plots import plot_figure
 
     bar = None

@@ -192,3 +192,36 @@ def test_added_fields_keep_existing_run_ids():
     old = {k: v for k, v in cfg.to_dict().items() if k != "align_every"}   # a run file written before
     assert run_id(old) == run_id(cfg) and condition_key(old) == condition_key(cfg.to_dict())
     assert run_id(TrainConfig(align_every=10)) != run_id(TrainConfig())
+
+
+# ------------------------------------------------------------------------------------------ figure
+
+def test_alignment_figure_has_a_curve_per_model_and_rule_with_labelled_ticks(tmp_path):
+    from neuroinit.dynamics.alignment import fresh_report
+    from neuroinit.experiments.alignment_plot import alignment_figure
+
+    doc = fresh_report([("rate", "eprop"), ("rate", "rflo")], [0.0, 0.5, 2.0], [0, 1], batches=1, **SMALL)
+    path = tmp_path / "a.json"
+    from neuroinit.dynamics.alignment import write_report
+
+    write_report(path, doc)
+    fig, n = alignment_figure(doc)
+    assert n == 8                                              # 2 pairs x (cosine, rel_error) x (W_in, W_rec)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 4
+    for ax in axes:
+        labels = {line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")}
+        assert labels == {"rate eprop", "rate rflo"}
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.5", "2"]
+        assert sum(bool(t.get_text()) for t in ax.get_yticklabels()) >= 3
+        assert ax.get_xlabel() == "initial gain g" and ax.get_ylabel()
+    title = fig._suptitle.get_text()
+    assert "N = 12" in title and "1 batches x 2 seeds" in title and "s.e.m." in title
+    eprop = next(ln for ln in axes[1].get_lines() if ln.get_label() == "rate eprop")   # W_rec cosine
+    assert abs(eprop.get_ydata()[0] - 1) < 1e-10 and eprop.get_ydata()[-1] < 0.99
+    out = tmp_path / "fig.png"
+    r = CliRunner().invoke(main, ["plot", str(path), "--figure", "alignment", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["curves"] == 8 and out.stat().st_size > 10_000
+    r = CliRunner().invoke(main, ["plot", str(tmp_path), "--figure", "alignment", "--out", str(out)])
+    assert r.exit_code != 0 and "alignment file" in r.output.strip().splitlines()[-1]
