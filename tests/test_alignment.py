@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -225,3 +226,17 @@ def test_alignment_figure_has_a_curve_per_model_and_rule_with_labelled_ticks(tmp
     assert json.loads(r.output)["curves"] == 8 and out.stat().st_size > 10_000
     r = CliRunner().invoke(main, ["plot", str(tmp_path), "--figure", "alignment", "--out", str(out)])
     assert r.exit_code != 0 and "alignment file" in r.output.strip().splitlines()[-1]
+
+
+def test_a_run_file_written_before_align_every_resumes(tmp_path):
+    from neuroinit.io.runfile import write_run
+
+    path = tmp_path / "old.h5"
+    cfg = TrainConfig(rule="eprop", gain=1.0, iters=2, **TINY_RUN)
+    train(cfg, path)
+    rf = read_run(path)
+    del rf.config["align_every"]                      # as a run file from before the field existed
+    write_run(path, rf)
+    assert train(cfg, path, resume=True).status == "complete"
+    with pytest.raises(ValueError, match="align_every"):
+        train(dataclasses.replace(cfg, align_every=1), path, resume=True)
