@@ -240,3 +240,22 @@ def test_a_run_file_written_before_align_every_resumes(tmp_path):
     assert train(cfg, path, resume=True).status == "complete"
     with pytest.raises(ValueError, match="align_every"):
         train(dataclasses.replace(cfg, align_every=1), path, resume=True)
+
+
+def test_alignment_log_survives_an_interrupted_run(tmp_path):
+    cfg = TrainConfig(rule="rflo", gain=1.0, iters=6, align_every=1, checkpoint_every=2, checkpoint_seconds=0,
+                      **TINY_RUN)
+    whole = tmp_path / "whole.h5"
+    train(cfg, whole)
+
+    def stop_after_five(ev):
+        if ev.phase == "train" and ev.iteration == 5:
+            raise RuntimeError("simulated crash")
+
+    cut = tmp_path / "cut.h5"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, cut, progress=stop_after_five)
+    assert read_run(cut).runs[0].alignment["iteration"] == [0, 1, 2, 3]   # as of the checkpoint at iteration 4
+    train(cfg, cut, resume=True)
+    a, b = read_run(whole).runs[0].alignment, read_run(cut).runs[0].alignment
+    assert a["iteration"] == list(range(6)) and a == b
