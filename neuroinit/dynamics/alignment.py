@@ -179,8 +179,8 @@ def fresh_alignment(*, model: str, rule: str, gain: float, seed: int = 0, batche
     if rule not in ALIGN_RULES:
         raise ValueError(f"Invalid rule {rule!r}: allowed {', '.join(ALIGN_RULES)} (local rules compared with bptt)")
     _check_count("batches", batches)
-    cfg = TrainConfig(model=model, rule=rule, gain=gain, seed=seed, dtype=dtype, fast=False, lyapunov=False, lyapunov_k=1,
-                      **config)
+    cfg = TrainConfig(model=model, rule=rule, gain=gain, seed=seed, dtype=dtype, fast=False, lyapunov=False,
+                      lyapunov_k=1, **config)
     ctx = _context(cfg)
     params, report = ctx.init_params()
     cell = ctx.make_cell(params)
