@@ -555,6 +555,145 @@ def curvature_command(run, trials, max_iter, tol, as_json) -> None:
 # --- end dynamics ---
 
 
+# --- alignment ---
+def _str_list(value: str | None, name: str, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    vals = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in vals if v not in allowed]
+    if not vals or bad:
+        raise click.BadParameter(f"{value!r}: allowed a comma-separated list of {', '.join(allowed)}",
+                                 param_hint=f"--{name}")
+    return vals
+
+
+def _pairs(value: str | None) -> tuple[tuple[str, str], ...] | None:
+    from neuroinit.dynamics.alignment import ALIGN_RULES
+
+    if value is None:
+        return None
+    out = []
+    for item in (v.strip() for v in value.split(",") if v.strip()):
+        model, _, rule = item.partition(":")
+        if model not in ("rate", "lif") or rule not in ALIGN_RULES:
+            raise click.BadParameter(f"{item!r}: allowed MODEL:RULE with MODEL rate or lif and RULE "
+                                     f"{', '.join(ALIGN_RULES)}, e.g. rate:eprop,rate:rflo,lif:eprop",
+                                     param_hint="--pairs")
+        out.append((model, rule))
+    if not out:
+        raise click.BadParameter(f"{value!r}: e.g. rate:eprop,rate:rflo,lif:eprop", param_hint="--pairs")
+    return tuple(out)
+
+
+@main.command("alignment", cls=OneLineErrorsCommand)
+@click.argument("runs", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--which", type=click.Choice(["initial", "floss", "final"]), default=None,
+              help="Run files: which stored network [final].")
+@click.option("--model", default=None, help="Fresh init: models, comma-separated (rate, lif) [rate].")
+@click.option("--rule", default=None, help="Local rules, comma-separated (eprop, rflo, eprop-autograd) [fresh: "
+              "eprop; run files: the run's rule].")
+@click.option("--pairs", default=None, help="Fresh init: MODEL:RULE pairs instead of --model x --rule, e.g. "
+              "rate:eprop,rate:rflo,lif:eprop.")
+@click.option("--gain", "gains", default=None, help="Fresh init: gains, comma-separated, e.g. 0,0.5,1,2.")
+@click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True, help="Fresh init: N.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Fresh init: trials per batch (run files: the run's).")
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Batches per network (the mean over them is one network's value).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fresh init: networks per condition (seeds --seed, --seed + 1, ...).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Fresh init: first seed.")
+@click.option("--task", default="romo", show_default=True, help="Fresh init: romo, a neurogym id or alias.")
+@click.option("--profile", default="ideal", show_default=True, help="Fresh init: hardware profile.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Fresh rate init: alpha = dt / tau [training's default].")
+@click.option("--truncation", type=click.IntRange(min=1), default=None,
+              help="Compare with BPTT truncated every this many steps (1: one-step) [full BPTT].")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="Write the JSON document (docs/alignment.md) to this file, atomically.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document instead of the table.")
+@fail_cleanly
+def alignment_command(runs, which, model, rule, pairs, gains, hidden, batch, batches, seeds, seed, task, profile,
+                      alpha, truncation, dtype, out, as_json) -> None:
+    """Truncation error of local learning rules: cosine similarity and relative error between a local rule's
+    gradient (e-prop, RFLO, LIF e-prop) and the BPTT gradient, per weight matrix, averaged over batches and
+    seeds; for fresh inits (--pairs or --model x --rule, --gain list) or stored networks (RUNS)."""
+    from neuroinit.dynamics import alignment as al
+
+    bar = None
+    if not as_json:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="alignment", unit="net", file=sys.stderr, leave=False, disable=None)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    ctx = click.get_current_context()
+    src = click.core.ParameterSource.COMMANDLINE
+    try:
+        _alignment(ctx, src, al, runs, which, model, rule, pairs, gains, hidden, batch, batches, seeds, seed, task,
+                   profile, alpha, truncation, dtype, out, as_json, progress)
+    except click.BadParameter as e:  # raised while running: one line, no usage text
+        raise click.ClickException(e.format_message().splitlines()[0].replace("--gains", "--gain")) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _alignment(ctx, src, al, runs, which, model, rule, pairs, gains, hidden, batch, batches, seeds, seed, task,
+               profile, alpha, truncation, dtype, out, as_json, progress) -> None:
+    """The work of ``neuroinit alignment`` (options as there): the document, written and printed."""
+    if runs:
+        fresh_only = [f"--{n.replace('_', '-')}" for n in ("model", "pairs", "gains", "hidden", "batch", "seeds",
+                                                            "seed", "task", "profile", "alpha")
+                      if ctx.get_parameter_source(n) == src]
+        if fresh_only:
+            raise ValueError(f"Invalid options {', '.join(fresh_only).replace('--gains', '--gain')} with run "
+                             "files: they describe a fresh init; give RUNS or a fresh init, not both")
+        rules = _str_list(rule, "rule", al.ALIGN_RULES)
+        if rules is not None and len(rules) > 1:
+            raise ValueError("Invalid --rule with run files: give one local rule")
+        doc = al.runs_report(list(runs), which=which or "final", rule=rules[0] if rules else None,
+                             batches=batches, truncation=truncation, dtype=dtype, progress=progress)
+    else:
+        if which is not None:
+            raise ValueError("Invalid option --which without run files: it selects a stored network")
+        gain_list = _gain_list(gains)
+        if gain_list is None:
+            raise ValueError("Missing --gain: give run files, or a fresh init with --gain (e.g. 0,0.5,1,2)")
+        if pairs is not None and (model is not None or rule is not None):
+            raise ValueError("Invalid options: give --pairs or --model/--rule, not both")
+        if pairs is not None:
+            pair_list = _pairs(pairs)
+        else:
+            models = _str_list(model, "model", ("rate", "lif")) or ("rate",)
+            rules = _str_list(rule, "rule", al.ALIGN_RULES) or ("eprop",)
+            pair_list = tuple((m, r) for m in models for r in rules)
+        config = {"task": task, "hidden": hidden, "batch": batch, "profile": profile}
+        if alpha is not None:
+            if any(m != "rate" for m, _ in pair_list):
+                raise ValueError("Invalid --alpha for a LIF network: it sets the rate network's dt / tau")
+            from neuroinit.experiments.train import TrainConfig, resolve_settings
+
+            tau = resolve_settings(TrainConfig(task=task, model="rate", lyapunov_k=1))["tau_ms"]
+            config["dt_ms"] = alpha * tau
+        doc = al.fresh_report(pair_list, gain_list, list(range(seed, seed + seeds)), batches=batches,
+                              truncation=truncation, dtype=dtype, progress=progress, **config)
+    if out:
+        al.write_report(out, doc)
+    if as_json:
+        echo_json(doc)
+    else:
+        click.echo(al.format_table(doc))
+        if out:
+            click.echo(f"wrote {out}")
+# --- end alignment ---
+
+
 # --- train ---
 def _float_list(value: str | None) -> tuple[float, ...]:
     if value is None:
@@ -574,7 +713,7 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "optimizer", "seed", "device", "dtype", "form", "activation", "dt_ms", "tau_ms", "tau_m_ms",
                  "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "clamp_gain", "log_every",
                  "checkpoint_every", "checkpoint_seconds", "eval_batch", "lyapunov", "lyapunov_k", "floss_iters",
-                 "floss_k", "floss_mode", "floss_lr", "fast", "chip_neuron", "tau_syn_ms")
+                 "floss_k", "floss_mode", "floss_lr", "fast", "align_every", "chip_neuron", "tau_syn_ms")
 
 
 @main.command("train", cls=OneLineErrorsCommand)
@@ -627,6 +766,9 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
 @click.option("--floss-lr", type=float, default=1e-3, show_default=True)
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Online e-prop / RFLO through the fused native step where it gives the same results.")
+@click.option("--align-every", type=int, default=0, show_default=True,
+              help="Every K iterations store the cosine / relative error of the rule's gradient vs BPTT's on the "
+                   "current batch in the run file (local rules; 0 = off; see 'neuroinit alignment').")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Run file to write (HDF5).")
 @click.option("--resume", is_flag=True, help="Continue OUT from its last checkpoint (config from the file).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
@@ -809,8 +951,14 @@ def _export_cell(path: str, which: str):
                    "h5: neuroinit weights schema (any model; the export for rate networks); "
                    "xylo: Xylo's integer specification (xylo-like profile; --verify runs xylosim).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
-@click.option("--verify", is_flag=True, help="NIR only: re-simulate the file in snntorch and norse and in the "
-                                             "profile's integer emulation; exit 1 on any snntorch/norse mismatch.")
+@click.option("--verify", is_flag=True, help="NIR: re-simulate the file in snntorch, norse, rockpool (if "
+                                             "installed) and the profile's integer emulation on the task input "
+                                             "and a 0/1 raster; netx: run it in Lava (fixed point) when lava-dl or "
+                                             "$NEUROINIT_LAVA_PYTHON is there, else say skipped; exit 1 on any "
+                                             "mismatch.")
+@click.option("--nir-target", type=click.Choice(["generic", "stock"]), default="generic", show_default=True,
+              help="NIR only: generic (LI readout, r = tau/dt) or stock (the shape snntorch's import_from_nir "
+                   "and norse's from_nir read as they are; docs/export.md).")
 @click.option("--which", type=click.Choice(["final", "initial", "floss"]), default="final", show_default=True,
               help="Which stored weights to export.")
 @click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True,
@@ -818,8 +966,8 @@ def _export_cell(path: str, which: str):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the task batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @fail_cleanly
-def export_command(run_file: str, profile: str | None, fmt: str, out: str, verify: bool, which: str, trials: int,
-                   seed: int, as_json: bool) -> None:
+def export_command(run_file: str, profile: str | None, fmt: str, out: str, verify: bool, nir_target: str,
+                   which: str, trials: int, seed: int, as_json: bool) -> None:
     """Quantise RUN_FILE's trained network onto a chip profile and write it as NIR, lava-dl netx or neuroinit
     HDF5; report the float-vs-chip task accuracy (integer emulation) and, with --verify, spike mismatches of
     snntorch, norse and the emulation against neuroinit's float simulation."""
@@ -828,9 +976,9 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
     from neuroinit.profiles import load_profile
 
-    if verify and fmt not in ("nir", "xylo"):
-        raise click.ClickException(f"--verify checks NIR and Xylo exports; allowed with --format nir or xylo "
-                                   f"(got --format {fmt})")
+    if verify and fmt == "h5":
+        raise click.ClickException("--verify checks NIR, netx and Xylo exports; allowed with --format nir or netx, "
+                                   "or xylo (got --format h5)")
     stages = ["load", "write", "accuracy"] + (["verify"] if verify else [])
     bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr, leave=False,
                disable=True if as_json else None)
@@ -848,14 +996,18 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         if verify and cell.model == "lif":
             from neuroinit.io.verify import check_verifiable
 
-            check_verifiable(to_nir(cell, prof)[0])   # refuse before anything is written
-        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None)
-        report.update(conformance=str(ex.conformance), exact=ex.exact, warnings=list(ex.warnings),
-                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes)
+            check_verifiable(to_nir(cell, prof, target=nir_target)[0])   # refuse before anything is written
+        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None, target=nir_target)
+        report.update(nir_target=nir_target, conformance=str(ex.conformance), exact=ex.exact,
+                      warnings=list(ex.warnings),
+                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes,
+                      conformance_dropped_trials=ex.dropped_trials,
+                      v_threshold=float(ex.graph.nodes["lif"].v_threshold[0]))
     elif fmt == "netx":
         from neuroinit.io.netx import write_netx
 
-        nx = write_netx(out, cell, prof)
+        integer_inputs = batch is not None and bool(torch.equal(batch.inputs, batch.inputs.round()))
+        nx = write_netx(out, cell, prof, integer_inputs=integer_inputs)
         report.update(input_scale=nx.input_scale, a_in_unit=nx.a_in_unit, notes=list(nx.notes))
     elif fmt == "xylo":
         from neuroinit.io.xylo import export_xylo
@@ -880,6 +1032,18 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
     ok = True
     if verify and fmt == "xylo":
         report["verify"], ok = xy["verify"], xy["ok"]
+    elif verify and fmt == "netx":
+        bar.set_postfix_str("verify")
+        from neuroinit.io.netx import find_lava_python, verify_netx
+
+        lava_python, why = find_lava_python()
+        if lava_python is None or batch is None or cell.model != "lif":
+            report["verify"] = {"skipped": why if lava_python is None else "no task batch to run"}
+        else:
+            report["verify"] = verify_netx(out, cell, batch.inputs, task=task, batch=batch, profile=prof,
+                                           integer_inputs=integer_inputs, python=lava_python)
+            ok = report["verify"]["ok"]
+        bar.update(1)
     elif verify:
         bar.set_postfix_str("verify")
         from neuroinit.io.verify import verify_nir
@@ -895,7 +1059,8 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         click.echo(f"wrote {out} ({fmt}, profile {prof.name}, {cell.model} network)")
         if "conformance" in report:
             click.echo(f"conformance vectors: {report['conformance']} ({report['conformance_trials']} trials x "
-                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes)")
+                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes; "
+                       f"{report['conformance_dropped_trials']} near-tie trials dropped)")
         for w in report.get("warnings", []) + report.get("notes", []):
             click.echo(f"warning: {w}")
         acc = report.get("accuracy")
@@ -904,18 +1069,28 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
                        f"({acc['accuracy_change']:+.3f}); loss {acc['float_loss']:.4g} -> {acc['chip_loss']:.4g} "
                        f"({acc['arithmetic']} arithmetic, {acc['spike_mismatches']} spike mismatches of "
                        f"{acc['spikes_float']} float spikes)")
-        if verify and fmt == "xylo":
-            for name, v in report["verify"].items():
-                click.echo(f"verify xylosim, {name} input ({v['trials']} trials x {v['steps']} steps, "
-                           f"{v['spikes']} spikes): {v['spike_mismatches']} spike, {v['i_mismatches']} current, "
-                           f"{v['v_mismatches']} membrane, {v['v_out_mismatches']} readout mismatches")
+        v = report.get("verify", {})
+        if "skipped" in v:
+            click.echo(f"verify in Lava skipped: {v['skipped']}")
+        elif fmt == "xylo" and verify:
+            for name, b in v.items():   # a 0/1 raster and the task input, as Xylo's input counts
+                click.echo(f"verify xylosim, {name} input ({b['trials']} trials x {b['steps']} steps, "
+                           f"{b['spikes']} spikes): {b['spike_mismatches']} spike, {b['i_mismatches']} current, "
+                           f"{b['v_mismatches']} membrane, {b['v_out_mismatches']} readout mismatches")
+        elif fmt == "netx" and verify:
+            click.echo(f"verify in Lava ({v['trials']} trials x {v['steps']} steps, {v['spikes_lava']} spikes): "
+                       f"{v['spike_mismatches']} spike, {v['v_mismatches']} voltage, {v['readout_v_mismatches']} "
+                       f"readout mismatches vs the integer emulation"
+                       + (f"; accuracy Lava {v['lava_accuracy']:.3f}, emulation {v['emulation_accuracy']:.3f}"
+                          if "lava_accuracy" in v else ""))
         elif verify:
-            v = report["verify"]
-            click.echo(f"verify ({v['trials']} trials x {v['steps']} steps, {v['spikes_float']} spikes): "
-                       + ", ".join(f"{k} {n} mismatches" for k, n in v["mismatches"].items()))
+            for name, b in v["by_input"].items():   # the conformance (task) input and a 0/1 raster
+                click.echo(f"verify {name} ({b['trials']} trials x {b['steps']} steps, {b['spikes_float']} spikes): "
+                           + ", ".join(f"{k} {n} mismatches" for k, n in b["mismatches"].items()))
     if not ok:
-        raise click.ClickException("verification failed: xylosim differs from the package's emulation" if fmt == "xylo"
-                                   else "verification failed: snntorch or norse spikes differ from neuroinit's")
+        raise click.ClickException({"netx": "verification failed: Lava differs from the integer emulation",
+                                    "xylo": "verification failed: xylosim differs from the package's emulation"}
+                                   .get(fmt, "verification failed: an importer's spikes differ from neuroinit's"))
 # --- end export ---
 
 
@@ -1015,7 +1190,8 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
 @main.command("plot", cls=OneLineErrorsCommand)
 @click.argument("sweep_dir", type=click.Path())
 @click.option("--figure", type=click.Choice(["learning-curves", "lyapunov", "flossing", "rate-vs-spiking",
-                                             "curvature"]), required=True)
+                                             "curvature", "alignment"]), required=True,
+              help="alignment: SWEEP_DIR is a 'neuroinit alignment --out' JSON file.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Image file (.png/.pdf/.svg).")
 @click.option("--task", default=None, help="Only this task.")
 @click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Only this model.")
@@ -1030,7 +1206,8 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
 @fail_cleanly
 def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, as_json) -> None:
     """Draw a figure from the runs of a sweep: learning curves by gain (Fig. 1/2), max Lyapunov exponent vs
-    gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule."""
+    gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule; or the
+    gradient alignment vs gain from an alignment JSON file (--figure alignment)."""
     from neuroinit.experiments.plots import plot_figure
 
     bar = None

@@ -44,7 +44,7 @@ __all__ = [
     "plot_rate_vs_spiking",
 ]
 
-FIGURES = ("learning-curves", "lyapunov", "flossing", "rate-vs-spiking", "curvature")
+FIGURES = ("learning-curves", "lyapunov", "flossing", "rate-vs-spiking", "curvature", "alignment")
 _RULE_ORDER = {"bptt": 0, "eprop": 1, "eprop+flossing": 2, "eprop-autograd": 3, "rflo": 4}
 _IGNORE = {"seed", "lr", "lr_grid", "checkpoint_every", "checkpoint_seconds", "gain", "rule", "floss_iters",
            "floss_mode", "floss_k", "floss_lr"}
@@ -557,6 +557,10 @@ def plot_figure(sweep_dir, figure: str, out, *, task: str | None = None, model: 
         raise ValueError(f"Invalid smooth {smooth!r}: an integer >= 1 (1 = raw logged losses)")
     if figure == "rate-vs-spiking" and model is not None:
         raise ValueError("Invalid --model with the rate-vs-spiking figure: it shows both models")
+    if figure == "alignment":  # from a 'neuroinit alignment --out FILE.json' document, not a sweep directory
+        from neuroinit.experiments.alignment_plot import plot_alignment
+
+        return plot_alignment(sweep_dir, out, model=model, gains=gains)
     runs = load_for_plot(sweep_dir, task=task, model=model, gains=gains, spec=spec)
     if figure == "learning-curves":
         return plot_learning_curves(runs, out, smooth=smooth)

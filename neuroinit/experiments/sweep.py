@@ -66,7 +66,7 @@ import tomllib
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from itertools import product
 from pathlib import Path
@@ -145,9 +145,19 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+# TrainConfig fields added after run files and sweeps existed: left out of run ids, condition keys and stored-config
+# comparisons while they hold their default, so existing runs keep their ids and stay complete.
+ADDED_FIELDS = ("align_every", "chip_neuron", "tau_syn_ms")
+
+
 def _canonical(config: dict) -> dict:
-    """The config as stored in a run file (JSON round trip: tuples become lists)."""
-    return json.loads(json.dumps(config, sort_keys=True))
+    """The config as stored in a run file (JSON round trip: tuples become lists), without the
+    :data:`ADDED_FIELDS` that hold their default."""
+    from neuroinit.experiments.train import TrainConfig
+
+    d = json.loads(json.dumps(config, sort_keys=True))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return {k: v for k, v in d.items() if not (k in ADDED_FIELDS and v == defaults[k])}
 
 
 def _one_line(e: BaseException) -> str:

@@ -130,7 +130,10 @@ class TrainConfig:
     ``form`` "rate" for RFLO (Murray's rate form), "voltage" otherwise; ``dt_ms`` / ``tau_ms`` (the rate net's tau,
     or Romo's time unit) / ``tau_m_ms`` and ``tau_out_ms`` (LIF) / ``input_scale`` from the per-(task, model)
     table. ``lr_grid`` trains once per rate (same seed) and keeps
-    the one with the lowest mean of the last 20 logged losses.
+    the one with the lowest mean of the last 20 logged losses. ``align_every = K > 0`` (local rules only) compares
+    the rule's gradient with BPTT's on the current batch every K iterations (iteration 0 included) and stores the
+    cosine and relative error per parameter in the run file (:mod:`neuroinit.dynamics.alignment`); it does not
+    change the training (0: off).
     """
 
     task: str = "romo"
@@ -171,6 +174,7 @@ class TrainConfig:
     floss_mode: str = "local"
     floss_lr: float = 1e-3
     fast: bool = True
+    align_every: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_grid, list):
@@ -277,6 +281,11 @@ class TrainConfig:
         for name in ("clamp_gain", "lyapunov", "fast", "chip_neuron"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be true or false")
+        if not _is_int(self.align_every) or self.align_every < 0:
+            raise ValueError(f"Invalid align_every {self.align_every!r}: must be an integer >= 0 (0 = off)")
+        if self.align_every and self.rule == "bptt":
+            raise ValueError("Invalid align_every with rule 'bptt': it compares a local rule's gradient with "
+                             "BPTT's; use eprop, eprop-autograd or rflo")
         if not _is_int(self.floss_iters) or self.floss_iters < 0:
             raise ValueError(f"Invalid floss_iters {self.floss_iters!r}: must be an integer >= 0")
         if self.floss_mode not in FLOSS_MODES:
@@ -575,8 +584,10 @@ def _config_diff(stored: dict, config: TrainConfig) -> list[str]:
     import json
 
     now = json.loads(json.dumps(config.to_dict()))
+    # a run file written before a field existed holds that field's default
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     keys = sorted(set(stored) | set(now))
-    return [k for k in keys if k not in RESUMABLE_CHANGES and stored.get(k) != now.get(k)]
+    return [k for k in keys if k not in RESUMABLE_CHANGES and stored.get(k, defaults.get(k)) != now.get(k)]
 
 
 def _lyapunov(ctx: _Context, cell: RecurrentCell) -> dict:
@@ -800,6 +811,9 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
     keep = sum(1 for it in rec.iteration if it < start)
     rec.iteration, rec.loss = rec.iteration[:keep], rec.loss[:keep]
     rec.accuracy, rec.lr_curve = rec.accuracy[:keep], rec.lr_curve[:keep]
+    if rec.alignment:
+        keep_a = sum(1 for it in rec.alignment["iteration"] if it < start)
+        rec.alignment = {k: v[:keep_a] for k, v in rec.alignment.items()}
     rec.status, rec.message = "running", ""
 
     t0 = time.monotonic()
@@ -822,6 +836,8 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
         opt.zero_grad(set_to_none=True)
         trial = rule.backward(batch, ctx.task)
         loss = float(trial.loss)
+        if c.align_every and i % c.align_every == 0 and math.isfinite(loss):
+            _log_alignment(rec, i, cell, batch, ctx.task)
         bad = None
         if not math.isfinite(loss):
             bad = f"the loss is {loss} at iteration {i}"
@@ -862,6 +878,23 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
     rec.final_loss = _last_logged_mean(rec.loss)
     rec.learning_time = learning_time(rec.loss_per_iteration)
     write_run(out, run)
+
+
+def _log_alignment(rec, iteration: int, cell: RecurrentCell, batch, task) -> None:
+    """Cosine and relative error of the gradient the rule just wrote (``.grad``) vs BPTT's on the same batch,
+    appended to ``rec.alignment`` (``iteration``, ``cosine_<param>``, ``rel_error_<param>``)."""
+    from neuroinit.dynamics.alignment import alignment_with_bptt
+
+    local = {n: getattr(cell, n).grad.detach().clone() if getattr(cell, n).grad is not None
+             else torch.zeros_like(getattr(cell, n)) for n in PARAM_NAMES}
+    a = alignment_with_bptt(cell, local, batch, task)
+    log = rec.alignment
+    if not log:
+        log.update({"iteration": []} | {f"{k}_{n}": [] for k in ("cosine", "rel_error") for n in PARAM_NAMES})
+    log["iteration"].append(iteration)
+    for n in PARAM_NAMES:
+        log[f"cosine_{n}"].append(a.cosine[n])
+        log[f"rel_error_{n}"].append(a.rel_error[n])
 
 
 def _result(run: RunFile, out: Path) -> TrainResult:
