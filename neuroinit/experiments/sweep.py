@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ADDED_FIELDS",
     "AXES",
     "FLOSS_SUFFIX",
     "MANIFEST",
@@ -88,6 +89,7 @@ __all__ = [
     "SweepEvent",
     "SweepReport",
     "SweepSpec",
+    "comparable_config",
     "condition_key",
     "execute_run",
     "format_summary",
@@ -116,14 +118,29 @@ FINISHED = ("complete", "diverged")
 SPEC_KEYS = ("name", "description", "base", "flossing", "grid")
 AXES = ("task", "model", "rule", "gain", "seed", "profile", "lr", "lr_scale")
 BLOCK_KEYS = AXES + ("base",)
-FLOSSING_KEYS = {"iters": "floss_iters", "mode": "floss_mode", "k": "floss_k", "lr": "floss_lr"}
+FLOSSING_KEYS = {"iters": "floss_iters", "mode": "floss_mode", "k": "floss_k", "lr": "floss_lr",
+                 "inter_every": "floss_inter_every", "inter_iters": "floss_inter_iters"}
 DEFAULT_FLOSSING = {"iters": 100, "mode": "local"}
 # TrainConfig fields the grid (or [flossing]) sets; [base] may not.
 _NOT_IN_BASE = {"task": "grid", "model": "grid", "rule": "grid", "gain": "grid", "seed": "grid",
                 "profile": "grid", "lr": "grid", "lr_grid": "grid", "floss_iters": "flossing",
-                "floss_mode": "flossing", "floss_k": "flossing", "floss_lr": "flossing"}
+                "floss_mode": "flossing", "floss_k": "flossing", "floss_lr": "flossing",
+                "floss_inter_every": "flossing", "floss_inter_iters": "flossing"}
 # Config fields that do not change a run's result (train() lets them differ on resume): not in the run id.
 _NOT_HASHED = ("checkpoint_every", "checkpoint_seconds")
+# Run-id stability. TrainConfig fields added after the first sweeps (commit 6cbe674): left out of the run id (and
+# of the comparison with a stored run file) while they hold their default, so runs made before a field existed
+# keep their ids and files and are still found, resumed and summarised. One name per line (easy to merge).
+ADDED_FIELDS = (
+    "floss_inter_every",
+    "floss_inter_iters",
+    "io_init",
+)
+# Fields whose default changed, with the default they had before: where the field has no effect on the run
+# (floss_k when the run does not floss) the id uses that old value, so the ids of runs that never flossed do not
+# change. (floss_k was 1 before "auto"; a flossing run that set k = 1 explicitly keeps its id, one that uses "auto"
+# gets the id of its resolved k, e.g. k = 32 at N = 256.)
+_FORMER_DEFAULTS = {"floss_k": 1}
 # Fields that make two runs the same condition when they are all that differ.
 _REPLICATE_FIELDS = ("seed", "lr", "lr_grid")
 _ATTEMPTS = 2          # a run whose worker process dies this often is recorded as failed
@@ -155,23 +172,49 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-def run_id(config) -> str:
-    """A 16-hex-digit id from the content of ``config`` (a TrainConfig or its dict), without the fields that
-    do not change the result (checkpoint frequency)."""
+def _flosses(config: dict) -> bool:
+    return int(config.get("floss_iters", 0) or 0) > 0 or int(config.get("floss_inter_every", 0) or 0) > 0
+
+
+def _field_default(name: str):
+    from neuroinit.experiments.train import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def comparable_config(config) -> dict:
+    """``config`` (a TrainConfig or its dict, possibly from an older run file) as run ids and run-file checks
+    compare it: JSON-canonical, without the fields that do not change the result (checkpoint frequency), without
+    :data:`ADDED_FIELDS` that hold their default, and with ``floss_k`` at its former default 1 when the run does
+    not floss (it has no effect there)."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     d = {k: v for k, v in _canonical(d).items() if k not in _NOT_HASHED}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    for name in ADDED_FIELDS:
+        if name in d and d[name] == _field_default(name):
+            del d[name]
+    if not _flosses(d):
+        for name, former in _FORMER_DEFAULTS.items():
+            if name in d:
+                d[name] = former
+    return d
+
+
+def run_id(config) -> str:
+    """A 16-hex-digit id from the content of ``config`` (a TrainConfig or its dict): the hash of
+    :func:`comparable_config` (stable across versions: see :data:`ADDED_FIELDS`)."""
+    return hashlib.sha256(json.dumps(comparable_config(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def rule_label(config: dict) -> str:
-    """``"eprop"``, or ``"eprop+flossing"`` when the run pre-flossed (``floss_iters > 0``)."""
+    """``"eprop"``, or ``"eprop+flossing"`` when the run flosses (pre-flossing ``floss_iters > 0`` or
+    inter-flossing ``floss_inter_every > 0``)."""
     rule = str(config.get("rule", "eprop"))
-    return rule + FLOSS_SUFFIX if int(config.get("floss_iters", 0) or 0) > 0 else rule
+    return rule + FLOSS_SUFFIX if _flosses(config) else rule
 
 
 def condition_key(config: dict) -> str:
     """Runs that differ only in seed and learning rate share a condition (this key)."""
-    d = {k: v for k, v in _canonical(config).items() if k not in _REPLICATE_FIELDS + _NOT_HASHED}
+    d = {k: v for k, v in comparable_config(config).items() if k not in _REPLICATE_FIELDS}
     return json.dumps(d, sort_keys=True)
 
 
@@ -334,8 +377,11 @@ def parse_spec(data: dict, *, where: str = "<spec>", text: str = "", base_dir: P
                            f"{', '.join('flossing.' + k for k in FLOSSING_KEYS)}")
     flossing = {FLOSSING_KEYS[k]: v for k, v in {**DEFAULT_FLOSSING, **floss_raw}.items()}
     if not isinstance(flossing["floss_iters"], int) or isinstance(flossing["floss_iters"], bool) \
-            or flossing["floss_iters"] < 1:
-        raise _fail(where, f"invalid flossing.iters {flossing['floss_iters']!r}: an integer >= 1")
+            or flossing["floss_iters"] < 0:
+        raise _fail(where, f"invalid flossing.iters {flossing['floss_iters']!r}: an integer >= 0")
+    if flossing["floss_iters"] == 0 and not flossing.get("floss_inter_every"):
+        raise _fail(where, "flossing.iters = 0 without inter-flossing (flossing.inter_every, inter_iters): "
+                           "rule 'X+flossing' would not floss")
 
     grid = data.get("grid")
     if grid is None:
@@ -422,9 +468,8 @@ def run_state(path: str | os.PathLike, config) -> tuple[str, str]:
         rf = read_run(p)
     except ValueError as e:
         return "corrupt", str(e).splitlines()[0]
-    want = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    want = {k: v for k, v in _canonical(want).items() if k not in _NOT_HASHED}
-    have = {k: v for k, v in _canonical(rf.config).items() if k not in _NOT_HASHED}
+    want = comparable_config(config)
+    have = comparable_config(rf.config)
     if want != have:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         return "mismatch", f"stored config differs in {diff}"
