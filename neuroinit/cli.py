@@ -777,6 +777,9 @@ def show_command(run: str, as_json: bool) -> None:
                        f"per tau (top {res['k']})")
     if info["floss_iters"]:
         click.echo(f"pre-flossing: {info['floss_iters']} iterations ({c.get('floss_mode')}, k={c.get('floss_k')})")
+    if c.get("floss_inter_every"):
+        click.echo(f"inter-flossing: {c.get('floss_inter_iters')} iterations every {c.get('floss_inter_every')} "
+                   f"training iterations ({c.get('floss_mode')}, k={c.get('floss_k')})")
     click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(rf.versions.items()) if v))
 # --- end train ---
 
@@ -946,9 +949,12 @@ def _gain_list(value: str | None) -> tuple[float, ...] | None:
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
               help="Run on an existing Dask distributed cluster instead (see docs/experiments.md).")
 @click.option("--dry-run", is_flag=True, help="Validate the spec, list the runs and how many are finished; run none.")
+@click.option("--select", type=click.Choice(["final", "min", "learning-time"]), default="final", show_default=True,
+              help="Summary: choose each condition's learning rate by the mean of the last 20 logged losses, the "
+                   "lowest logged loss, or the learning time (loss stays below 5% of the initial).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report and summary as JSON; no progress bar.")
 @fail_cleanly
-def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> None:
+def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, as_json) -> None:
     """Run the grid in SPEC (TOML: task x model x rule x gain x seed x learning rate x profile), one run file
     per run in OUT/runs; resumable (finished runs are skipped, checked by content); a summary table at the end
     with the best learning rate per condition."""
@@ -997,7 +1003,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
     finally:
         if bar is not None:
             bar.close()
-    rows = sw.summarize(sw.summaries_from_dir(out_dir, curves=False))
+    rows = sw.summarize(sw.summaries_from_dir(out_dir, curves=False), select=select)
     if as_json:
         echo_json({"report": report.to_dict(), "summary": rows})
     else:
@@ -1028,9 +1034,12 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
               help="curvature: Hessian-vector products per network (power iteration).")
 @click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Learning curves as a trailing mean over this many logged losses (1: raw).")
+@click.option("--select", type=click.Choice(["final", "min", "learning-time"]), default="final", show_default=True,
+              help="Choose each condition's learning rate by the mean of the last 20 logged losses, the lowest "
+                   "logged loss, or the learning time (stated on the figure).")
 @click.option("--json", "as_json", is_flag=True, help="Print {figure, out, curves} as JSON.")
 @fail_cleanly
-def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, as_json) -> None:
+def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, select, as_json) -> None:
     """Draw a figure from the runs of a sweep: learning curves by gain (Fig. 1/2), max Lyapunov exponent vs
     gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule."""
     from neuroinit.experiments.plots import plot_figure
@@ -1048,7 +1057,7 @@ def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter
 
     try:
         n = plot_figure(sweep_dir, figure, out, task=task, model=model, gains=_gain_list(gains), spec=spec_name,
-                        max_iter=max_iter, smooth=smooth, progress=progress)
+                        max_iter=max_iter, smooth=smooth, progress=progress, select=select)
     finally:
         if bar is not None:
             bar.close()

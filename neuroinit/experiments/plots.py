@@ -60,7 +60,7 @@ FIGURES = ("learning-curves", "lyapunov", "flossing", "rate-vs-spiking", "curvat
 _RULE_ORDER = {"bptt": 0, "eprop": 1, "eprop+flossing": 2, "eprop-autograd": 3, "rflo": 4}
 _IGNORE = {"seed", "lr", "lr_grid", "checkpoint_every", "checkpoint_seconds", "gain", "rule", "floss_iters",
            "floss_mode", "floss_k", "floss_lr"}
-_MODEL_FIELDS = {"model", "dt_ms", "tau_ms", "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "form",
+_MODEL_FIELDS = {"model", "dt_ms", "tau_ms", "tau_m_ms", "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "form",
                  "activation", "iters", "log_every"}
 _RULE_COLORS = {"bptt": "#1b6ca8", "eprop": "#d1495b", "eprop+flossing": "#2e933c", "eprop-autograd": "#8e6c8a",
                 "rflo": "#edae49"}

@@ -1228,7 +1228,7 @@ def summarize(runs: list[RunSummary], select: str = "final") -> list[dict]:
 
 def edge_mark(edge: str | None) -> str:
     """The mark a chosen learning rate at an end of its grid gets in tables and legends."""
-    return {"lowest": " (grid edge: lowest)", "highest": " (grid edge: highest)"}.get(edge or "", "")
+    return {"lowest": ", grid edge: lowest", "highest": ", grid edge: highest"}.get(edge or "", "")
 
 
 def format_summary(rows: list[dict]) -> str:
