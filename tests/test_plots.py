@@ -171,7 +171,7 @@ def test_figures_are_printable(sweep_dir, tmp_path, figures, figure):
 
 
 def test_log_axis_within_one_decade_gets_labelled_ticks():
-    fig, (ax,) = figstyle.new_figure(1)
+    _fig, (ax,) = figstyle.new_figure(1)
     ax.plot([0, 1, 2], [0.6, 0.1, 0.04])
     ax.set_yscale("log")
     assert len(figstyle.labelled_ticks(ax, "y")) < 2        # matplotlib alone: only 10^-1 is labelled

@@ -7,8 +7,8 @@ Loss per iteration: ``mean_i (lambda_i - target)^2`` over the top ``k`` exponent
 fresh input sequence each iteration.
 
 Modes (how the paper's local flossing is done is not public; ours). Measured with ``neuroinit lyapunov --model rate
---hidden 256 --gain 0.5 --alpha 0.5 --floss-iters 100 --floss-mode MODE --floss-k 1 --seed S`` (Romo inputs, k = 1, lr 1e-3;
-top exponent per step over 10 x 500 steps, before -0.28 .. -0.31):
+--hidden 256 --gain 0.5 --alpha 0.5 --floss-iters 100 --floss-mode MODE --floss-k 1 --seed S`` (Romo inputs,
+k = 1, lr 1e-3; top exponent per step over 10 x 500 steps, before -0.28 .. -0.31):
 
 * ``"full"``: autograd through everything, the state trajectory included: ``D_t`` depends on the parameters
   explicitly and through the states ``x_{t-1}`` it is evaluated at (which depend on ``W_in``, ``W_rec``, bias

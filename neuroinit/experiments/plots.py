@@ -59,8 +59,9 @@ __all__ = [
 FIGURES = ("learning-curves", "lyapunov", "flossing", "rate-vs-spiking", "curvature")
 _RULE_ORDER = {"bptt": 0, "eprop": 1, "eprop+flossing": 2, "eprop-autograd": 3, "rflo": 4}
 _IGNORE = {"seed", "lr", "lr_grid", "checkpoint_every", "checkpoint_seconds", "gain", "rule", "floss_iters",
-           "floss_mode", "floss_k", "floss_lr"}
-_MODEL_FIELDS = {"model", "dt_ms", "tau_ms", "tau_m_ms", "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "form",
+           "floss_mode", "floss_k", "floss_lr", "floss_inter_every", "floss_inter_iters"}
+_MODEL_FIELDS = {"model", "dt_ms", "tau_ms", "tau_m_ms", "tau_out_ms",
+                 "v_th", "reset", "n_refractory", "input_scale", "form",
                  "activation", "iters", "log_every"}
 _RULE_COLORS = {"bptt": "#1b6ca8", "eprop": "#d1495b", "eprop+flossing": "#2e933c", "eprop-autograd": "#8e6c8a",
                 "rflo": "#edae49"}
@@ -514,8 +515,10 @@ def plot_rate_vs_spiking(runs: list[RunSummary], out, *, smooth: int = 1, select
         stated = "Differs between the models: " + "; ".join(m.text() for m in mismatches)
     else:
         stated = "Matched: iterations, seeds, batch, task timing, learning-rate grid, eligibility memory"
+    if tasks[0].lower() == "romo" and mismatches:
+        stated += " (timing and eligibility memory in task tau)"
     if len(memories) > 1:
-        stated += " (dotted: LIF with its eligibility memory matched to the rate net's)"
+        stated += "; dotted: LIF with its eligibility memory matched to the rate net's"
     _suptitle(fig, runs, "Rate vs spiking (LIF) networks: loss and accuracy, BPTT as each model's reference",
               smooth, select, extra=stated)
     _save(fig, out)

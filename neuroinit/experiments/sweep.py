@@ -1219,11 +1219,28 @@ def summarize(runs: list[RunSummary], select: str = "final") -> list[dict]:
             "per_lr": {f"{lr:.4g}": {"finished": k, "planned": n, f"mean_{select.replace('-', '_')}": v}
                        for lr, (k, n, v) in sorted(b.per_lr.items())},
             "status": dict(status.get(cond, {})),
+            "_config": comparable_config(c),
         })
+    # conditions that share task, model, rule, gain and profile: name the settings that tell them apart
+    shown = ("task", "model", "rule", "gain", "profile")
+    groups: dict[tuple, list[dict]] = {}
+    for (cond, b), row in zip(best.items(), rows):
+        groups.setdefault(tuple(str(row[k]) for k in shown), []).append(json.loads(cond))
+    for row in rows:
+        configs = groups[tuple(str(row[k]) for k in shown)]
+        varying = sorted(k for k in set().union(*configs) if k not in shown and len(
+            {json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+        row["variant"] = ", ".join(f"{k}={_fmt_value(row['_config'].get(k))}" for k in varying)
+    for row in rows:
+        del row["_config"]
     order = {"bptt": 0, "eprop": 1, "eprop+flossing": 2}
     rows.sort(key=lambda r: (str(r["task"]), str(r["model"]), str(r["profile"]), order.get(r["rule"], 9), r["rule"],
                              r["gain"]))
     return rows
+
+
+def _fmt_value(v) -> str:
+    return "default" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def edge_mark(edge: str | None) -> str:
@@ -1249,7 +1266,8 @@ def format_summary(rows: list[dict]) -> str:
         st = f(r.get("learned_at_median"), ".0f") + (f" ({r['never_settled']} never)"
                                                      if r.get("never_settled") else "")
         mark = {"lowest": " <", "highest": " >"}.get(r.get("edge") or "", "")
-        cells.append((str(r["task"]), str(r["model"]) + ("" if r["profile"] == "ideal" else f"/{r['profile']}"),
+        cells.append((str(r["task"]), str(r["model"]) + ("" if r["profile"] == "ideal" else f"/{r['profile']}")
+                      + (f" ({r['variant']})" if r.get("variant") else ""),
                       r["rule"], f(r["gain"], "g"), f(r["best_lr"], ".3g") + mark, r["seeds"],
                       f"{f(r['final_loss'], '.3g')} ± {f(r['final_loss_sem'], '.2g')}",
                       f"{f(r.get('min_loss'), '.3g')} ± {f(r.get('min_loss_sem'), '.2g')}", lt, st,
