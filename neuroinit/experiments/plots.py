@@ -706,7 +706,8 @@ def plot_compare(run_a, run_b, out) -> int:
         raise ValueError(f"{run_a}, {run_b}: neither run has a learning curve or Lyapunov exponents yet")
     what = ", ".join(f"{k}: {_fmt_val(files[0].config.get(k))} vs {_fmt_val(files[1].config.get(k))}"
                      for k in diff[:6]) or "same config"
-    fig.suptitle(f"{names[0]}  vs  {names[1]}\n{what}", fontsize=9)
+    figstyle.suptitle(fig, f"{names[0]}  vs  {names[1]}\n{what}\n"
+                           + figstyle.scale_text([f.config for f in files], bands=False))
     _save(fig, out)
     return n
 

@@ -203,6 +203,10 @@ def comparable_config(config) -> dict:
     not floss (it has no effect there)."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     d = {k: v for k, v in _canonical(d).items() if k not in _NOT_HASHED}
+    if d.get("floss_k") == "auto" and isinstance(d.get("hidden"), int):   # a raw dict: as TrainConfig stores it
+        from neuroinit.dynamics.flossing import resolve_floss_k
+
+        d["floss_k"] = resolve_floss_k("auto", d["hidden"])
     for name in ADDED_FIELDS:
         if name in d and d[name] == _field_default(name):
             del d[name]
