@@ -281,6 +281,15 @@ def test_rate_vs_spiking_x_range_is_the_common_iterations_and_mismatch_is_stated
     assert "iterations: lif 500, rate 300" in _texts(fig)
 
 
+def test_flossing_conditions_that_differ_in_k_get_their_own_curves(tmp_path, figures):
+    runs = [_synth("rate", "eprop", s, 1e-3, 100) for s in range(3)]
+    runs += [_synth("rate", "eprop", s, 1e-3, 100, loss_scale=0.5, floss_iters=100, floss_k=k)
+             for k in (8, 32) for s in range(3)]
+    assert plots.plot_flossing(runs, tmp_path / "k.png") == 3 + 3      # a gain panel and the summary panel
+    text = _texts(figures[0])
+    assert "eprop+flossing (k 8)" in text and "eprop+flossing (k 32)" in text and "flossing k = 8/32" in text
+
+
 # ------------------------------------------------------------------------------------------ lr grid edges
 
 def test_edge_of_grid_is_flagged_in_tables_and_legends(tmp_path, figures):

@@ -59,7 +59,7 @@ __all__ = [
 FIGURES = ("learning-curves", "lyapunov", "flossing", "rate-vs-spiking", "curvature")
 _RULE_ORDER = {"bptt": 0, "eprop": 1, "eprop+flossing": 2, "eprop-autograd": 3, "rflo": 4}
 _IGNORE = {"seed", "lr", "lr_grid", "checkpoint_every", "checkpoint_seconds", "gain", "rule", "floss_iters",
-           "floss_mode", "floss_k", "floss_lr", "floss_inter_every", "floss_inter_iters"}
+           "floss_mode", "floss_k", "floss_lr", "floss_inter_every", "floss_inter_iters", "_rule"}
 _MODEL_FIELDS = {"model", "dt_ms", "tau_ms", "tau_m_ms", "tau_out_ms",
                  "v_th", "reset", "n_refractory", "input_scale", "form",
                  "activation", "iters", "log_every"}
@@ -115,7 +115,8 @@ def _lr_text(lr: float) -> str:
 
 def _best_runs(runs: list[RunSummary], select: str = "final") -> list[tuple[dict, float, list[RunSummary]]]:
     """(config of the condition, chosen lr (a :class:`_Rate`), runs at that lr) per condition."""
-    return [(b.runs[0].config, _rate(b.lr, b.edge), list(b.runs)) for b in select_best(runs, select).values()]
+    return _name_floss_variants([(b.runs[0].config, _rate(b.lr, b.edge), list(b.runs))
+                                 for b in select_best(runs, select).values()])
 
 
 def _varying(configs: list[dict], ignore: set[str]) -> list[str]:
@@ -186,9 +187,33 @@ def _title(config: dict, fields: Iterable[str], show: Iterable[str]) -> str:
 
 
 def rule_of(config: dict) -> str:
+    """The rule's name in figures: ``rule_label`` (e.g. "eprop+flossing"), with the flossing settings that vary
+    between the figure's flossing conditions when :func:`_best_runs` found some (e.g. "eprop+flossing (k 32)")."""
     from neuroinit.experiments.sweep import rule_label
 
-    return rule_label(config)
+    return config.get("_rule") or rule_label(config)
+
+
+_FLOSS_FIELDS = {"floss_k": "k", "floss_iters": "iters", "floss_mode": "mode", "floss_lr": "lr",
+                 "floss_inter_every": "every", "floss_inter_iters": "inter iters"}
+
+
+def _name_floss_variants(best: list[tuple]) -> list[tuple]:
+    """Where flossing conditions differ in their flossing settings (k, iterations, ...), put those settings into
+    their rule names (``_rule``), so they get their own curves and legend entries instead of sharing one."""
+    from neuroinit.experiments.sweep import rule_label
+
+    flossed = [c for c, _, _ in best if rule_label(c).endswith(FLOSS_SUFFIX)]
+    varying = [f for f in _FLOSS_FIELDS if len({json.dumps(c.get(f)) for c in flossed}) > 1]
+    if not varying:
+        return best
+    out = []
+    for c, lr, rs in best:
+        name = rule_label(c)
+        if name.endswith(FLOSS_SUFFIX):
+            c = {**c, "_rule": f"{name} ({', '.join(f'{_FLOSS_FIELDS[f]} {_fmt_val(c.get(f))}' for f in varying)})"}
+        out.append((c, lr, rs))
+    return out
 
 
 def _mean_band(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -338,11 +363,11 @@ def plot_lyapunov(runs: list[RunSummary], out, *, per: str = "step", select: str
         curves = [("before training", "#555555", "--", "o",
                    {g: list(d.values()) for g, d in before.items()})]
         for rule in rules:
-            if rule.endswith(FLOSS_SUFFIX):
+            if FLOSS_SUFFIX in rule:
                 fl = {float(c["gain"]): [r.lyapunov.get("floss", {}).get(key_name) for r in rs]
                       for c, _, rs in items if rule_of(c) == rule}
-                curves.append((f"after flossing ({rule.removesuffix(FLOSS_SUFFIX)})", _RULE_COLORS.get(rule, None),
-                               ":", "^", fl))
+                label = f"after flossing ({rule.replace(FLOSS_SUFFIX, '', 1)})"
+                curves.append((label, _RULE_COLORS.get(rule, None), ":", "^", fl))
         for rule in rules:
             after = {float(c["gain"]): [r.lyapunov.get("final", {}).get(key_name) for r in rs]
                      for c, _, rs in items if rule_of(c) == rule}
@@ -370,7 +395,7 @@ def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1, select: str =
     """Fig. 4: rule X with vs without flossing, by gain (learning curves per gain, then the ``select`` statistic
     vs gain)."""
     best = _best_runs(runs, select)
-    flossed = [t for t in best if rule_of(t[0]).endswith(FLOSS_SUFFIX)]
+    flossed = [t for t in best if FLOSS_SUFFIX in rule_of(t[0])]
     if not flossed:
         raise ValueError("no finished runs with a '+flossing' rule: the flossing figure compares rule X with "
                          "X+flossing (add e.g. rule = ['eprop', 'eprop+flossing'] to the spec)")
@@ -379,11 +404,12 @@ def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1, select: str =
     pairs: dict[tuple, dict[float, dict[str, tuple]]] = {}
     for c, lr, rs in best:
         rule = rule_of(c)
-        plain = rule.removesuffix(FLOSS_SUFFIX)
+        plain = rule.split(FLOSS_SUFFIX)[0]
         key = _panel_key(c, fields) + (("base_rule", plain),)
         pairs.setdefault(key, {}).setdefault(float(c["gain"]), {})[rule] = (c, lr, rs)
-    # keep the groups that have both X and X+flossing at some gain
-    groups = {k: {g: d for g, d in v.items() if len(d) == 2} for k, v in pairs.items()}
+    # keep the groups that have both X and some X+flossing at a gain
+    groups = {k: {g: d for g, d in v.items() if dict(k)["base_rule"] in d and len(d) >= 2}
+              for k, v in pairs.items()}
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
         raise ValueError("no gain has finished runs of both X and X+flossing with otherwise equal settings")
@@ -394,18 +420,29 @@ def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1, select: str =
     for key in sorted(groups, key=_panel_order):
         by_gain = groups[key]
         plain = dict(key)["base_rule"]
-        rules = (plain, plain + FLOSS_SUFFIX)
+        variants = sorted({r for d in by_gain.values() for r in d} - {plain})
+        rules = (plain, *variants)
+        colors = {plain: _RULE_COLORS.get(plain, None)}
+        if len(variants) == 1:
+            colors[variants[0]] = _RULE_COLORS.get(plain + FLOSS_SUFFIX, None)
+        else:
+            from matplotlib import colormaps
+
+            colors.update({v: colormaps["viridis"](0.15 + 0.7 * i / (len(variants) - 1))
+                           for i, v in enumerate(variants)})
         summary = {r: {} for r in rules}
         for g in sorted(by_gain):
             ax = next(it)
             for r in rules:
+                if r not in by_gain[g]:
+                    continue
                 c, lr, rs = by_gain[g][r]
                 cur = _curve(rs, smooth)
                 if cur is not None:
-                    _band(ax, *cur, _RULE_COLORS.get(r, None), label=f"{r} ({_lr_text(lr)})", lw=1.4)
+                    _band(ax, *cur, colors[r], label=f"{r} ({_lr_text(lr)})", lw=1.4)
                     n += 1
                 summary[r][g] = [_stat_of(x, select) for x in rs]
-            first = by_gain[g][rules[0]][0]
+            first = by_gain[g][plain][0]
             figstyle.set_title(ax, _title(first, fields, {"task", "model"}) + f" · g = {g:g}", fontsize=9)
             _loss_axes(ax)
             ax.legend(fontsize=7)
@@ -413,7 +450,7 @@ def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1, select: str =
         for r in rules:
             gs = sorted(summary[r])
             st = [_stat(summary[r][g]) for g in gs]
-            ax.errorbar(gs, [s[0] for s in st], yerr=[s[1] for s in st], label=r, color=_RULE_COLORS.get(r, None),
+            ax.errorbar(gs, [s[0] for s in st], yerr=[s[1] for s in st], label=r, color=colors[r],
                         marker="o", ms=4, capsize=2, lw=1.4)
             n += 1
         if select != "learning-time":
