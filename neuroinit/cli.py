@@ -379,13 +379,18 @@ def _dyn_print_spectrum(res, title: str) -> None:
 @click.option("--floss-iters", type=click.IntRange(min=0), default=0, show_default=True,
               help="Floss the network this many iterations, then report the exponents again.")
 @click.option("--floss-mode", type=click.Choice(["local", "full", "detached"]), default="local", show_default=True)
-@click.option("--floss-k", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--floss-k", default="auto", show_default=True,
+              help="Exponents flossed: an integer 1..N, or auto = max(1, N // 8).")
 @click.option("--floss-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--floss-steps", type=click.IntRange(min=1), default=55, show_default=True,
+              help="Flossing window: steps over which each iteration's exponents are estimated.")
+@click.option("--floss-warmup", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Flossing transient before the window (re-orthonormalised, not differentiated).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (no progress bar).")
 @fail_cleanly
 def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, dt, tau_m, input_scale, profile, task,
                      k, batch, steps, warmup, qr_every, seed, dtype, floss_iters, floss_mode, floss_k, floss_lr,
-                     as_json) -> None:
+                     floss_steps, floss_warmup, as_json) -> None:
     """Top-K Lyapunov exponents (QR method; natural log, per step and per tau) of the network stored in RUN
     (--which initial|floss|final), or of a fresh init (--model --hidden --gain [--alpha --profile]), driven by
     task inputs as training feeds them (time step and input scale: the run's settings, or training's defaults).
@@ -473,15 +478,17 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
         _dyn_print_spectrum(before, "initial" if floss_iters else "exponents")
     if floss_iters:
         from neuroinit.dynamics import floss, task_inputs
-        from neuroinit.dynamics.flossing import DEFAULT_WARMUP
+        from neuroinit.dynamics.flossing import resolve_floss_k
 
-        if floss_k > cell.n_hidden:
-            raise ValueError(f"Invalid --floss-k {floss_k}: must be between 1 and N = {cell.n_hidden}")
-        floss_steps = 55
+        try:
+            floss_k = resolve_floss_k(floss_k if floss_k == "auto" else int(floss_k), cell.n_hidden)
+        except ValueError:
+            raise ValueError(f"Invalid --floss-k {floss_k}: allowed auto (max(1, N // 8)) or an integer between 1 "
+                             f"and N = {cell.n_hidden}") from None
         input_fn = None
         if task_obj is not None:
             def input_fn(g):
-                return scale * task_inputs(task_obj, batch=1, length=DEFAULT_WARMUP + floss_steps, generator=g,
+                return scale * task_inputs(task_obj, batch=1, length=floss_warmup + floss_steps, generator=g,
                                            dtype=cell.w_rec.dtype)
         bar = None
         if not as_json:
@@ -496,11 +503,13 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
                 bar.set_postfix_str(f"lambda_1 {exps[0]:+.4f}", refresh=False)
 
         fr = floss(cell, iters=floss_iters, k=floss_k, mode=floss_mode, lr=floss_lr, input_fn=input_fn,
-                   steps=floss_steps, generator=torch.Generator().manual_seed(seed + 2), callback=progress)
+                   steps=floss_steps, warmup=floss_warmup, generator=torch.Generator().manual_seed(seed + 2),
+                   callback=progress)
         if bar is not None:
             bar.close()
         after = _dyn_spectrum(cell, task_obj, **spec)
         out["floss"] = {"iters": floss_iters, "mode": floss_mode, "k": floss_k, "lr": floss_lr,
+                        "steps": floss_steps, "warmup": floss_warmup,
                         "losses": fr.losses, "exponents": fr.exponents}
         out["lyapunov_after_floss"] = after.summary()
         if not as_json:
@@ -713,7 +722,12 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "optimizer", "seed", "device", "dtype", "form", "activation", "dt_ms", "tau_ms", "tau_m_ms",
                  "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "clamp_gain", "log_every",
                  "checkpoint_every", "checkpoint_seconds", "eval_batch", "lyapunov", "lyapunov_k", "floss_iters",
+<<<<<<< HEAD
                  "floss_k", "floss_mode", "floss_lr", "fast", "align_every", "chip_neuron", "tau_syn_ms")
+=======
+                 "floss_k", "floss_mode", "floss_lr", "fast", "align_every", "floss_inter_every", "floss_inter_iters",
+                 "io_init")
+>>>>>>> main
 
 
 @main.command("train", cls=OneLineErrorsCommand)
@@ -760,10 +774,18 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
               help="Lyapunov exponents of the initial and final network.")
 @click.option("--lyapunov-k", type=int, default=8, show_default=True, help="How many top exponents.")
 @click.option("--floss-iters", type=int, default=0, show_default=True, help="Pre-flossing iterations.")
-@click.option("--floss-k", type=int, default=1, show_default=True, help="Exponents flossed.")
+@click.option("--floss-k", default="auto", show_default=True,
+              help="Exponents flossed: an integer 1..N, or auto = max(1, N // 8) (stored resolved).")
 @click.option("--floss-mode", type=click.Choice(["local", "full", "detached"]), default="local",
               show_default=True)
 @click.option("--floss-lr", type=float, default=1e-3, show_default=True)
+@click.option("--floss-inter-every", type=int, default=0, show_default=True,
+              help="Inter-flossing: floss before every this many training iterations (0 = off).")
+@click.option("--floss-inter-iters", type=int, default=0, show_default=True,
+              help="Inter-flossing: flossing iterations per episode.")
+@click.option("--io-init", type=click.Choice(["schuessler", "pytorch"]), default="schuessler", show_default=True,
+              help="Input/readout init: Schuessler (normalised columns, readout O(1/N)) or PyTorch's nn.Linear "
+                   "default U(+-1/sqrt(fan_in)).")
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Online e-prop / RFLO through the fused native step where it gives the same results.")
 @click.option("--align-every", type=int, default=0, show_default=True,
@@ -787,6 +809,12 @@ def train_command(out: str, resume: bool, overwrite: bool, threads: int, as_json
     torch.set_num_threads(threads)
 
     options["lr_grid"] = _float_list(options["lr_grid"])
+    if options["floss_k"] != "auto":
+        try:
+            options["floss_k"] = int(options["floss_k"])
+        except ValueError:
+            raise click.BadParameter(f"{options['floss_k']!r}: allowed auto or an integer 1..N",
+                                     param_hint="--floss-k") from None
     ctx = click.get_current_context()
     if resume and os.path.exists(out):
         from neuroinit.io.runfile import read_run
@@ -900,6 +928,9 @@ def show_command(run: str, as_json: bool) -> None:
                        f"per tau (top {res['k']})")
     if info["floss_iters"]:
         click.echo(f"pre-flossing: {info['floss_iters']} iterations ({c.get('floss_mode')}, k={c.get('floss_k')})")
+    if c.get("floss_inter_every"):
+        click.echo(f"inter-flossing: {c.get('floss_inter_iters')} iterations every {c.get('floss_inter_every')} "
+                   f"training iterations ({c.get('floss_mode')}, k={c.get('floss_k')})")
     click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(rf.versions.items()) if v))
 # --- end train ---
 
@@ -1119,9 +1150,12 @@ def _gain_list(value: str | None) -> tuple[float, ...] | None:
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
               help="Run on an existing Dask distributed cluster instead (see docs/experiments.md).")
 @click.option("--dry-run", is_flag=True, help="Validate the spec, list the runs and how many are finished; run none.")
+@click.option("--select", type=click.Choice(["final", "min", "learning-time"]), default="final", show_default=True,
+              help="Summary: choose each condition's learning rate by the mean of the last 20 logged losses, the "
+                   "lowest logged loss, or the learning time (loss stays below 5% of the initial).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report and summary as JSON; no progress bar.")
 @fail_cleanly
-def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> None:
+def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, as_json) -> None:
     """Run the grid in SPEC (TOML: task x model x rule x gain x seed x learning rate x profile), one run file
     per run in OUT/runs; resumable (finished runs are skipped, checked by content); a summary table at the end
     with the best learning rate per condition."""
@@ -1170,7 +1204,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
     finally:
         if bar is not None:
             bar.close()
-    rows = sw.summarize(sw.summaries_from_dir(out_dir, curves=False))
+    rows = sw.summarize(sw.summaries_from_dir(out_dir, curves=False), select=select)
     if as_json:
         echo_json({"report": report.to_dict(), "summary": rows})
     else:
@@ -1202,9 +1236,12 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
               help="curvature: Hessian-vector products per network (power iteration).")
 @click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Learning curves as a trailing mean over this many logged losses (1: raw).")
+@click.option("--select", type=click.Choice(["final", "min", "learning-time"]), default="final", show_default=True,
+              help="Choose each condition's learning rate by the mean of the last 20 logged losses, the lowest "
+                   "logged loss, or the learning time (stated on the figure).")
 @click.option("--json", "as_json", is_flag=True, help="Print {figure, out, curves} as JSON.")
 @fail_cleanly
-def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, as_json) -> None:
+def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, select, as_json) -> None:
     """Draw a figure from the runs of a sweep: learning curves by gain (Fig. 1/2), max Lyapunov exponent vs
     gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule; or the
     gradient alignment vs gain from an alignment JSON file (--figure alignment)."""
@@ -1223,7 +1260,7 @@ def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter
 
     try:
         n = plot_figure(sweep_dir, figure, out, task=task, model=model, gains=_gain_list(gains), spec=spec_name,
-                        max_iter=max_iter, smooth=smooth, progress=progress)
+                        max_iter=max_iter, smooth=smooth, progress=progress, select=select)
     finally:
         if bar is not None:
             bar.close()
