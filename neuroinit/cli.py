@@ -722,12 +722,8 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "optimizer", "seed", "device", "dtype", "form", "activation", "dt_ms", "tau_ms", "tau_m_ms",
                  "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "clamp_gain", "log_every",
                  "checkpoint_every", "checkpoint_seconds", "eval_batch", "lyapunov", "lyapunov_k", "floss_iters",
-<<<<<<< HEAD
-                 "floss_k", "floss_mode", "floss_lr", "fast", "align_every", "chip_neuron", "tau_syn_ms")
-=======
                  "floss_k", "floss_mode", "floss_lr", "fast", "align_every", "floss_inter_every", "floss_inter_iters",
-                 "io_init")
->>>>>>> main
+                 "io_init", "chip_neuron", "tau_syn_ms")
 
 
 @main.command("train", cls=OneLineErrorsCommand)
