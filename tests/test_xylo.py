@@ -210,3 +210,22 @@ def test_trained_xylo_network_exports_and_matches_xylosim(tmp_path):
                                     str(tmp_path / "x.h5")])
     assert res.exit_code != 0 and "neuron.synapse = 'none' is not Xylo's arithmetic" in res.output
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_spec_uses_rockpool_xylosim_argument_names():
+    """Every key of the specification is an argument of rockpool's XyloSim.from_specification (read from
+    rockpool's installed source: its Xylo package imports samna, which needs the internet, at import time)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec_rp = importlib.util.find_spec("rockpool")
+    if spec_rp is None:
+        pytest.skip("rockpool is not installed")
+    src = Path(spec_rp.submodule_search_locations[0]) / "devices" / "xylo" / "syns61201" / "xylo_sim.py"
+    tree = ast.parse(src.read_text(encoding="utf-8"))
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "from_specification")
+    args = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+    spec = xylo_spec(deploy(_cell()))
+    assert set(spec) <= args, sorted(set(spec) - args)
+    assert {"weights_in", "weights_rec", "weights_out", "dash_mem", "dash_syn", "threshold", "bias"} <= set(spec)
