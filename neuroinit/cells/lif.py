@@ -14,7 +14,7 @@ import torch
 from neuroinit.cells.base import CellParams, LocalFactors, RecurrentCell, TraceSpec, readout
 from neuroinit.profiles import HardwareProfile
 
-__all__ = ["LIFState", "LIFSynState", "pseudo_derivative", "spike", "lif_step", "LIFRNN", "RESETS", "COMPARES"]
+__all__ = ["COMPARES", "LIFRNN", "RESETS", "LIFState", "LIFSynState", "lif_step", "pseudo_derivative", "spike"]
 
 RESETS = ("subtract", "zero")
 COMPARES = (">", ">=")
