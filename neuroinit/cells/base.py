@@ -46,7 +46,7 @@ def readout(r: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
     of ``W_out`` (random feedback alignment, as in RFLO and random e-prop); the weights' own gradients are
     unchanged."""
     if feedback is None:
-        return r @ w_out.T + b_out
+        return r @ w_out.mT + b_out
     return _FeedbackReadout.apply(r, w_out, b_out, feedback)
 
 

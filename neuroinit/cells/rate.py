@@ -54,16 +54,17 @@ def rate_step(p: CellParams, s: RateState, u: torch.Tensor, *, alpha: torch.Tens
 
     Sources: Schuessler et al. 2020 (voltage form), Murray 2019 eLife (rate form, RFLO). With
     ``eprop_detach`` the presynaptic state entering ``W_rec`` is detached (autograd e-prop); the leak path keeps
-    its gradient; ``feedback`` is passed to :func:`~neuroinit.cells.base.readout`.
+    its gradient; ``feedback`` is passed to :func:`~neuroinit.cells.base.readout`. Leading member dimensions
+    work too (an ensemble of K networks: weights (K, out, in), vectors (K, 1, n), state and input (K, B, n)).
     """
     if form == "voltage":
         r = activation.f(s.x)
         r_rec = r.detach() if eprop_detach else r
-        x = (1 - alpha) * s.x + alpha * (r_rec @ p.w_rec.T + u @ p.w_in.T + p.bias)
+        x = (1 - alpha) * s.x + alpha * (r_rec @ p.w_rec.mT + u @ p.w_in.mT + p.bias)
         y = readout(activation.f(x), p.w_out, p.b_out, feedback)
     elif form == "rate":
         h_rec = s.x.detach() if eprop_detach else s.x
-        x = (1 - alpha) * s.x + alpha * activation.f(h_rec @ p.w_rec.T + u @ p.w_in.T + p.bias)
+        x = (1 - alpha) * s.x + alpha * activation.f(h_rec @ p.w_rec.mT + u @ p.w_in.mT + p.bias)
         y = readout(x, p.w_out, p.b_out, feedback)
     else:
         raise ValueError(f"Invalid form {form!r}: allowed {', '.join(FORMS)}")
@@ -115,7 +116,7 @@ class RateRNN(RecurrentCell):
         return state.x
 
     def _pre_activation(self, p: CellParams, prev: RateState, u: torch.Tensor) -> torch.Tensor:
-        return prev.x @ p.w_rec.T + u @ p.w_in.T + p.bias
+        return prev.x @ p.w_rec.mT + u @ p.w_in.mT + p.bias
 
     def jacobian(self, params, state, u):
         """voltage form: ``(1-alpha) I + alpha W_rec diag(f'(x_{t-1}))``;

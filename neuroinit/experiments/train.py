@@ -721,6 +721,46 @@ def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: boo
     rate; in a grid that rate is marked diverged and the others go on), ``KeyboardInterrupt`` after Ctrl-C /
     SIGTERM (a checkpoint is written first), ``ValueError`` for bad input.
     """
+    job = _open_run(config, out_path, resume=resume, overwrite=overwrite, progress=progress)
+    if isinstance(job, TrainResult):
+        return job
+    with _StopFlag() as stop:
+        for k, lr in enumerate(config.lrs):
+            if job.run.runs[k].status in ("complete", "diverged"):  # a diverged rate would diverge again
+                continue
+            _train_one(job, k, lr, stop)
+    return _close_run(job)
+
+
+@dataclass
+class _Job:
+    """A run between its setup (:func:`_open_run`) and its end (:func:`_close_run`): what training needs."""
+
+    ctx: _Context
+    run: RunFile
+    cell: RecurrentCell
+    start_weights: dict
+    out: Path
+    notify: Callable[[ProgressEvent], None]
+    started: float
+
+    @property
+    def total(self) -> int:
+        return self.ctx.config.iters * len(self.run.runs)
+
+    def done(self) -> int:
+        return sum(min(r.iterations_done, self.ctx.config.iters) for r in self.run.runs)
+
+    def phase(self, name: str) -> None:
+        lrs = self.ctx.config.lrs
+        self.notify(ProgressEvent(name, 0, len(lrs), lrs[0], 0, self.ctx.config.iters, self.done(), self.total,
+                                  None))
+
+
+def _open_run(config: TrainConfig, out_path, *, resume: bool, overwrite: bool,
+              progress: Callable[[ProgressEvent], None] | None) -> _Job | TrainResult:
+    """Check the arguments and set the run up (new: init, evaluation, Lyapunov, pre-flossing, first write;
+    resumed: the stored initial weights); a complete stored run is returned as its :class:`TrainResult`."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"Invalid config {type(config).__name__}: expected a TrainConfig")
     out = Path(out_path)
@@ -742,34 +782,25 @@ def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: boo
         elif not overwrite:
             raise ValueError(f"Invalid out path {str(out)!r}: the file exists; resume it (--resume) or "
                              "overwrite it (--overwrite)")
-    notify = progress or (lambda _e: None)
-    ctx = _Context(config)
-    lrs = config.lrs
-    total = config.iters * len(lrs)
-
-    def phase(name: str) -> None:
-        notify(ProgressEvent(name, 0, len(lrs), lrs[0], 0, config.iters, _done(run), total, None))
-
-    def _done(rf: RunFile | None) -> int:
-        return 0 if rf is None else sum(min(r.iterations_done, config.iters) for r in rf.runs)
-
     if existing is not None and existing.status == "complete":
         return _result(existing, out)
-
-    run: RunFile | None = None
+    notify = progress or (lambda _e: None)
+    ctx = _Context(config)
     if existing is None:
-        phase("init")
+        lrs = config.lrs
+        notify(ProgressEvent("init", 0, len(lrs), lrs[0], 0, config.iters, 0, config.iters * len(lrs), None))
         params, report = ctx.init_params()
         cell = ctx.make_cell(params)
         run = _new_run_file(ctx, report)
+        job = _Job(ctx, run, cell, {}, out, notify, started)
         run.cell_config = cell.config()
         run.weights["initial"] = weights_from_cell(cell)
         run.summary["eval_loss_initial"], run.summary["eval_accuracy_initial"] = _evaluate(ctx, cell)
         if config.lyapunov:
-            phase("lyapunov")
+            job.phase("lyapunov")
             run.lyapunov["initial"] = _lyapunov(ctx, cell)
         if config.floss_iters:
-            phase("floss")
+            job.phase("floss")
             run.floss = _floss(ctx, cell)
             run.weights["floss"] = weights_from_cell(cell)
             if config.lyapunov:
@@ -786,15 +817,15 @@ def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: boo
         cell = ctx.make_cell(params)  # the same grids as the original run: chosen from the same weights
         if run.status in ("diverged", "interrupted"):
             run.status, run.message = "running", ""
-    start_weights = run.weights.get("floss", run.weights["initial"]).params
+        job = _Job(ctx, run, cell, {}, out, notify, started)
+    job.start_weights = run.weights.get("floss", run.weights["initial"]).params
+    return job
 
-    with _StopFlag() as stop:
-        for k, lr in enumerate(lrs):
-            rec = run.runs[k]
-            if rec.status in ("complete", "diverged"):  # a diverged rate would diverge again: deterministic
-                continue
-            _train_one(ctx, run, k, lr, cell, start_weights, out, stop, notify, total, _done)
 
+def _close_run(job: _Job) -> TrainResult:
+    """Select the best learning rate, evaluate, run the final Lyapunov analysis and write the complete run
+    file; raises :class:`TrainingDiverged` (after writing) when no learning rate completed."""
+    ctx, run, cell, out, config = job.ctx, job.run, job.cell, job.out, job.ctx.config
     complete = [k for k, r in enumerate(run.runs) if r.status == "complete"]
     if not complete:
         msgs = "; ".join(r.message for r in run.runs)
@@ -807,10 +838,10 @@ def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: boo
     sel = run.runs[best]
     _set_weights(cell, sel.final.params)
     run.weights["final"] = sel.final
-    phase("eval")
+    job.phase("eval")
     eval_loss, eval_acc = _evaluate(ctx, cell)
     if config.lyapunov:
-        phase("lyapunov")
+        job.phase("lyapunov")
         run.lyapunov["final"] = _lyapunov(ctx, cell)
     wall = sum(r.wall_time for r in run.runs) + float(run.summary.get("wall_time_setup", 0.0)) \
         + time.monotonic() - finishing
@@ -827,65 +858,79 @@ def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: boo
     return _result(run, out)
 
 
-def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCell, start_weights, out: Path,
-               stop: _StopFlag, notify, total: int, done_fn) -> None:
-    c = ctx.config
-    rec = run.runs[k]
-    _set_weights(cell, start_weights)
-    gens = ctx.generators()
-    rule = ctx.make_rule(cell, gens)
-    opt = ctx.make_optimizer(cell, lr, gens)
-    start = 0
-    wall_before = 0.0
-    if rec.checkpoint is not None:
-        ck = rec.checkpoint
-        _set_weights(cell, ck.weights)
-        opt.load_state_dict(_optimizer_from_np(ck.optimizer))
-        _set_gen_states(gens, ck.generators, str(out))
-        start, wall_before = ck.iteration, ck.wall_time
-    # Drop whatever was logged after the checkpoint (a kill or a divergence after it).
-    rec.loss_per_iteration = rec.loss_per_iteration[:start]
-    keep = sum(1 for it in rec.iteration if it < start)
-    rec.iteration, rec.loss = rec.iteration[:keep], rec.loss[:keep]
-    rec.accuracy, rec.lr_curve = rec.accuracy[:keep], rec.lr_curve[:keep]
-    if rec.alignment:
-        keep_a = sum(1 for it in rec.alignment["iteration"] if it < start)
-        rec.alignment = {k: v[:keep_a] for k, v in rec.alignment.items()}
-    rec.status, rec.message = "running", ""
-    # inter-flossing (every floss_inter_every iterations, floss_inter_iters flossing iterations; fresh Adam and
-    # generator per episode): /floss/inter_<k>_iteration (E,) and /floss/inter_<k>_losses (E, floss_inter_iters)
-    inter_key = f"inter_{k}"
-    inter_its = [int(x) for x in run.floss.get(inter_key + "_iteration", []) if int(x) < start]
-    inter_losses = [list(x) for x in run.floss.get(inter_key + "_losses", [])][:len(inter_its)]
+class _LrRun:
+    """Training one learning rate ``k`` of a job: the rule, the optimizer and the generators (fresh, or from the
+    record's checkpoint), and what every iteration does around the gradient (stop, inter-flossing, the update,
+    divergence, logging, checkpoints). :func:`_train_one` drives one; ensembles drive several
+    (:mod:`neuroinit.experiments.ensemble`)."""
 
-    t0 = time.monotonic()
-    last_ck = t0
+    def __init__(self, job: _Job, k: int, lr: float) -> None:
+        ctx, run, cell = job.ctx, job.run, job.cell
+        self.job, self.k, self.lr = job, k, lr
+        self.rec = rec = run.runs[k]
+        _set_weights(cell, job.start_weights)
+        self.gens = ctx.generators()
+        self.rule = ctx.make_rule(cell, self.gens)
+        self.opt = ctx.make_optimizer(cell, lr, self.gens)
+        self.start, self.wall_before = 0, 0.0
+        if rec.checkpoint is not None:
+            ck = rec.checkpoint
+            _set_weights(cell, ck.weights)
+            self.opt.load_state_dict(_optimizer_from_np(ck.optimizer))
+            _set_gen_states(self.gens, ck.generators, str(job.out))
+            self.start, self.wall_before = ck.iteration, ck.wall_time
+        start = self.start
+        # Drop whatever was logged after the checkpoint (a kill or a divergence after it).
+        rec.loss_per_iteration = rec.loss_per_iteration[:start]
+        keep = sum(1 for it in rec.iteration if it < start)
+        rec.iteration, rec.loss = rec.iteration[:keep], rec.loss[:keep]
+        rec.accuracy, rec.lr_curve = rec.accuracy[:keep], rec.lr_curve[:keep]
+        if rec.alignment:
+            keep_a = sum(1 for it in rec.alignment["iteration"] if it < start)
+            rec.alignment = {k: v[:keep_a] for k, v in rec.alignment.items()}
+        rec.status, rec.message = "running", ""
+        # inter-flossing (every floss_inter_every iterations, floss_inter_iters flossing iterations; fresh Adam and
+        # generator per episode): /floss/inter_<k>_iteration (E,) and /floss/inter_<k>_losses (E, floss_inter_iters)
+        self.inter_key = f"inter_{k}"
+        self.inter_its = [int(x) for x in run.floss.get(self.inter_key + "_iteration", []) if int(x) < start]
+        self.inter_losses = [list(x) for x in run.floss.get(self.inter_key + "_losses", [])][:len(self.inter_its)]
+        self.t0 = self.last_ck = time.monotonic()
 
-    def checkpoint(iteration: int) -> None:
-        rec.checkpoint = Checkpoint(iteration=iteration, wall_time=wall_before + time.monotonic() - t0,
-                                    weights=_weights_np(cell), optimizer=_optimizer_np(opt),
-                                    generators=_gen_states(gens))
+    def checkpoint(self, iteration: int) -> None:
+        rec = self.rec
+        rec.checkpoint = Checkpoint(iteration=iteration, wall_time=self.wall_before + time.monotonic() - self.t0,
+                                    weights=_weights_np(self.job.cell), optimizer=_optimizer_np(self.opt),
+                                    generators=_gen_states(self.gens))
         rec.wall_time = rec.checkpoint.wall_time
-        write_run(out, run)
+        write_run(self.job.out, self.job.run)
 
-    for i in range(start, c.iters):
-        if stop.event.is_set():
-            run.status = "interrupted"
-            run.message = f"interrupted at iteration {i} (lr {lr:g}); resume with --resume"
-            checkpoint(i)
-            raise KeyboardInterrupt(run.message)
+    def interrupt(self, i: int) -> str:
+        """Checkpoint at iteration ``i`` and mark the run interrupted; returns the message."""
+        run = self.job.run
+        run.status = "interrupted"
+        run.message = f"interrupted at iteration {i} (lr {self.lr:g}); resume with --resume"
+        self.checkpoint(i)
+        return run.message
+
+    def before(self, i: int) -> None:
+        """Inter-flossing before iteration ``i`` where the config asks for it."""
+        c, run = self.job.ctx.config, self.job.run
         if c.floss_inter_every and i > 0 and i % c.floss_inter_every == 0:
-            fl = _floss(ctx, cell, c.floss_inter_iters, _inter_floss_generator(c.seed, i))
-            inter_its.append(i)
-            inter_losses.append([float(x) for x in fl["losses"]])
-            run.floss[inter_key + "_iteration"] = np.asarray(inter_its, dtype=np.float64)
-            run.floss[inter_key + "_losses"] = np.asarray(inter_losses, dtype=np.float64)
-        batch = ctx.batch(c.batch, gens["batch"])
-        opt.zero_grad(set_to_none=True)
-        trial = rule.backward(batch, ctx.task)
+            fl = _floss(self.job.ctx, self.job.cell, c.floss_inter_iters, _inter_floss_generator(c.seed, i))
+            self.inter_its.append(i)
+            self.inter_losses.append([float(x) for x in fl["losses"]])
+            run.floss[self.inter_key + "_iteration"] = np.asarray(self.inter_its, dtype=np.float64)
+            run.floss[self.inter_key + "_losses"] = np.asarray(self.inter_losses, dtype=np.float64)
+
+    def after(self, i: int, trial, batch) -> bool:
+        """The rest of iteration ``i`` once the rule wrote ``.grad`` for ``trial`` on ``batch``: the optimizer
+        step, the divergence check, logging, progress and checkpoints. False when the run diverged (the file
+        is written; with a single learning rate the whole run is marked diverged)."""
+        job, rec, c, cell, opt = self.job, self.rec, self.job.ctx.config, self.job.cell, self.opt
+        run, lr = job.run, self.lr
         loss = float(trial.loss)
         if c.align_every and i % c.align_every == 0 and math.isfinite(loss):
-            _log_alignment(rec, i, cell, batch, ctx.task)
+            _log_alignment(rec, i, cell, batch, job.ctx.task)
         bad = None
         if not math.isfinite(loss):
             bad = f"the loss is {loss} at iteration {i}"
@@ -902,30 +947,48 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
                            f"checkpoint (iteration {last}); try a smaller learning rate")
             if len(run.runs) == 1:
                 run.status, run.message = "diverged", rec.message
-                write_run(out, run)
-                raise TrainingDiverged(rec.message)
-            write_run(out, run)
-            return
+            write_run(job.out, run)
+            return False
         rec.loss_per_iteration.append(loss)
         if i % c.log_every == 0 or i == c.iters - 1:
             rec.iteration.append(i)
             rec.loss.append(loss)
-            rec.accuracy.append(float(ctx.task.accuracy(trial.outputs, batch)))
+            rec.accuracy.append(float(job.ctx.task.accuracy(trial.outputs, batch)))
             rec.lr_curve.append(float(opt.param_groups[0]["lr"]))
-        notify(ProgressEvent("train", k, len(run.runs), lr, i + 1, c.iters, done_fn(run), total, loss))
+        job.notify(ProgressEvent("train", self.k, len(run.runs), lr, i + 1, c.iters, job.done(), job.total, loss))
         now = time.monotonic()
         if i + 1 < c.iters and ((i + 1) % c.checkpoint_every == 0
-                                or (c.checkpoint_seconds and now - last_ck >= c.checkpoint_seconds)):
-            checkpoint(i + 1)
-            last_ck = time.monotonic()
+                                or (c.checkpoint_seconds and now - self.last_ck >= c.checkpoint_seconds)):
+            self.checkpoint(i + 1)
+            self.last_ck = time.monotonic()
+        return True
 
-    rec.wall_time = wall_before + time.monotonic() - t0
-    rec.status = "complete"
-    rec.final = weights_from_cell(cell)
-    rec.checkpoint = None
-    rec.final_loss = _last_logged_mean(rec.loss)
-    rec.learning_time = learning_time(rec.loss_per_iteration)
-    write_run(out, run)
+    def complete(self) -> None:
+        rec = self.rec
+        rec.wall_time = self.wall_before + time.monotonic() - self.t0
+        rec.status = "complete"
+        rec.final = weights_from_cell(self.job.cell)
+        rec.checkpoint = None
+        rec.final_loss = _last_logged_mean(rec.loss)
+        rec.learning_time = learning_time(rec.loss_per_iteration)
+        write_run(self.job.out, self.job.run)
+
+
+def _train_one(job: _Job, k: int, lr: float, stop: _StopFlag) -> None:
+    c = job.ctx.config
+    lrun = _LrRun(job, k, lr)
+    for i in range(lrun.start, c.iters):
+        if stop.event.is_set():
+            raise KeyboardInterrupt(lrun.interrupt(i))
+        lrun.before(i)
+        batch = job.ctx.batch(c.batch, lrun.gens["batch"])
+        lrun.opt.zero_grad(set_to_none=True)
+        trial = lrun.rule.backward(batch, job.ctx.task)
+        if not lrun.after(i, trial, batch):
+            if len(job.run.runs) == 1:
+                raise TrainingDiverged(lrun.rec.message)
+            return
+    lrun.complete()
 
 
 def _log_alignment(rec, iteration: int, cell: RecurrentCell, batch, task) -> None:

@@ -32,7 +32,7 @@ from neuroinit.cells.base import PARAM_NAMES, LocalFactors, RecurrentCell, Trace
 from neuroinit.learning.base import LearningRule, Trial, accumulate_grads, feedback_matrix
 from neuroinit.tasks.base import Batch, Task
 
-__all__ = ["Traces", "init_traces", "trace_step", "OnlineState", "OnlineEprop"]
+__all__ = ["OnlineEprop", "OnlineState", "Traces", "accumulate_step", "init_traces", "trace_step"]
 
 
 class Traces(NamedTuple):
@@ -49,22 +49,25 @@ class Traces(NamedTuple):
     readout_bias: torch.Tensor
 
 
-def init_traces(spec: TraceSpec, batch_size: int, n_in: int, n_hidden: int, *, like: torch.Tensor) -> Traces:
-    z = lambda *shape: like.new_zeros(*shape)
+def init_traces(spec: TraceSpec, batch_size: int | tuple[int, ...], n_in: int, n_hidden: int, *,
+                like: torch.Tensor) -> Traces:
+    """Zero traces; ``batch_size`` may be a tuple of leading dimensions (an ensemble's ``(K, B)``)."""
+    lead = tuple(batch_size) if isinstance(batch_size, tuple) else (batch_size,)
+    z = lambda *shape: like.new_zeros((*lead, *shape))
     full = spec.elig_decay != 0.0
     return Traces(
-        pre_rec=z(batch_size, n_hidden), pre_in=z(batch_size, n_in), pre_bias=z(batch_size, 1),
-        elig_rec=z(batch_size, n_hidden, n_hidden) if full else None,
-        elig_in=z(batch_size, n_hidden, n_in) if full else None,
-        elig_bias=z(batch_size, n_hidden) if full else None,
-        readout=z(batch_size, n_hidden), readout_bias=z(batch_size, 1),
+        pre_rec=z(n_hidden), pre_in=z(n_in), pre_bias=z(1),
+        elig_rec=z(n_hidden, n_hidden) if full else None,
+        elig_in=z(n_hidden, n_in) if full else None,
+        elig_bias=z(n_hidden) if full else None,
+        readout=z(n_hidden), readout_bias=z(1),
     )
 
 
 def trace_step(spec: TraceSpec, tr: Traces, f: LocalFactors,
                quantise: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Traces:
     """Advance all traces by one step (module docstring). ``quantise(name, tensor)`` holds each stored trace
-    at a chip's precision (identity when None)."""
+    at a chip's precision (identity when None). Leading member dimensions (an ensemble's K) work too."""
     q = quantise or (lambda _name, x: x)
     pd, pg, ed, rd = spec
     pre_rec = q("pre_rec", pd * tr.pre_rec + pg * f.pre_rec)
@@ -73,12 +76,33 @@ def trace_step(spec: TraceSpec, tr: Traces, f: LocalFactors,
     elig_rec = elig_in = elig_bias = None
     if tr.elig_rec is not None:
         post = f.post
-        elig_rec = q("elig_rec", ed * tr.elig_rec + post[:, :, None] * pre_rec[:, None, :])
-        elig_in = q("elig_in", ed * tr.elig_in + post[:, :, None] * pre_in[:, None, :])
+        elig_rec = q("elig_rec", ed * tr.elig_rec + post[..., :, None] * pre_rec[..., None, :])
+        elig_in = q("elig_in", ed * tr.elig_in + post[..., :, None] * pre_in[..., None, :])
         elig_bias = q("elig_bias", ed * tr.elig_bias + post * pre_bias)
     readout = q("readout", rd * tr.readout + f.readout_in)
     readout_bias = q("readout_bias", rd * tr.readout_bias + 1.0)
     return Traces(pre_rec, pre_in, pre_bias, elig_rec, elig_in, elig_bias, readout, readout_bias)
+
+
+def accumulate_step(g: dict[str, torch.Tensor], err: torch.Tensor, feedback: torch.Tensor, f: LocalFactors,
+                    tr: Traces) -> None:
+    """Add one step's gradient (module docstring) to ``g`` in place: learning signal ``L = err B``
+    (``feedback`` is ``B``, (O, N): ``W_out`` for symmetric feedback), ``sum_b L_j post_j pre_i`` for the
+    factorised rule or ``sum_b L_j e_ji`` with full traces, and the readout's ``sum_b err_k readout_i``.
+    Works with leading member dimensions too (an ensemble: ``err`` (K, B, O), ``feedback`` (K, O, N), ``g``
+    (K, ...))."""
+    learning_signal = err @ feedback
+    if tr.elig_rec is None:
+        lp = learning_signal * f.post
+        g["w_rec"].add_(lp.mT @ tr.pre_rec)
+        g["w_in"].add_(lp.mT @ tr.pre_in)
+        g["bias"].add_((lp * tr.pre_bias).sum(-2))
+    else:
+        g["w_rec"].add_(torch.einsum("...bj,...bji->...ji", learning_signal, tr.elig_rec))
+        g["w_in"].add_(torch.einsum("...bj,...bji->...ji", learning_signal, tr.elig_in))
+        g["bias"].add_((learning_signal * tr.elig_bias).sum(-2))
+    g["w_out"].add_(err.mT @ tr.readout)
+    g["b_out"].add_((err * tr.readout_bias).sum(-2))
 
 
 class OnlineState(NamedTuple):
@@ -170,19 +194,7 @@ class OnlineEprop(LearningRule):
         f = self.cell.local_factors(p, st.cell, new, u)
         tr = trace_step(self.spec, st.traces, f, self.trace_quantiser)
         err = error(y)
-        learning_signal = err @ (p.w_out if self.feedback is None else self.feedback)
-        g = self._grads
-        if tr.elig_rec is None:
-            lp = learning_signal * f.post
-            g["w_rec"].addmm_(lp.T, tr.pre_rec)
-            g["w_in"].addmm_(lp.T, tr.pre_in)
-            g["bias"].add_((lp * tr.pre_bias).sum(0))
-        else:
-            g["w_rec"].add_(torch.einsum("bj,bji->ji", learning_signal, tr.elig_rec))
-            g["w_in"].add_(torch.einsum("bj,bji->ji", learning_signal, tr.elig_in))
-            g["bias"].add_((learning_signal * tr.elig_bias).sum(0))
-        g["w_out"].addmm_(err.T, tr.readout)
-        g["b_out"].add_((err * tr.readout_bias).sum(0))
+        accumulate_step(self._grads, err, p.w_out if self.feedback is None else self.feedback, f, tr)
         return y, OnlineState(new, tr)
 
     def flush(self) -> None:

@@ -37,9 +37,10 @@ class Batch(NamedTuple):
     mask: torch.Tensor
 
 
-def _mask_total(mask: torch.Tensor) -> torch.Tensor:
-    """``sum(mask)``, clamped away from 0 so an empty mask yields a zero loss rather than NaN."""
-    total = mask.sum()
+def _mask_total(mask: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``sum(mask)`` (over ``dim`` if given), clamped away from 0 so an empty mask yields a zero loss rather than
+    NaN."""
+    total = mask.sum() if dim is None else mask.sum(dim=dim)
     if total.is_floating_point():
         return total.clamp_min(torch.finfo(total.dtype).tiny)
     return total.clamp_min(1)
@@ -124,13 +125,18 @@ class Task(abc.ABC):
 
         Exactly the slice ``t`` of ``torch.autograd.grad(self.loss(y, batch), y)``:
         ``mask_tb (y_tb - y*_tb) / M`` for ``"mse"`` and ``mask_tb (softmax(y_tb) - onehot(label_tb)) / M`` for
-        ``"ce"``, with ``M = sum(batch.mask)`` over the whole batch.
+        ``"ce"``, with ``M = sum(batch.mask)`` over the whole batch. An ensemble's stacked batches (fields with a
+        member dimension after time: mask (T, K, B)) and outputs ``(K, B, n_out)`` give each member its own error.
         """
-        if y_t.dim() != 2 or y_t.shape[0] != batch.mask.shape[1]:
+        if y_t.dim() != batch.mask.dim() or tuple(y_t.shape[:-1]) != tuple(batch.mask.shape[1:]):
             raise ValueError(
-                f"Invalid y_t shape {tuple(y_t.shape)}: expected (B, n_out) with B = {batch.mask.shape[1]}"
+                f"Invalid y_t shape {tuple(y_t.shape)}: expected (B, n_out) with B = {batch.mask.shape[-1]}"
             )
-        scale = (batch.mask[t] / _mask_total(batch.mask)).to(y_t.dtype).unsqueeze(-1)
+        if batch.mask.dim() == 2:
+            total = _mask_total(batch.mask)
+        else:  # an ensemble's stacked batches: mask (T, K, B), one total per member
+            total = _mask_total(batch.mask, dim=(0, 2))[:, None]
+        scale = (batch.mask[t] / total).to(y_t.dtype).unsqueeze(-1)
         if self.loss_kind == "mse":
             return scale * (y_t - batch.targets[t])
         if self.loss_kind == "ce":
