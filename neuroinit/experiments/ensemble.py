@@ -218,8 +218,9 @@ def _autograd(rules, cells, view, sb, batches, task) -> list[Trial]:
     np_ = len(PARAM_NAMES)
     for k, c in enumerate(cells):
         g = grads[k * np_:(k + 1) * np_]
-        # contiguous: autograd hands back strided slices, and torch's fused Adam (the optimizer train uses) steps
-        # wrongly with a non-contiguous .grad (seen with torch 2.x on the CPU)
+        # contiguous: autograd hands back strided slices, and torch's fused Adam (the optimizer train uses; seen
+        # with torch 2.14 on the CPU) keeps its state in the strides of the first .grad and steps wrongly when a
+        # later .grad has other strides
         accumulate_grads(c, {n: x.contiguous() for n, x in zip(PARAM_NAMES, g) if x is not None})
     outputs = outputs.detach()
     return [Trial(loss.detach(), outputs[:, k]) for k, loss in enumerate(losses)]
