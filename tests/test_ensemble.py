@@ -161,6 +161,11 @@ def test_sweep_with_ensemble_writes_the_same_run_files(tmp_path):
                                  "seed": [0, 1], "lr": [3e-3]},
                                 {"task": "romo", "model": "lif", "rule": "eprop", "gain": 1.0, "seed": 0,
                                  "lr": [3e-3], "base": {"dt_ms": 10.0}}]})
+    from neuroinit.experiments.ensemble import ensemble_groups
+
+    groups = ensemble_groups(spec.runs, 3)   # rate bptt: 3 + 1, rate eprop: 3 + 1, the LIF run alone
+    assert sorted(len(g) for g in groups) == [1, 1, 1, 3, 3]
+    assert all(len(g) == 1 for g in groups if g[0].config.model == "lif")
     solo = run_sweep(spec, tmp_path / "solo", workers=0)
     ens = run_sweep(spec, tmp_path / "ens", workers=0, ensemble=3)
     assert solo.counts == ens.counts == {"complete": 9}

@@ -21,6 +21,7 @@ float32 rounding, not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,8 +48,8 @@ from neuroinit.learning.base import Trial, accumulate_grads
 from neuroinit.learning.online import OnlineEprop, accumulate_step, init_traces, trace_step
 from neuroinit.tasks.base import Batch
 
-__all__ = ["MEMBER_FIELDS", "SUPPORTED", "ensemble_backward", "ensemble_key", "ensemble_support",
-           "train_ensemble"]
+__all__ = ["MEMBER_FIELDS", "SUPPORTED", "ensemble_backward", "ensemble_groups", "ensemble_key",
+           "ensemble_support", "execute_ensemble", "train_ensemble"]
 
 MEMBER_FIELDS = ("seed", "gain", "lr")   # what may differ between the members of one ensemble
 SUPPORTED = "rate networks, rules bptt / eprop / eprop-autograd / rflo, the Romo task, profiles without " \
@@ -250,3 +251,87 @@ def _online(rules, cells, stacked, view, sb, batches, task) -> list[Trial]:
     for j, c in enumerate(cells):
         accumulate_grads(c, {n: g[j] for n, g in grads.items()})
     return [Trial(task.loss(outputs[:, j], b).detach(), outputs[:, j]) for j, b in enumerate(batches)]
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+def ensemble_groups(runs: Sequence, size: int) -> list[list]:
+    """Planned sweep runs (:class:`~neuroinit.experiments.sweep.PlannedRun`) in groups of at most ``size`` that
+    may train as one ensemble (equal :func:`ensemble_key`, each supported), in the order given; a run that cannot
+    join one is a group of its own (it trains alone)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"Invalid ensemble size {size!r}: an integer >= 0 (0 or 1: every run alone)")
+    groups: list[list] = []
+    open_: dict[str, list] = {}
+    for run in runs:
+        if size <= 1 or ensemble_support(run.config) is not None:
+            groups.append([run])
+            continue
+        key = ensemble_key(run.config)
+        group = open_.get(key)
+        if group is None or len(group) >= size:
+            group = open_[key] = []
+            groups.append(group)
+        group.append(run)
+    return groups
+
+
+def execute_ensemble(payload: dict) -> dict:
+    """Train an ensemble of planned sweep runs (what :func:`~neuroinit.experiments.sweep.execute_run` calls for
+    a payload with ``"ensemble"``: a list of run payloads). Returns ``{"run_id", "ensemble": [result per
+    member]}``, each result as ``execute_run``'s; never raises for failing runs."""
+    import platform
+    import shutil
+    import tempfile
+    import time
+    import traceback
+
+    from neuroinit.experiments import sweep as sw
+
+    t0 = time.monotonic()
+    members = payload["ensemble"]
+    results = [{"run_id": m.get("run_id", ""), "status": "failed", "error": "", "traceback": "", "summary": {},
+                "wall_time": 0.0, "host": platform.node(), "file_bytes": None} for m in members]
+    tmpdir = None
+    targets: list[Path] = []
+    shared: list[bool] = []
+    try:
+        if payload.get("threads"):
+            torch.set_num_threads(int(payload["threads"]))
+        configs = [TrainConfig.from_dict(m["config"]) for m in members]
+        todo = []
+        for j, m in enumerate(members):
+            path = Path(m["path"])
+            shared.append(sw._is_shared(path.parent.parent, m.get("token", "")))
+            if not shared[-1] and tmpdir is None:
+                tmpdir = Path(tempfile.mkdtemp(prefix="neuroinit-ensemble-"))
+            targets.append(path if shared[-1] else tmpdir / path.name)
+            state, _ = sw.run_state(targets[j], configs[j])
+            if state in ("corrupt", "mismatch"):
+                targets[j].unlink()
+            if state not in sw.FINISHED:
+                todo.append(j)
+        if todo:
+            train_ensemble([configs[j] for j in todo], [targets[j] for j in todo], resume=True)
+        for j, res in enumerate(results):
+            state, detail = sw.run_state(targets[j], configs[j])
+            res["status"] = state if state in sw.FINISHED else "failed"
+            res["error"] = "" if state == "complete" else detail or state
+            res["summary"] = sw._file_summary(targets[j])
+            if not shared[j]:
+                res["file_bytes"] = targets[j].read_bytes()
+    except Exception as e:  # noqa: BLE001  failing runs are recorded with their error; the sweep goes on
+        for j, res in enumerate(results):
+            with contextlib.suppress(Exception):   # members finished before the failure keep their result
+                if j < len(targets) and shared[j] and sw.run_state(targets[j], configs[j])[0] in sw.FINISHED:
+                    res["status"] = sw.run_state(targets[j], configs[j])[0]
+                    res["summary"] = sw._file_summary(targets[j])
+            if res["status"] == "failed":
+                res["error"] = f"in an ensemble: {sw._one_line(e)}"
+                res["traceback"] = "".join(traceback.format_exception(e)[-6:])[-4000:]
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        for res in results:
+            res["wall_time"] = time.monotonic() - t0
+    return {"run_id": payload.get("run_id", ""), "ensemble": results}

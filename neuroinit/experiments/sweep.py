@@ -555,6 +555,10 @@ def execute_run(payload: dict) -> dict:
     """
     import platform
 
+    if "ensemble" in payload:  # several runs trained as one batched model (neuroinit.experiments.ensemble)
+        from neuroinit.experiments.ensemble import execute_ensemble
+
+        return execute_ensemble(payload)
     t0 = time.monotonic()
     path = Path(payload["path"])
     result = {"run_id": payload.get("run_id", ""), "status": "failed", "error": "", "traceback": "",
@@ -757,20 +761,25 @@ def _record(run: PlannedRun) -> dict:
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, sweep_dir: str | os.PathLike, *, workers: int | None = None,
               scheduler=None, threads: int = 1, progress: Callable[[SweepEvent], None] | None = None,
-              on_start: Callable[[int, int], None] | None = None, connect_timeout: float = 30.0) -> SweepReport:
+              on_start: Callable[[int, int], None] | None = None, connect_timeout: float = 30.0,
+              ensemble: int = 0) -> SweepReport:
     """Run every planned run of ``spec`` not yet finished in ``sweep_dir`` (see the module docstring).
 
     ``workers``: local processes (default: the CPUs this process may use, divided by ``threads``; 0 runs in
     this process). ``scheduler``: a Dask scheduler address (``"tcp://host:port"``) or a ``distributed.Client``;
     then ``workers`` is ignored. ``threads``: torch intra-op threads per run. ``on_start(total, finished)`` is
     called once the finished runs are known; ``progress`` after each run. ``connect_timeout``: seconds to
-    wait for the Dask scheduler.
+    wait for the Dask scheduler. ``ensemble = K > 1``: compatible runs (same config up to seed, gain and learning
+    rate; rate networks, see :mod:`neuroinit.experiments.ensemble`) train K at a time as one batched model, each
+    into its own run file with the content it has when trained alone; the others train alone.
     """
     t0 = time.monotonic()
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise SweepError(f"Invalid threads {threads!r}: an integer >= 1")
+    if not isinstance(ensemble, int) or isinstance(ensemble, bool) or ensemble < 0:
+        raise SweepError(f"Invalid ensemble {ensemble!r}: an integer >= 0 (runs per batched model; 0 or 1: alone)")
     if workers is None:
         try:
             ncpu = len(os.sched_getaffinity(0))
@@ -827,7 +836,20 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, sweep_dir: str | os.PathLike,
         counts: Counter = Counter()
         by_id = {r.run_id: r for r in spec.runs}
 
+        from neuroinit.experiments.ensemble import ensemble_groups
+
+        groups = {g[0].run_id: g for g in ensemble_groups(pending, ensemble)}
+        heads = [by_id[h] for h in groups]
+
         def finish(run: PlannedRun, res: dict) -> None:
+            """Record a job's result: one run's, or an ensemble's (per member; an executor's failure of the
+            whole job applies to every member)."""
+            members = groups.get(run.run_id, [run])
+            for j, member in enumerate(members):
+                one = res["ensemble"][j] if "ensemble" in res else {**res, "run_id": member.run_id}
+                finish_one(member, one)
+
+        def finish_one(run: PlannedRun, res: dict) -> None:
             nonlocal done
             rec = records[run.run_id]
             if res.get("file_bytes") is not None:
@@ -850,22 +872,25 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, sweep_dir: str | os.PathLike,
             "dask" if scheduler is not None else f"local pool ({workers} workers)")
         payload = {r.run_id: {"run_id": r.run_id, "config": r.config.to_dict(), "path": str(root / r.file),
                               "token": token, "threads": threads} for r in pending}
+        for head, group in groups.items():
+            if len(group) > 1:
+                payload[head] = {"run_id": head, "threads": threads, "ensemble": [payload[r.run_id] for r in group]}
         try:
-            if not pending:
+            if not heads:
                 pass
             elif scheduler is not None:
-                executor = _run_dask(pending, payload, scheduler, finish, connect_timeout)
+                executor = _run_dask(heads, payload, scheduler, finish, connect_timeout)
             elif workers == 0:
                 import torch
 
                 old_threads = torch.get_num_threads()
                 try:
-                    for run in pending:
+                    for run in heads:
                         finish(run, execute_run({**payload[run.run_id], "threads": threads}))
                 finally:
                     torch.set_num_threads(old_threads)
             else:
-                _run_local(pending, payload, workers, threads, finish)
+                _run_local(heads, payload, workers, threads, finish)
         finally:
             _write_manifest(root, manifest)
     failed = [{"id": r, "run": by_id[r].describe(), "error": records[r]["error"]} for r in by_id
