@@ -1149,9 +1149,12 @@ def _gain_list(value: str | None) -> tuple[float, ...] | None:
 @click.option("--select", type=click.Choice(["final", "min", "learning-time"]), default="final", show_default=True,
               help="Summary: choose each condition's learning rate by the mean of the last 20 logged losses, the "
                    "lowest logged loss, or the learning time (loss stays below 5% of the initial).")
+@click.option("--ensemble", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+              help="Train up to K compatible runs (same config up to seed, gain, lr; rate networks) as one batched "
+                   "model, each into its own run file; 0: every run alone (docs/experiments.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report and summary as JSON; no progress bar.")
 @fail_cleanly
-def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, as_json) -> None:
+def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, ensemble, as_json) -> None:
     """Run the grid in SPEC (TOML: task x model x rule x gain x seed x learning rate x profile), one run file
     per run in OUT/runs; resumable (finished runs are skipped, checked by content); a summary table at the end
     with the best learning rate per condition."""
@@ -1190,7 +1193,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, as_js
 
     try:
         report = sw.run_sweep(plan, out_dir, workers=workers, scheduler=scheduler, threads=threads,
-                              progress=progress, on_start=on_start)
+                              progress=progress, on_start=on_start, ensemble=ensemble)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()

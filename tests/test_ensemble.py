@@ -190,3 +190,21 @@ def test_ensemble_on_cuda_equals_cpu(tmp_path, rule):
             np.testing.assert_allclose(a.weights["final"].params[n], b.weights["final"].params[n],
                                        rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(a.runs[0].loss, b.runs[0].loss, rtol=1e-8)
+
+
+def test_sweep_command_ensemble_option(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from neuroinit.cli import main
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "cli-ens"\n[base]\nhidden = 8\nbatch = 4\neval_batch = 8\niters = 3\nlyapunov = false\n'
+                    '[grid]\ntask = "romo"\nmodel = "rate"\nrule = "eprop"\ngain = [0.5, 1.0]\nseed = 0\nlr = [0.01]\n')
+    res = CliRunner().invoke(main, ["sweep", str(spec), "--out", str(tmp_path / "d"), "--workers", "0",
+                                    "--ensemble", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["report"]["counts"] == {"complete": 2}
+    bad = CliRunner().invoke(main, ["sweep", str(spec), "--ensemble", "-1"])
+    assert bad.exit_code != 0 and "--ensemble" in bad.output
