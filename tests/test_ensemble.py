@@ -177,6 +177,28 @@ def test_sweep_with_ensemble_writes_the_same_run_files(tmp_path):
     assert again.skipped == 9 and again.ran == 0
 
 
+def test_sweep_groups_only_runs_an_ensemble_speeds_up():
+    """Float32 e-prop on the CPU takes the fused native step alone (faster than the batched PyTorch step); BPTT
+    and float64 e-prop form ensembles; ensemble sizes 0 and 1 mean every run alone; a negative size is an error."""
+    from neuroinit.experiments.ensemble import ensemble_groups, runs_fused_alone
+    from neuroinit.experiments.sweep import SweepError, parse_spec, run_sweep
+    from neuroinit.learning import fused
+
+    spec = parse_spec({"name": "g", "base": {"hidden": 8, "iters": 2},
+                       "grid": [{"task": "romo", "model": "rate", "rule": ["bptt", "eprop"], "gain": [0.5, 1.5],
+                                 "seed": [0, 1], "profile": "ideal"}]})
+    f32 = {r.config.rule: [len(g) for g in ensemble_groups([x for x in spec.runs if x.config.rule == r.config.rule],
+                                                           8)] for r in spec.runs}
+    assert f32["bptt"] == [4]
+    assert f32["eprop"] == ([1, 1, 1, 1] if fused.available() else [4])
+    assert runs_fused_alone(spec.runs[-1].config) == fused.available()
+    f64 = [TrainConfig(**{**r.config.to_dict(), "dtype": "float64"}) for r in spec.runs if r.config.rule == "eprop"]
+    assert not any(runs_fused_alone(c) for c in f64)
+    assert all(len(g) == 1 for size in (0, 1) for g in ensemble_groups(spec.runs, size))
+    with pytest.raises(SweepError, match="Invalid ensemble -1"):
+        run_sweep(spec, "unused-dir", ensemble=-1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rule", ["bptt", "eprop"])
 def test_ensemble_on_cuda_equals_cpu(tmp_path, rule):

@@ -49,7 +49,7 @@ from neuroinit.learning.online import OnlineEprop, accumulate_step, init_traces,
 from neuroinit.tasks.base import Batch
 
 __all__ = ["MEMBER_FIELDS", "SUPPORTED", "ensemble_backward", "ensemble_groups", "ensemble_key",
-           "ensemble_support", "execute_ensemble", "train_ensemble"]
+           "ensemble_support", "execute_ensemble", "runs_fused_alone", "train_ensemble"]
 
 MEMBER_FIELDS = ("seed", "gain", "lr")   # what may differ between the members of one ensemble
 SUPPORTED = "rate networks, rules bptt / eprop / eprop-autograd / rflo, the Romo task, profiles without " \
@@ -255,16 +255,29 @@ def _online(rules, cells, stacked, view, sb, batches, task) -> list[Trial]:
 
 # ------------------------------------------------------------------------------------------ sweeps
 
+def runs_fused_alone(config: TrainConfig) -> bool:
+    """Whether ``config`` trained alone takes the fused native online step (:mod:`neuroinit.learning.fused`:
+    e-prop / RFLO, ``fast``, float32, CPU, a C compiler). On the CPU that step (one native call per trial) is
+    faster than the batched PyTorch step of an ensemble (``benchmarks/ensemble_speed.md``), so a sweep trains
+    such runs alone."""
+    if not (config.rule in ("eprop", "rflo") and config.fast and config.dtype == "float32"
+            and torch.device(config.device).type == "cpu"):
+        return False
+    from neuroinit.learning import fused
+
+    return fused.available()
+
+
 def ensemble_groups(runs: Sequence, size: int) -> list[list]:
     """Planned sweep runs (:class:`~neuroinit.experiments.sweep.PlannedRun`) in groups of at most ``size`` that
-    may train as one ensemble (equal :func:`ensemble_key`, each supported), in the order given; a run that cannot
-    join one is a group of its own (it trains alone)."""
+    may train as one ensemble (equal :func:`ensemble_key`, each supported, not :func:`runs_fused_alone`), in the
+    order given; a run that cannot join one is a group of its own (it trains alone)."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"Invalid ensemble size {size!r}: an integer >= 0 (0 or 1: every run alone)")
     groups: list[list] = []
     open_: dict[str, list] = {}
     for run in runs:
-        if size <= 1 or ensemble_support(run.config) is not None:
+        if size <= 1 or ensemble_support(run.config) is not None or runs_fused_alone(run.config):
             groups.append([run])
             continue
         key = ensemble_key(run.config)
