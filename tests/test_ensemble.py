@@ -230,3 +230,20 @@ def test_sweep_command_ensemble_option(tmp_path):
     assert json.loads(res.output[res.output.index("{"):])["report"]["counts"] == {"complete": 2}
     bad = CliRunner().invoke(main, ["sweep", str(spec), "--ensemble", "-1"])
     assert bad.exit_code != 0 and "--ensemble" in bad.output
+
+
+def test_sweep_ensemble_on_a_local_pool(tmp_path):
+    """An ensemble is one job for the local pool; every member's run file and ledger entry is complete."""
+    from neuroinit.experiments.sweep import parse_spec, read_manifest, run_sweep
+
+    spec = parse_spec({"name": "pool", "base": {**TINY, "iters": 3},
+                       "grid": [{"task": "romo", "model": "rate", "rule": "bptt", "gain": [0.5, 1.5], "seed": 0,
+                                 "lr": [3e-3]}]})
+    rep = run_sweep(spec, tmp_path / "d", workers=1, ensemble=2)
+    assert rep.counts == {"complete": 2} and rep.ran == 2
+    ledger = read_manifest(tmp_path / "d")["runs"]
+    assert sorted(r["status"] for r in ledger.values()) == ["complete", "complete"]
+    solo = run_sweep(spec, tmp_path / "s", workers=0)
+    assert solo.counts == {"complete": 2}
+    for r in spec.runs:
+        assert_same_run(tmp_path / "d" / r.file, tmp_path / "s" / r.file)
