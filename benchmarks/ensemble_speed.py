@@ -10,6 +10,7 @@ times the solo runs through the plain PyTorch step (``fast = false``), the step 
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/ensemble_speed.py          # ~3-5 CPU-minutes
     python benchmarks/ensemble_speed.py --iters 30 --rules eprop --json /tmp/e.json  # quick look
+    python benchmarks/ensemble_speed.py --device cuda --runs 64 --hidden 256 --json benchmarks/results/gpu-ensemble.json
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def configs(rule: str, runs: int, hidden: int, iters: int) -> list:
+def configs(rule: str, runs: int, hidden: int, iters: int, device: str = "cpu", dtype: str = "float32") -> list:
     from neuroinit.experiments.train import TrainConfig
 
     base = 0.05 / hidden
     grid = [(seed, gain, lr) for lr in (base, 2 * base) for gain in (0.5, 1.0, 1.5, 2.0) for seed in range(8)]
     return [TrainConfig(task="romo", model="rate", rule=rule, hidden=hidden, batch=32, iters=iters, gain=g, lr=lr,
-                        seed=s, dtype="float32", lyapunov=False, checkpoint_every=max(iters, 1))
+                        seed=s, dtype=dtype, device=device, lyapunov=False, checkpoint_every=max(iters, 1))
             for s, g, lr in grid[:runs]]
 
 
@@ -63,6 +64,8 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--rules", default="eprop,bptt")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU measurement issue 17 still needs)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--json", default=None, help="write the results here (default: print only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -71,12 +74,17 @@ def main() -> int:
 
     out = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-           "runs": args.runs, "hidden": args.hidden, "batch": 32, "iters": args.iters, "dtype": "float32",
+           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "runs": args.runs, "hidden": args.hidden, "batch": 32, "iters": args.iters, "dtype": args.dtype,
            "task": "romo", "command": " ".join([Path(sys.executable).name, *sys.argv]), "results": []}
     for rule in [r.strip() for r in args.rules.split(",") if r.strip()]:
-        cs = configs(rule, args.runs, args.hidden, args.iters)
+        cs = configs(rule, args.runs, args.hidden, args.iters, args.device, args.dtype)
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
+            # warm-up (lazy imports, the fused library's load, first-call allocations), not timed
+            warm = [dataclasses.replace(c, iters=2, eval_batch=8) for c in cs[:2]]
+            train(warm[0], d / "warm.h5")
+            train_ensemble(warm, [d / "warm0.h5", d / "warm1.h5"])
             t0 = time.perf_counter()
             for j, c in enumerate(cs):
                 train(c, d / f"solo{j}.h5")
