@@ -247,3 +247,21 @@ def test_sweep_ensemble_on_a_local_pool(tmp_path):
     assert solo.counts == {"complete": 2}
     for r in spec.runs:
         assert_same_run(tmp_path / "d" / r.file, tmp_path / "s" / r.file)
+
+
+@pytest.mark.parametrize("profile, rule", [("xylo-like", "bptt"), ("spinnaker2-like", "eprop")])
+def test_ensemble_on_quantised_profiles_equals_solo(tmp_path, profile, rule):
+    """Profiles without chip-precision traces: each member keeps its own weight grids (fake-quantised forward,
+    straight-through gradients) and its optimizer's projection onto them (nearest rounding off chip, the
+    chip's stochastic rounding on chip, from the member's own generator)."""
+    configs = _configs(rule, profile=profile)
+    assert ensemble_support(configs[0]) is None
+    solo = [tmp_path / f"solo{j}.h5" for j in range(3)]
+    ens = [tmp_path / f"ens{j}.h5" for j in range(3)]
+    for c, p in zip(configs, solo):
+        train(c, p)
+    train_ensemble(configs, ens)
+    for a, b in zip(ens, solo):
+        assert_same_run(a, b)
+        w = read_run(b).weights
+        assert not np.array_equal(w["initial"].params["w_rec"], w["final"].params["w_rec"])   # it learned
