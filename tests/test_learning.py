@@ -320,6 +320,48 @@ def _run_memory(rule: str) -> dict:
     return json.loads(res.stdout)
 
 
+class _NoTargetTask(Task):
+    name, n_in, n_out, loss_kind, dt_ms = "t", 4, 2, "mse", 1.0
+
+    def batch(self, b, *, generator, dtype=torch.float32, device="cpu"):
+        raise NotImplementedError
+
+    def accuracy(self, y, b):
+        return 0.0
+
+
+def _saved_bytes(rule, t_len: int) -> int:
+    """Bytes autograd keeps for a backward pass during one trial of length ``t_len`` (counted where tensors are
+    saved, not read from the machine: the same on every host and allocator)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    g = torch.Generator().manual_seed(t_len)
+    batch = Batch(torch.rand(t_len, 8, 4, generator=g), torch.zeros(t_len, 8, 2), torch.ones(t_len, 8))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rule.backward(batch, _NoTargetTask())
+    return total
+
+
+@pytest.mark.parametrize("fast", [False, "auto"])
+def test_online_rule_keeps_nothing_that_grows_with_sequence_length(fast):
+    """Machine-independent form of the memory check below: an online trial saves no tensors for a backward
+    pass through time (so its memory cannot grow with T); autograd e-prop, which keeps the graph, saves bytes
+    in proportion to T."""
+    p = float_init(4, 32, 2, 1.0, generator=torch.Generator().manual_seed(0))
+    cell = LIFRNN(p, dt=1.0, tau_m=20.0, tau_out=20.0)
+    online = OnlineEprop(cell, fast=fast)
+    assert _saved_bytes(online, 100) == _saved_bytes(online, 400) == 0
+    ref = AutogradEprop(cell)
+    short, long = _saved_bytes(ref, 100), _saved_bytes(ref, 400)
+    assert short > 0 and long > 3.5 * short
+
+
+@pytest.mark.bench
 def test_online_memory_does_not_grow_with_sequence_length():
     """Peak resident memory of a whole online trial (traces: 8 x 128 x 128 floats, 0.5 MB each) is the
     same for T = 100 and T = 1000; autograd e-prop, which keeps the graph, grows in the same harness."""

@@ -40,6 +40,8 @@ from neuroinit.io.runfile import (
     RunRecord,
     package_versions,
     read_run,
+    remove_stale_temps,
+    run_file_lock,
     weights_from_cell,
     write_run,
 )
@@ -651,17 +653,22 @@ def json_str(s: str) -> str:
 
 
 def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: bool = False,
-          progress: Callable[[ProgressEvent], None] | None = None) -> TrainResult:
+          start_if_missing: bool = False, progress: Callable[[ProgressEvent], None] | None = None) -> TrainResult:
     """Train as ``config`` says and write the run file ``out_path`` (see the module docstring).
 
     ``resume``: continue the run in ``out_path`` from its last checkpoint (it must have been made with the same
     config, up to ``checkpoint_every`` / ``checkpoint_seconds``); a complete run is returned as it is; a missing
-    file starts a new run. Without ``resume`` an existing file is an error unless ``overwrite``.
-    ``progress`` is called with a :class:`ProgressEvent` after every iteration.
+    file is an error unless ``start_if_missing`` (then a new run starts: what sweeps use). Without ``resume``
+    an existing file is an error unless ``overwrite``.
+    ``progress`` is called with a :class:`ProgressEvent` after every iteration (and with phase "resume", the
+    iteration it continues from, when a run resumes from a checkpoint).
+
+    One process writes a run file at a time (:func:`~neuroinit.io.runfile.run_file_lock`: a second one gets a
+    :class:`~neuroinit.io.runfile.RunFileLocked` error); temporary files a killed writer left are removed.
 
     Raises :class:`TrainingDiverged` when the loss or the weights become NaN / infinite (with a single learning
     rate; in a grid that rate is marked diverged and the others go on), ``KeyboardInterrupt`` after Ctrl-C /
-    SIGTERM (a checkpoint is written first), ``ValueError`` for bad input.
+    SIGTERM (a checkpoint is written first, the file reads "interrupted"), ``ValueError`` for bad input.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"Invalid config {type(config).__name__}: expected a TrainConfig")
@@ -670,6 +677,17 @@ def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: boo
         raise ValueError(f"Invalid out path {str(out)!r}: give a file name such as run.h5")
     if not out.parent.exists():
         raise ValueError(f"Invalid out path {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    if resume and not start_if_missing and not out.exists():
+        raise ValueError(f"Cannot resume {str(out)!r}: the file does not exist (check the path; "
+                         "--resume-or-start starts a new run when it is missing)")
+    # SIGINT / SIGTERM stop at an iteration boundary from here on (setup included), with the file written
+    with run_file_lock(out), _StopFlag() as stop:
+        remove_stale_temps(out)
+        return _train_locked(config, out, resume, overwrite, progress, stop)
+
+
+def _train_locked(config: TrainConfig, out: Path, resume: bool, overwrite: bool, progress, stop: _StopFlag
+                  ) -> TrainResult:
     started = time.monotonic()
     existing: RunFile | None = None
     if out.exists():
@@ -730,12 +748,11 @@ def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: boo
             run.status, run.message = "running", ""
     start_weights = run.weights.get("floss", run.weights["initial"]).params
 
-    with _StopFlag() as stop:
-        for k, lr in enumerate(lrs):
-            rec = run.runs[k]
-            if rec.status in ("complete", "diverged"):  # a diverged rate would diverge again: deterministic
-                continue
-            _train_one(ctx, run, k, lr, cell, start_weights, out, stop, notify, total, _done)
+    for k, lr in enumerate(lrs):
+        rec = run.runs[k]
+        if rec.status in ("complete", "diverged"):  # a diverged rate would diverge again: deterministic
+            continue
+        _train_one(ctx, run, k, lr, cell, start_weights, out, stop, notify, total, _done)
 
     complete = [k for k, r in enumerate(run.runs) if r.status == "complete"]
     if not complete:
@@ -785,6 +802,7 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
         opt.load_state_dict(_optimizer_from_np(ck.optimizer))
         _set_gen_states(gens, ck.generators, str(out))
         start, wall_before = ck.iteration, ck.wall_time
+        notify(ProgressEvent("resume", k, len(run.runs), lr, start, c.iters, done_fn(run), total, None))
     # Drop whatever was logged after the checkpoint (a kill or a divergence after it).
     rec.loss_per_iteration = rec.loss_per_iteration[:start]
     keep = sum(1 for it in rec.iteration if it < start)
@@ -804,14 +822,15 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
 
     for i in range(start, c.iters):
         if stop.event.is_set():
-            run.status = "interrupted"
-            run.message = f"interrupted at iteration {i} (lr {lr:g}); resume with --resume"
+            run.status = rec.status = "interrupted"
+            run.message = rec.message = f"interrupted at iteration {i} (lr {lr:g}); resume with --resume"
             checkpoint(i)
             raise KeyboardInterrupt(run.message)
         batch = ctx.batch(c.batch, gens["batch"])
         opt.zero_grad(set_to_none=True)
         trial = rule.backward(batch, ctx.task)
         loss = float(trial.loss)
+        run.summary["step_path"] = "fused-native" if getattr(rule, "uses_fast_path", False) else "torch"
         bad = None
         if not math.isfinite(loss):
             bad = f"the loss is {loss} at iteration {i}"
