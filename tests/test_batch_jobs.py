@@ -84,7 +84,7 @@ def _cli(tmp_path: Path, args: list[str], kill: str | None = None, **kw) -> subp
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.run([sys.executable, str(script), *args], stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
-                              env=env, cwd=tmp_path, timeout=300, **kw)
+                              env=env, cwd=tmp_path, timeout=300, check=False, **kw)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text())
 
 
@@ -344,7 +344,7 @@ def test_broken_pipe_ends_quietly(tmp_path):
     os.close(read_end)  # the reader is gone before the first line (`neuroinit show r.h5 | head -0`)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "neuroinit.cli", "show", str(out)], stdout=write_end,
-                          stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=120, check=False)
     os.close(write_end)
     assert proc.stderr == "" and proc.returncode == 141
 
@@ -387,9 +387,9 @@ def test_train_and_bench_say_once_that_the_native_step_is_missing_and_record_the
                                   "--no-lyapunov", "--dt-ms", "10", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     notes = [ln for ln in r.stderr.splitlines() if "native step" in ln]
-    assert notes == ["note: the fused native step is unavailable (CC='/nonexistent' is not an executable on PATH "
-                     "(unset CC to use cc, gcc or clang)); the PyTorch step runs instead (the same results to "
-                     "float32 rounding, up to ~30x slower for LIF)"]
+    assert notes == [("note: the fused native step is unavailable (CC='/nonexistent' is not an executable on PATH "
+                      "(unset CC to use cc, gcc or clang)); the PyTorch step runs instead (the same results to "
+                      "float32 rounding, up to ~30x slower for LIF)")]
     assert read_run(out).summary["step_path"] == "torch"
     b = CliRunner().invoke(main, ["bench", "--model", "lif", "--hidden", "6", "--batch", "1", "--steps", "3",
                                   "--repeats", "1", "--methods", "neuroinit-fused,neuroinit-torch", "--json", "-"])

@@ -41,7 +41,10 @@ def test_quick_bench_end_to_end_writes_the_schema(tmp_path):
                                     "--steps", "4", "--repeats", "2", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "roofline" in res.output and "snntorch-bptt" in res.output and "norse-bptt" in res.output
-    assert "gradient checks: 9/9 ok" in res.output
+    from neuroinit.learning import fused
+
+    # one check per (variant, method) that can run here: the fused step's three only with a C compiler
+    assert f"gradient checks: {9 if fused.available() else 6}/{9 if fused.available() else 6} ok" in res.output
     data = json.loads(out.read_text())
     assert data["schema_version"] == bench.SCHEMA_VERSION
     assert {"config", "environment", "calibration", "gradient_checks", "results", "memory_scaling",
@@ -52,8 +55,6 @@ def test_quick_bench_end_to_end_writes_the_schema(tmp_path):
     assert data["config"]["profile"] == "loihi-like" and data["config"]["quick"] is True
     rows = data["results"]
     assert all(set(r) == RESULT_KEYS for r in rows)
-    from neuroinit.learning import fused
-
     if not fused.available():  # no C compiler here: the fused rows say so and nothing is timed under their name
         assert "fused native step is unavailable" in res.output
         skipped = [r for r in rows if r["method"] == "neuroinit-fused"]
@@ -112,8 +113,10 @@ def test_every_timed_method_computes_its_reference_gradient():
     checks = bench.check_gradients()
     assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     covered = {(c["variant"], c["method"]) for c in checks}
+    from neuroinit.learning import fused
+
     for variant in bench.MODEL_VARIANTS:
-        for method in ("neuroinit-fused", "neuroinit-torch"):
+        for method in ("neuroinit-fused", "neuroinit-torch") if fused.available() else ("neuroinit-torch",):
             assert (variant, method) in covered
     for method in ("bptt", "snntorch-bptt", "norse-bptt"):
         assert ("lif", method) in covered
