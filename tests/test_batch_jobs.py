@@ -446,3 +446,36 @@ def test_same_seed_gives_identical_run_files(tmp_path):
     assert a.keys() == b.keys() and len(a) > 20
     assert any("weights/final" in k for k in a) and any("loss" in k for k in a)
     assert {k for k in a if a[k] != b[k]} == set()
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    """The same command with stderr on a pseudo-terminal draws a bar; redirected (the tests above) it does not."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "r.h5"
+    with open(tmp_path / "stdout.txt", "w") as fo:
+        proc = subprocess.Popen([sys.executable, "-m", "neuroinit.cli", "train", "--hidden", "8", "--iters", "30",
+                                 "--eval-batch", "8", "--no-lyapunov", "--out", str(out)], stdin=subprocess.DEVNULL,
+                                stdout=fo, stderr=slave, env=env)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        proc.wait(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0, seen.decode(errors="replace")
+    assert b"30/30" in seen and b"\r" in seen  # tqdm's bar, redrawn in place
+    assert (tmp_path / "stdout.txt").read_text().startswith(f"run file: {out} (complete)")
