@@ -479,3 +479,20 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
     assert proc.returncode == 0, seen.decode(errors="replace")
     assert b"30/30" in seen and b"\r" in seen  # tqdm's bar, redrawn in place
     assert (tmp_path / "stdout.txt").read_text().startswith(f"run file: {out} (complete)")
+
+
+def test_a_file_system_without_locks_writes_unguarded(tmp_path, monkeypatch):
+    """NFS mounted nolock answers flock with ENOLCK: the run is written (shared-directory sweeps keep working)."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run.h5"
+    with run_file_lock(out):
+        assert not lock_path(out).exists()
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"), run_file_lock(out):
+        pass

@@ -33,6 +33,7 @@ what is wrong, on one line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import math
@@ -674,6 +675,14 @@ def run_file_lock(path: str | os.PathLike, *, wait: float = 1.0) -> Iterator[Non
                 continue
             raise RunFileLocked(f"Run file {str(path)!r} is being written by another process "
                                 f"({holder or 'unknown'}); wait for it to finish or choose another --out") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            fd = -1  # a file system without locks (NFS mounted nolock): the file is written unguarded
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            break
         try:
             same = os.fstat(fd).st_ino == os.stat(target).st_ino
         except FileNotFoundError:
@@ -681,6 +690,9 @@ def run_file_lock(path: str | os.PathLike, *, wait: float = 1.0) -> Iterator[Non
         if same:
             break
         os.close(fd)  # locked a lock file its holder had just removed: lock the current one
+    if fd < 0:
+        yield
+        return
     try:
         info = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}"
         os.ftruncate(fd, 0)
