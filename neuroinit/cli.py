@@ -414,13 +414,18 @@ def _dyn_print_spectrum(res, title: str) -> None:
 @click.option("--floss-iters", type=click.IntRange(min=0), default=0, show_default=True,
               help="Floss the network this many iterations, then report the exponents again.")
 @click.option("--floss-mode", type=click.Choice(["local", "full", "detached"]), default="local", show_default=True)
-@click.option("--floss-k", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--floss-k", default="auto", show_default=True,
+              help="Exponents flossed: an integer 1..N, or auto = max(1, N // 8).")
 @click.option("--floss-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--floss-steps", type=click.IntRange(min=1), default=55, show_default=True,
+              help="Flossing window: steps over which each iteration's exponents are estimated.")
+@click.option("--floss-warmup", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Flossing transient before the window (re-orthonormalised, not differentiated).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (no progress bar).")
 @fail_cleanly
 def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, dt, tau_m, input_scale, profile, task,
                      k, batch, steps, warmup, qr_every, seed, dtype, floss_iters, floss_mode, floss_k, floss_lr,
-                     as_json) -> None:
+                     floss_steps, floss_warmup, as_json) -> None:
     """Top-K Lyapunov exponents (QR method; natural log, per step and per tau) of the network stored in RUN
     (--which initial|floss|final), or of a fresh init (--model --hidden --gain [--alpha --profile]), driven by
     task inputs as training feeds them (time step and input scale: the run's settings, or training's defaults).
@@ -508,15 +513,17 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
         _dyn_print_spectrum(before, "initial" if floss_iters else "exponents")
     if floss_iters:
         from neuroinit.dynamics import floss, task_inputs
-        from neuroinit.dynamics.flossing import DEFAULT_WARMUP
+        from neuroinit.dynamics.flossing import resolve_floss_k
 
-        if floss_k > cell.n_hidden:
-            raise ValueError(f"Invalid --floss-k {floss_k}: must be between 1 and N = {cell.n_hidden}")
-        floss_steps = 55
+        try:
+            floss_k = resolve_floss_k(floss_k if floss_k == "auto" else int(floss_k), cell.n_hidden)
+        except ValueError:
+            raise ValueError(f"Invalid --floss-k {floss_k}: allowed auto (max(1, N // 8)) or an integer between 1 "
+                             f"and N = {cell.n_hidden}") from None
         input_fn = None
         if task_obj is not None:
             def input_fn(g):
-                return scale * task_inputs(task_obj, batch=1, length=DEFAULT_WARMUP + floss_steps, generator=g,
+                return scale * task_inputs(task_obj, batch=1, length=floss_warmup + floss_steps, generator=g,
                                            dtype=cell.w_rec.dtype)
         bar = None
         if not as_json:
@@ -531,11 +538,13 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
                 bar.set_postfix_str(f"lambda_1 {exps[0]:+.4f}", refresh=False)
 
         fr = floss(cell, iters=floss_iters, k=floss_k, mode=floss_mode, lr=floss_lr, input_fn=input_fn,
-                   steps=floss_steps, generator=torch.Generator().manual_seed(seed + 2), callback=progress)
+                   steps=floss_steps, warmup=floss_warmup, generator=torch.Generator().manual_seed(seed + 2),
+                   callback=progress)
         if bar is not None:
             bar.close()
         after = _dyn_spectrum(cell, task_obj, **spec)
         out["floss"] = {"iters": floss_iters, "mode": floss_mode, "k": floss_k, "lr": floss_lr,
+                        "steps": floss_steps, "warmup": floss_warmup,
                         "losses": fr.losses, "exponents": fr.exponents}
         out["lyapunov_after_floss"] = after.summary()
         if not as_json:
@@ -590,6 +599,145 @@ def curvature_command(run, trials, max_iter, tol, as_json) -> None:
 # --- end dynamics ---
 
 
+# --- alignment ---
+def _str_list(value: str | None, name: str, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    vals = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in vals if v not in allowed]
+    if not vals or bad:
+        raise click.BadParameter(f"{value!r}: allowed a comma-separated list of {', '.join(allowed)}",
+                                 param_hint=f"--{name}")
+    return vals
+
+
+def _pairs(value: str | None) -> tuple[tuple[str, str], ...] | None:
+    from neuroinit.dynamics.alignment import ALIGN_RULES
+
+    if value is None:
+        return None
+    out = []
+    for item in (v.strip() for v in value.split(",") if v.strip()):
+        model, _, rule = item.partition(":")
+        if model not in ("rate", "lif") or rule not in ALIGN_RULES:
+            raise click.BadParameter(f"{item!r}: allowed MODEL:RULE with MODEL rate or lif and RULE "
+                                     f"{', '.join(ALIGN_RULES)}, e.g. rate:eprop,rate:rflo,lif:eprop",
+                                     param_hint="--pairs")
+        out.append((model, rule))
+    if not out:
+        raise click.BadParameter(f"{value!r}: e.g. rate:eprop,rate:rflo,lif:eprop", param_hint="--pairs")
+    return tuple(out)
+
+
+@main.command("alignment", cls=OneLineErrorsCommand)
+@click.argument("runs", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--which", type=click.Choice(["initial", "floss", "final"]), default=None,
+              help="Run files: which stored network [final].")
+@click.option("--model", default=None, help="Fresh init: models, comma-separated (rate, lif) [rate].")
+@click.option("--rule", default=None, help="Local rules, comma-separated (eprop, rflo, eprop-autograd) [fresh: "
+              "eprop; run files: the run's rule].")
+@click.option("--pairs", default=None, help="Fresh init: MODEL:RULE pairs instead of --model x --rule, e.g. "
+              "rate:eprop,rate:rflo,lif:eprop.")
+@click.option("--gain", "gains", default=None, help="Fresh init: gains, comma-separated, e.g. 0,0.5,1,2.")
+@click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True, help="Fresh init: N.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Fresh init: trials per batch (run files: the run's).")
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Batches per network (the mean over them is one network's value).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fresh init: networks per condition (seeds --seed, --seed + 1, ...).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Fresh init: first seed.")
+@click.option("--task", default="romo", show_default=True, help="Fresh init: romo, a neurogym id or alias.")
+@click.option("--profile", default="ideal", show_default=True, help="Fresh init: hardware profile.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Fresh rate init: alpha = dt / tau [training's default].")
+@click.option("--truncation", type=click.IntRange(min=1), default=None,
+              help="Compare with BPTT truncated every this many steps (1: one-step) [full BPTT].")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="Write the JSON document (docs/alignment.md) to this file, atomically.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document instead of the table.")
+@fail_cleanly
+def alignment_command(runs, which, model, rule, pairs, gains, hidden, batch, batches, seeds, seed, task, profile,
+                      alpha, truncation, dtype, out, as_json) -> None:
+    """Truncation error of local learning rules: cosine similarity and relative error between a local rule's
+    gradient (e-prop, RFLO, LIF e-prop) and the BPTT gradient, per weight matrix, averaged over batches and
+    seeds; for fresh inits (--pairs or --model x --rule, --gain list) or stored networks (RUNS)."""
+    from neuroinit.dynamics import alignment as al
+
+    bar = None
+    if not as_json:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="alignment", unit="net", file=sys.stderr, leave=False, disable=None)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    ctx = click.get_current_context()
+    src = click.core.ParameterSource.COMMANDLINE
+    try:
+        _alignment(ctx, src, al, runs, which, model, rule, pairs, gains, hidden, batch, batches, seeds, seed, task,
+                   profile, alpha, truncation, dtype, out, as_json, progress)
+    except click.BadParameter as e:  # raised while running: one line, no usage text
+        raise click.ClickException(e.format_message().splitlines()[0].replace("--gains", "--gain")) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _alignment(ctx, src, al, runs, which, model, rule, pairs, gains, hidden, batch, batches, seeds, seed, task,
+               profile, alpha, truncation, dtype, out, as_json, progress) -> None:
+    """The work of ``neuroinit alignment`` (options as there): the document, written and printed."""
+    if runs:
+        fresh_only = [f"--{n.replace('_', '-')}" for n in ("model", "pairs", "gains", "hidden", "batch", "seeds",
+                                                            "seed", "task", "profile", "alpha")
+                      if ctx.get_parameter_source(n) == src]
+        if fresh_only:
+            raise ValueError(f"Invalid options {', '.join(fresh_only).replace('--gains', '--gain')} with run "
+                             "files: they describe a fresh init; give RUNS or a fresh init, not both")
+        rules = _str_list(rule, "rule", al.ALIGN_RULES)
+        if rules is not None and len(rules) > 1:
+            raise ValueError("Invalid --rule with run files: give one local rule")
+        doc = al.runs_report(list(runs), which=which or "final", rule=rules[0] if rules else None,
+                             batches=batches, truncation=truncation, dtype=dtype, progress=progress)
+    else:
+        if which is not None:
+            raise ValueError("Invalid option --which without run files: it selects a stored network")
+        gain_list = _gain_list(gains)
+        if gain_list is None:
+            raise ValueError("Missing --gain: give run files, or a fresh init with --gain (e.g. 0,0.5,1,2)")
+        if pairs is not None and (model is not None or rule is not None):
+            raise ValueError("Invalid options: give --pairs or --model/--rule, not both")
+        if pairs is not None:
+            pair_list = _pairs(pairs)
+        else:
+            models = _str_list(model, "model", ("rate", "lif")) or ("rate",)
+            rules = _str_list(rule, "rule", al.ALIGN_RULES) or ("eprop",)
+            pair_list = tuple((m, r) for m in models for r in rules)
+        config = {"task": task, "hidden": hidden, "batch": batch, "profile": profile}
+        if alpha is not None:
+            if any(m != "rate" for m, _ in pair_list):
+                raise ValueError("Invalid --alpha for a LIF network: it sets the rate network's dt / tau")
+            from neuroinit.experiments.train import TrainConfig, resolve_settings
+
+            tau = resolve_settings(TrainConfig(task=task, model="rate", lyapunov_k=1))["tau_ms"]
+            config["dt_ms"] = alpha * tau
+        doc = al.fresh_report(pair_list, gain_list, list(range(seed, seed + seeds)), batches=batches,
+                              truncation=truncation, dtype=dtype, progress=progress, **config)
+    if out:
+        al.write_report(out, doc)
+    if as_json:
+        echo_json(doc)
+    else:
+        click.echo(al.format_table(doc))
+        if out:
+            click.echo(f"wrote {out}")
+# --- end alignment ---
+
+
 # --- train ---
 def _float_list(value: str | None) -> tuple[float, ...]:
     if value is None:
@@ -609,7 +757,8 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "optimizer", "seed", "device", "dtype", "form", "activation", "dt_ms", "tau_ms", "tau_m_ms",
                  "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "clamp_gain", "log_every",
                  "checkpoint_every", "checkpoint_seconds", "eval_batch", "lyapunov", "lyapunov_k", "floss_iters",
-                 "floss_k", "floss_mode", "floss_lr", "fast")
+                 "floss_k", "floss_mode", "floss_lr", "fast", "align_every", "floss_inter_every", "floss_inter_iters",
+                 "io_init", "chip_neuron", "tau_syn_ms")
 
 
 @main.command("train", cls=OneLineErrorsCommand)
@@ -641,6 +790,10 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
 @click.option("--v-th", type=float, default=1.0, show_default=True, help="LIF threshold.")
 @click.option("--reset", type=click.Choice(["subtract", "zero"]), default="subtract", show_default=True)
 @click.option("--n-refractory", type=int, default=0, show_default=True, help="LIF refractory steps.")
+@click.option("--chip-neuron", is_flag=True, help="LIF: train the profile's [neuron] model (xylo-like: synaptic "
+                                                  "current, v >= v_th, spike counts, its reset; docs/export.md).")
+@click.option("--tau-syn-ms", type=float, default=None, help="With --chip-neuron: synaptic current tau in ms "
+                                                             "[default dt / ln 2].")
 @click.option("--input-scale", type=float, default=None, help="Factor on the task inputs [default 1, LIF 2].")
 @click.option("--clamp-gain", is_flag=True, help="Clamp a gain the profile cannot realise instead of failing.")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Log loss and accuracy every N its.")
@@ -652,12 +805,23 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
               help="Lyapunov exponents of the initial and final network.")
 @click.option("--lyapunov-k", type=int, default=8, show_default=True, help="How many top exponents.")
 @click.option("--floss-iters", type=int, default=0, show_default=True, help="Pre-flossing iterations.")
-@click.option("--floss-k", type=int, default=1, show_default=True, help="Exponents flossed.")
+@click.option("--floss-k", default="auto", show_default=True,
+              help="Exponents flossed: an integer 1..N, or auto = max(1, N // 8) (stored resolved).")
 @click.option("--floss-mode", type=click.Choice(["local", "full", "detached"]), default="local",
               show_default=True)
 @click.option("--floss-lr", type=float, default=1e-3, show_default=True)
+@click.option("--floss-inter-every", type=int, default=0, show_default=True,
+              help="Inter-flossing: floss before every this many training iterations (0 = off).")
+@click.option("--floss-inter-iters", type=int, default=0, show_default=True,
+              help="Inter-flossing: flossing iterations per episode.")
+@click.option("--io-init", type=click.Choice(["schuessler", "pytorch"]), default="schuessler", show_default=True,
+              help="Input/readout init: Schuessler (normalised columns, readout O(1/N)) or PyTorch's nn.Linear "
+                   "default U(+-1/sqrt(fan_in)).")
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Online e-prop / RFLO through the fused native step where it gives the same results.")
+@click.option("--align-every", type=int, default=0, show_default=True,
+              help="Every K iterations store the cosine / relative error of the rule's gradient vs BPTT's on the "
+                   "current batch in the run file (local rules; 0 = off; see 'neuroinit alignment').")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Run file to write (HDF5).")
 @click.option("--resume", is_flag=True, help="Continue OUT from its last checkpoint (config from the file); "
               "OUT must exist.")
@@ -686,6 +850,12 @@ def train_command(out: str, resume: bool, resume_or_start: bool, overwrite: bool
     resume = resume or resume_or_start
 
     options["lr_grid"] = _float_list(options["lr_grid"])
+    if options["floss_k"] != "auto":
+        try:
+            options["floss_k"] = int(options["floss_k"])
+        except ValueError:
+            raise click.BadParameter(f"{options['floss_k']!r}: allowed auto or an integer 1..N",
+                                     param_hint="--floss-k") from None
     ctx = click.get_current_context()
     if resume and os.path.exists(out):
         from neuroinit.io.runfile import read_run
@@ -826,6 +996,9 @@ def show_command(run: str, as_json: bool) -> None:
                        f"per tau (top {res['k']})")
     if info["floss_iters"]:
         click.echo(f"pre-flossing: {info['floss_iters']} iterations ({c.get('floss_mode')}, k={c.get('floss_k')})")
+    if c.get("floss_inter_every"):
+        click.echo(f"inter-flossing: {c.get('floss_inter_iters')} iterations every {c.get('floss_inter_every')} "
+                   f"training iterations ({c.get('floss_mode')}, k={c.get('floss_k')})")
     click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(rf.versions.items()) if v))
 # --- end train ---
 
@@ -872,12 +1045,19 @@ def _export_cell(path: str, which: str):
 @main.command("export", cls=OneLineErrorsCommand)
 @click.argument("run_file", type=click.Path(dir_okay=False))
 @click.option("--profile", default=None, help="Profile to deploy on (bundled name or .toml path) [the run's].")
-@click.option("--format", "fmt", type=click.Choice(["nir", "netx", "h5"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["nir", "netx", "h5", "xylo"]), required=True,
               help="nir: NIR graph + conformance vectors; netx: lava-dl netx HDF5 (Loihi profiles); "
-                   "h5: neuroinit weights schema (any model; the export for rate networks).")
+                   "h5: neuroinit weights schema (any model; the export for rate networks); "
+                   "xylo: Xylo's integer specification (xylo-like profile; --verify runs xylosim).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically).")
-@click.option("--verify", is_flag=True, help="NIR only: re-simulate the file in snntorch and norse and in the "
-                                             "profile's integer emulation; exit 1 on any snntorch/norse mismatch.")
+@click.option("--verify", is_flag=True, help="NIR: re-simulate the file in snntorch, norse, rockpool (if "
+                                             "installed) and the profile's integer emulation on the task input "
+                                             "and a 0/1 raster; netx: run it in Lava (fixed point) when lava-dl or "
+                                             "$NEUROINIT_LAVA_PYTHON is there, else say skipped; exit 1 on any "
+                                             "mismatch.")
+@click.option("--nir-target", type=click.Choice(["generic", "stock"]), default="generic", show_default=True,
+              help="NIR only: generic (LI readout, r = tau/dt) or stock (the shape snntorch's import_from_nir "
+                   "and norse's from_nir read as they are; docs/export.md).")
 @click.option("--which", type=click.Choice(["final", "initial", "floss"]), default="final", show_default=True,
               help="Which stored weights to export.")
 @click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True,
@@ -885,8 +1065,8 @@ def _export_cell(path: str, which: str):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the task batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @fail_cleanly
-def export_command(run_file: str, profile: str | None, fmt: str, out: str, verify: bool, which: str, trials: int,
-                   seed: int, as_json: bool) -> None:
+def export_command(run_file: str, profile: str | None, fmt: str, out: str, verify: bool, nir_target: str,
+                   which: str, trials: int, seed: int, as_json: bool) -> None:
     """Quantise RUN_FILE's trained network onto a chip profile and write it as NIR, lava-dl netx or neuroinit
     HDF5; report the float-vs-chip task accuracy (integer emulation) and, with --verify, spike mismatches of
     snntorch, norse and the emulation against neuroinit's float simulation."""
@@ -895,8 +1075,9 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
     from neuroinit.profiles import load_profile
 
-    if verify and fmt != "nir":
-        raise click.ClickException(f"--verify checks NIR exports; allowed with --format nir (got --format {fmt})")
+    if verify and fmt == "h5":
+        raise click.ClickException("--verify checks NIR, netx and Xylo exports; allowed with --format nir or netx, "
+                                   "or xylo (got --format h5)")
     stages = ["load", "write", "accuracy"] + (["verify"] if verify else [])
     bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr, leave=False,
                disable=True if as_json else None)
@@ -914,15 +1095,24 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         if verify and cell.model == "lif":
             from neuroinit.io.verify import check_verifiable
 
-            check_verifiable(to_nir(cell, prof)[0])   # refuse before anything is written
-        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None)
-        report.update(conformance=str(ex.conformance), exact=ex.exact, warnings=list(ex.warnings),
-                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes)
+            check_verifiable(to_nir(cell, prof, target=nir_target)[0])   # refuse before anything is written
+        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None, target=nir_target)
+        report.update(nir_target=nir_target, conformance=str(ex.conformance), exact=ex.exact,
+                      warnings=list(ex.warnings),
+                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes,
+                      conformance_dropped_trials=ex.dropped_trials,
+                      v_threshold=float(ex.graph.nodes["lif"].v_threshold[0]))
     elif fmt == "netx":
         from neuroinit.io.netx import write_netx
 
-        nx = write_netx(out, cell, prof)
+        integer_inputs = batch is not None and bool(torch.equal(batch.inputs, batch.inputs.round()))
+        nx = write_netx(out, cell, prof, integer_inputs=integer_inputs)
         report.update(input_scale=nx.input_scale, a_in_unit=nx.a_in_unit, notes=list(nx.notes))
+    elif fmt == "xylo":
+        from neuroinit.io.xylo import export_xylo
+
+        xy = export_xylo(out, cell, prof, batch.inputs if batch is not None else None, verify=verify, seed=seed)
+        report.update(input_frac_bits=xy["input_frac_bits"], notes=xy["notes"])
     else:
         from neuroinit.io.nir import write_weights_h5
 
@@ -934,10 +1124,26 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
 
         # netx: the deployment the file describes (graded input at input_scale, bias in a_in units)
         dep_kw = {"input_frac_bits": nx.input_frac_bits, "bias_exp": 6} if fmt == "netx" else {}
+        if fmt == "xylo":   # the input counts the file describes
+            dep_kw = {"input_frac_bits": xy["input_frac_bits"]}
         report["accuracy"] = compare_on_task(cell, task, prof, batch=batch, generator=torch.Generator(), **dep_kw)
     bar.update(1)
     ok = True
-    if verify:
+    if verify and fmt == "xylo":
+        report["verify"], ok = xy["verify"], xy["ok"]
+    elif verify and fmt == "netx":
+        bar.set_postfix_str("verify")
+        from neuroinit.io.netx import find_lava_python, verify_netx
+
+        lava_python, why = find_lava_python()
+        if lava_python is None or batch is None or cell.model != "lif":
+            report["verify"] = {"skipped": why if lava_python is None else "no task batch to run"}
+        else:
+            report["verify"] = verify_netx(out, cell, batch.inputs, task=task, batch=batch, profile=prof,
+                                           integer_inputs=integer_inputs, python=lava_python)
+            ok = report["verify"]["ok"]
+        bar.update(1)
+    elif verify:
         bar.set_postfix_str("verify")
         from neuroinit.io.verify import verify_nir
 
@@ -952,7 +1158,8 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
         click.echo(f"wrote {out} ({fmt}, profile {prof.name}, {cell.model} network)")
         if "conformance" in report:
             click.echo(f"conformance vectors: {report['conformance']} ({report['conformance_trials']} trials x "
-                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes)")
+                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes; "
+                       f"{report['conformance_dropped_trials']} near-tie trials dropped)")
         for w in report.get("warnings", []) + report.get("notes", []):
             click.echo(f"warning: {w}")
         acc = report.get("accuracy")
@@ -961,12 +1168,28 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
                        f"({acc['accuracy_change']:+.3f}); loss {acc['float_loss']:.4g} -> {acc['chip_loss']:.4g} "
                        f"({acc['arithmetic']} arithmetic, {acc['spike_mismatches']} spike mismatches of "
                        f"{acc['spikes_float']} float spikes)")
-        if verify:
-            v = report["verify"]
-            click.echo(f"verify ({v['trials']} trials x {v['steps']} steps, {v['spikes_float']} spikes): "
-                       + ", ".join(f"{k} {n} mismatches" for k, n in v["mismatches"].items()))
+        v = report.get("verify", {})
+        if "skipped" in v:
+            click.echo(f"verify in Lava skipped: {v['skipped']}")
+        elif fmt == "xylo" and verify:
+            for name, b in v.items():   # a 0/1 raster and the task input, as Xylo's input counts
+                click.echo(f"verify xylosim, {name} input ({b['trials']} trials x {b['steps']} steps, "
+                           f"{b['spikes']} spikes): {b['spike_mismatches']} spike, {b['i_mismatches']} current, "
+                           f"{b['v_mismatches']} membrane, {b['v_out_mismatches']} readout mismatches")
+        elif fmt == "netx" and verify:
+            click.echo(f"verify in Lava ({v['trials']} trials x {v['steps']} steps, {v['spikes_lava']} spikes): "
+                       f"{v['spike_mismatches']} spike, {v['v_mismatches']} voltage, {v['readout_v_mismatches']} "
+                       f"readout mismatches vs the integer emulation"
+                       + (f"; accuracy Lava {v['lava_accuracy']:.3f}, emulation {v['emulation_accuracy']:.3f}"
+                          if "lava_accuracy" in v else ""))
+        elif verify:
+            for name, b in v["by_input"].items():   # the conformance (task) input and a 0/1 raster
+                click.echo(f"verify {name} ({b['trials']} trials x {b['steps']} steps, {b['spikes_float']} spikes): "
+                           + ", ".join(f"{k} {n} mismatches" for k, n in b["mismatches"].items()))
     if not ok:
-        raise click.ClickException("verification failed: snntorch or norse spikes differ from neuroinit's")
+        raise click.ClickException({"netx": "verification failed: Lava differs from the integer emulation",
+                                    "xylo": "verification failed: xylosim differs from the package's emulation"}
+                                   .get(fmt, "verification failed: an importer's spikes differ from neuroinit's"))
 # --- end export ---
 
 
@@ -995,9 +1218,12 @@ def _gain_list(value: str | None) -> tuple[float, ...] | None:
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
               help="Run on an existing Dask distributed cluster instead (see docs/experiments.md).")
 @click.option("--dry-run", is_flag=True, help="Validate the spec, list the runs and how many are finished; run none.")
+@click.option("--select", type=click.Choice(["final", "min", "learning-time"]), default="final", show_default=True,
+              help="Summary: choose each condition's learning rate by the mean of the last 20 logged losses, the "
+                   "lowest logged loss, or the learning time (loss stays below 5% of the initial).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report and summary as JSON; no progress bar.")
 @fail_cleanly
-def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> None:
+def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, as_json) -> None:
     """Run the grid in SPEC (TOML: task x model x rule x gain x seed x learning rate x profile), one run file
     per run in OUT/runs; resumable (finished runs are skipped, checked by content); a summary table at the end
     with the best learning rate per condition."""
@@ -1046,7 +1272,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
     finally:
         if bar is not None:
             bar.close()
-    rows = sw.summarize(sw.summaries_from_dir(out_dir, curves=False))
+    rows = sw.summarize(sw.summaries_from_dir(out_dir, curves=False), select=select)
     if as_json:
         echo_json({"report": report.to_dict(), "summary": rows})
     else:
@@ -1066,7 +1292,8 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
 @main.command("plot", cls=OneLineErrorsCommand)
 @click.argument("sweep_dir", type=click.Path())
 @click.option("--figure", type=click.Choice(["learning-curves", "lyapunov", "flossing", "rate-vs-spiking",
-                                             "curvature"]), required=True)
+                                             "curvature", "alignment"]), required=True,
+              help="alignment: SWEEP_DIR is a 'neuroinit alignment --out' JSON file.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Image file (.png/.pdf/.svg).")
 @click.option("--task", default=None, help="Only this task.")
 @click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Only this model.")
@@ -1077,11 +1304,15 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, as_json) -> N
               help="curvature: Hessian-vector products per network (power iteration).")
 @click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Learning curves as a trailing mean over this many logged losses (1: raw).")
+@click.option("--select", type=click.Choice(["final", "min", "learning-time"]), default="final", show_default=True,
+              help="Choose each condition's learning rate by the mean of the last 20 logged losses, the lowest "
+                   "logged loss, or the learning time (stated on the figure).")
 @click.option("--json", "as_json", is_flag=True, help="Print {figure, out, curves} as JSON.")
 @fail_cleanly
-def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, as_json) -> None:
+def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter, smooth, select, as_json) -> None:
     """Draw a figure from the runs of a sweep: learning curves by gain (Fig. 1/2), max Lyapunov exponent vs
-    gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule."""
+    gain before/after training (Fig. 3), flossing vs none (Fig. 4), rate vs spiking, curvature vs rule; or the
+    gradient alignment vs gain from an alignment JSON file (--figure alignment)."""
     from neuroinit.experiments.plots import plot_figure
 
     _check_out_dir(out)
@@ -1098,7 +1329,7 @@ def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter
 
     try:
         n = plot_figure(sweep_dir, figure, out, task=task, model=model, gains=_gain_list(gains), spec=spec_name,
-                        max_iter=max_iter, smooth=smooth, progress=progress)
+                        max_iter=max_iter, smooth=smooth, progress=progress, select=select)
     finally:
         if bar is not None:
             bar.close()

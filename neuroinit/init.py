@@ -6,6 +6,16 @@ Float initialisation (Schuessler et al. 2020, §Methods)::
     W_in[:, k]  = v_k * sqrt(N) / |v_k|,     v_k ~ N(0, I_N)         entries O(1)
     W_out[k, :] = w_k * sqrt(N) / |w_k| / N, w_k ~ N(0, I_N)         entries O(1/N)
 
+``io_init = "pytorch"`` draws the input and readout weights as PyTorch's ``nn.Linear`` default does
+(``kaiming_uniform_(a=sqrt(5))``, i.e. ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), which the paper (Liu et al. 2024)
+says it used::
+
+    W_in  ~ U(-1/sqrt(n_in), 1/sqrt(n_in))   (fan_in = n_in)     entries O(1) for few inputs
+    W_out ~ U(-1/sqrt(N), 1/sqrt(N))         (fan_in = N)        entries O(1/sqrt N): a larger readout
+
+``W_rec`` is drawn first and identically in both, so the same seed gives the same recurrent weights; the biases
+stay zero in both (ours: the network's bias is not a Linear layer's). ``"schuessler"`` is the default.
+
 Then every chip-resident matrix is moved onto the profile's integer grid (:mod:`neuroinit.quantize`) with one
 scale per matrix and, for LIF, a threshold that fits the same membrane unit. :func:`gain_interval` gives the
 gains a profile can realise at a given N: below it the finest grid step is too coarse (most weights round to
@@ -24,15 +34,21 @@ from neuroinit.cells.base import QUANTISED_PARAMS, CellParams, chip_grids
 from neuroinit.profiles import HardwareProfile, load_profile
 from neuroinit.quantize import Grid, choose_grid, quantize
 
-__all__ = ["float_init", "gain_interval", "realised_gain_ratio", "check_fits", "InitReport", "hardware_init"]
+IO_INITS = ("schuessler", "pytorch")   # input / readout initialisation (module docstring)
+
+__all__ = ["IO_INITS", "InitReport", "check_fits", "float_init", "gain_interval", "hardware_init",
+           "realised_gain_ratio"]
 
 
 def float_init(n_in: int, n_hidden: int, n_out: int, gain: float, *, generator: torch.Generator,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               scale: float = 1.0) -> CellParams:
+               scale: float = 1.0, io_init: str = "schuessler") -> CellParams:
     """Schuessler et al.'s gain-scaled initialisation (module docstring); ``scale`` multiplies the input and
-    recurrent weights (the threshold for LIF networks). Draws happen in float64 on the CPU, then are cast, so
-    the same generator gives the same network for every dtype and device."""
+    recurrent weights (the threshold for LIF networks). ``io_init``: ``"schuessler"`` (normalised columns) or
+    ``"pytorch"`` (``nn.Linear``'s uniform default) for ``W_in`` and ``W_out``. Draws happen in float64 on the CPU,
+    then are cast, so the same generator gives the same network for every dtype and device."""
+    if io_init not in IO_INITS:
+        raise ValueError(f"Invalid io_init {io_init!r}: allowed {', '.join(IO_INITS)}")
     for name, val in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
         if not (isinstance(val, int) and val >= 1):
             raise ValueError(f"Invalid {name} {val!r}: must be an integer >= 1")
@@ -41,10 +57,14 @@ def float_init(n_in: int, n_hidden: int, n_out: int, gain: float, *, generator: 
     n = n_hidden
     f64 = torch.float64
     w_rec = gain * torch.randn(n, n, generator=generator, dtype=f64) / math.sqrt(n)
-    v = torch.randn(n, n_in, generator=generator, dtype=f64)
-    w_in = v * math.sqrt(n) / v.norm(dim=0, keepdim=True)
-    w = torch.randn(n_out, n, generator=generator, dtype=f64)
-    w_out = w * math.sqrt(n) / w.norm(dim=1, keepdim=True) / n
+    if io_init == "schuessler":
+        v = torch.randn(n, n_in, generator=generator, dtype=f64)
+        w_in = v * math.sqrt(n) / v.norm(dim=0, keepdim=True)
+        w = torch.randn(n_out, n, generator=generator, dtype=f64)
+        w_out = w * math.sqrt(n) / w.norm(dim=1, keepdim=True) / n
+    else:  # PyTorch nn.Linear: U(-b, b), b = 1 / sqrt(fan_in)
+        w_in = (2 * torch.rand(n, n_in, generator=generator, dtype=f64) - 1) / math.sqrt(n_in)
+        w_out = (2 * torch.rand(n_out, n, generator=generator, dtype=f64) - 1) / math.sqrt(n)
     p = CellParams(w_in * scale, w_rec * scale, torch.zeros(n, dtype=f64), w_out, torch.zeros(n_out, dtype=f64))
     return CellParams(*(t.to(dtype=dtype, device=device) for t in p))
 
@@ -207,12 +227,13 @@ def hardware_init(model: str, n_in: int, n_hidden: int, n_out: int, gain: float,
                   profile: HardwareProfile | str = "ideal", *, generator: torch.Generator,
                   rounding: str = "nearest", out_of_range: str = "error", v_th: float = 1.0,
                   remove_autapses: bool = True, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> tuple[CellParams, InitReport]:
+                  device: str | torch.device = "cpu", io_init: str = "schuessler") -> tuple[CellParams, InitReport]:
     """Float init (:func:`float_init`), autapses removed, moved onto ``profile``'s grid; returns the params
     (float tensors holding grid values) and an :class:`InitReport`.
 
     ``out_of_range``: ``"error"`` refuses a gain outside :func:`gain_interval`, ``"clamp"`` clamps it.
     ``rounding``: ``"nearest"`` or ``"stochastic"`` (the latter draws from ``generator``).
+    ``io_init``: how ``W_in`` and ``W_out`` are drawn (:data:`IO_INITS`, module docstring).
     """
     if model not in ("rate", "lif"):
         raise ValueError(f"Invalid model {model!r}: allowed 'rate', 'lif'")
@@ -237,7 +258,8 @@ def hardware_init(model: str, n_in: int, n_hidden: int, n_out: int, gain: float,
                                  f"realisable gains are [{lo:.4g}, {hi:.4g}] (realised within 2%); "
                                  "choose one inside or clamp it (--clamp-gain)")
             used = min(max(gain, lo), hi)
-    p = float_init(n_in, n_hidden, n_out, used, generator=generator, dtype=torch.float64, scale=scale)
+    p = float_init(n_in, n_hidden, n_out, used, generator=generator, dtype=torch.float64, scale=scale,
+                   io_init=io_init)
     if remove_autapses:
         p.w_rec.fill_diagonal_(0.0)
     grids = chip_grids(p, profile, threshold=threshold)

@@ -13,6 +13,8 @@ Sections (``learning`` is optional, the others are required)::
     [threshold] bits, shift
     [limits]    max_neurons, max_fan_in, max_inputs, max_outputs      (0 = no limit)
     [learning]  on_chip, trace_bits, weight_update, weight_bits
+    [neuron]    synapse, decay_rounding, threshold_compare, reset, max_spikes, saturation, input, input_cap,
+                readout, schedule                                     (optional; defaults: the generic integer LIF)
 
 ``bits = 0`` means float (no quantisation). The ``ideal`` profile is float everywhere and must make every
 quantised code path equal the float path exactly.
@@ -28,8 +30,19 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ProfileError", "WeightSpec", "StateSpec", "DecaySpec", "ThresholdSpec", "LimitsSpec", "LearningSpec",
-    "HardwareProfile", "load_profile", "bundled_profile_names", "profile_from_dict", "profile_to_dict",
+    "DecaySpec",
+    "HardwareProfile",
+    "LearningSpec",
+    "LimitsSpec",
+    "NeuronSpec",
+    "ProfileError",
+    "StateSpec",
+    "ThresholdSpec",
+    "WeightSpec",
+    "bundled_profile_names",
+    "load_profile",
+    "profile_from_dict",
+    "profile_to_dict",
 ]
 
 
@@ -128,11 +141,49 @@ class LearningSpec:
     weight_bits: int = field(default=0, metadata=_int_range(0, 32))
 
 
+@dataclass(frozen=True)
+class NeuronSpec:
+    """The chip's neuron arithmetic, stated as rules the integer emulator composes
+    (:mod:`neuroinit.emulate.integer`); the defaults are the generic integer LIF.
+
+    ``synapse``: ``none`` (input added to the membrane) or ``current`` (a synaptic current state with its own
+    decay code: ``I += input; I -= decay(I); V = V - decay(V) + I + b``, Xylo).
+    ``decay_rounding``: how ``decay(x)`` rounds: ``toward-zero`` (``sign(x) (|x| f) >> B``, Lava),
+    ``floor`` (arithmetic shift ``x >> dash``), ``floor-min-one`` (``x >> dash``, but at least 1 toward zero
+    for x != 0: a small positive state still decays, xylosim ``decay``).
+    ``threshold_compare``: spike when ``V > theta`` or ``V >= theta``.
+    ``reset``: ``as-trained`` (the cell's reset, applied on the next step as in neuroinit), ``zero`` or
+    ``subtract`` (applied at once after spiking, as the chip does: xylosim, Lava).
+    ``max_spikes``: spikes one neuron may emit per step (1: binary; Xylo: min(floor(V/theta), 31), subtracting
+    n theta, the recurrent input multiplied by the count).
+    ``saturation``: ``state`` (the new membrane clips once) or ``every-add`` (every synaptic add into ``I``,
+    the membrane change and the membrane clip, xylosim ``safe_add``).
+    ``input``: ``graded`` (real inputs sent as ``round(u 2^f)``) or ``counts`` (integer spike counts per step,
+    clipped at ``input_cap``; 0 = no cap).
+    ``readout``: ``host`` (the leaky readout in float64 on the host from the chip's spikes) or ``chip-lif``
+    (integer output neurons with the hidden neurons' rules, one spike per step at most; the output is their
+    membrane).
+    ``schedule``: ``same-step`` (input of step t acts at step t) or ``dense-delay`` (Lava's Dense sends at step t
+    what it accumulated at t-1, and the emulator primes one step: Lava's u, v and 12-bit linear decay).
+    """
+
+    synapse: str = field(default="none", metadata=_choice("none", "current"))
+    decay_rounding: str = field(default="floor", metadata=_choice("toward-zero", "floor", "floor-min-one"))
+    threshold_compare: str = field(default=">", metadata=_choice(">", ">="))
+    reset: str = field(default="as-trained", metadata=_choice("as-trained", "zero", "subtract"))
+    max_spikes: int = field(default=1, metadata=_int_range(1, 255))
+    saturation: str = field(default="state", metadata=_choice("state", "every-add"))
+    input: str = field(default="graded", metadata=_choice("graded", "counts"))
+    input_cap: int = field(default=0, metadata=_int_range(0, 2**16))
+    readout: str = field(default="host", metadata=_choice("host", "chip-lif"))
+    schedule: str = field(default="same-step", metadata=_choice("same-step", "dense-delay"))
+
+
 _SECTIONS: dict[str, type] = {
     "weights": WeightSpec, "state": StateSpec, "decay": DecaySpec, "threshold": ThresholdSpec,
-    "limits": LimitsSpec, "learning": LearningSpec,
+    "limits": LimitsSpec, "learning": LearningSpec, "neuron": NeuronSpec,
 }
-_OPTIONAL_SECTIONS = {"learning"}
+_OPTIONAL_SECTIONS = {"learning", "neuron"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +198,7 @@ class HardwareProfile:
     threshold: ThresholdSpec
     limits: LimitsSpec
     learning: LearningSpec | None = None
+    neuron: NeuronSpec = field(default_factory=NeuronSpec)
     # Where the profile came from and its TOML text verbatim (for run files). Neither is part of the profile's
     # content: two profiles with the same values compare equal wherever they were read from.
     source: str = dataclasses.field(default="", compare=False)
@@ -300,6 +352,19 @@ def profile_from_dict(data: dict, *, where: str = "<dict>", text: str = "") -> H
     if (d.kind == "float") != (d.bits == 0):
         raise ProfileError(f"{where}: key 'decay.bits' = {d.bits} does not fit decay.kind = {d.kind!r}; "
                            "allowed: bits = 0 exactly when kind = 'float'")
+    nrn = sections.get("neuron")
+    if nrn is not None:
+        if nrn.schedule == "dense-delay" and (d.kind != "linear" or d.bits != 12 or sections["threshold"].shift != 6
+                                              or nrn.synapse != "none" or nrn.max_spikes != 1):
+            raise ProfileError(f"{where}: key 'neuron.schedule' = 'dense-delay' (Lava's LIF) needs decay.kind = "
+                               "'linear', decay.bits = 12, threshold.shift = 6, neuron.synapse = 'none' and "
+                               "neuron.max_spikes = 1; allowed otherwise: 'same-step'")
+        if nrn.readout == "chip-lif" and d.kind == "float":
+            raise ProfileError(f"{where}: key 'neuron.readout' = 'chip-lif' needs an integer decay (decay.kind "
+                               "'shift' or 'linear'), got 'float'; allowed: 'host'")
+        if nrn.synapse == "current" and d.kind != "shift":
+            raise ProfileError(f"{where}: key 'neuron.synapse' = 'current' needs decay.kind = 'shift' (the emulator "
+                               f"decays the current by a bit shift), got {d.kind!r}; allowed: 'none'")
     return HardwareProfile(name=data["name"], description=data["description"], source=where, text=text,
                            **sections)
 

@@ -161,8 +161,16 @@ def test_float_profiles_emulate_the_float_network_exactly(profile):
     assert z.sum() > 0
 
 
+def _generic(name: str):
+    """The profile with an empty [neuron] section: the generic integer LIF (input into v, floor shift decay,
+    v > theta, the trained reset on the next step, one spike, one clip per step)."""
+    base = profile_to_dict(load_profile(name))
+    base["neuron"] = {}
+    return profile_from_dict(base, where=f"<generic {name}>")
+
+
 def test_fixed_step_shift_decay_saturation_and_compare():
-    xylo = deploy(_cell("xylo-like", n=8, gain=0.5))
+    xylo = deploy(_cell(_generic("xylo-like"), n=8, gain=0.5))
     assert xylo.decay_kind == "shift" and xylo.decay == round(math.log2(1 / (1 - math.exp(-1 / 20))))
     d = xylo.decay
     v = np.array([[1000, -1000, 3]], np.int64)
@@ -186,6 +194,29 @@ def test_fixed_step_shift_decay_saturation_and_compare():
     dep2 = dataclasses.replace(reckon, bias=np.zeros(1, np.int64), decay=0)
     _, s = fixed_lif_step(at, np.zeros_like(at, bool), np.array([[0]]), dep2)
     assert s.all()   # ReckOn fires at v >= theta
+    # Xylo's own rules (xylo-like's [neuron]): a small positive v still decays by 1, v >= theta fires
+    # floor(v / theta) spikes at once and subtracts them
+    xy = deploy(_cell("xylo-like", n=8, gain=0.5, reset="subtract"))
+    xy1 = dataclasses.replace(xy, bias=np.zeros(1, np.int64))
+    th = xy.threshold
+    new, n = fixed_lif_step(np.array([[3]], np.int64), np.zeros((1, 1), bool), np.array([[0]]), xy1)
+    assert new.tolist() == [[2]] and n.tolist() == [[0]]
+    assert xy.syn_decay == 1   # the untrained cell has no current: the chip's fastest, I halves every step
+    new, n = fixed_lif_step(np.array([[0]], np.int64), np.zeros((1, 1), bool), np.array([[6 * th]]), xy1)
+    assert n.tolist() == [[3]] and new.tolist() == [[0]]
+
+
+@pytest.mark.parametrize("profile", ["reckon-like", "xylo-like"])
+def test_fixed_integer_inputs_are_exact_for_any_input_frac_bits(profile):
+    """Spike counts (0/1 here) reach the chip exactly whatever the graded-input precision: the summed input is
+    shifted, not each weight (a right-shifted int8 weight would vanish)."""
+    cell = _cell(profile, n_in=2, n=16, gain=1.0, bias=0.02, reset="subtract")
+    x = _spikes(60, 3, 2, rate=0.5)
+    ref = emulate(deploy(cell, input_frac_bits=0), x)
+    for f in (3, 8):
+        em = emulate(deploy(cell, input_frac_bits=f), x)
+        assert torch.equal(em.spikes, ref.spikes) and torch.equal(em.v, ref.v)
+    assert ref.spikes.sum() > 20
 
 
 def test_fixed_emulation_runs_and_wraps_when_asked():

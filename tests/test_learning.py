@@ -369,3 +369,37 @@ def test_online_memory_does_not_grow_with_sequence_length():
     assert online["1000"] <= 1.1 * online["100"] + (1 << 20), online
     ref = _run_memory("autograd")
     assert ref["1000"] > 5 * ref["100"] and ref["1000"] > online["1000"] + (20 << 20), ref
+
+
+@pytest.mark.parametrize("feedback", ["symmetric", "random"])
+@pytest.mark.parametrize("reset,max_spikes", [("subtract", 1), ("zero", 1), ("subtract", 31), ("zero", 31)])
+def test_online_eprop_equals_autograd_eprop_with_xylo_neuron_options(feedback, reset, max_spikes):
+    """The chip neuron options (Xylo's synaptic current, v >= v_th, spike counts up to 31 per step, a
+    subtracted threshold that leaks): online e-prop, whose presynaptic traces filter the synaptically filtered
+    spike counts, equals autograd e-prop."""
+    p = _params()
+    lif_p = p._replace(w_in=1.6 * p.w_in, w_rec=1.0 * p.w_rec)
+    cell = LIFRNN(lif_p, dt=1.0, tau_m=10.0, tau_out=5.0, reset=reset, tau_syn=3.0, threshold_compare=">=",
+                  max_spikes=max_spikes, reset_leaks=reset == "subtract")
+    task = ToyTask()
+    batch = task.batch(4, generator=torch.Generator().manual_seed(1))
+    ref_trial, ref = _grads(cell, AutogradEprop(cell, feedback=feedback,
+                                                generator=torch.Generator().manual_seed(7)), batch, task)
+    trial, online = _grads(cell, OnlineEprop(cell, feedback=feedback,
+                                             generator=torch.Generator().manual_seed(7)), batch, task)
+    assert _max_diff(ref, online) < 1e-10
+    assert float(ref_trial.loss) == float(trial.loss)
+    assert all(float(ref[n].abs().max()) > 1e-4 for n in ("w_rec", "w_in", "w_out"))
+    assert cell_spike_count(cell, batch) > 10
+    if max_spikes > 1:   # several spikes in one step must occur in this very batch for the test to mean much
+        state, top = cell.init_state(batch.inputs.shape[1]), 0.0
+        with torch.no_grad():
+            for u in batch.inputs:
+                _, state = cell.step(cell.params(), state, u)
+                top = max(top, float(state.z.max()))
+        assert top > 1
+    # the option changes the network: the plain LIF on the same weights computes something else
+    plain = LIFRNN(lif_p, dt=1.0, tau_m=10.0, tau_out=5.0, reset=reset)
+    _, plain_grads = _grads(plain, AutogradEprop(plain, feedback=feedback,
+                                                 generator=torch.Generator().manual_seed(7)), batch, task)
+    assert _max_diff(ref, plain_grads) > 1e-6

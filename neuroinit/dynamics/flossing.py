@@ -7,8 +7,8 @@ Loss per iteration: ``mean_i (lambda_i - target)^2`` over the top ``k`` exponent
 fresh input sequence each iteration.
 
 Modes (how the paper's local flossing is done is not public; ours). Measured with ``neuroinit lyapunov --model rate
---hidden 256 --gain 0.5 --alpha 0.5 --floss-iters 100 --floss-mode MODE --seed S`` (Romo inputs, k = 1, lr 1e-3;
-top exponent per step over 10 x 500 steps, before -0.28 .. -0.31):
+--hidden 256 --gain 0.5 --alpha 0.5 --floss-iters 100 --floss-mode MODE --floss-k 1 --seed S`` (Romo inputs,
+k = 1, lr 1e-3; top exponent per step over 10 x 500 steps, before -0.28 .. -0.31):
 
 * ``"full"``: autograd through everything, the state trajectory included: ``D_t`` depends on the parameters
   explicitly and through the states ``x_{t-1}`` it is evaluated at (which depend on ``W_in``, ``W_rec``, bias
@@ -54,11 +54,31 @@ from torch import Tensor
 from neuroinit.cells.base import RecurrentCell
 from neuroinit.dynamics.lyapunov import lyapunov_spectrum
 
-__all__ = ["DEFAULT_WARMUP", "FLOSSED_PARAMS", "FLOSS_MODES", "FlossResult", "floss"]
+__all__ = ["AUTO_K_FRACTION", "DEFAULT_STEPS", "DEFAULT_WARMUP", "FLOSSED_PARAMS", "FLOSS_MODES", "FlossResult",
+           "floss", "resolve_floss_k"]
 
 FLOSS_MODES = ("local", "full", "detached")
 FLOSSED_PARAMS = ("w_in", "w_rec", "bias")
 DEFAULT_WARMUP = 20  # transient before the window of ``steps`` steps (ours; "a short transient" in the paper)
+DEFAULT_STEPS = 55   # window over which the exponents are estimated (Engelken's reference: Tp = 55)
+# k = "auto" floss the top N // AUTO_K_FRACTION exponents (at least 1): 32 at N = 256. Why: flossing only the top
+# exponent (k = 1) is pulled straight back by e-prop training; in a trial at N = 256 (Romo, 100 local flossing
+# iterations, 2000 e-prop iterations, 3 seeds) k = 32 made e-prop learn at g = 0.5 and 1 where k = 1 did not.
+# The measured k table (k in {1, 8, 32, 64} x gains x seeds at N = 256) is in docs/experiments.md ("k table").
+AUTO_K_FRACTION = 8
+
+
+def resolve_floss_k(k, n_hidden: int) -> int:
+    """The number of exponents to floss: ``k`` itself (an integer in 1..N) or, for ``k = "auto"``,
+    ``max(1, N // AUTO_K_FRACTION)``; anything else is a ValueError naming what is allowed."""
+    if isinstance(n_hidden, bool) or not isinstance(n_hidden, int) or n_hidden < 1:
+        raise ValueError(f"Invalid n_hidden {n_hidden!r}: must be an integer >= 1")
+    if k == "auto":
+        return max(1, n_hidden // AUTO_K_FRACTION)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_hidden:
+        raise ValueError(f"Invalid k {k!r}: must be 'auto' (N // {AUTO_K_FRACTION}) or an integer between 1 and "
+                         f"N = {n_hidden}")
+    return k
 
 
 class FlossResult(NamedTuple):
@@ -69,8 +89,9 @@ class FlossResult(NamedTuple):
     exponents: list[list[float]]
 
 
-def floss(cell: RecurrentCell, *, iters: int, k: int = 1, mode: str = "local", target: float = 0.0,
-          lr: float = 1e-3, input_fn: Callable[[torch.Generator], Tensor] | None = None, steps: int = 55,
+def floss(cell: RecurrentCell, *, iters: int, k: int | str = "auto", mode: str = "local", target: float = 0.0,
+          lr: float = 1e-3, input_fn: Callable[[torch.Generator], Tensor] | None = None,
+          steps: int = DEFAULT_STEPS,
           warmup: int = DEFAULT_WARMUP, generator: torch.Generator,
           optimizer: torch.optim.Optimizer | None = None,
           callback: Callable[[int, float, list[float]], None] | None = None) -> FlossResult:
@@ -78,7 +99,8 @@ def floss(cell: RecurrentCell, *, iters: int, k: int = 1, mode: str = "local", t
 
     Args:
         iters: flossing iterations (the paper's pre-flossing: 100).
-        k: how many top exponents to push toward ``target``.
+        k: how many top exponents to push toward ``target``: an integer in 1..N, or ``"auto"``
+            (:func:`resolve_floss_k`: ``max(1, N // 8)``).
         mode: ``"local"`` (e-prop detach, default), ``"full"`` (autograd through the trajectory) or
             ``"detached"`` (state trajectory detached; see the module docstring).
         target: the exponent (per step) to push toward; 0 = the edge of chaos.
@@ -102,8 +124,7 @@ def floss(cell: RecurrentCell, *, iters: int, k: int = 1, mode: str = "local", t
         raise ValueError(f"Invalid iters {iters!r}: must be an integer >= 0")
     if mode not in FLOSS_MODES:
         raise ValueError(f"Invalid floss mode {mode!r}: allowed {', '.join(FLOSS_MODES)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cell.n_hidden:
-        raise ValueError(f"Invalid k {k!r}: must be an integer between 1 and N = {cell.n_hidden}")
+    k = resolve_floss_k(k, cell.n_hidden)
     for name, val in (("lr", lr), ("target", target)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
             raise ValueError(f"Invalid {name} {val!r}: must be a finite number")

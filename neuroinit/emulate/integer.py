@@ -41,18 +41,20 @@ Three arithmetics (:func:`arithmetic_of`):
     step ``k - 1`` (input ``u_{k-1}`` from the input Dense, spikes ``z_{k-2}`` from the recurrent Dense).
     Spikes are returned on neuroinit's time axis (chip steps 1..T); ``chip_steps = T + 1``.
 
-``fixed`` (``xylo-like``, ``reckon-like`` and any profile with integer state): a generic integer LIF with the
-    profile's widths. v is ``state.bits`` signed, saturating or wrapping per ``state.overflow``; one v LSB is
-    ``2^e_min / 2^threshold.shift``; weights as Lava's (codes, per-matrix shift) but without the step-2 storage;
-    threshold ``theta = v_th / 2^e_min`` (an unsigned ``threshold.bits`` code) compared as ``theta << shift``.
-    Decay per ``decay.kind``: ``linear`` ``v <- sign(v) ((|v| (2^B - d)) >> B)`` with ``d = round(2^B (1 - alpha))``
-    (truncation toward zero, as Lava; ReckOn's exact rounding is not documented), ``shift``
-    ``v <- v - (v >> dash)`` with ``dash = round(log2(1 / (1 - alpha)))`` (Xylo's bit-shift decay, arithmetic
-    shift), ``float`` ``v <- trunc(alpha v)``. No input delay (the step is neuroinit's); reset to zero or by
-    subtraction as trained; spike when ``v > theta`` (ReckOn: ``v >= theta``, srnn.v).
+``fixed`` (``xylo-like``, ``reckon-like`` and any integer profile with ``neuron.schedule = "same-step"``):
+    the rules the profile's ``[neuron]`` section states (:class:`~neuroinit.profiles.NeuronSpec`), composed in
+    :func:`chip_population_step`: a synaptic current or none, the decay's rounding (:func:`chip_decay`), ``>`` or
+    ``>=``, the reset (at once, or the trained one on the next step), spikes per step (:func:`spike_counts`),
+    saturation once or after every add (:func:`synaptic_adds`), graded inputs or spike counts with a cap
+    (:func:`chip_inputs`), a host or an integer LIF readout. One v LSB is ``2^e_min / 2^threshold.shift``; weights
+    are codes with per-matrix shifts; threshold ``theta = v_th / 2^e_min`` (an unsigned ``threshold.bits`` code)
+    compared as ``theta << shift``. Decay codes by :func:`decay_code`. With xylo-like's rules this is Xylo's
+    neuron as SynSense's xylosim computes it (verified in ``tests/test_xylo.py``).
 
-In all three the leaky readout ``y <- kappa y + W_out z + b_out`` runs on the host in float64 from the chip's
-spikes, with ``W_out`` on its grid. Refractoriness follows neuroinit (spike suppressed for ``n_refractory``
+The arithmetic is chosen from the profile's values (:func:`arithmetic_of`), never from its name.
+
+The leaky readout ``y <- kappa y + W_out z + b_out`` runs on the host in float64 from the chip's spikes, with
+``W_out`` on its grid, unless the profile's readout is ``chip-lif``. Refractoriness follows neuroinit (spike suppressed for ``n_refractory``
 steps, the membrane keeps integrating); Lava's LIF has none, so a refractory network is noted as not
 bit-exact there.
 """
@@ -68,7 +70,7 @@ import torch
 
 from neuroinit.cells.base import QUANTISED_PARAMS, CellParams, RecurrentCell
 from neuroinit.init import check_fits
-from neuroinit.profiles import HardwareProfile, load_profile
+from neuroinit.profiles import HardwareProfile, NeuronSpec, load_profile
 from neuroinit.quantize import Grid
 
 __all__ = [
@@ -80,11 +82,16 @@ __all__ = [
     "LAVA_UV_BITS",
     "LAVA_VTH_MAX",
     "LAVA_VTH_SHIFT",
+    "ChipState",
     "Deployment",
     "Emulation",
     "arithmetic_of",
     "check_saturation",
+    "chip_decay",
+    "chip_inputs",
+    "chip_population_step",
     "compare_on_task",
+    "decay_code",
     "deploy",
     "deployed_cell",
     "emulate",
@@ -92,7 +99,9 @@ __all__ = [
     "lava_dense",
     "lava_lif_step",
     "run_cell",
+    "spike_counts",
     "spike_mismatches",
+    "synaptic_adds",
     "weight_codes",
 ]
 
@@ -111,13 +120,13 @@ _LAVA_MAX_UV = 2 ** (LAVA_UV_BITS - 1)
 
 
 def arithmetic_of(profile: HardwareProfile | str) -> str:
-    """``"float"`` for float state and decay, ``"lava"`` for the Loihi profiles (name ``loihi*`` with Lava's
-    12-bit linear decay and threshold shift 6), else ``"fixed"``."""
+    """``"float"`` for float state (``state.bits = 0``), ``"lava"`` for ``neuron.schedule = "dense-delay"``
+    (Lava's LIF with Dense's one-step delay; the profile loader checks its 12-bit linear decay and threshold
+    shift 6), else ``"fixed"`` (the rules of the profile's ``[neuron]`` section). Never the profile's name."""
     profile = load_profile(profile)
     if profile.state.bits == 0:
         return "float"
-    if (profile.name.startswith("loihi") and profile.decay.kind == "linear" and profile.decay.bits == 12
-            and profile.threshold.shift == LAVA_VTH_SHIFT):
+    if profile.neuron.schedule == "dense-delay":
         return "lava"
     return "fixed"
 
@@ -162,6 +171,10 @@ class Deployment:
     unit: float = 1.0
     e_min: int = 0                         # the finer weight exponent (of nonzero matrices) setting the unit
     notes: tuple[str, ...] = field(default_factory=tuple)
+    rules: NeuronSpec = field(default_factory=NeuronSpec)  # the profile's neuron arithmetic (fixed)
+    syn_decay: int = 0                     # decay code of the synaptic current (rules.synapse = "current")
+    alpha_syn_chip: float = 0.0            # the current's factor that code realises
+    readout: dict | None = None            # rules.readout = "chip-lif": the output neurons (see deploy)
 
     @property
     def params(self) -> CellParams:
@@ -310,7 +323,8 @@ def deploy(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
             notes=tuple(notes),
             **common)
 
-    # fixed
+    # fixed: the rules of the profile's [neuron] section
+    rules = profile.neuron
     unit = 2.0 ** e_min
     shift = profile.threshold.shift
     theta = v_th / unit
@@ -322,14 +336,32 @@ def deploy(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
     if theta_code != theta:
         notes.append(f"threshold {v_th:g} rounded to {theta_code} x {unit:g}")
     kind, bits = profile.decay.kind, profile.decay.bits
-    if kind == "linear":
-        d = int(min(max(round(2 ** bits * (1.0 - alpha)), 0), 2 ** bits - 1))
-        alpha_chip = (2 ** bits - d) / 2 ** bits
-    elif kind == "shift":
-        d = int(min(max(round(math.log2(1.0 / (1.0 - alpha))), 0), 2 ** bits - 1)) if alpha < 1 else 2 ** bits - 1
-        alpha_chip = 1.0 - 2.0 ** -d
-    else:
-        d, alpha_chip = 0, alpha
+    d, alpha_chip = decay_code(alpha, kind, bits)
+    syn_d, beta_chip = 0, 0.0
+    if rules.synapse == "current":
+        beta = float(getattr(dep_cell, "beta_syn", 0.0))
+        if beta <= 0.0:
+            beta = 0.5
+            notes.append("the cell has no synaptic current; the chip's current uses its fastest decay "
+                         "(alpha_syn = 0.5), which low-passes the input the float network saw directly")
+        syn_d, beta_chip = decay_code(beta, kind, bits, minimum=1)
+        if abs(beta_chip - beta) > 1e-3:
+            notes.append(f"synaptic decay realised as {beta_chip:.6g} (trained {beta:.6g})")
+    if rules.threshold_compare != getattr(dep_cell, "threshold_compare", ">"):
+        notes.append(f"the chip spikes at v {rules.threshold_compare} theta, the cell was trained with "
+                     f"v {getattr(dep_cell, 'threshold_compare', '>')} v_th")
+    chip_reset = dep_cell.reset if rules.reset == "as-trained" else rules.reset
+    if chip_reset != dep_cell.reset:
+        notes.append(f"the chip resets by {chip_reset}, the network was trained with reset by {dep_cell.reset}")
+    if rules.max_spikes != getattr(dep_cell, "max_spikes", 1):
+        notes.append(f"the chip emits up to {rules.max_spikes} spikes per step (the float network up to "
+                     f"{getattr(dep_cell, 'max_spikes', 1)})")
+    if chip_reset == "subtract" and rules.reset == "subtract" and not getattr(dep_cell, "reset_leaks", False):
+        notes.append("the chip subtracts the threshold at once, before the next leak (the float network after it)")
+    f_bits = input_frac_bits
+    if rules.input == "counts" and f_bits > e_in - e_min:
+        f_bits = max(e_in - e_min, 0)
+        notes.append(f"input counts carry {f_bits} fractional bits (the input weight shift must stay >= 0)")
     lsb = unit / 2 ** shift
     b_code = np.rint(bias / lsb).astype(np.int64)
     lim = 2 ** (profile.state.bits - 1)
@@ -339,13 +371,56 @@ def deploy(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
     b_code = np.clip(b_code, -lim, lim - 1)
     if abs(alpha_chip - alpha) > 1e-3:
         notes.append(f"decay realised as alpha = {alpha_chip:.6g} (trained alpha = {alpha:.6g})")
-    compare = ">=" if profile.name.startswith("reckon") else ">"
+    if dep_cell.n_refractory and rules.reset != "as-trained":
+        notes.append("the chip has no refractory period: refractoriness emulated as neuroinit defines it")
+    readout = None
+    if rules.readout == "chip-lif":
+        readout = _chip_readout(dep_cell, profile, kappa, codes, notes)
     return Deployment(
-        chip_reset=dep_cell.reset, alpha_chip=alpha_chip, w_in=codes["w_in"].copy(), w_rec=codes["w_rec"].copy(),
-        exp_in=e_in - e_min - input_frac_bits, exp_rec=e_rec - e_min, threshold=theta_code, threshold_shift=shift,
+        chip_reset=chip_reset, alpha_chip=alpha_chip, w_in=codes["w_in"].copy(), w_rec=codes["w_rec"].copy(),
+        exp_in=e_in - e_min - f_bits, exp_rec=e_rec - e_min, threshold=theta_code, threshold_shift=shift,
         decay=d, decay_kind=kind, decay_bits=bits, bias=b_code.reshape(n), bias_exp=0,
-        state_bits=profile.state.bits, overflow=profile.state.overflow, spike_compare=compare, unit=unit,
-        e_min=e_min, notes=tuple(notes), **common)
+        state_bits=profile.state.bits, overflow=profile.state.overflow, spike_compare=rules.threshold_compare,
+        unit=unit, e_min=e_min, notes=tuple(notes), rules=rules, syn_decay=syn_d, alpha_syn_chip=beta_chip,
+        readout=readout, **{**common, "input_frac_bits": f_bits})
+
+
+def decay_code(alpha: float, kind: str, bits: int, *, minimum: int = 0) -> tuple[int, float]:
+    """The decay code of a leak factor ``alpha`` and the factor it realises: ``linear`` ``d = round(2^B (1 -
+    alpha))``, alpha_chip = (2^B - d) / 2^B; ``shift`` ``dash = round(log2(1 / (1 - alpha)))`` (at least
+    ``minimum``; Xylo's current needs dash >= 1: dash 0 empties it every step), alpha_chip = 1 - 2^-dash;
+    ``float`` alpha itself."""
+    if kind == "linear":
+        d = int(min(max(round(2 ** bits * (1.0 - alpha)), 0), 2 ** bits - 1))
+        return d, (2 ** bits - d) / 2 ** bits
+    if kind == "shift":
+        d = int(min(max(round(math.log2(1.0 / (1.0 - alpha))), minimum), 2 ** bits - 1)) if alpha < 1 \
+            else 2 ** bits - 1
+        return d, 1.0 - 2.0 ** -d
+    return 0, alpha
+
+
+def _chip_readout(dep_cell, profile: HardwareProfile, kappa: float, codes: dict, notes: list) -> dict:
+    """Integer output neurons for ``readout = "chip-lif"``: the hidden neurons' rules, weights ``W_out`` (codes
+    on the w_out grid, unit ``2^e_out``), membrane decay from kappa, the fastest synaptic decay (dash 1: the
+    current halves every step), bias ``round(b_out / 2^e_out)``, threshold at the state's maximum (the output is
+    the membrane, read as ``V_out 2^e_out``), one output spike per step at most (xylosim MAX_NUM_OUT_SPIKES)."""
+    g_out = dep_cell.grids["w_out"]
+    if g_out is None or g_out.exponent is None:
+        raise ValueError(f"Invalid profile '{profile.name}' for readout 'chip-lif': the readout weights need "
+                         "pow2 scaling (weights.scaling = 'pow2')")
+    lim = 2 ** (profile.state.bits - 1)
+    out_unit = 2.0 ** g_out.exponent
+    b_out = dep_cell.b_out.detach().double().numpy()
+    b_code = np.rint(b_out / out_unit).astype(np.int64)
+    if np.any(np.abs(b_code) >= lim):
+        notes.append("readout biases saturate the state")
+    d, kappa_chip = decay_code(kappa, profile.decay.kind, profile.decay.bits)
+    syn_d, beta = decay_code(0.5, profile.decay.kind, profile.decay.bits, minimum=1)
+    notes.append(f"chip readout: integer output neurons, membrane decay {kappa_chip:.6g} (kappa {kappa:.6g}), "
+                 f"synaptic decay {beta:g}, one step behind the hidden spikes")
+    return {"w_out": codes["w_out"].copy(), "exp_out": 0, "unit": out_unit, "decay": d, "syn_decay": syn_d,
+            "bias": np.clip(b_code, -lim, lim - 1), "threshold": lim - 1, "max_spikes": 1}
 
 
 # ============================================================================================ integer steps
@@ -394,25 +469,150 @@ def _overflow(x: np.ndarray, bits: int, mode: str) -> np.ndarray:
     return np.remainder(x - lo, 1 << bits) + lo
 
 
+def chip_decay(x: np.ndarray, code: int, dep: Deployment) -> np.ndarray:
+    """What one step's leak removes from the integer state ``x`` (the new state is ``x - chip_decay(x)``), by the
+    profile's ``decay.kind`` and ``neuron.decay_rounding``:
+
+    ``shift``  ``x >> dash`` (``floor``; ``toward-zero``: ``sign(x) (|x| >> dash)``);
+    ``linear`` ``x - round(x (2^B - d) / 2^B)`` with the kept value rounded by ``floor`` or ``toward-zero``;
+    ``float``  ``x - round(alpha x)`` likewise.
+    ``floor-min-one`` is ``floor`` but removes at least 1 toward zero from any nonzero state (xylosim's
+    ``decay``: a small positive membrane still decays; ``x >> dash`` is never 0 for negative x anyway).
+    """
+    x = x.astype(np.int64)
+    rounding = dep.rules.decay_rounding
+    if dep.decay_kind == "shift":
+        dx = np.sign(x) * np.right_shift(np.abs(x), code) if rounding == "toward-zero" else np.right_shift(x, code)
+    else:
+        if dep.decay_kind == "linear":
+            prod, div = x * (2 ** dep.decay_bits - code), 2 ** dep.decay_bits
+        else:
+            prod, div = x * float(dep.alpha_chip), 1   # float decay: the membrane's alpha (no current)
+        if rounding == "toward-zero":
+            kept = np.sign(prod) * (np.abs(prod) // div)
+        else:
+            kept = np.floor_divide(prod, div)
+        dx = x - np.asarray(kept).astype(np.int64)
+    if rounding == "floor-min-one":
+        dx = np.where((dx == 0) & (x != 0), np.sign(x), dx)
+    return dx
+
+
+def _overflow(x: np.ndarray, bits: int, mode: str) -> np.ndarray:
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if mode == "saturate":
+        return np.clip(x, lo, hi)
+    return np.remainder(x - lo, 1 << bits) + lo
+
+
+def synaptic_adds(acc: np.ndarray, counts: np.ndarray, weights: np.ndarray, *, every_add: bool, bits: int,
+                  mode: str) -> np.ndarray:
+    """``acc + counts @ weights`` for (B, N) ``acc``, (B, P) spike ``counts`` and (P, N) per-synapse ``weights``
+    (already shifted). With ``every_add`` the state saturates after every single add, presynaptic neuron by
+    neuron in index order (xylosim ``deliver_spikes`` / ``safe_add``); ``count`` adds of one weight clip as one
+    add of ``count * w`` (the running sum is monotone). Where no partial sum can leave the state's range the
+    result is the plain sum, so the sequential loop only runs for states near saturation."""
+    contrib = counts.astype(np.int64)[:, :, None] * weights.astype(np.int64)[None, :, :]   # (B, P, N)
+    total = acc + contrib.sum(1)
+    if not every_add:
+        return total
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    pos, neg = np.clip(contrib, 0, None).sum(1), np.clip(contrib, None, 0).sum(1)
+    if bool(np.all((acc + pos <= hi) & (acc + neg >= lo))):
+        return total
+    out = acc.astype(np.int64).copy()
+    for p in range(contrib.shape[1]):
+        out = _overflow(out + contrib[:, p, :], bits, mode)
+    return out
+
+
+def spike_counts(v: np.ndarray, theta: int, compare: str, max_spikes: int) -> np.ndarray:
+    """Spikes per step: ``n = min(floor(v / theta), max_spikes)`` where ``v >= theta`` (``>=``; xylosim's
+    ``while (v_mem >= v_th && n < max) {n++; v_mem -= v_th}``), ``n = min(ceil(v / theta) - 1, max_spikes)``
+    where ``v > theta`` (``>``); with ``max_spikes = 1`` a single spike on the comparison."""
+    if compare == ">=":
+        n = np.where(v >= theta, np.floor_divide(v, theta), 0)
+    else:
+        n = np.where(v > theta, np.floor_divide(v - 1, theta), 0)
+    return np.minimum(n, max_spikes).astype(np.int64)
+
+
+class ChipState(NamedTuple):
+    """Integer state of the ``fixed`` arithmetic: membrane ``v``, synaptic current ``i`` (zeros without one),
+    last step's spike counts ``n``, refractory steps ``ref`` (all (B, N) int64)."""
+
+    v: np.ndarray
+    i: np.ndarray
+    n: np.ndarray
+    ref: np.ndarray
+    clipped: int = 0   # entries of this step whose synaptic sum saturated (differs from the unclipped sum)
+
+
+def chip_population_step(s: ChipState, counts: np.ndarray, weights: np.ndarray, *, bias: np.ndarray,
+                         decay: int, syn_decay: int, threshold: int, max_spikes: int, reset: str,
+                         n_refractory: int, dep: Deployment) -> ChipState:
+    """One step of a population of integer LIF neurons under the profile's ``[neuron]`` rules::
+
+        acc = I + counts @ W                          (saturating per add with saturation = "every-add")
+        I   = acc - decay(acc)                        (synapse = "current"; else I = 0 and acc is the drive)
+        V   = V - decay(V) + acc + b                  (every-add: dV = sat(sat(-decay(V) + acc) + b), V = sat(V + dV);
+                                                       state: V = clip_or_wrap(V - decay(V) + acc + b - reset))
+        n   = spike_counts(V)                         (threshold_compare, max_spikes)
+        V  -= n theta  or  V = 0 where n > 0           (reset "subtract" / "zero", at once, as the chip does)
+
+    ``counts`` (B, P) are the presynaptic spike counts in order (inputs, then last step's hidden spikes), and
+    ``weights`` (P, N) the matching per-synapse weights in state units. With ``reset = "as-trained"`` the
+    trained cell's reset acts on the next step instead (neuroinit's convention: ``V = 0`` where a spike was
+    emitted, or ``- theta`` after the leak). ``decay`` via :func:`chip_decay`.
+    """
+    rules, bits, mode = dep.rules, dep.state_bits, dep.overflow
+    every = rules.saturation == "every-add"
+    v = s.v
+    trained = dep.reset if reset == "as-trained" else None
+    if trained == "zero":
+        v = np.where(s.n > 0, 0, v)
+    acc0 = s.i if rules.synapse == "current" else np.zeros_like(v)
+    acc = synaptic_adds(acc0, counts, weights, every_add=every, bits=bits, mode=mode)
+    clipped = int((acc != synaptic_adds(acc0, counts, weights, every_add=False, bits=bits, mode=mode)).sum()) \
+        if every else 0
+    if rules.synapse == "current":
+        acc = acc - chip_decay(acc, syn_decay, dep)
+        i_new = acc
+    else:
+        i_new = np.zeros_like(v)
+    sub = s.n * threshold if trained == "subtract" else 0
+    if every:
+        dv = _overflow(-chip_decay(v, decay, dep) + acc, bits, mode)
+        dv = _overflow(dv + bias, bits, mode)
+        if trained == "subtract":
+            dv = _overflow(dv - sub, bits, mode)
+        v = _overflow(v + dv, bits, mode)
+    else:
+        v = _overflow(v - chip_decay(v, decay, dep) + acc + bias - sub, bits, mode)
+    n = spike_counts(v, threshold, dep.spike_compare, max_spikes)
+    ref = s.ref
+    if n_refractory > 0:
+        free, ref = _refractory(n > 0, ref, n_refractory)
+        n = n * free
+    if reset == "subtract":
+        v = v - n * threshold
+    elif reset == "zero":
+        v = np.where(n > 0, 0, v)
+    return ChipState(v, i_new, n, ref, clipped)
+
+
 def fixed_lif_step(v: np.ndarray, z_prev: np.ndarray, drive: np.ndarray, dep: Deployment
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """One step of the generic integer LIF (module docstring, ``fixed``); returns the new membrane (before its
-    reset, which acts on the next step as in neuroinit) and the spike condition (before refractoriness)."""
-    if dep.chip_reset == "zero":
-        v = np.where(z_prev, 0, v)
-    if dep.decay_kind == "linear":
-        vd = _decay_toward_zero(v, 2 ** dep.decay_bits - dep.decay, dep.decay_bits)
-    elif dep.decay_kind == "shift":
-        vd = v - np.right_shift(v, dep.decay)
-    else:
-        vd = np.trunc(v * dep.alpha_chip).astype(np.int64)
-    theta = dep.threshold << dep.threshold_shift
-    new = vd + np.left_shift(drive, dep.threshold_shift) + dep.bias
-    if dep.chip_reset == "subtract":
-        new = new - z_prev.astype(np.int64) * theta
-    new = _overflow(new, dep.state_bits, dep.overflow)
-    s = new >= theta if dep.spike_compare == ">=" else new > theta
-    return new, s
+    """One hidden step of the ``fixed`` arithmetic from a membrane ``v``, last step's spikes ``z_prev`` and an
+    already summed ``drive`` (weight units; it enters a fresh synaptic current when the profile has one): returns
+    the new membrane and the spike counts (:func:`chip_population_step`, one presynaptic input per neuron)."""
+    b = v.shape[0]
+    s = ChipState(v.astype(np.int64), np.zeros_like(v, np.int64), z_prev.astype(np.int64), np.zeros_like(v, np.int64))
+    w = np.eye(v.shape[1], dtype=np.int64)
+    out = chip_population_step(s, np.left_shift(drive.reshape(b, -1), dep.threshold_shift), w, bias=dep.bias,
+                               decay=dep.decay, syn_decay=dep.syn_decay, threshold=dep.threshold << dep.threshold_shift,
+                               max_spikes=dep.rules.max_spikes, reset=dep.rules.reset, n_refractory=0, dep=dep)
+    return out.v, out.n
 
 
 # ============================================================================================ running
@@ -427,6 +627,9 @@ class Emulation(NamedTuple):
     v: torch.Tensor
     events: dict
     chip_steps: int
+    i: torch.Tensor | None = None          # fixed: the synaptic current (T, B, N), chip units
+    v_out: torch.Tensor | None = None      # readout "chip-lif": output membranes (T, B, O), chip units
+    i_out: torch.Tensor | None = None      # readout "chip-lif": output currents (T, B, O)
 
 
 @torch.no_grad()
@@ -457,8 +660,13 @@ def _host_readout(dep: Deployment, spikes: np.ndarray) -> torch.Tensor:
     return torch.stack(ys)
 
 
-def _graded_inputs(dep: Deployment, inputs: np.ndarray) -> np.ndarray:
-    return np.rint(inputs * 2.0 ** dep.input_frac_bits).astype(np.int64)
+def chip_inputs(dep: Deployment, inputs: np.ndarray) -> np.ndarray:
+    """The integers the chip receives for real inputs ``u``: ``k = round(u 2^f)`` (``f = input_frac_bits``);
+    with ``neuron.input = "counts"`` clipped to spike counts ``0..input_cap`` (Xylo: 15 per step)."""
+    k = np.rint(inputs * 2.0 ** dep.input_frac_bits).astype(np.int64)
+    if dep.arithmetic == "fixed" and dep.rules.input == "counts":
+        k = np.clip(k, 0, dep.rules.input_cap if dep.rules.input_cap else None)
+    return k
 
 
 @torch.no_grad()
@@ -470,15 +678,20 @@ def emulate(dep: Deployment, inputs: torch.Tensor) -> Emulation:
         z, y, v = run_cell(dep.cell, inputs.detach().to(device="cpu", dtype=torch.float64))
         return Emulation(z, y, v, {}, inputs.shape[0])
     x = inputs.detach().to(device="cpu", dtype=torch.float64).numpy()
-    k = _graded_inputs(dep, x)
+    k = chip_inputs(dep, x)
     if dep.arithmetic == "lava":
         spikes, v_trace, events = _run_lava(dep, k)
-        steps = x.shape[0] + 1
+        y = _host_readout(dep, spikes)
+        return Emulation(torch.from_numpy(spikes.astype(np.float64)), y, torch.from_numpy(v_trace), events,
+                         x.shape[0] + 1)
+    tr = _run_fixed(dep, k)
+    as_t = lambda a: None if a is None else torch.from_numpy(a)
+    if dep.readout is not None:
+        y = torch.from_numpy(tr["v_out"].astype(np.float64) * dep.readout["unit"])
     else:
-        spikes, v_trace, events = _run_fixed(dep, k)
-        steps = x.shape[0]
-    y = _host_readout(dep, spikes)
-    return Emulation(torch.from_numpy(spikes.astype(np.float64)), y, torch.from_numpy(v_trace), events, steps)
+        y = _host_readout(dep, tr["spikes"])
+    return Emulation(torch.from_numpy(tr["spikes"].astype(np.float64)), y, torch.from_numpy(tr["v"]),
+                     tr["events"], x.shape[0], as_t(tr["i"]), as_t(tr.get("v_out")), as_t(tr.get("i_out")))
 
 
 def _refractory(s: np.ndarray, ref: np.ndarray, n_ref: int) -> tuple[np.ndarray, np.ndarray]:
@@ -523,25 +736,56 @@ def _run_lava(dep: Deployment, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, d
     return spikes, v_trace, events
 
 
-def _run_fixed(dep: Deployment, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+def _shifted(w: np.ndarray, shift: int) -> np.ndarray:
+    return np.left_shift(w.astype(np.int64), shift) if shift >= 0 else np.right_shift(w.astype(np.int64), -shift)
+
+
+def _run_fixed(dep: Deployment, k: np.ndarray) -> dict:
+    """The ``fixed`` schedule (xylosim ``XyloLayer::evolve``): per step the input counts and last step's hidden
+    spike counts reach the hidden neurons, last step's hidden counts reach the output neurons, then both
+    populations step (:func:`chip_population_step`). Returns spike counts, membranes and currents per step."""
     n_steps, batch, _ = k.shape
     n = dep.cell.n_hidden
-    v = np.zeros((batch, n), np.int64)
-    z = np.zeros((batch, n), bool)
-    ref = np.zeros((batch, n), np.int64)
-    spikes = np.zeros((n_steps, batch, n), bool)
-    v_trace = np.zeros((n_steps, batch, n), np.int64)
+    ts = dep.threshold_shift
+    # per-synapse weights in state units; a negative input shift (graded inputs with more fractional bits than
+    # the weight exponents leave) shifts the summed input instead, which then enters as one input per neuron
+    sum_in = dep.exp_in < 0
+    w_first = np.eye(n, dtype=np.int64) if sum_in else _shifted(dep.w_in, dep.exp_in).T
+    w_hidden = np.concatenate([w_first, _shifted(dep.w_rec, dep.exp_rec).T], 0) << ts
+    zeros = np.zeros((batch, n), np.int64)
+    s = ChipState(zeros, zeros, zeros, zeros)
     lim = (1 << (dep.state_bits - 1))
-    events = {"v_saturated": 0}
+    events = {"v_saturated": 0, "multi_spikes": 0, "synaptic_sum_saturated": 0}
+    out = {"spikes": np.zeros((n_steps, batch, n), np.int64), "v": np.zeros((n_steps, batch, n), np.int64),
+           "i": np.zeros((n_steps, batch, n), np.int64) if dep.rules.synapse == "current" else None}
+    ro = dep.readout
+    if ro is not None:
+        n_out = ro["w_out"].shape[0]
+        w_out = _shifted(ro["w_out"], ro["exp_out"]).T << ts
+        zo = np.zeros((batch, n_out), np.int64)
+        so = ChipState(zo, zo, zo, zo)
+        out["v_out"] = np.zeros((n_steps, batch, n_out), np.int64)
+        out["i_out"] = np.zeros((n_steps, batch, n_out), np.int64)
+    theta = dep.threshold << ts
     for t in range(n_steps):
-        drive = lava_dense(dep.w_in, k[t], dep.exp_in) + lava_dense(dep.w_rec, z.astype(np.int64), dep.exp_rec)
-        v, s = fixed_lif_step(v, z, drive, dep)
-        events["v_saturated"] += int(((v == lim - 1) | (v == -lim)).sum())
-        s, ref = _refractory(s, ref, dep.n_refractory)
-        z = s
-        spikes[t] = s
-        v_trace[t] = v
-    return spikes, v_trace, events
+        prev = s.n
+        first = lava_dense(dep.w_in, k[t], dep.exp_in) if sum_in else k[t]
+        s = chip_population_step(s, np.concatenate([first, prev], 1), w_hidden, bias=dep.bias, decay=dep.decay,
+                                 syn_decay=dep.syn_decay, threshold=theta, max_spikes=dep.rules.max_spikes,
+                                 reset=dep.rules.reset, n_refractory=dep.n_refractory, dep=dep)
+        events["v_saturated"] += int(((s.v == lim - 1) | (s.v == -lim)).sum())
+        events["multi_spikes"] += int((s.n > 1).sum())
+        events["synaptic_sum_saturated"] += s.clipped
+        out["spikes"][t], out["v"][t] = s.n, s.v
+        if out["i"] is not None:
+            out["i"][t] = s.i
+        if ro is not None:
+            so = chip_population_step(so, prev, w_out, bias=ro["bias"], decay=ro["decay"],
+                                      syn_decay=ro["syn_decay"], threshold=ro["threshold"],
+                                      max_spikes=ro["max_spikes"], reset=dep.rules.reset, n_refractory=0, dep=dep)
+            out["v_out"][t], out["i_out"][t] = so.v, so.i
+    out["events"] = events
+    return out
 
 
 def spike_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:

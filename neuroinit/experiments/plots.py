@@ -1,8 +1,11 @@
 """Figures from a sweep directory (or run files): the paper's figures 1-4, rate vs spiking, curvature.
 
 Every figure shows, per condition, the runs at the learning rate chosen for that condition
-(:func:`~neuroinit.experiments.sweep.select_best`: lowest mean over seeds of the last 20 logged losses), as the
-mean over seeds with a band of +- one standard error of the mean (no band with one seed). Each ``plot_*``
+(:func:`~neuroinit.experiments.sweep.select_best`: by default the lowest mean over seeds of the last 20 logged
+losses; ``select="min"`` or ``"learning-time"`` for non-monotone curves), as the mean over seeds with a band of
++- one standard error of the mean (no band with one seed). Legends give the learning rate, marked when it is at an
+edge of its grid; every figure states the selection criterion and the scale (N, seeds, iterations, flossing k;
+:mod:`neuroinit.experiments.figstyle`, which also wraps titles and labels log-axis ticks). Each ``plot_*``
 function writes the image (format from the file suffix: png, pdf, svg; written atomically) and returns the
 number of curves it drew (error bands and reference lines not counted), so tests can check a figure.
 
@@ -11,8 +14,9 @@ number of curves it drew (error bands and reference lines not counted), so tests
 * ``lyapunov`` (Fig. 3): max Lyapunov exponent (per step) vs gain: before training (one curve: the initial
   networks), after pre-flossing (for "+flossing" rules) and after training (one curve per rule).
 * ``flossing`` (Fig. 4): rule X vs X+flossing: learning curves, one panel per gain, and final loss vs gain.
-* ``rate-vs-spiking``: rate and LIF learning curves on the same task and rule (colour: gain; solid: rate,
-  dashed: LIF).
+* ``rate-vs-spiking``: the controlled comparison: loss and accuracy vs iteration, one curve per model x rule
+  (BPTT the reference for each model), a row of panels per gain, x range the iterations all curves share; what
+  differs between the models (:func:`neuroinit.experiments.comparison.compare_models`) is stated on the figure.
 * ``curvature`` (Liu et al. 2022): top Hessian eigenvalue of the loss w.r.t. ``W_rec`` of the trained network
   (untruncated, held-out trials) and the generalisation gap (test loss on fresh trials minus the final training
   loss) vs gain, one curve per rule. Computed on first use and cached in ``DIR/analysis/curvature.json``.
@@ -29,7 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroinit.experiments.sweep import FLOSS_SUFFIX, RunSummary, select_best, summaries_from_dir
+from neuroinit.experiments import figstyle
+from neuroinit.experiments.sweep import (
+    FLOSS_SUFFIX,
+    SELECT_TEXT,
+    RunSummary,
+    edge_mark,
+    select_best,
+    summaries_from_dir,
+)
 
 __all__ = [
     "FIGURES",
@@ -44,11 +56,12 @@ __all__ = [
     "plot_rate_vs_spiking",
 ]
 
-FIGURES = ("learning-curves", "lyapunov", "flossing", "rate-vs-spiking", "curvature")
+FIGURES = ("learning-curves", "lyapunov", "flossing", "rate-vs-spiking", "curvature", "alignment")
 _RULE_ORDER = {"bptt": 0, "eprop": 1, "eprop+flossing": 2, "eprop-autograd": 3, "rflo": 4}
 _IGNORE = {"seed", "lr", "lr_grid", "checkpoint_every", "checkpoint_seconds", "gain", "rule", "floss_iters",
-           "floss_mode", "floss_k", "floss_lr"}
-_MODEL_FIELDS = {"model", "dt_ms", "tau_ms", "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "form",
+           "floss_mode", "floss_k", "floss_lr", "floss_inter_every", "floss_inter_iters", "_rule"}
+_MODEL_FIELDS = {"model", "dt_ms", "tau_ms", "tau_m_ms", "tau_out_ms",
+                 "v_th", "reset", "n_refractory", "input_scale", "form",
                  "activation", "iters", "log_every"}
 _RULE_COLORS = {"bptt": "#1b6ca8", "eprop": "#d1495b", "eprop+flossing": "#2e933c", "eprop-autograd": "#8e6c8a",
                 "rflo": "#edae49"}
@@ -83,9 +96,27 @@ def load_for_plot(sweep_dir, *, task: str | None = None, model: str | None = Non
     return out
 
 
-def _best_runs(runs: list[RunSummary]) -> list[tuple[dict, float, list[RunSummary]]]:
-    """(config of the condition, chosen lr, runs at that lr) per condition."""
-    return [(b.runs[0].config, b.lr, list(b.runs)) for b in select_best(runs).values()]
+class _Rate(float):
+    """A chosen learning rate that remembers whether it is at an edge of its grid (for legends)."""
+
+    edge: str | None = None
+
+
+def _rate(lr: float, edge: str | None) -> _Rate:
+    r = _Rate(lr)
+    r.edge = edge
+    return r
+
+
+def _lr_text(lr: float) -> str:
+    """``"lr 0.0002"``, plus the grid-edge mark of a :class:`_Rate` at an end of its grid."""
+    return f"lr {lr:.2g}" + edge_mark(getattr(lr, "edge", None))
+
+
+def _best_runs(runs: list[RunSummary], select: str = "final") -> list[tuple[dict, float, list[RunSummary]]]:
+    """(config of the condition, chosen lr (a :class:`_Rate`), runs at that lr) per condition."""
+    return _name_floss_variants([(b.runs[0].config, _rate(b.lr, b.edge), list(b.runs))
+                                 for b in select_best(runs, select).values()])
 
 
 def _varying(configs: list[dict], ignore: set[str]) -> list[str]:
@@ -156,9 +187,33 @@ def _title(config: dict, fields: Iterable[str], show: Iterable[str]) -> str:
 
 
 def rule_of(config: dict) -> str:
+    """The rule's name in figures: ``rule_label`` (e.g. "eprop+flossing"), with the flossing settings that vary
+    between the figure's flossing conditions when :func:`_best_runs` found some (e.g. "eprop+flossing (k 32)")."""
     from neuroinit.experiments.sweep import rule_label
 
-    return rule_label(config)
+    return config.get("_rule") or rule_label(config)
+
+
+_FLOSS_FIELDS = {"floss_k": "k", "floss_iters": "iters", "floss_mode": "mode", "floss_lr": "lr",
+                 "floss_inter_every": "every", "floss_inter_iters": "inter iters"}
+
+
+def _name_floss_variants(best: list[tuple]) -> list[tuple]:
+    """Where flossing conditions differ in their flossing settings (k, iterations, ...), put those settings into
+    their rule names (``_rule``), so they get their own curves and legend entries instead of sharing one."""
+    from neuroinit.experiments.sweep import rule_label
+
+    flossed = [c for c, _, _ in best if rule_label(c).endswith(FLOSS_SUFFIX)]
+    varying = [f for f in _FLOSS_FIELDS if len({json.dumps(c.get(f)) for c in flossed}) > 1]
+    if not varying:
+        return best
+    out = []
+    for c, lr, rs in best:
+        name = rule_label(c)
+        if name.endswith(FLOSS_SUFFIX):
+            c = {**c, "_rule": f"{name} ({', '.join(f'{_FLOSS_FIELDS[f]} {_fmt_val(c.get(f))}' for f in varying)})"}
+        out.append((c, lr, rs))
+    return out
 
 
 def _mean_band(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +243,19 @@ def _curve(runs: list[RunSummary], smooth: int = 1) -> tuple[np.ndarray, np.ndar
     return have[0].iteration[:n], mean, sem
 
 
+_STAT_LABEL = {"final": "final loss (mean of last 20 logged)", "min": "lowest logged loss",
+               "learning-time": "learning time (iterations; never = all)"}
+
+
+def _stat_of(r: RunSummary, select: str) -> float | None:
+    """A run's value of the ``select`` statistic (learning time: never settled counts as its iterations)."""
+    if select == "final":
+        return r.final_loss
+    if select == "min":
+        return r.min_loss
+    return float(r.learned_at) if r.learned_at is not None else float(r.config.get("iters", math.nan))
+
+
 def _stat(values: list[float | None]) -> tuple[float, float]:
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
@@ -198,30 +266,11 @@ def _stat(values: list[float | None]) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------ drawing
 
 def _figure(n_panels: int, *, ncols: int | None = None, size=(4.2, 3.3)):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ncols = ncols or min(n_panels, 3)
-    nrows = math.ceil(n_panels / ncols)
-    fig = Figure(figsize=(max(size[0] * ncols, 6.0), size[1] * nrows + 0.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    return fig, list(axes[:n_panels])
+    return figstyle.new_figure(n_panels, ncols=ncols, size=size)
 
 
 def _save(fig, out) -> None:
-    from neuroinit.io.atomic import atomic_write_path
-
-    out = Path(out)
-    fmt = out.suffix.lstrip(".").lower() or "png"
-    if fmt not in ("png", "pdf", "svg", "jpg", "jpeg"):
-        raise ValueError(f"Invalid output {str(out)!r}: allowed suffixes .png, .pdf, .svg, .jpg")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write_path(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=130)
+    figstyle.save(fig, out)
 
 
 def _gain_colors(gains: Iterable[float]):
@@ -248,18 +297,21 @@ def _loss_axes(ax) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _suptitle(fig, runs: list[RunSummary], what: str, smooth: int = 1) -> None:
-    seeds = sorted({r.config.get("seed") for r in runs})
-    fig.suptitle(f"{what}\nmean ± s.e.m. over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}, "
-                 "best learning rate per condition"
-                 + (f"; losses averaged over {smooth} logged points" if smooth > 1 else ""), fontsize=9)
+def _suptitle(fig, runs: list[RunSummary], what: str, smooth: int = 1, select: str = "final",
+              extra: str = "") -> None:
+    """Title, scale (N, seeds, iterations, k), statistic and learning-rate criterion, wrapped to the figure."""
+    configs = [r.config for r in runs if r.config and r.status == "complete"]
+    figstyle.suptitle(fig, f"{what}\n{figstyle.scale_text(configs)}\nmean ± s.e.m. over seeds; learning rate per "
+                           f"condition by {SELECT_TEXT[select]}"
+                      + (f"; losses averaged over {smooth} logged points" if smooth > 1 else "")
+                      + (f"\n{extra}" if extra else ""))
 
 
 # ------------------------------------------------------------------------------------------ figures
 
-def plot_learning_curves(runs: list[RunSummary], out, *, smooth: int = 1) -> int:
+def plot_learning_curves(runs: list[RunSummary], out, *, smooth: int = 1, select: str = "final") -> int:
     """Fig. 1/2: learning curves by initial gain, one panel per task x model x rule."""
-    best = _best_runs(runs)
+    best = _best_runs(runs, select)
     if not best:
         raise ValueError("no finished runs to plot")
     fields = ["task", "model", "rule", "profile"]
@@ -277,21 +329,21 @@ def plot_learning_curves(runs: list[RunSummary], out, *, smooth: int = 1) -> int
             cur = _curve(rs, smooth)
             if cur is None:
                 continue
-            _band(ax, *cur, colors[float(c["gain"])], label=f"g = {c['gain']:g} (lr {lr:.2g})", lw=1.4)
+            _band(ax, *cur, colors[float(c["gain"])], label=f"g = {c['gain']:g} ({_lr_text(lr)})", lw=1.4)
             n += 1
         c0 = items[0][0]
-        ax.set_title(_title(c0, fields, {"task", "model", "rule"}), fontsize=10)
+        figstyle.set_title(ax, _title(c0, fields, {"task", "model", "rule"}), fontsize=10)
         _loss_axes(ax)
         ax.legend(fontsize=7, title="initial gain", title_fontsize=7)
-    _suptitle(fig, runs, "Learning curves by initial gain", smooth)
+    _suptitle(fig, runs, "Learning curves by initial gain", smooth, select)
     _save(fig, out)
     return n
 
 
-def plot_lyapunov(runs: list[RunSummary], out, *, per: str = "step") -> int:
+def plot_lyapunov(runs: list[RunSummary], out, *, per: str = "step", select: str = "final") -> int:
     """Fig. 3: max Lyapunov exponent vs gain, before training and after training (per rule)."""
     key_name = "max_per_step" if per == "step" else "max_per_tau"
-    best = [(c, lr, [r for r in rs if r.lyapunov]) for c, lr, rs in _best_runs(runs)]
+    best = [(c, lr, [r for r in rs if r.lyapunov]) for c, lr, rs in _best_runs(runs, select)]
     best = [t for t in best if t[2]]
     if not best:
         raise ValueError("no finished runs with Lyapunov exponents (train with lyapunov = true)")
@@ -311,11 +363,11 @@ def plot_lyapunov(runs: list[RunSummary], out, *, per: str = "step") -> int:
         curves = [("before training", "#555555", "--", "o",
                    {g: list(d.values()) for g, d in before.items()})]
         for rule in rules:
-            if rule.endswith(FLOSS_SUFFIX):
+            if FLOSS_SUFFIX in rule:
                 fl = {float(c["gain"]): [r.lyapunov.get("floss", {}).get(key_name) for r in rs]
                       for c, _, rs in items if rule_of(c) == rule}
-                curves.append((f"after flossing ({rule.removesuffix(FLOSS_SUFFIX)})", _RULE_COLORS.get(rule, None),
-                               ":", "^", fl))
+                label = f"after flossing ({rule.replace(FLOSS_SUFFIX, '', 1)})"
+                curves.append((label, _RULE_COLORS.get(rule, None), ":", "^", fl))
         for rule in rules:
             after = {float(c["gain"]): [r.lyapunov.get("final", {}).get(key_name) for r in rs]
                      for c, _, rs in items if rule_of(c) == rule}
@@ -331,18 +383,19 @@ def plot_lyapunov(runs: list[RunSummary], out, *, per: str = "step") -> int:
         ax.axhline(0.0, color="k", lw=0.6, alpha=0.5)
         ax.set_xlabel("initial gain g")
         ax.set_ylabel(f"max Lyapunov exponent (per {per})")
-        ax.set_title(_title(items[0][0], fields, {"task", "model"}), fontsize=10)
+        figstyle.set_title(ax, _title(items[0][0], fields, {"task", "model"}), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    _suptitle(fig, runs, "Max Lyapunov exponent before and after training")
+    _suptitle(fig, runs, "Max Lyapunov exponent before and after training", select=select)
     _save(fig, out)
     return n
 
 
-def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1) -> int:
-    """Fig. 4: rule X with vs without pre-flossing, by gain (learning curves per gain, final loss vs gain)."""
-    best = _best_runs(runs)
-    flossed = [t for t in best if rule_of(t[0]).endswith(FLOSS_SUFFIX)]
+def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1, select: str = "final") -> int:
+    """Fig. 4: rule X with vs without flossing, by gain (learning curves per gain, then the ``select`` statistic
+    vs gain)."""
+    best = _best_runs(runs, select)
+    flossed = [t for t in best if FLOSS_SUFFIX in rule_of(t[0])]
     if not flossed:
         raise ValueError("no finished runs with a '+flossing' rule: the flossing figure compares rule X with "
                          "X+flossing (add e.g. rule = ['eprop', 'eprop+flossing'] to the spec)")
@@ -351,11 +404,12 @@ def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1) -> int:
     pairs: dict[tuple, dict[float, dict[str, tuple]]] = {}
     for c, lr, rs in best:
         rule = rule_of(c)
-        plain = rule.removesuffix(FLOSS_SUFFIX)
+        plain = rule.split(FLOSS_SUFFIX)[0]
         key = _panel_key(c, fields) + (("base_rule", plain),)
         pairs.setdefault(key, {}).setdefault(float(c["gain"]), {})[rule] = (c, lr, rs)
-    # keep the groups that have both X and X+flossing at some gain
-    groups = {k: {g: d for g, d in v.items() if len(d) == 2} for k, v in pairs.items()}
+    # keep the groups that have both X and some X+flossing at a gain
+    groups = {k: {g: d for g, d in v.items() if dict(k)["base_rule"] in d and len(d) >= 2}
+              for k, v in pairs.items()}
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
         raise ValueError("no gain has finished runs of both X and X+flossing with otherwise equal settings")
@@ -366,74 +420,144 @@ def plot_flossing(runs: list[RunSummary], out, *, smooth: int = 1) -> int:
     for key in sorted(groups, key=_panel_order):
         by_gain = groups[key]
         plain = dict(key)["base_rule"]
-        rules = (plain, plain + FLOSS_SUFFIX)
+        variants = sorted({r for d in by_gain.values() for r in d} - {plain})
+        rules = (plain, *variants)
+        colors = {plain: _RULE_COLORS.get(plain, None)}
+        if len(variants) == 1:
+            colors[variants[0]] = _RULE_COLORS.get(plain + FLOSS_SUFFIX, None)
+        else:
+            from matplotlib import colormaps
+
+            colors.update({v: colormaps["viridis"](0.15 + 0.7 * i / (len(variants) - 1))
+                           for i, v in enumerate(variants)})
         summary = {r: {} for r in rules}
         for g in sorted(by_gain):
             ax = next(it)
             for r in rules:
+                if r not in by_gain[g]:
+                    continue
                 c, lr, rs = by_gain[g][r]
                 cur = _curve(rs, smooth)
                 if cur is not None:
-                    _band(ax, *cur, _RULE_COLORS.get(r, None), label=f"{r} (lr {lr:.2g})", lw=1.4)
+                    _band(ax, *cur, colors[r], label=f"{r} ({_lr_text(lr)})", lw=1.4)
                     n += 1
-                summary[r][g] = [x.final_loss for x in rs]
-            first = by_gain[g][rules[0]][0]
-            ax.set_title(_title(first, fields, {"task", "model"}) + f" · g = {g:g}", fontsize=9)
+                summary[r][g] = [_stat_of(x, select) for x in rs]
+            first = by_gain[g][plain][0]
+            figstyle.set_title(ax, _title(first, fields, {"task", "model"}) + f" · g = {g:g}", fontsize=9)
             _loss_axes(ax)
             ax.legend(fontsize=7)
         ax = next(it)
         for r in rules:
             gs = sorted(summary[r])
             st = [_stat(summary[r][g]) for g in gs]
-            ax.errorbar(gs, [s[0] for s in st], yerr=[s[1] for s in st], label=r, color=_RULE_COLORS.get(r, None),
+            ax.errorbar(gs, [s[0] for s in st], yerr=[s[1] for s in st], label=r, color=colors[r],
                         marker="o", ms=4, capsize=2, lw=1.4)
             n += 1
-        ax.set_yscale("log")
+        if select != "learning-time":
+            ax.set_yscale("log")
         ax.set_xlabel("initial gain g")
-        ax.set_ylabel("final loss (mean of last 20 logged)")
-        ax.set_title("final loss vs gain", fontsize=9)
+        ax.set_ylabel(_STAT_LABEL[select], fontsize=8)
+        figstyle.set_title(ax, f"{_STAT_LABEL[select]} vs gain", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     iters = sorted({int(t[0].get("floss_iters", 0)) for t in flossed})
+    inter = sorted({(int(t[0].get("floss_inter_every", 0) or 0), int(t[0].get("floss_inter_iters", 0) or 0))
+                    for t in flossed} - {(0, 0)})
     _suptitle(fig, runs, f"Pre-flossing ({'/'.join(map(str, iters))} iterations, "
-                         f"{'/'.join(sorted({str(t[0].get('floss_mode')) for t in flossed}))}) vs none", smooth)
+                         f"{'/'.join(sorted({str(t[0].get('floss_mode')) for t in flossed}))}"
+                         + "".join(f"; {i} every {e}" for e, i in inter) + ") vs none", smooth, select)
     _save(fig, out)
     return n
 
 
-def plot_rate_vs_spiking(runs: list[RunSummary], out, *, smooth: int = 1) -> int:
-    """Rate vs LIF learning curves on the same task and rule (colour: gain; solid rate, dashed LIF)."""
-    best = _best_runs(runs)
+def _curve_of(runs: list[RunSummary], what: str, smooth: int = 1):
+    """Mean and s.e.m. over seeds of the logged ``what`` ("loss" or "accuracy") curve."""
+    have = [r for r in runs if r.iteration is not None and getattr(r, what) is not None and len(getattr(r, what))]
+    if not have:
+        return None
+    n = min(len(getattr(r, what)) for r in have)
+    mean, sem = _mean_band([_smooth(getattr(r, what)[:n], smooth) for r in have])
+    return have[0].iteration[:n], mean, sem
+
+
+def _model_label(config: dict, memories: set[float]) -> str:
+    """"rate", or "LIF" with its eligibility memory when the LIF conditions do not all share one."""
+    from neuroinit.experiments.comparison import eligibility_memory
+
+    if config.get("model") == "rate":
+        return "rate"
+    if len(memories) <= 1:
+        return "LIF"
+    unit = "task tau" if str(config.get("task")).lower() == "romo" else "ms"
+    return f"LIF (tau_m {eligibility_memory(config):g} {unit})"
+
+
+def plot_rate_vs_spiking(runs: list[RunSummary], out, *, smooth: int = 1, select: str = "final") -> int:
+    """The controlled rate-vs-LIF comparison (module docstring): a row per gain with a loss and an accuracy panel,
+    one curve per model x rule (colour: rule, BPTT the reference; line: model), learning rates in the legend, the
+    x axis cut to the iterations every curve has; what differs between the models is stated in the title."""
+    from neuroinit.experiments.comparison import compare_models, eligibility_memory
+
+    best = _best_runs(runs, select)
     models = {c.get("model") for c, _, _ in best}
     if not {"rate", "lif"} <= models:
         raise ValueError(f"the rate-vs-spiking figure needs finished runs of both models; found {sorted(models)}")
-    fields = ["task", "rule", "profile"]
-    fields += _extras([c for c, _, _ in best], fields + ["model"], _IGNORE | _MODEL_FIELDS)
-    panels: dict[tuple, dict[str, list]] = {}
-    for c, lr, rs in best:
-        panels.setdefault(_panel_key({**c, "rule": rule_of(c)}, fields), {}).setdefault(c["model"], []).append(
-            (c, lr, rs))
-    keys = sorted((k for k, v in panels.items() if len(v) == 2), key=_panel_order)
-    if not keys:
-        raise ValueError("no task and rule has finished runs of both the rate and the LIF network")
-    colors = _gain_colors(float(c["gain"]) for k in keys for m in panels[k].values() for c, _, _ in m)
-    fig, axes = _figure(len(keys), ncols=min(len(keys), 3), size=(4.6, 3.5))
+    tasks = sorted({str(c.get("task")) for c, _, _ in best})
+    if len(tasks) > 1:
+        raise ValueError(f"the rate-vs-spiking figure compares one task; found {tasks} (use --task)")
+    mismatches = compare_models([r.config for _, _, rs in best for r in rs])
+    memories = {eligibility_memory(c) for c, _, _ in best if c.get("model") == "lif"}
+    fields = ["gain", "profile"]
+    fields += _extras([c for c, _, _ in best], fields + ["model", "rule"], _IGNORE | _MODEL_FIELDS)
+    panels: dict[tuple, list] = {}
+    for t in best:
+        panels.setdefault(_panel_key(t[0], fields), []).append(t)
+    keys = sorted(panels, key=lambda k: (json.loads(dict(k)["gain"]), k))
+    ends = [int(cur[0][-1]) for _, _, rs in best if (cur := _curve_of(rs, "loss")) is not None]
+    if not ends:
+        raise ValueError("no finished runs with learning curves to plot")
+    common = min(ends)
+    fig, axes = _figure(2 * len(keys), ncols=2, size=(5.0, 3.6))
+    styles = {"rate": "-", "lif": "--"}
     n = 0
-    for ax, key in zip(axes, keys):
-        for model, ls in (("rate", "-"), ("lif", "--")):
-            for c, lr, rs in sorted(panels[key][model], key=lambda t: t[0]["gain"]):
-                cur = _curve(rs, smooth)
+    for row, key in enumerate(keys):
+        items = sorted(panels[key], key=lambda t: (_MODEL_ORDER.get(t[0].get("model"), 9),
+                                                   eligibility_memory(t[0]), _RULE_ORDER.get(rule_of(t[0]), 9)))
+        for col, what in enumerate(("loss", "accuracy")):
+            ax = axes[2 * row + col]
+            for c, lr, rs in items:
+                cur = _curve_of(rs, what, smooth)
                 if cur is None:
                     continue
-                _band(ax, *cur, colors[float(c["gain"])], ls=ls, lw=1.4,
-                      label=f"{'rate' if model == 'rate' else 'LIF'} g = {c['gain']:g}")
-                n += 1
-        c0 = next(iter(panels[key].values()))[0][0]
-        ax.set_title(_title({**c0, "rule": rule_of(c0)}, fields, {"task", "rule"}) + " · rate (—) vs LIF (--)",
-                     fontsize=9)
-        _loss_axes(ax)
-        ax.legend(fontsize=7, ncol=2)
-    _suptitle(fig, runs, "Rate vs spiking (LIF) networks", smooth)
+                x, m, e = cur
+                keep = x <= common
+                rule = rule_of(c)
+                ls = styles.get(c.get("model"), "-")
+                if c.get("model") == "lif" and len(memories) > 1 and eligibility_memory(c) == min(memories):
+                    ls = ":"
+                _band(ax, x[keep], m[keep], e[keep], _RULE_COLORS.get(rule, None), ls=ls, lw=1.4,
+                      label=f"{_model_label(c, memories)} {rule} ({_lr_text(lr)})")
+                n += what == "loss"
+            ax.set_xlim(0, common)
+            ax.set_xlabel("iteration")
+            if what == "loss":
+                _loss_axes(ax)
+            else:
+                ax.set_ylabel("training accuracy")
+                ax.grid(True, which="major", alpha=0.3)
+            c0 = items[0][0]
+            figstyle.set_title(ax, f"{c0.get('task')} · {what} · " + _title(c0, fields, set()), fontsize=9)
+            ax.legend(fontsize=6.5)
+    if mismatches:
+        stated = "Differs between the models: " + "; ".join(m.text() for m in mismatches)
+    else:
+        stated = "Matched: iterations, seeds, batch, task timing, learning-rate grid, eligibility memory"
+    if tasks[0].lower() == "romo" and mismatches:
+        stated += " (timing and eligibility memory in task tau)"
+    if len(memories) > 1:
+        stated += "; dotted: LIF with its eligibility memory matched to the rate net's"
+    _suptitle(fig, runs, "Rate vs spiking (LIF) networks: loss and accuracy, BPTT as each model's reference",
+              smooth, select, extra=stated)
     _save(fig, out)
     return n
 
@@ -494,9 +618,10 @@ def _write_cache(p: Path | None, data: dict) -> None:
         pass
 
 
-def plot_curvature(runs: list[RunSummary], out, *, sweep_dir=None, max_iter: int = 100, progress=None) -> int:
+def plot_curvature(runs: list[RunSummary], out, *, sweep_dir=None, max_iter: int = 100, progress=None,
+                   select: str = "final") -> int:
     """Top Hessian eigenvalue and generalisation gap vs gain, one curve per rule (seed 004's measure)."""
-    best = _best_runs(runs)
+    best = _best_runs(runs, select)
     if not best:
         raise ValueError("no finished runs to plot")
     cache_path, cache = _curvature_cache(sweep_dir) if sweep_dir is not None else (None, {})
@@ -535,10 +660,10 @@ def plot_curvature(runs: list[RunSummary], out, *, sweep_dir=None, max_iter: int
                 ax.axhline(0.0, color="k", lw=0.6, alpha=0.5)
             ax.set_xlabel("initial gain g")
             ax.set_ylabel(label, fontsize=9)
-            ax.set_title(_title(items[0][0], fields, {"task", "model"}), fontsize=10)
+            figstyle.set_title(ax, _title(items[0][0], fields, {"task", "model"}), fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-    _suptitle(fig, runs, f"Curvature of the trained networks (power iteration, <= {max_iter} HVPs)")
+    _suptitle(fig, runs, f"Curvature of the trained networks (power iteration, <= {max_iter} HVPs)", select=select)
     _save(fig, out)
     return n
 
@@ -547,26 +672,35 @@ def plot_curvature(runs: list[RunSummary], out, *, sweep_dir=None, max_iter: int
 
 def plot_figure(sweep_dir, figure: str, out, *, task: str | None = None, model: str | None = None,
                 gains: Iterable[float] | None = None, spec: str | None = None, max_iter: int = 100,
-                smooth: int = 1, progress=None) -> int:
+                smooth: int = 1, progress=None, select: str = "final") -> int:
     """Draw ``figure`` (one of :data:`FIGURES`) from the runs in ``sweep_dir`` into ``out``; returns the
     number of curves drawn. ``smooth``: learning curves as a trailing mean over this many logged losses (each
-    seed's curve, before the mean over seeds)."""
+    seed's curve, before the mean over seeds). ``select``: how each condition's learning rate is chosen
+    (:data:`~neuroinit.experiments.sweep.SELECT`)."""
+    from neuroinit.experiments.sweep import SELECT
+
     if figure not in FIGURES:
         raise ValueError(f"Invalid figure {figure!r}: allowed {', '.join(FIGURES)}")
+    if select not in SELECT:
+        raise ValueError(f"Invalid select {select!r}: allowed {', '.join(SELECT)}")
     if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
         raise ValueError(f"Invalid smooth {smooth!r}: an integer >= 1 (1 = raw logged losses)")
     if figure == "rate-vs-spiking" and model is not None:
         raise ValueError("Invalid --model with the rate-vs-spiking figure: it shows both models")
+    if figure == "alignment":  # from a 'neuroinit alignment --out FILE.json' document, not a sweep directory
+        from neuroinit.experiments.alignment_plot import plot_alignment
+
+        return plot_alignment(sweep_dir, out, model=model, gains=gains)
     runs = load_for_plot(sweep_dir, task=task, model=model, gains=gains, spec=spec)
     if figure == "learning-curves":
-        return plot_learning_curves(runs, out, smooth=smooth)
+        return plot_learning_curves(runs, out, smooth=smooth, select=select)
     if figure == "lyapunov":
-        return plot_lyapunov(runs, out)
+        return plot_lyapunov(runs, out, select=select)
     if figure == "flossing":
-        return plot_flossing(runs, out, smooth=smooth)
+        return plot_flossing(runs, out, smooth=smooth, select=select)
     if figure == "rate-vs-spiking":
-        return plot_rate_vs_spiking(runs, out, smooth=smooth)
-    return plot_curvature(runs, out, sweep_dir=sweep_dir, max_iter=max_iter, progress=progress)
+        return plot_rate_vs_spiking(runs, out, smooth=smooth, select=select)
+    return plot_curvature(runs, out, sweep_dir=sweep_dir, max_iter=max_iter, progress=progress, select=select)
 
 
 def plot_compare(run_a, run_b, out) -> int:
@@ -613,7 +747,8 @@ def plot_compare(run_a, run_b, out) -> int:
         raise ValueError(f"{run_a}, {run_b}: neither run has a learning curve or Lyapunov exponents yet")
     what = ", ".join(f"{k}: {_fmt_val(files[0].config.get(k))} vs {_fmt_val(files[1].config.get(k))}"
                      for k in diff[:6]) or "same config"
-    fig.suptitle(f"{names[0]}  vs  {names[1]}\n{what}", fontsize=9)
+    figstyle.suptitle(fig, f"{names[0]}  vs  {names[1]}\n{what}\n"
+                           + figstyle.scale_text([f.config for f in files], bands=False))
     _save(fig, out)
     return n
 

@@ -23,6 +23,8 @@ A spec is a TOML file (``docs/experiments.md``; examples in ``examples/``)::
     lr_scale = [0.5, 1.0, 2.0]  # multiples of the default rate (0.05 / N on Romo); or lr = [...] (absolute)
     profile = "ideal"
     base = {dt_ms = 5.0}        # optional, per block: overrides [base] for this block's runs
+    match_eligibility = true    # optional, per block: LIF runs get tau_m = the rate net's tau in task units
+                                # (their e-prop eligibility memory then equals the rate net's; comparison.py)
 
 Every run is one :class:`~neuroinit.experiments.train.TrainConfig` with a single learning rate (the grid's
 learning rates are separate runs, so they run in parallel), named by a hash of its content
@@ -48,7 +50,10 @@ there; others train into a temporary directory and send the file back to the swe
 Best learning rate (the paper's choice, ``science.md`` 6.2): per condition (the config up to seed and learning
 rate), the learning rate whose runs have the lowest mean over seeds of the final loss (the mean of the last 20
 logged training losses); learning rates with fewer finished seeds (divergence, failure) rank after those with
-more (:func:`select_best`).
+more (:func:`select_best`). Other criteria for non-monotone curves (``select``, :data:`SELECT`): ``"min"`` the
+lowest logged loss, ``"learning-time"`` the iteration from which the loss stays below 5% of its initial value
+(:func:`learned_at`). A chosen rate at the lowest or highest rate of its condition's grid is flagged (the grid
+may not contain the best rate): ``BestChoice.edge``, ``edge`` in the summary rows, marked in tables and figures.
 """
 
 from __future__ import annotations
@@ -75,10 +80,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ADDED_FIELDS",
     "AXES",
     "FLOSS_SUFFIX",
     "MANIFEST",
     "RUNS_DIR",
+    "SELECT",
     "STATUSES",
     "BestChoice",
     "PlannedRun",
@@ -88,9 +95,12 @@ __all__ = [
     "SweepEvent",
     "SweepReport",
     "SweepSpec",
+    "comparable_config",
     "condition_key",
+    "edge_mark",
     "execute_run",
     "format_summary",
+    "learned_at",
     "load_spec",
     "parse_spec",
     "read_manifest",
@@ -115,17 +125,41 @@ FINISHED = ("complete", "diverged")
 
 SPEC_KEYS = ("name", "description", "base", "flossing", "grid")
 AXES = ("task", "model", "rule", "gain", "seed", "profile", "lr", "lr_scale")
-BLOCK_KEYS = AXES + ("base",)
-FLOSSING_KEYS = {"iters": "floss_iters", "mode": "floss_mode", "k": "floss_k", "lr": "floss_lr"}
+BLOCK_KEYS = AXES + ("base", "match_eligibility")
+FLOSSING_KEYS = {"iters": "floss_iters", "mode": "floss_mode", "k": "floss_k", "lr": "floss_lr",
+                 "inter_every": "floss_inter_every", "inter_iters": "floss_inter_iters"}
 DEFAULT_FLOSSING = {"iters": 100, "mode": "local"}
 # TrainConfig fields the grid (or [flossing]) sets; [base] may not.
 _NOT_IN_BASE = {"task": "grid", "model": "grid", "rule": "grid", "gain": "grid", "seed": "grid",
                 "profile": "grid", "lr": "grid", "lr_grid": "grid", "floss_iters": "flossing",
-                "floss_mode": "flossing", "floss_k": "flossing", "floss_lr": "flossing"}
+                "floss_mode": "flossing", "floss_k": "flossing", "floss_lr": "flossing",
+                "floss_inter_every": "flossing", "floss_inter_iters": "flossing"}
 # Config fields that do not change a run's result (train() lets them differ on resume): not in the run id.
 _NOT_HASHED = ("checkpoint_every", "checkpoint_seconds")
+# Run-id stability. TrainConfig fields added after the first sweeps (commit 6cbe674): left out of the run id (and
+# of the comparison with a stored run file) while they hold their default, so runs made before a field existed
+# keep their ids and files and are still found, resumed and summarised. One name per line (easy to merge).
+ADDED_FIELDS = (
+    "floss_inter_every",
+    "floss_inter_iters",
+    "io_init",
+    "align_every",
+    "chip_neuron",
+    "tau_syn_ms",
+)
+# Fields whose default changed, with the default they had before: where the field has no effect on the run
+# (floss_k when the run does not floss) the id uses that old value, so the ids of runs that never flossed do not
+# change. (floss_k was 1 before "auto"; a flossing run that set k = 1 explicitly keeps its id, one that uses "auto"
+# gets the id of its resolved k, e.g. k = 32 at N = 256.)
+_FORMER_DEFAULTS = {"floss_k": 1}
 # Fields that make two runs the same condition when they are all that differ.
 _REPLICATE_FIELDS = ("seed", "lr", "lr_grid")
+# How the learning rate of a condition is chosen (and what the summaries and figures report): the mean over seeds
+# of each run's final loss (mean of the last 20 logged), of its lowest logged loss, or of its learning time.
+SELECT = ("final", "min", "learning-time")
+SELECT_TEXT = {"final": "mean of the last 20 logged losses", "min": "lowest logged loss",
+               "learning-time": "learning time (first logged iteration from which the loss stays below 5% of "
+                                "its initial value; never = the run's iterations)"}
 _ATTEMPTS = 2          # a run whose worker process dies this often is recorded as failed
 _LOCAL_STALE_S = 0.0   # temporary files older than this are removed at start (local executors)
 _CLUSTER_STALE_S = 3600.0
@@ -145,6 +179,8 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+# TrainConfig fields added after run files and sweeps existed: left out of run ids, condition keys and stored-config
+# comparisons while they hold their default, so existing runs keep their ids and stay complete.
 def _canonical(config: dict) -> dict:
     """The config as stored in a run file (JSON round trip: tuples become lists)."""
     return json.loads(json.dumps(config, sort_keys=True))
@@ -155,23 +191,53 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-def run_id(config) -> str:
-    """A 16-hex-digit id from the content of ``config`` (a TrainConfig or its dict), without the fields that
-    do not change the result (checkpoint frequency)."""
+def _flosses(config: dict) -> bool:
+    return int(config.get("floss_iters", 0) or 0) > 0 or int(config.get("floss_inter_every", 0) or 0) > 0
+
+
+def _field_default(name: str):
+    from neuroinit.experiments.train import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def comparable_config(config) -> dict:
+    """``config`` (a TrainConfig or its dict, possibly from an older run file) as run ids and run-file checks
+    compare it: JSON-canonical, without the fields that do not change the result (checkpoint frequency), without
+    :data:`ADDED_FIELDS` that hold their default, and with ``floss_k`` at its former default 1 when the run does
+    not floss (it has no effect there)."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     d = {k: v for k, v in _canonical(d).items() if k not in _NOT_HASHED}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    if d.get("floss_k") == "auto" and isinstance(d.get("hidden"), int):   # a raw dict: as TrainConfig stores it
+        from neuroinit.dynamics.flossing import resolve_floss_k
+
+        d["floss_k"] = resolve_floss_k("auto", d["hidden"])
+    for name in ADDED_FIELDS:
+        if name in d and d[name] == _field_default(name):
+            del d[name]
+    if not _flosses(d):
+        for name, former in _FORMER_DEFAULTS.items():
+            if name in d:
+                d[name] = former
+    return d
+
+
+def run_id(config) -> str:
+    """A 16-hex-digit id from the content of ``config`` (a TrainConfig or its dict): the hash of
+    :func:`comparable_config` (stable across versions: see :data:`ADDED_FIELDS`)."""
+    return hashlib.sha256(json.dumps(comparable_config(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def rule_label(config: dict) -> str:
-    """``"eprop"``, or ``"eprop+flossing"`` when the run pre-flossed (``floss_iters > 0``)."""
+    """``"eprop"``, or ``"eprop+flossing"`` when the run flosses (pre-flossing ``floss_iters > 0`` or
+    inter-flossing ``floss_inter_every > 0``)."""
     rule = str(config.get("rule", "eprop"))
-    return rule + FLOSS_SUFFIX if int(config.get("floss_iters", 0) or 0) > 0 else rule
+    return rule + FLOSS_SUFFIX if _flosses(config) else rule
 
 
 def condition_key(config: dict) -> str:
     """Runs that differ only in seed and learning rate share a condition (this key)."""
-    d = {k: v for k, v in _canonical(config).items() if k not in _REPLICATE_FIELDS + _NOT_HASHED}
+    d = {k: v for k, v in comparable_config(config).items() if k not in _REPLICATE_FIELDS}
     return json.dumps(d, sort_keys=True)
 
 
@@ -181,6 +247,18 @@ def _effective_lr(config: dict) -> float:
     from neuroinit.experiments.train import TrainConfig, resolve_settings
 
     return float(resolve_settings(TrainConfig.from_dict(config))["lr"])
+
+
+def _matched_tau_m(config: dict) -> float:
+    """The LIF membrane time constant (ms) whose eligibility memory equals the rate net's on the same task: the
+    task's tau on Romo (the rate net's tau is Romo's time unit), the rate net's default tau on neurogym tasks."""
+    from neuroinit.experiments.train import TrainConfig, resolve_settings
+
+    s = resolve_settings(TrainConfig.from_dict(config))
+    if str(config.get("task", "romo")).lower() == "romo":
+        return float(s["tau_ms"])
+    rate = {k: v for k, v in config.items() if k not in ("tau_m_ms", "tau_out_ms", "v_th", "reset", "n_refractory")}
+    return float(resolve_settings(TrainConfig.from_dict({**rate, "model": "rate"}))["tau_ms"])
 
 
 def _safe(text: str) -> str:
@@ -334,8 +412,11 @@ def parse_spec(data: dict, *, where: str = "<spec>", text: str = "", base_dir: P
                            f"{', '.join('flossing.' + k for k in FLOSSING_KEYS)}")
     flossing = {FLOSSING_KEYS[k]: v for k, v in {**DEFAULT_FLOSSING, **floss_raw}.items()}
     if not isinstance(flossing["floss_iters"], int) or isinstance(flossing["floss_iters"], bool) \
-            or flossing["floss_iters"] < 1:
-        raise _fail(where, f"invalid flossing.iters {flossing['floss_iters']!r}: an integer >= 1")
+            or flossing["floss_iters"] < 0:
+        raise _fail(where, f"invalid flossing.iters {flossing['floss_iters']!r}: an integer >= 0")
+    if flossing["floss_iters"] == 0 and not flossing.get("floss_inter_every"):
+        raise _fail(where, "flossing.iters = 0 without inter-flossing (flossing.inter_every, inter_iters): "
+                           "rule 'X+flossing' would not floss")
 
     grid = data.get("grid")
     if grid is None:
@@ -354,6 +435,11 @@ def parse_spec(data: dict, *, where: str = "<spec>", text: str = "", base_dir: P
         if "lr" in block and "lr_scale" in block:
             raise _fail(where, f"{at}: give lr or lr_scale, not both")
         bbase = {**base, **check_base(block.get("base", {}), f"{at}.base")}
+        match = block.get("match_eligibility", False)
+        if not isinstance(match, bool):
+            raise _fail(where, f"{at}: invalid match_eligibility {match!r}: true or false")
+        if match and "tau_m_ms" in bbase:
+            raise _fail(where, f"{at}: match_eligibility sets tau_m_ms; do not set it in base too")
         tasks = _as_list(bwhere, "task", block.get("task", "romo"), "str")
         models = _as_list(bwhere, "model", block.get("model", "rate"), "str")
         rules = _as_list(bwhere, "rule", block.get("rule", "eprop"), "str")
@@ -386,6 +472,8 @@ def parse_spec(data: dict, *, where: str = "<spec>", text: str = "", base_dir: P
                 d.update(flossing)
             label = f"{task} {model} {rule} gain {gain:g} seed {seed}"
             try:
+                if match and model == "lif":
+                    d["tau_m_ms"] = _matched_tau_m(d)
                 if scale is not None:
                     default = resolve_settings(TrainConfig.from_dict(d))["lr"]
                     d["lr"] = float(f"{scale * default:.12g}")
@@ -422,9 +510,8 @@ def run_state(path: str | os.PathLike, config) -> tuple[str, str]:
         rf = read_run(p)
     except ValueError as e:
         return "corrupt", str(e).splitlines()[0]
-    want = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    want = {k: v for k, v in _canonical(want).items() if k not in _NOT_HASHED}
-    have = {k: v for k, v in _canonical(rf.config).items() if k not in _NOT_HASHED}
+    want = comparable_config(config)
+    have = comparable_config(rf.config)
     if want != have:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         return "mismatch", f"stored config differs in {diff}"
@@ -926,10 +1013,13 @@ class RunSummary:
     status: str
     lr: float
     final_loss: float | None = None
-    learning_time: int | None = None
+    learning_time: int | None = None      # Schuessler's: first iteration with loss < 5% of the initial (run file)
+    min_loss: float | None = None         # lowest logged loss
+    learned_at: int | None = None         # first logged iteration from which the loss stays < 5% of the initial
     lyapunov: dict[str, dict] = field(default_factory=dict)   # which -> {"max_per_step", "max_per_tau"}
     iteration: np.ndarray | None = None
     loss: np.ndarray | None = None
+    accuracy: np.ndarray | None = None    # logged training-batch accuracy (with the curves)
     eval_accuracy: float | None = None
     wall_time: float | None = None
     error: str = ""
@@ -1002,11 +1092,43 @@ def summaries_from_dir(sweep_dir: str | os.PathLike, *, curves: bool = True, all
             rs.final_loss = float(sel.final_loss)
             rs.learning_time = sel.learning_time
             rs.eval_accuracy = s.get("eval_accuracy")
+            if sel.loss:
+                rs.min_loss = float(np.min(sel.loss))
+                rs.learned_at = learned_at(sel.iteration, sel.loss)
             if curves:
                 rs.iteration = np.asarray(sel.iteration, dtype=np.int64)
                 rs.loss = np.asarray(sel.loss, dtype=np.float64)
+                rs.accuracy = np.asarray(sel.accuracy, dtype=np.float64)
         out.append(rs)
     return out
+
+
+def learned_at(iteration, loss, fraction: float = 0.05) -> int | None:
+    """Learning time for non-monotone curves: the first logged iteration from which every later logged loss stays
+    below ``fraction`` of the first logged loss (iteration 0's, before any update); None if the last logged loss
+    is not below it (the run never settled). Unlike Schuessler's learning time (the first iteration below the
+    threshold, :func:`neuroinit.experiments.train.learning_time`) a curve that dips and comes back up does not
+    count as learned at the dip."""
+    its = np.asarray(iteration, dtype=np.int64)
+    ys = np.asarray(loss, dtype=np.float64)
+    if len(ys) == 0 or len(its) != len(ys):
+        return None
+    below = ys < fraction * ys[0]
+    if not below[-1]:
+        return None
+    above = np.flatnonzero(~below)
+    return int(its[above[-1] + 1]) if len(above) else int(its[0])
+
+
+def _score(r: RunSummary, select: str) -> float | None:
+    """The number a run contributes to its learning rate's rank (lower is better) under ``select``."""
+    if select == "final":
+        return r.final_loss
+    if select == "min":
+        return r.min_loss
+    if r.learned_at is not None:
+        return float(r.learned_at)
+    return float(r.config.get("iters", math.inf))   # never settled: censored at the end of training
 
 
 @dataclass(frozen=True)
@@ -1018,13 +1140,27 @@ class BestChoice:
     runs: tuple[RunSummary, ...]
     n_seeds: int                       # runs planned at that learning rate
     mean_final_loss: float
-    per_lr: dict[float, tuple[int, int, float]]   # lr -> (finished, planned, mean final loss)
+    per_lr: dict[float, tuple[int, int, float]]   # lr -> (finished, planned, mean score under ``select``)
+    select: str = "final"
+    edge: str | None = None            # "lowest" / "highest": the chosen rate is at that end of a grid of >= 2
+
+    @property
+    def mean_score(self) -> float:
+        return self.per_lr[self.lr][2]
 
 
-def select_best(runs: Iterable[RunSummary]) -> dict[str, BestChoice]:
-    """Per condition, the learning rate with the lowest mean final loss over seeds (the mean of the last 20
-    logged losses of each run); learning rates with more unfinished (diverged / failed / pending) seeds rank
-    after those with fewer. Conditions with no finished run are left out."""
+def _check_select(select: str) -> None:
+    if select not in SELECT:
+        raise ValueError(f"Invalid select {select!r}: allowed {', '.join(SELECT)}")
+
+
+def select_best(runs: Iterable[RunSummary], select: str = "final") -> dict[str, BestChoice]:
+    """Per condition, the learning rate with the lowest mean over seeds of the ``select`` score (:data:`SELECT`;
+    default the final loss, the mean of the last 20 logged losses of each run); learning rates with more
+    unfinished (diverged / failed / pending) seeds rank after those with fewer; ties go to the lower final loss.
+    Conditions with no finished run are left out. ``edge`` flags a choice at the lowest or highest rate of the
+    condition's grid."""
+    _check_select(select)
     groups: dict[str, dict[float, list[RunSummary]]] = {}
     for r in runs:
         if not r.config:
@@ -1032,18 +1168,23 @@ def select_best(runs: Iterable[RunSummary]) -> dict[str, BestChoice]:
         groups.setdefault(r.condition, {}).setdefault(float(r.lr), []).append(r)
     out = {}
     for cond, by_lr in groups.items():
-        per_lr = {}
+        per_lr, final = {}, {}
         for lr, rs in by_lr.items():
-            ok = [r.final_loss for r in rs if r.status == "complete" and r.final_loss is not None
-                  and math.isfinite(r.final_loss)]
-            per_lr[lr] = (len(ok), len(rs), float(np.mean(ok)) if ok else math.inf)
-        ranked = sorted(per_lr, key=lambda lr: (per_lr[lr][1] - per_lr[lr][0], per_lr[lr][2], lr))
+            done = [r for r in rs if r.status == "complete" and r.final_loss is not None
+                    and math.isfinite(r.final_loss)]
+            scores = [v for v in (_score(r, select) for r in done) if v is not None and math.isfinite(v)]
+            per_lr[lr] = (len(done), len(rs), float(np.mean(scores)) if scores else math.inf)
+            final[lr] = float(np.mean([r.final_loss for r in done])) if done else math.inf
+        ranked = sorted(per_lr, key=lambda lr: (per_lr[lr][1] - per_lr[lr][0], per_lr[lr][2], final[lr], lr))
         best = ranked[0]
         if per_lr[best][0] == 0:
             continue
         chosen = tuple(sorted((r for r in by_lr[best] if r.status == "complete" and r.final_loss is not None),
                               key=lambda r: r.config.get("seed", 0)))
-        out[cond] = BestChoice(cond, best, chosen, per_lr[best][1], per_lr[best][2], per_lr)
+        edge = None
+        if len(per_lr) >= 2:
+            edge = "lowest" if best == min(per_lr) else "highest" if best == max(per_lr) else None
+        out[cond] = BestChoice(cond, best, chosen, per_lr[best][1], final[best], per_lr, select, edge)
     return out
 
 
@@ -1055,11 +1196,13 @@ def _mean_sem(xs: list[float]) -> tuple[float, float]:
     return m, float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
 
 
-def summarize(runs: list[RunSummary]) -> list[dict]:
-    """One row per condition: the chosen learning rate and, over its seeds, the final loss (mean and s.e.m.),
-    learning time (median over the seeds that learned; how many never did) and the max Lyapunov exponent per
-    step before and after training (mean)."""
-    best = select_best(runs)
+def summarize(runs: list[RunSummary], select: str = "final") -> list[dict]:
+    """One row per condition: the learning rate chosen by ``select`` (:data:`SELECT`; ``edge`` says whether it is
+    the lowest or highest of its grid) and, over its seeds, the final loss and the lowest logged loss (mean and
+    s.e.m.), Schuessler's learning time (median over the seeds that learned; how many never did), the settled
+    learning time of :func:`learned_at` (median; how many never settled) and the max Lyapunov exponent per step
+    before and after training (mean)."""
+    best = select_best(runs, select)
     status: dict[str, Counter] = {}
     for r in runs:
         if r.config:
@@ -1069,29 +1212,59 @@ def summarize(runs: list[RunSummary]) -> list[dict]:
         c = b.runs[0].config
         m, sem = _mean_sem([r.final_loss for r in b.runs])
         lts = [r.learning_time for r in b.runs if r.learning_time is not None]
+        settled = [r.learned_at for r in b.runs if r.learned_at is not None]
+        mn, mn_sem = _mean_sem([r.min_loss for r in b.runs])
         rows.append({
             "task": c.get("task"), "model": c.get("model"), "rule": rule_label(c), "gain": c.get("gain"),
-            "profile": c.get("profile"), "best_lr": b.lr, "seeds": f"{len(b.runs)}/{b.n_seeds}",
-            "final_loss": m, "final_loss_sem": sem,
+            "profile": c.get("profile"), "best_lr": b.lr, "edge": b.edge, "select": select,
+            "seeds": f"{len(b.runs)}/{b.n_seeds}", "iters": c.get("iters"), "hidden": c.get("hidden"),
+            "floss_k": c.get("floss_k") if _flosses(c) else None,
+            "final_loss": m, "final_loss_sem": sem, "min_loss": mn, "min_loss_sem": mn_sem,
             "learning_time_median": float(np.median(lts)) if lts else None, "never_learned": len(b.runs) - len(lts),
+            "learned_at_median": float(np.median(settled)) if settled else None,
+            "never_settled": len(b.runs) - len(settled),
             "lyapunov_before": _mean_sem([r.lyapunov.get("initial", {}).get("max_per_step") for r in b.runs])[0],
             "lyapunov_after": _mean_sem([r.lyapunov.get("final", {}).get("max_per_step") for r in b.runs])[0],
-            "per_lr": {f"{lr:.4g}": {"finished": k, "planned": n, "mean_final_loss": v}
+            "per_lr": {f"{lr:.4g}": {"finished": k, "planned": n, f"mean_{select.replace('-', '_')}": v}
                        for lr, (k, n, v) in sorted(b.per_lr.items())},
             "status": dict(status.get(cond, {})),
+            "_config": comparable_config(c),
         })
+    # conditions that share task, model, rule, gain and profile: name the settings that tell them apart
+    shown = ("task", "model", "rule", "gain", "profile")
+    groups: dict[tuple, list[dict]] = {}
+    for (cond, b), row in zip(best.items(), rows):
+        groups.setdefault(tuple(str(row[k]) for k in shown), []).append(json.loads(cond))
+    for row in rows:
+        configs = groups[tuple(str(row[k]) for k in shown)]
+        varying = sorted(k for k in set().union(*configs) if k not in shown and len(
+            {json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+        row["variant"] = ", ".join(f"{k}={_fmt_value(row['_config'].get(k))}" for k in varying)
+    for row in rows:
+        del row["_config"]
     order = {"bptt": 0, "eprop": 1, "eprop+flossing": 2}
     rows.sort(key=lambda r: (str(r["task"]), str(r["model"]), str(r["profile"]), order.get(r["rule"], 9), r["rule"],
                              r["gain"]))
     return rows
 
 
+def _fmt_value(v) -> str:
+    return "default" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def edge_mark(edge: str | None) -> str:
+    """The mark a chosen learning rate at an end of its grid gets in tables and legends."""
+    return {"lowest": ", grid edge: lowest", "highest": ", grid edge: highest"}.get(edge or "", "")
+
+
 def format_summary(rows: list[dict]) -> str:
-    """The summary rows as a plain-text table."""
+    """The summary rows as a plain-text table, with a line saying how the learning rate was chosen; a rate at
+    an edge of its grid is marked ``<`` (lowest) or ``>`` (highest)."""
     if not rows:
         return "no finished runs"
-    header = ("task", "model", "rule", "gain", "best lr", "seeds", "final loss", "learn time", "lyap before",
-              "lyap after")
+    select = rows[0].get("select", "final")
+    header = ("task", "model", "rule", "gain", "best lr", "seeds", "final loss", "min loss", "learn time",
+              "settled at", "lyap before", "lyap after")
 
     def f(x, spec=".3g"):
         return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
@@ -1099,11 +1272,21 @@ def format_summary(rows: list[dict]) -> str:
     cells = []
     for r in rows:
         lt = f(r["learning_time_median"], ".0f") + (f" ({r['never_learned']} never)" if r["never_learned"] else "")
-        cells.append((str(r["task"]), str(r["model"]) + ("" if r["profile"] == "ideal" else f"/{r['profile']}"),
-                      r["rule"], f(r["gain"], "g"), f(r["best_lr"], ".3g"), r["seeds"],
-                      f"{f(r['final_loss'], '.3g')} ± {f(r['final_loss_sem'], '.2g')}", lt,
+        st = f(r.get("learned_at_median"), ".0f") + (f" ({r['never_settled']} never)"
+                                                     if r.get("never_settled") else "")
+        mark = {"lowest": " <", "highest": " >"}.get(r.get("edge") or "", "")
+        cells.append((str(r["task"]), str(r["model"]) + ("" if r["profile"] == "ideal" else f"/{r['profile']}")
+                      + (f" ({r['variant']})" if r.get("variant") else ""),
+                      r["rule"], f(r["gain"], "g"), f(r["best_lr"], ".3g") + mark, r["seeds"],
+                      f"{f(r['final_loss'], '.3g')} ± {f(r['final_loss_sem'], '.2g')}",
+                      f"{f(r.get('min_loss'), '.3g')} ± {f(r.get('min_loss_sem'), '.2g')}", lt, st,
                       f(r["lyapunov_before"], "+.3f"), f(r["lyapunov_after"], "+.3f")))
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip() for c in [header, *cells]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    notes = [f"best lr per condition by {SELECT_TEXT.get(select, select)} over seeds (mean ± s.e.m.)"]
+    if any(r.get("edge") for r in rows):
+        notes.append("< / >: the chosen rate is the lowest / highest of its grid (widen the grid)")
+    notes.append("learn time: first iteration with loss < 5% of the initial (median); settled at: first logged "
+                 "iteration from which it stays below (median)")
+    return "\n".join(lines + notes)

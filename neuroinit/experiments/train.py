@@ -68,7 +68,7 @@ FLOSS_MODES = ("local", "full", "detached")
 LAST_LOGGED = 20           # lr-grid choice and final_loss: mean of the last 20 logged losses (science.md 6.2)
 LEARNED_FRACTION = 0.05    # Schuessler's learning time: first iteration with loss < 5% of the initial loss
 # Generator streams, numbered for numpy.random.SeedSequence([seed, stream]) (the init uses the seed itself).
-_STREAMS = {"batch": 1, "rule": 2, "round": 3, "lyapunov": 4, "floss": 5, "eval": 6}
+_STREAMS = {"batch": 1, "rule": 2, "round": 3, "lyapunov": 4, "floss": 5, "eval": 6, "inter_floss": 7}
 # Fields that may change when a run is resumed (they do not change the result).
 RESUMABLE_CHANGES = ("checkpoint_every", "checkpoint_seconds")
 
@@ -132,7 +132,16 @@ class TrainConfig:
     ``form`` "rate" for RFLO (Murray's rate form), "voltage" otherwise; ``dt_ms`` / ``tau_ms`` (the rate net's tau,
     or Romo's time unit) / ``tau_m_ms`` and ``tau_out_ms`` (LIF) / ``input_scale`` from the per-(task, model)
     table. ``lr_grid`` trains once per rate (same seed) and keeps
-    the one with the lowest mean of the last 20 logged losses.
+    the one with the lowest mean of the last 20 logged losses. ``align_every = K > 0`` (local rules only) compares
+    the rule's gradient with BPTT's on the current batch every K iterations (iteration 0 included) and stores the
+    cosine and relative error per parameter in the run file (:mod:`neuroinit.dynamics.alignment`); it does not
+    change the training (0: off).
+
+    Flossing: ``floss_k = "auto"`` is resolved at construction to ``max(1, hidden // 8)``
+    (:func:`neuroinit.dynamics.flossing.resolve_floss_k`), so the config (and the run file) holds the integer.
+    ``floss_inter_every = E > 0`` adds inter-flossing: before training iterations E, 2E, ... the network is flossed
+    for ``floss_inter_iters`` iterations (same k, mode and lr as pre-flossing). ``io_init``: how the input and
+    readout weights are drawn (:data:`neuroinit.init.IO_INITS`).
     """
 
     task: str = "romo"
@@ -158,6 +167,8 @@ class TrainConfig:
     v_th: float = 1.0
     reset: str = "subtract"
     n_refractory: int = 0
+    chip_neuron: bool = False         # LIF: train the profile's [neuron] model (synaptic current, >=), as deployed
+    tau_syn_ms: float | None = None   # LIF with chip_neuron and a synaptic current: its tau (default dt / ln 2)
     input_scale: float | None = None
     clamp_gain: bool = False
     log_every: int = 10
@@ -167,10 +178,14 @@ class TrainConfig:
     lyapunov: bool = True
     lyapunov_k: int = 8
     floss_iters: int = 0
-    floss_k: int = 1
+    floss_k: int | str = "auto"
     floss_mode: str = "local"
     floss_lr: float = 1e-3
     fast: bool = True
+    align_every: int = 0
+    floss_inter_every: int = 0
+    floss_inter_iters: int = 0
+    io_init: str = "schuessler"
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_grid, list):
@@ -211,14 +226,28 @@ class TrainConfig:
         if not isinstance(self.profile, str) or not self.profile:
             raise ValueError(f"Invalid profile {self.profile!r}: a bundled profile name or a .toml path")
         load_profile(self.profile)  # ProfileError (a ValueError) naming the problem
-        for name in ("hidden", "batch", "iters", "log_every", "checkpoint_every", "eval_batch", "lyapunov_k",
-                     "floss_k"):
+        for name in ("hidden", "batch", "iters", "log_every", "checkpoint_every", "eval_batch", "lyapunov_k"):
             val = getattr(self, name)
             if not _is_int(val) or val < 1:
                 raise ValueError(f"Invalid {name} {val!r}: must be an integer >= 1")
-        for name in ("lyapunov_k", "floss_k"):
-            if getattr(self, name) > self.hidden:
-                raise ValueError(f"Invalid {name} {getattr(self, name)}: at most hidden = {self.hidden}")
+        if self.lyapunov_k > self.hidden:
+            raise ValueError(f"Invalid lyapunov_k {self.lyapunov_k}: at most hidden = {self.hidden}")
+        from neuroinit.dynamics.flossing import resolve_floss_k
+
+        try:
+            object.__setattr__(self, "floss_k", resolve_floss_k(self.floss_k, self.hidden))
+        except ValueError as e:
+            raise ValueError(str(e).replace("Invalid k", "Invalid floss_k", 1)) from None
+        for name in ("floss_inter_every", "floss_inter_iters"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be an integer >= 0")
+        if (self.floss_inter_every > 0) != (self.floss_inter_iters > 0):
+            raise ValueError(f"Invalid inter-flossing floss_inter_every = {self.floss_inter_every}, "
+                             f"floss_inter_iters = {self.floss_inter_iters}: give both > 0 (on) or both 0 (off)")
+        from neuroinit.init import IO_INITS
+
+        if self.io_init not in IO_INITS:
+            raise ValueError(f"Invalid io_init {self.io_init!r}: allowed {', '.join(IO_INITS)}")
         if self.lr is not None and (not _is_number(self.lr) or self.lr <= 0):
             raise ValueError(f"Invalid lr {self.lr!r}: must be a finite number > 0")
         if not isinstance(self.lr_grid, tuple) or any(not _is_number(x) or x <= 0 for x in self.lr_grid):
@@ -270,9 +299,18 @@ class TrainConfig:
             raise ValueError(f"Invalid n_refractory {self.n_refractory!r}: must be an integer >= 0")
         if not _is_number(self.checkpoint_seconds) or self.checkpoint_seconds < 0:
             raise ValueError(f"Invalid checkpoint_seconds {self.checkpoint_seconds!r}: a number >= 0 (0 = off)")
-        for name in ("clamp_gain", "lyapunov", "fast"):
+        if self.tau_syn_ms is not None and (not _is_number(self.tau_syn_ms) or self.tau_syn_ms <= 0):
+            raise ValueError(f"Invalid tau_syn_ms {self.tau_syn_ms!r}: must be a finite number > 0")
+        if (self.chip_neuron is True or self.tau_syn_ms is not None) and self.model != "lif":
+            raise ValueError("Invalid chip_neuron / tau_syn_ms for a rate network: they set LIF neuron options")
+        for name in ("clamp_gain", "lyapunov", "fast", "chip_neuron"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be true or false")
+        if not _is_int(self.align_every) or self.align_every < 0:
+            raise ValueError(f"Invalid align_every {self.align_every!r}: must be an integer >= 0 (0 = off)")
+        if self.align_every and self.rule == "bptt":
+            raise ValueError("Invalid align_every with rule 'bptt': it compares a local rule's gradient with "
+                             "BPTT's; use eprop, eprop-autograd or rflo")
         if not _is_int(self.floss_iters) or self.floss_iters < 0:
             raise ValueError(f"Invalid floss_iters {self.floss_iters!r}: must be an integer >= 0")
         if self.floss_mode not in FLOSS_MODES:
@@ -414,6 +452,10 @@ class _Context:
         else:
             self.cell_kwargs = {"dt": s["dt_ms"], "tau_m": s["tau_m_ms"], "tau_out": s["tau_out_ms"],
                                 "v_th": config.v_th, "reset": config.reset, "n_refractory": config.n_refractory}
+            if config.chip_neuron:   # what is trained is what deploys: the profile's neuron options
+                from neuroinit.cells.lif import LIFRNN
+                self.cell_kwargs.update(LIFRNN.neuron_options(self.profile, s["dt_ms"], config.tau_syn_ms,
+                                                              tau_m=s["tau_m_ms"], tau_out=s["tau_out_ms"]))
         # Quantised profiles: weights go back onto the grid after each optimizer step. Chips that learn on chip
         # use their own update rounding (stochastic on Loihi / ReckOn); the others round to nearest (off-chip
         # training with a projected forward pass).
@@ -427,7 +469,8 @@ class _Context:
         gen = torch.Generator().manual_seed(c.seed)
         return hardware_init(c.model, self.task.n_in, c.hidden, self.task.n_out, c.gain, self.profile,
                              generator=gen, out_of_range="clamp" if c.clamp_gain else "error",
-                             v_th=c.v_th if c.model == "lif" else 1.0, dtype=self.dtype, device=self.device)
+                             v_th=c.v_th if c.model == "lif" else 1.0, dtype=self.dtype, device=self.device,
+                             io_init=c.io_init)
 
     def make_cell(self, params) -> RecurrentCell:
         return make_cell(self.config.model, params, profile=self.profile, **self.cell_kwargs)
@@ -564,9 +607,13 @@ class _StopFlag:
 # ------------------------------------------------------------------------------------------ the run
 
 def _config_diff(stored: dict, config: TrainConfig) -> list[str]:
-    import json
+    """Fields whose stored and current values differ in what they do (compared as run ids compare them:
+    :func:`neuroinit.experiments.sweep.comparable_config`, so a file written before a field was added, or
+    with a setting that has no effect, still resumes)."""
+    from neuroinit.experiments.sweep import comparable_config
 
-    now = json.loads(json.dumps(config.to_dict()))
+    stored = comparable_config(stored)
+    now = comparable_config(config.to_dict())
     keys = sorted(set(stored) | set(now))
     return [k for k in keys if k not in RESUMABLE_CHANGES and stored.get(k) != now.get(k)]
 
@@ -589,15 +636,19 @@ def _lyapunov(ctx: _Context, cell: RecurrentCell) -> dict:
             "per_step": res.per_step.detach().cpu().double().numpy()}
 
 
-def _floss(ctx: _Context, cell: RecurrentCell) -> dict:
-    from neuroinit.dynamics.flossing import DEFAULT_WARMUP, floss
+def _floss(ctx: _Context, cell: RecurrentCell, iters: int | None = None,
+           generator: torch.Generator | None = None) -> dict:
+    """Floss ``cell`` in place (``iters``: pre-flossing's ``floss_iters`` unless given; a fresh Adam each call) and
+    put it back onto the chip's learning grid; returns the per-iteration losses and exponents."""
+    from neuroinit.dynamics.flossing import DEFAULT_STEPS, DEFAULT_WARMUP, floss
     from neuroinit.learning import learning_grids
     from neuroinit.quantize import quantize
 
     c = ctx.config
-    length = DEFAULT_WARMUP + 55
-    res = floss(cell, iters=c.floss_iters, k=c.floss_k, mode=c.floss_mode, lr=c.floss_lr,
-                input_fn=lambda g: ctx.inputs(1, length, g), generator=_generator(c.seed, "floss"))
+    length = DEFAULT_WARMUP + DEFAULT_STEPS
+    res = floss(cell, iters=c.floss_iters if iters is None else iters, k=c.floss_k, mode=c.floss_mode,
+                lr=c.floss_lr, input_fn=lambda g: ctx.inputs(1, length, g),
+                generator=generator if generator is not None else _generator(c.seed, "floss"))
     with torch.no_grad():  # back onto the chip's learning grid (identity for float profiles)
         for name, grid in learning_grids(cell).items():
             if grid is not None:
@@ -607,6 +658,13 @@ def _floss(ctx: _Context, cell: RecurrentCell) -> dict:
             cell.w_rec.diagonal().zero_()
     return {"losses": np.asarray(res.losses, dtype=np.float64),
             "exponents": np.asarray(res.exponents, dtype=np.float64)}
+
+
+def _inter_floss_generator(seed: int, iteration: int) -> torch.Generator:
+    """The generator of the inter-flossing episode before training iteration ``iteration``: a function of the
+    seed and the iteration only, so a resumed run repeats it exactly without storing generator states."""
+    state = np.random.SeedSequence([seed, _STREAMS["inter_floss"], iteration]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 @torch.no_grad()
@@ -808,7 +866,15 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
     keep = sum(1 for it in rec.iteration if it < start)
     rec.iteration, rec.loss = rec.iteration[:keep], rec.loss[:keep]
     rec.accuracy, rec.lr_curve = rec.accuracy[:keep], rec.lr_curve[:keep]
+    if rec.alignment:
+        keep_a = sum(1 for it in rec.alignment["iteration"] if it < start)
+        rec.alignment = {k: v[:keep_a] for k, v in rec.alignment.items()}
     rec.status, rec.message = "running", ""
+    # inter-flossing (every floss_inter_every iterations, floss_inter_iters flossing iterations; fresh Adam and
+    # generator per episode): /floss/inter_<k>_iteration (E,) and /floss/inter_<k>_losses (E, floss_inter_iters)
+    inter_key = f"inter_{k}"
+    inter_its = [int(x) for x in run.floss.get(inter_key + "_iteration", []) if int(x) < start]
+    inter_losses = [list(x) for x in run.floss.get(inter_key + "_losses", [])][:len(inter_its)]
 
     t0 = time.monotonic()
     last_ck = t0
@@ -826,10 +892,18 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
             run.message = rec.message = f"interrupted at iteration {i} (lr {lr:g}); resume with --resume"
             checkpoint(i)
             raise KeyboardInterrupt(run.message)
+        if c.floss_inter_every and i > 0 and i % c.floss_inter_every == 0:
+            fl = _floss(ctx, cell, c.floss_inter_iters, _inter_floss_generator(c.seed, i))
+            inter_its.append(i)
+            inter_losses.append([float(x) for x in fl["losses"]])
+            run.floss[inter_key + "_iteration"] = np.asarray(inter_its, dtype=np.float64)
+            run.floss[inter_key + "_losses"] = np.asarray(inter_losses, dtype=np.float64)
         batch = ctx.batch(c.batch, gens["batch"])
         opt.zero_grad(set_to_none=True)
         trial = rule.backward(batch, ctx.task)
         loss = float(trial.loss)
+        if c.align_every and i % c.align_every == 0 and math.isfinite(loss):
+            _log_alignment(rec, i, cell, batch, ctx.task)
         run.summary["step_path"] = "fused-native" if getattr(rule, "uses_fast_path", False) else "torch"
         bad = None
         if not math.isfinite(loss):
@@ -871,6 +945,23 @@ def _train_one(ctx: _Context, run: RunFile, k: int, lr: float, cell: RecurrentCe
     rec.final_loss = _last_logged_mean(rec.loss)
     rec.learning_time = learning_time(rec.loss_per_iteration)
     write_run(out, run)
+
+
+def _log_alignment(rec, iteration: int, cell: RecurrentCell, batch, task) -> None:
+    """Cosine and relative error of the gradient the rule just wrote (``.grad``) vs BPTT's on the same batch,
+    appended to ``rec.alignment`` (``iteration``, ``cosine_<param>``, ``rel_error_<param>``)."""
+    from neuroinit.dynamics.alignment import alignment_with_bptt
+
+    local = {n: getattr(cell, n).grad.detach().clone() if getattr(cell, n).grad is not None
+             else torch.zeros_like(getattr(cell, n)) for n in PARAM_NAMES}
+    a = alignment_with_bptt(cell, local, batch, task)
+    log = rec.alignment
+    if not log:
+        log.update({"iteration": []} | {f"{k}_{n}": [] for k in ("cosine", "rel_error") for n in PARAM_NAMES})
+    log["iteration"].append(iteration)
+    for n in PARAM_NAMES:
+        log[f"cosine_{n}"].append(a.cosine[n])
+        log[f"rel_error_{n}"].append(a.rel_error[n])
 
 
 def _result(run: RunFile, out: Path) -> TrainResult:

@@ -5,6 +5,14 @@ Graph (flat, one recurrent cycle; see ``docs/export.md``)::
     input (Input) -> w_in (Affine: W_in, b) -> lif (LIF) -> w_out (Affine: W_out, b_out) -> readout (LI) -> output
                                               lif -> w_rec (Linear: W_rec, no bias) -> lif
 
+With ``target="stock"`` (``--nir-target stock``) the same network is written in the shape snntorch's
+``import_from_nir`` and norse's ``from_nir`` read as they are (:mod:`neuroinit.io.importers` says why)::
+
+    input -> w_in (Affine: r W_in, r b) -> lif (LIF, r = 1) -> w_out (Affine: W_out, b_out) -> output
+             lif -> w_rec (Linear: W_rec) -> rec_scale (Linear: r I) -> lif
+
+its output is the readout current ``a_t``; ``y_t = kappa y_{t-1} + a_t`` with ``kappa`` in the metadata.
+
 neuroinit's step (reset to zero)::
 
     v_t = alpha v_{t-1} (1 - z_{t-1}) + W_rec z_{t-1} + W_in u_t + b,   z_t = H(v_t - v_th)
@@ -13,11 +21,41 @@ neuroinit's step (reset to zero)::
 NIR's LIF ``tau dv/dt = (v_leak - v) + r I`` integrated with Euler at step ``dt`` is
 ``v <- (1 - dt/tau) v + (r dt/tau) I``. With ``dt = NIR_DT`` (1e-4 s, the step snntorch hard-codes and norse is
 given), ``tau = dt / (1 - alpha)`` (nudged by ulps so that ``1 - dt/tau == alpha`` in float64), ``r = tau/dt``,
-``v_leak = 0``, ``v_reset = 0`` and ``v_threshold = v_th``, the importers compute exactly neuroinit's step:
-the leak, the input scaling (``r dt / tau = 1``), the spike on the new membrane, the reset to zero; the
-recurrent ``Linear`` is evaluated from the previous step's spikes (nirtorch keeps the cycle's output as state),
+``v_leak = 0``, ``v_reset = 0`` and ``v_threshold = theta`` (``v_th``, tie-proofed below), the importers
+compute exactly neuroinit's step: the leak, the input scaling (``r dt / tau = 1``), the spike on the new
+membrane, the reset to zero; the recurrent ``Linear`` is evaluated from the previous step's spikes (nirtorch keeps the cycle's output as state),
 which is neuroinit's ``W_rec z_{t-1}``. The graph's time base is therefore one neuroinit step = ``NIR_DT``
 seconds: ``tau`` values are in seconds of that time base; the physical ``dt`` and ``tau_m`` are in metadata.
+
+Tie-proofing (the graph's threshold and the conformance trials). The importers compute the same step in a
+different operation order (norse: ``v + dt (1/tau) (r I - v)``), so their membranes differ from neuroinit's by
+rounding; that can only flip a spike where neuroinit's membrane lies within that rounding of the threshold.
+Two constructions keep every membrane away from it:
+
+1. *Threshold off the reachable grid values.* When ``W_in`` and ``W_rec`` are on power-of-two grids (every
+   quantised profile), a membrane that starts from 0 (at t = 0 and after every reset) under 0/1 input is a
+   sum of grid weights plus the bias: a multiple of ``q``, the finer of the two steps (plus ``b``). A
+   threshold on that grid (``v_th = 1`` is) is *reached exactly*, and then neuroinit's ``1.0 > 1.0`` and
+   norse's ``1.0000000000000002 > 1.0`` disagree. The graph's threshold ``theta`` is ``v_th`` moved up to
+   ``eps = 2 TIE_MARGIN v_th`` (2^-15, at most ``q / 4``) off the grid, within the same grid interval
+   (:func:`tie_proof_threshold`): for every membrane on the grid ``v > theta`` iff ``v > v_th`` (the trained
+   network's decision, and an integer chip's), now with margin ``eps`` instead of 0. Only off-grid membranes
+   (after a leak, or from analog input) in ``(v_th, theta]`` decide differently: a band of width 3e-5 x v_th,
+   rarely hit (2 of 65536 membranes of a trained 32-neuron network's 0/1 raster; a half-grid-step shift,
+   1/128 there, was hit 67 times and, the network being chaotic, changed 70% of the later spikes). The graph, its
+   conformance vectors and ``--verify``'s float reference use ``theta``; the trained ``v_th`` stays in the
+   metadata (``cell_config``, LIF ``v_th``) and is what the integer emulation deploys. Float weights
+   (``ideal``) or incommensurable grid scales: ``theta = v_th``.
+2. *Conformance trials with margin.* Off the grid, membranes are continuous and a near-tie is a coincidence,
+   not a structure; the conformance trials are those whose every membrane (neuroinit's float64 run against
+   ``theta``) is at least ``TIE_MARGIN * v_th`` (2^-16, about 1.5e-5) from it, as on-grid membranes are by
+   construction (1.); others are dropped and counted (:func:`tie_free_trials`). Importer rounding stays far
+   below that margin: spikes agree up to step t, so both membranes restart from exactly 0 after each reset
+   and differ by at most a few rounding errors per step summed over the leak, ``~ (n_in + n) u max|v| / (1 - alpha)`` with ``u = 2^-53`` (float64: ~1e-13); with
+   float32 importers (``u = 2^-24``, the stock importers' default) the margin is an empirical bound, not a
+   proof: on the trained 32-neuron test network norse's float32 membranes differ from neuroinit's by at most
+   1.6e-6 within 0.2 of the threshold (6e-6 anywhere, |v| up to 50 v_th), 10x below the margin; the error
+   grows with max|v| and fan-in, which ``--verify`` checks (0 mismatches in float32 in the tests).
 
 What NIR cannot express (``docs/export.md``): reset by subtraction (exported with a warning, not exact),
 refractoriness (exported with a warning), rate nonlinearities (rate networks are refused here; see
@@ -28,6 +66,7 @@ discretisation in the graph's metadata.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -57,6 +96,10 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "NIR_DT",
+    "STOCK_EDGES",
+    "STOCK_NODE_NAMES",
+    "TARGETS",
+    "TIE_MARGIN",
     "WEIGHTS_FORMAT",
     "NirExport",
     "cell_from_nir",
@@ -64,20 +107,31 @@ __all__ = [
     "conformance_path",
     "default_conformance_input",
     "euler_tau",
+    "graph_cell",
+    "membrane_grid",
     "nir_equal",
     "read_conformance",
+    "tie_free_raster",
+    "tie_free_trials",
+    "tie_margins",
+    "tie_proof_threshold",
     "to_nir",
     "write_nir",
     "write_weights_h5",
 ]
 
 NIR_DT = 1e-4            # seconds per neuroinit step in the exported graph's time base
+TIE_MARGIN = 2.0 ** -16  # conformance trials keep every membrane this far (x v_th) from the threshold
 FORMAT = "neuroinit-nir"
 FORMAT_VERSION = 1
 WEIGHTS_FORMAT = "neuroinit-weights"
 NODE_NAMES = ("input", "w_in", "lif", "w_rec", "w_out", "readout", "output")
 EDGES = [("input", "w_in"), ("w_in", "lif"), ("lif", "w_rec"), ("w_rec", "lif"), ("lif", "w_out"),
          ("w_out", "readout"), ("readout", "output")]
+TARGETS = ("generic", "stock")
+STOCK_NODE_NAMES = ("input", "w_in", "lif", "w_rec", "rec_scale", "w_out", "output")
+STOCK_EDGES = [("input", "w_in"), ("w_in", "lif"), ("lif", "w_rec"), ("w_rec", "rec_scale"), ("rec_scale", "lif"),
+               ("lif", "w_out"), ("w_out", "output")]
 
 
 def _neuroinit_version() -> str:
@@ -135,6 +189,8 @@ class NirExport:
     steps: int = 0
     trials: int = 0
     spikes: int = 0
+    dropped_trials: int = 0      # conformance trials dropped for a near-tie (module docstring)
+    margin: float = math.inf     # smallest |v - theta| / v_th in the conformance trials
 
 
 def _graph_warnings(cell: RecurrentCell) -> list[str]:
@@ -145,19 +201,29 @@ def _graph_warnings(cell: RecurrentCell) -> list[str]:
                    "--reset zero, in Python LIFRNN(reset='zero'), for an exact export)")
     if cell.n_refractory:
         out.append(f"NIR has no refractory period: n_refractory = {cell.n_refractory} is dropped from the graph")
+    if getattr(cell, "tau_syn", None):
+        out.append(f"NIR's LIF has no synaptic current: tau_syn = {cell.tau_syn} ms is dropped from the graph "
+                   "(train without a synaptic current for an exact NIR export)")
     return out
 
 
-def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *, dt: float = NIR_DT
-           ) -> tuple[nir.NIRGraph, Deployment, list[str]]:
+def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *, dt: float = NIR_DT,
+           target: str = "generic") -> tuple[nir.NIRGraph, Deployment, list[str]]:
     """The NIR graph of ``cell`` deployed on ``profile`` (default: the cell's own), the deployment, and
-    warnings about what the graph does not reproduce. Raises ``ValueError`` for rate networks, networks that
-    do not fit the profile and saturating weights."""
+    warnings about what the graph does not reproduce. ``target``: ``generic`` (the graph above) or ``stock``
+    (:data:`STOCK_EDGES`: the shape snntorch's ``import_from_nir`` and norse's ``from_nir`` read as they are;
+    ``docs/export.md``). Raises ``ValueError`` for rate networks, networks that do not fit the profile,
+    saturating weights and an unknown target."""
+    if target not in TARGETS:
+        raise ValueError(f"Invalid NIR target {target!r}: allowed {', '.join(TARGETS)}")
     if getattr(cell, "model", None) == "rate":
         raise ValueError("Invalid model 'rate' for NIR export: NIR has no rate nonlinearity (tanh/relu units "
                          "with a leak); export rate networks with --format h5 (neuroinit weights schema)")
     if not (isinstance(dt, float) and dt > 0 and math.isfinite(dt)):
         raise ValueError(f"Invalid dt {dt!r}: must be a positive float (seconds per step)")
+    if target == "stock" and dt != NIR_DT:
+        raise ValueError(f"Invalid dt {dt!r} for target 'stock': snntorch's import_from_nir hard-codes "
+                         f"dt = {NIR_DT:g}; allowed: dt = {NIR_DT:g}")
     dep = deploy(cell, profile)
     dc = dep.cell
     p = CellParams(*(t.detach().double().numpy().copy() for t in dc.params()))
@@ -165,32 +231,131 @@ def to_nir(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
     tau_m = euler_tau(dep.alpha, dt)
     tau_o = euler_tau(dep.kappa, dt)
     warnings = _graph_warnings(dc)
+    q = membrane_grid(dep)
+    compare = getattr(dc, "threshold_compare", ">")
+    theta = tie_proof_threshold(float(dc.v_th), q, compare)
     lif_meta = {"model": "neuroinit.cells.LIFRNN", "alpha": dep.alpha, "reset": dc.reset,
                 "n_refractory": int(dc.n_refractory), "v_th": float(dc.v_th), "dt_ms": dc.dt, "tau_m_ms": dc.tau_m,
+                "membrane_grid": float(q) if q is not None else 0.0, "v_threshold_offset": theta - float(dc.v_th),
+                "threshold_compare": compare, "tau_syn_ms": float(getattr(dc, "tau_syn", None) or 0.0),
                 "discretisation": "euler: v <- (1 - dt/tau) v + (r dt/tau) I with r dt/tau = 1, spike v > v_th, "
-                                  "v <- v_reset = 0"}
+                                  "v <- v_reset = 0; v_threshold = v_th moved off the grid q (tie-proof)"}
     nodes = {
         "input": nir.Input(input_type={"input": np.array([n_in])}),
         "w_in": nir.Affine(weight=p.w_in, bias=p.bias, metadata=_weight_meta(dep, "w_in")),
         "lif": nir.LIF(tau=np.full(n, tau_m), r=np.full(n, tau_m / dt), v_leak=np.zeros(n),
-                       v_threshold=np.full(n, float(dc.v_th)), v_reset=np.zeros(n), metadata=lif_meta),
+                       v_threshold=np.full(n, theta), v_reset=np.zeros(n), metadata=lif_meta),
         "w_rec": nir.Linear(weight=p.w_rec, metadata=_weight_meta(dep, "w_rec")),
         "w_out": nir.Affine(weight=p.w_out, bias=p.b_out, metadata=_weight_meta(dep, "w_out")),
         "readout": nir.LI(tau=np.full(n_out, tau_o), r=np.full(n_out, tau_o / dt), v_leak=np.zeros(n_out),
                           metadata={"kappa": dep.kappa, "tau_out_ms": dc.tau_out}),
         "output": nir.Output(output_type={"output": np.array([n_out])}),
     }
+    edges = list(EDGES)
+    if target == "stock":
+        nodes, edges = _stock_shape(nodes, n, tau_m / dt)
     cfg = dict(dc.config())
     cfg["profile"] = dep.profile.name
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "neuroinit_version": _neuroinit_version(),
+        "nir_target": target, "kappa": dep.kappa, "tau_out_ms": dc.tau_out,
+        "readout": ("y_t = kappa y_{t-1} + a_t on the graph's output a_t (w_out's current)" if target == "stock"
+                    else "the LI node 'readout'"),
         "model": "lif", "profile": dep.profile.name, "profile_toml": dep.profile.text,
         "dt": dt, "time_base": f"one neuroinit step = {dt:g} s; tau = dt / (1 - alpha) (Euler)",
         "dt_physical_s": dc.dt / 1000.0, "reset": dc.reset, "discretisation": "euler",
         "exact": not warnings, "warnings": "\n".join(warnings), "cell_config": json.dumps(cfg, sort_keys=True),
         "notes": "\n".join(dep.notes),
     }
-    return nir.NIRGraph(nodes=nodes, edges=list(EDGES), metadata=meta), dep, warnings
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=meta), dep, warnings
+
+
+def _stock_shape(nodes: dict, n: int, r: float) -> tuple[dict, list]:
+    """The generic nodes rewritten for the stock importers (module docstring of :mod:`neuroinit.io.importers`):
+    ``r`` folded into what feeds the LIF (``w_in``: ``r W_in``, ``r b``; a diagonal ``rec_scale = r I`` after
+    ``w_rec``, so the recurrent cycle has three nodes), ``LIF.r = 1``, no LI (the output is ``w_out``'s current).
+    The unscaled ``W_in`` and ``b`` stay in ``w_in``'s metadata (``grid_weight``, ``grid_bias``)."""
+    out = dict(nodes)
+    w_in, lif = nodes["w_in"], nodes["lif"]
+    meta = dict(w_in.metadata)
+    meta.update(grid_weight=np.asarray(w_in.weight), grid_bias=np.asarray(w_in.bias), r=r)
+    out["w_in"] = nir.Affine(weight=r * np.asarray(w_in.weight), bias=r * np.asarray(w_in.bias), metadata=meta)
+    out["lif"] = nir.LIF(tau=lif.tau, r=np.ones(n), v_leak=lif.v_leak, v_threshold=lif.v_threshold,
+                         v_reset=lif.v_reset, metadata=lif.metadata)
+    out["rec_scale"] = nir.Linear(weight=np.diag(np.full(n, r)), metadata={"r": r})
+    del out["readout"]
+    return out, list(STOCK_EDGES)
+
+
+# ------------------------------------------------------------------------------------------ tie-proofing
+
+def membrane_grid(dep: Deployment) -> float | None:
+    """Step ``q`` of the grid every sum of ``W_in`` and ``W_rec`` entries lies on: the finer grid step when both
+    matrices are quantised and the coarser step is an integer multiple of it (power-of-two grids); else None."""
+    grids = [dep.grids.get(name) for name in ("w_in", "w_rec")]
+    if any(g is None for g in grids):
+        return None
+    q = min(float(g.scale) for g in grids)
+    if not all(float(g.scale) / q == round(float(g.scale) / q) for g in grids):
+        return None
+    return q
+
+
+def tie_proof_threshold(v_th: float, q: float | None, compare: str = ">") -> float:
+    """The graph's threshold (NIR spikes at ``v > theta``): ``v_th`` moved, where needed, to at least
+    ``eps = min(2 TIE_MARGIN v_th, q / 4)`` from every value on the grid ``q``, inside the grid interval that
+    keeps the trained decision for every membrane on the grid: ``(g0, g0 + q)`` with ``g0 = floor(v_th / q) q``
+    for ``compare = ">"``, ``(g1 - q, g1)`` with ``g1 = ceil(v_th / q) q`` for ``">="`` (a cell that spikes
+    at the threshold, as Xylo). ``v_th`` itself when ``q`` is None."""
+    v_th = float(v_th)
+    if compare not in (">", ">="):
+        raise ValueError(f"Invalid threshold comparison {compare!r}: allowed '>', '>='")
+    if q is None:
+        return v_th
+    eps = min(2.0 * TIE_MARGIN * v_th, q / 4.0)
+    lo = math.floor(v_th / q) * q if compare == ">" else math.ceil(v_th / q) * q - q
+    return min(max(v_th, lo + eps), lo + q - eps)
+
+
+def graph_cell(cell: RecurrentCell, v_threshold: float) -> RecurrentCell:
+    """Copy of a deployed LIF ``cell`` with the graph's threshold (what the exported graph computes)."""
+    out = copy.deepcopy(cell)
+    with torch.no_grad():
+        out.v_th.fill_(float(v_threshold))
+    return out
+
+
+def tie_margins(cell: RecurrentCell, inputs: torch.Tensor) -> torch.Tensor:
+    """Per trial, the smallest ``|v - v_th| / v_th`` of neuroinit's float run of ``cell`` on ``inputs``."""
+    _, _, v = run_cell(cell, inputs)
+    return ((v.double() - float(cell.v_th)).abs() / float(cell.v_th)).amin(dim=(0, 2))
+
+
+def tie_free_trials(cell: RecurrentCell, inputs: torch.Tensor, margin: float = TIE_MARGIN
+                    ) -> tuple[torch.Tensor, int, float]:
+    """The trials of ``inputs`` whose every membrane stays ``margin * v_th`` from the threshold (module
+    docstring), how many were dropped, and the smallest relative margin kept. Raises ``ValueError`` when no
+    trial qualifies."""
+    m = tie_margins(cell, inputs)
+    keep = m >= margin
+    if not bool(keep.any()):
+        raise ValueError(f"Invalid conformance input: every one of its {inputs.shape[1]} trials has a membrane "
+                         f"within {margin:g} x v_th of the threshold (smallest margin {float(m.min()):.3g}); "
+                         "allowed: inputs with at least one tie-free trial (e.g. more trials)")
+    return inputs[:, keep], int((~keep).sum()), float(m[keep].min())
+
+
+def tie_free_raster(cell: RecurrentCell, *, steps: int = 256, trials: int = 4, rate: float = 0.3, seed: int = 0,
+                    margin: float = TIE_MARGIN) -> tuple[torch.Tensor, int, float]:
+    """``trials`` tie-free trials of :func:`default_conformance_input` (drawn from 4x as many seeded
+    candidates, in order), the number of candidates dropped before them, and the smallest margin kept."""
+    cand = default_conformance_input(cell.n_in, steps=steps, trials=4 * trials, rate=rate, seed=seed)
+    m = tie_margins(cell, cand)
+    idx = torch.nonzero(m >= margin).flatten()[:trials]
+    if idx.numel() == 0:
+        raise ValueError(f"Invalid network for a 0/1 conformance raster: all {cand.shape[1]} candidate trials have "
+                         f"a membrane within {margin:g} x v_th of the threshold")
+    return cand[:, idx], int(idx[-1]) + 1 - idx.numel(), float(m[idx].min())
 
 
 # ------------------------------------------------------------------------------------------ conformance
@@ -233,24 +398,30 @@ def read_conformance(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torc
 # ------------------------------------------------------------------------------------------ writing
 
 def write_nir(path: str | Path, cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
-              inputs: torch.Tensor | None = None, dt: float = NIR_DT, conformance: bool = True) -> NirExport:
+              inputs: torch.Tensor | None = None, dt: float = NIR_DT, conformance: bool = True,
+              target: str = "generic") -> NirExport:
     """Write ``cell`` deployed on ``profile`` to ``path`` with ``nir.write`` and, with ``conformance``, its
-    conformance vectors (``inputs``, default :func:`default_conformance_input`, and neuroinit's float spikes and
-    outputs) with ``nir.write_data`` to :func:`conformance_path`. Both files are written atomically: on any
+    conformance vectors (the tie-free trials of ``inputs``, default a tie-free 0/1 raster, and the graph's
+    float spikes and outputs as neuroinit computes them; module docstring) with ``nir.write_data`` to
+    :func:`conformance_path`. Both files are written atomically: on any
     error neither is left behind (an existing file is left as it was)."""
-    graph, dep, warnings = to_nir(cell, profile, dt=dt)
+    graph, dep, warnings = to_nir(cell, profile, dt=dt, target=target)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"Invalid output path {path}: is a directory; allowed: a file path")
     data = None
+    dropped, margin = 0, math.inf
     if conformance:
+        gcell = graph_cell(dep.cell, float(np.asarray(graph.nodes["lif"].v_threshold)[0]))
         if inputs is None:
-            inputs = default_conformance_input(dep.cell.n_in)
-        inputs = inputs.detach().to(device="cpu", dtype=torch.float64)
-        if inputs.dim() != 3 or inputs.shape[-1] != dep.cell.n_in:
-            raise ValueError(f"Invalid conformance input shape {tuple(inputs.shape)}: expected "
-                             f"(steps, trials, {dep.cell.n_in})")
-        data = conformance_data(dep.cell, inputs, dt)
+            inputs, dropped, margin = tie_free_raster(gcell)
+        else:
+            inputs = inputs.detach().to(device="cpu", dtype=torch.float64)
+            if inputs.dim() != 3 or inputs.shape[-1] != dep.cell.n_in:
+                raise ValueError(f"Invalid conformance input shape {tuple(inputs.shape)}: expected "
+                                 f"(steps, trials, {dep.cell.n_in})")
+            inputs, dropped, margin = tie_free_trials(gcell, inputs)
+        data = conformance_data(gcell, inputs, dt)
     cpath = conformance_path(path) if conformance else None
     with atomic_write_path(path) as tmp:
         nir.write(tmp, graph)
@@ -260,7 +431,8 @@ def write_nir(path: str | Path, cell: RecurrentCell, profile: HardwareProfile | 
     spikes = int(data.nodes["lif"].observables["spikes"].data.sum()) if data is not None else 0
     return NirExport(path=path, conformance=cpath, graph=graph, exact=not warnings, warnings=tuple(warnings),
                      steps=int(inputs.shape[0]) if data is not None else 0,
-                     trials=int(inputs.shape[1]) if data is not None else 0, spikes=spikes)
+                     trials=int(inputs.shape[1]) if data is not None else 0, spikes=spikes,
+                     dropped_trials=dropped, margin=margin)
 
 
 # ------------------------------------------------------------------------------------------ reading back
@@ -306,7 +478,7 @@ def cell_from_nir(graph: nir.NIRGraph) -> tuple[RecurrentCell, HardwareProfile]:
 
     from neuroinit.cells import make_cell
 
-    meta = graph.metadata
+    meta = meta_graph = graph.metadata
     if _meta_str(meta.get("format", "")) != FORMAT:
         raise ValueError(f"Invalid NIR file: not written by neuroinit (metadata format = "
                          f"{meta.get('format')!r}, expected {FORMAT!r})")
@@ -317,9 +489,11 @@ def cell_from_nir(graph: nir.NIRGraph) -> tuple[RecurrentCell, HardwareProfile]:
     cfg = json.loads(_meta_str(meta["cell_config"]))
     cfg["profile"] = profile
     nodes = graph.nodes
+    w_in_meta = nodes["w_in"].metadata or {}
+    w_in = w_in_meta.get("grid_weight", nodes["w_in"].weight)   # stock target: r folded into the graph's w_in
+    bias = w_in_meta.get("grid_bias", nodes["w_in"].bias)
     params = CellParams(*(torch.from_numpy(np.asarray(a, dtype=np.float64).copy()) for a in (
-        nodes["w_in"].weight, nodes["w_rec"].weight, nodes["w_in"].bias, nodes["w_out"].weight,
-        nodes["w_out"].bias)))
+        w_in, nodes["w_rec"].weight, bias, nodes["w_out"].weight, nodes["w_out"].bias)))
     cell = deployed_cell(make_cell("lif", params, **cfg), profile)
     for name in QUANTISED_PARAMS:  # the exported grids, not ones re-chosen from the weights (a weight at
         meta = nodes[name].metadata or {}   # code_min = -128 would make choose_grid pick a coarser exponent)
@@ -329,7 +503,8 @@ def cell_from_nir(graph: nir.NIRGraph) -> tuple[RecurrentCell, HardwareProfile]:
                                     int(np.asarray(meta["code_max"])), exp)
     with torch.no_grad():  # the leak factors as exported (a float32 cell's alpha is not exp(-dt/tau) in float64)
         cell.alpha.fill_(float(np.asarray(nodes["lif"].metadata["alpha"])))
-        cell.kappa.fill_(float(np.asarray(nodes["readout"].metadata["kappa"])))
+        kappa = nodes["readout"].metadata["kappa"] if "readout" in nodes else meta_graph["kappa"]
+        cell.kappa.fill_(float(np.asarray(kappa)))
     return cell, profile
 
 

@@ -17,6 +17,8 @@ The schema is documented in ``docs/runfile.md``; in short (``format_version`` 1)
                             initial_loss, final_loss, learning_time (-1 = never), wall_time
     /runs/<k>/curve/        iteration (int64), loss, accuracy, lr (float64), one row per logged iteration
     /runs/<k>/loss_per_iteration   float64, the training loss of every iteration done
+    /runs/<k>/alignment/    (config align_every > 0) iteration (int64), cosine_<param>, rel_error_<param> (float64)
+                            for param in w_in, w_rec, bias, w_out, b_out: local rule vs BPTT gradient
     /runs/<k>/weights/final/       as /weights/final (present when the run completed)
     /runs/<k>/checkpoint/   attrs iteration, wall_time; weights/, optimizer/ (param_groups JSON + state/<i>/<key>),
                             generators/<name> (uint8 torch generator states)
@@ -119,6 +121,7 @@ class RunRecord:
     wall_time: float = 0.0
     final: WeightSet | None = None
     checkpoint: Checkpoint | None = None
+    alignment: dict[str, list] = field(default_factory=dict)   # "iteration", "cosine_<p>", "rel_error_<p>"
 
     @property
     def iterations_done(self) -> int:
@@ -311,6 +314,10 @@ def _write_run_record(group, r: RunRecord) -> None:
     for key, arr in r.curve.items():
         cg.create_dataset(key, data=arr)
     group.create_dataset("loss_per_iteration", data=np.asarray(r.loss_per_iteration, dtype=np.float64))
+    if r.alignment:
+        ag = group.create_group("alignment")
+        for key, vals in r.alignment.items():
+            ag.create_dataset(key, data=np.asarray(vals, dtype=np.int64 if key == "iteration" else np.float64))
     if r.final is not None:
         _write_weights(group.create_group("weights/final"), r.final)
     if r.checkpoint is not None:
@@ -496,6 +503,9 @@ def _read_run_record(rd: _Reader, group) -> RunRecord:
         final_loss=float(rd.attr(group, "final_loss")), learning_time=None if lt < 0 else lt,
         wall_time=float(rd.attr(group, "wall_time", 0.0)),
     )
+    if "alignment" in group:
+        ag = rd.node("alignment", group)
+        r.alignment = {k: [int(x) if k == "iteration" else float(x) for x in rd.array(k, ag)] for k in ag}
     if "weights" in group and "final" in rd.node("weights", group):
         r.final = _read_weights(rd, rd.node("weights/final", group))
     if "checkpoint" in group:

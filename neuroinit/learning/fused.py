@@ -784,8 +784,9 @@ def _cell_code(cell) -> tuple[int, int] | None:
     from neuroinit.cells.lif import LIFRNN
     from neuroinit.cells.rate import RateRNN
 
-    if isinstance(cell, LIFRNN):
-        return _MODELS["lif"], 0
+    if isinstance(cell, LIFRNN):   # the chip neuron options (synaptic current, >=) run unfused
+        plain = cell.tau_syn is None and cell.threshold_compare == ">" and cell.max_spikes == 1 and not cell.reset_leaks
+        return (_MODELS["lif"], 0) if plain else None
     if isinstance(cell, RateRNN) and cell.activation_name in _ACTS:
         return _MODELS[cell.form], _ACTS[cell.activation_name]
     return None
