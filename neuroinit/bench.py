@@ -113,9 +113,15 @@ def quick_config(profile: str = "ideal", **overrides) -> BenchConfig:
 
 
 # ------------------------------------------------------------------------------------------ environment
+# Where the host is read (tests point these at a faked host; nothing else in this module reads the machine's
+# description): the CPU model, the cache sizes, and os.cpu_count() for the logical CPUs.
+CPUINFO = Path("/proc/cpuinfo")
+SYS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
 def _cpu_model() -> str:
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
@@ -125,9 +131,10 @@ def _cpu_model() -> str:
 
 
 def _cache_sizes() -> dict[str, int]:
-    """Cache sizes in bytes per level from sysfs (per core for L1/L2, shared L3)."""
+    """Cache sizes in bytes per level from sysfs (per core for L1/L2, shared L3): read by :func:`calibrate`
+    and :func:`environment` only; :func:`roofline` takes them from the calibration it is given."""
     out: dict[str, int] = {}
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    base = SYS_CACHE
     for idx in sorted(base.glob("index*")) if base.exists() else []:
         try:
             level = int((idx / "level").read_text())
@@ -281,7 +288,7 @@ def calibrate(device: str = "cpu", *, quick: bool = False, use_cache: bool = Tru
     if use_cache and path.exists():
         try:
             cached = json.loads(path.read_text())
-            if cached.get("key") == key:
+            if cached.get("key") == key and (device == "cuda" or "caches" in cached):
                 return {**cached, "cached": True}
         except (OSError, ValueError):
             pass
@@ -309,11 +316,22 @@ def _measure_device(device: str, quick: bool) -> dict:
         gflops = 2 * 8192 ** 3 / t / 1e9
         return {"bandwidth_gbs": {"L2": bw, "L3": bw, "DRAM": bw}, "matmul_gflops": gflops,
                 "method": "torch in-place scale-add over 1 GiB; 8192^2 matmul"}
+    caches = _cache_sizes()
+    sizes = working_sets(caches, quick=quick)
+    bw = _stream_bandwidth(sizes, quick)
+    n = 1024 if quick else 2048
+    m = torch.randn(n, n)
+    t = _best_time(lambda: m @ m, 3 if quick else 5, lambda: None)
+    return {"bandwidth_gbs": bw, "matmul_gflops": 2 * n ** 3 / t / 1e9,
+            "working_set_bytes": sizes, "caches": caches,
+            "method": ("fused stream kernel a <- c a + d in place (read + write) per working set; "
+                       f"{n}^2 float32 torch matmul")}
+
+
+def _stream_bandwidth(sizes: dict[str, int], quick: bool) -> dict[str, float]:
+    """GB/s streaming each working set (read + write in place): the fused stream kernel, else torch."""
     from neuroinit.learning import fused
 
-    caches = _cache_sizes()
-    l2, l3 = caches.get("L2", 512 * 1024), caches.get("L3", 8 * 2 ** 20)
-    sizes = {"L2": l2 // 2, "L3": l3 // 4, "DRAM": max(8 * l3, 256 * 2 ** 20 if not quick else 128 * 2 ** 20)}
     bw = {}
     lib = fused._load()
     for level, nbytes in sizes.items():
@@ -327,13 +345,16 @@ def _measure_device(device: str, quick: bool) -> dict:
         else:
             t = _best_time(lambda a=a: a.mul_(0.999).add_(0.001), 3 if quick else 5, lambda: None)
             bw[level] = 16 * n / t / 1e9
-    n = 1024 if quick else 2048
-    m = torch.randn(n, n)
-    t = _best_time(lambda: m @ m, 3 if quick else 5, lambda: None)
-    return {"bandwidth_gbs": bw, "matmul_gflops": 2 * n ** 3 / t / 1e9,
-            "working_set_bytes": sizes,
-            "method": ("fused stream kernel a <- c a + d in place (read + write) per working set; "
-                       f"{n}^2 float32 torch matmul")}
+    return bw
+
+
+def working_sets(caches: dict[str, int], *, quick: bool = False) -> dict[str, int]:
+    """Bytes streamed to measure each level's bandwidth: half of L2, a quarter of L3 (at least L2), and for
+    DRAM twice L3 but at least 256 MiB (128 MiB quick), so a machine with a huge L3 (hundreds of MiB) still
+    measures DRAM without allocating gigabytes."""
+    l2, l3 = caches.get("L2", 512 * 1024), caches.get("L3", 8 * 2 ** 20)
+    floor = 128 * 2 ** 20 if quick else 256 * 2 ** 20
+    return {"L2": l2 // 2, "L3": max(l3 // 4, l2), "DRAM": max(2 * l3, floor)}
 
 
 def roofline(variant: str, n: int, b: int, n_in: int, n_out: int, calib: dict, device: str = "cpu", *,
@@ -345,13 +366,17 @@ def roofline(variant: str, n: int, b: int, n_in: int, n_out: int, calib: dict, d
     learning.fused`) and ``steps`` (T), ``"chunked"`` holds the bound of the work that update does: the forward
     product, one gradient GEMM over every step's records and, for stored traces in trials longer than a chunk,
     the GEMMs carrying the traces across the ``ceil(T / K) - 1`` chunk boundaries (plus one read + write of the
-    traces there), at the matmul rate and bandwidth."""
+    traces there), at the matmul rate and bandwidth.
+
+    ``calib`` (from :func:`calibrate`) carries everything about the machine: ``bandwidth_gbs`` per level,
+    ``matmul_gflops`` and ``caches`` (bytes of L2 and L3, which decide the level the working set streams
+    from; without them, DRAM). Nothing here reads the host."""
     full = variant != "rate-voltage"
     syn = n * (n + n_in)
     bytes_ = 8 * b * syn if full else 8 * syn
     flops = 2 * b * n * (n + n_in + n_out) + (3 * b * syn if full else 0) + 2 * b * syn
     working_set = 4 * (b * syn if full else syn) + 4 * 2 * syn  # traces (or gradient) + weights + gradient
-    caches = calib.get("working_set_bytes") and _cache_sizes() or {}
+    caches = calib.get("caches") or {}
     if device == "cuda":
         level = "DRAM"
     elif working_set <= caches.get("L2", 0):
@@ -612,6 +637,11 @@ def _import_quietly(name: str):
 
 
 def _peer_available(method: str) -> str | None:
+    """None when ``method`` can run here, else why not (a peer that does not import, no fused native step)."""
+    if method == "neuroinit-fused":
+        from neuroinit.learning import fused
+
+        return None if fused.available() else f"fused step unavailable: {fused.unavailable_reason()}"
     if method not in ("snntorch-bptt", "norse-bptt"):
         return None
     try:
@@ -761,6 +791,8 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
     rule = getattr(timed_rule, "rule", None)
     if rule is not None:
         res.fast_path = rule.uses_fast_path
+        if method == "neuroinit-fused" and not rule.uses_fast_path:
+            res.method = "neuroinit-torch"  # the row names the path that ran (the fused step declined the cell)
         if rule._fused is not None:
             res.state_bytes = rule._fused.state_bytes()
             res.chunk_steps = rule._fused.chunk_capacity

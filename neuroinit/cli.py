@@ -18,12 +18,42 @@ def fail_cleanly(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, not at exit
+            return out
+        except BrokenPipeError:
+            _end_quietly_on_broken_pipe()
         except (ProfileError, ValueError, FileNotFoundError, OSError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(str(msg).splitlines()[0] if str(msg) else type(e).__name__) from None
 
     return wrapper
+
+
+def _end_quietly_on_broken_pipe() -> None:
+    """The reader of stdout went away (``neuroinit show run.h5 | head -1``): stop without a message, as a
+    command killed by SIGPIPE does (exit status 141); stdout goes to /dev/null so the exit flush is silent."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
+
+
+def _check_out_dir(out: str, option: str = "--out") -> None:
+    """Output files go into existing directories only (a typo in a path is an error, not a new directory)."""
+    import os
+
+    parent = os.path.dirname(out)
+    if parent and not os.path.isdir(parent):
+        raise click.ClickException(f"Invalid {option} {out!r}: directory {parent!r} does not exist; create it "
+                                   "first or give another path")
+
+
+def _note_missing_fused(reason: str | None) -> None:
+    """One line on stderr when the fused native step cannot run here (no compiler, a broken CC, ...)."""
+    click.echo(f"note: the fused native step is unavailable ({reason}); the PyTorch step runs instead (the "
+               "same results to float32 rounding, 30-50x slower for LIF at N = 256)", err=True)
 
 
 def json_safe(obj):
@@ -243,6 +273,11 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
     else:
         cfg = bench.BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
+    if cfg.device == "cpu" and "neuroinit-fused" in cfg.methods:
+        from neuroinit.learning import fused
+
+        if not fused.available():
+            _note_missing_fused(fused.unavailable_reason())
     quiet = json_out == "-"
     jobs = len(bench._jobs(cfg))
     bar = None
@@ -788,13 +823,17 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
               help="Every K iterations store the cosine / relative error of the rule's gradient vs BPTT's on the "
                    "current batch in the run file (local rules; 0 = off; see 'neuroinit alignment').")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Run file to write (HDF5).")
-@click.option("--resume", is_flag=True, help="Continue OUT from its last checkpoint (config from the file).")
+@click.option("--resume", is_flag=True, help="Continue OUT from its last checkpoint (config from the file); "
+              "OUT must exist.")
+@click.option("--resume-or-start", is_flag=True, help="Continue OUT if it exists, else start a new run there "
+              "(for job scripts that rerun the same command).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU threads for torch (small per-step matmuls gain little from more; parallel sweeps less).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary; no progress bar.")
 @fail_cleanly
-def train_command(out: str, resume: bool, overwrite: bool, threads: int, as_json: bool, **options) -> None:
+def train_command(out: str, resume: bool, resume_or_start: bool, overwrite: bool, threads: int, as_json: bool,
+                  **options) -> None:
     """Train a rate or LIF RNN from a hardware-aware init and write a run file (see docs/training.md)."""
     import os
 
@@ -803,6 +842,12 @@ def train_command(out: str, resume: bool, overwrite: bool, threads: int, as_json
     from neuroinit.experiments.train import TrainConfig, TrainingDiverged, train
 
     torch.set_num_threads(threads)
+    if resume and resume_or_start:
+        raise click.ClickException("Invalid options: --resume and --resume-or-start exclude each other")
+    if resume and not os.path.exists(out):
+        raise click.ClickException(f"Cannot resume {out!r}: the file does not exist (check the path; "
+                                   "--resume-or-start starts a new run when it is missing)")
+    resume = resume or resume_or_start
 
     options["lr_grid"] = _float_list(options["lr_grid"])
     if options["floss_k"] != "auto":
@@ -823,23 +868,35 @@ def train_command(out: str, resume: bool, overwrite: bool, threads: int, as_json
     else:
         config = TrainConfig(**{name: options[name] for name in _TRAIN_FIELDS})
 
+    if config.fast and config.rule in ("eprop", "rflo") and config.device == "cpu":
+        from neuroinit.learning import fused
+
+        if not fused.available():
+            _note_missing_fused(fused.unavailable_reason())
     from tqdm import tqdm
 
+    # a progress bar on a terminal only; without one (nohup, CI, SLURM, --json) nothing but the resume line
     bar = tqdm(total=config.iters * len(config.lrs), file=sys.stderr, unit="it", dynamic_ncols=True,
                disable=as_json or not sys.stderr.isatty())
 
     def progress(ev) -> None:
+        if ev.phase == "resume":
+            lr = f" (lr {ev.lr:g}, {ev.run + 1}/{ev.n_runs})" if ev.n_runs > 1 else ""
+            bar.write(f"resuming {out} from its checkpoint at iteration {ev.iteration} of {ev.iters}{lr}",
+                      file=sys.stderr)
+            return
         if ev.phase != "train":
             bar.set_description(ev.phase)
             return
         desc = "train" if ev.n_runs == 1 else f"lr {ev.lr:.3g} ({ev.run + 1}/{ev.n_runs})"
-        if bar.desc != desc:
+        if getattr(bar, "desc", None) != desc:  # a disabled bar (no terminal, --json) has no desc
             bar.set_description(desc)
         bar.update(ev.done - bar.n)
         bar.set_postfix(loss=f"{ev.loss:.4g}", refresh=False)
 
     try:
-        result = train(config, out, resume=resume, overwrite=overwrite, progress=progress)
+        result = train(config, out, resume=resume, overwrite=overwrite, start_if_missing=resume_or_start,
+                       progress=progress)
     except TrainingDiverged as e:
         bar.close()
         raise click.ClickException(str(e).splitlines()[0]) from None
@@ -892,9 +949,20 @@ def _show_summary(rf) -> dict:
 @fail_cleanly
 def show_command(run: str, as_json: bool) -> None:
     """Summarise a run file: config, profile, losses, accuracy, learning time, Lyapunov before/after."""
-    from neuroinit.io.runfile import read_run
+    from neuroinit.io.runfile import lock_holder, read_run
 
     rf = read_run(run)
+    if rf.status == "running":
+        holder = lock_holder(run)
+        if holder is None:  # nobody writes it: the writer was killed (SIGKILL, power, OOM) after a checkpoint
+            rf.status = "interrupted"
+            rf.message = "no process is writing it (stopped without a final checkpoint, e.g. killed); " \
+                         "resume with --resume"
+            for r in rf.runs:
+                if r.status == "running":
+                    r.status = "interrupted"
+        else:
+            rf.message = f"being written by {holder}"
     info = _show_summary(rf)
     if as_json:
         echo_json(info)
@@ -910,8 +978,12 @@ def show_command(run: str, as_json: bool) -> None:
         mark = "*" if k == rf.selected_run else " "
         lt = "never" if r["learning_time"] is None else r["learning_time"]
         extra = "" if r["checkpoint_iteration"] is None else f", checkpoint at {r['checkpoint_iteration']}"
+        last = f"{r['final_loss']:.4g}"
+        if r["status"] != "complete":  # unfinished: the last logged loss so far, not the (undefined) final one
+            logged = rf.runs[k].loss
+            last = f"{float(logged[-1]):.4g} (last logged)" if len(logged) else "-"
         click.echo(f" {mark} lr {r['lr']:.4g}: {r['status']}, {r['iterations_done']} iterations, loss "
-                   f"{r['initial_loss']:.4g} -> {r['final_loss']:.4g}, learning time {lt}{extra}")
+                   f"{r['initial_loss']:.4g} -> {last}, learning time {lt}{extra}")
     if "eval_loss" in s:
         click.echo(f"eval: loss {s['eval_loss']:.4g}, accuracy {s['eval_accuracy']:.3f} "
                    f"(chance {s['chance_accuracy']:.2f}; initial network: {s.get('eval_accuracy_initial', 0):.3f})")
@@ -1246,6 +1318,7 @@ def plot_command(sweep_dir, figure, out, task, model, gains, spec_name, max_iter
     gradient alignment vs gain from an alignment JSON file (--figure alignment)."""
     from neuroinit.experiments.plots import plot_figure
 
+    _check_out_dir(out)
     bar = None
     if figure == "curvature" and not as_json:
         from tqdm import tqdm
@@ -1279,6 +1352,7 @@ def compare_command(run_a, run_b, out, as_json) -> None:
     """Two run files side by side: learning curves and Lyapunov spectra before/after training."""
     from neuroinit.experiments.plots import plot_compare
 
+    _check_out_dir(out)
     n = plot_compare(run_a, run_b, out)
     if as_json:
         echo_json({"out": out, "curves": n})

@@ -51,7 +51,7 @@ def assert_same_run(a_path, b_path) -> None:
     _close(ra.final_loss, rb.final_loss, "final_loss")
     assert ra.learning_time == rb.learning_time
     for k, v in a.summary.items():
-        if "wall_time" in k:
+        if "wall_time" in k or k == "step_path":
             continue
         w = b.summary[k]
         if isinstance(v, float) and not (v is None or math.isnan(v)):
@@ -102,6 +102,7 @@ def test_ensemble_run_files_equal_solo_run_files(tmp_path, rule, extra):
     assert [r.status for r in results] == ["complete"] * 3
     for a, b in zip(ens, solo):
         assert_same_run(a, b)
+        assert read_run(a).summary["step_path"] == "ensemble"   # provenance: how the run was trained
     # a complete ensemble is returned as it is on resume
     again = train_ensemble(configs, ens, resume=True)
     assert [r.final_loss for r in again] == [r.final_loss for r in results]
@@ -173,6 +174,8 @@ def test_sweep_with_ensemble_writes_the_same_run_files(tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "ens" / "runs").glob("*.h5")) and len(files) == 9
     for name in files:
         assert_same_run(tmp_path / "ens" / "runs" / name, tmp_path / "solo" / "runs" / name)
+    paths = [read_run(tmp_path / "ens" / "runs" / name).summary["step_path"] for name in files]
+    assert sorted(paths).count("ensemble") == 6        # provenance: the two ensembles of 3; the others alone
     again = run_sweep(spec, tmp_path / "ens", workers=0, ensemble=3)   # finished runs are skipped
     assert again.skipped == 9 and again.ran == 0
 

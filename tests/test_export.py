@@ -300,7 +300,7 @@ def test_cli_export_nir_verify_reports_zero_mismatches_and_accuracy(trained, tmp
     res = CliRunner().invoke(main, ["export", str(run), "--profile", "loihi-like", "--format", "nir", "--out",
                                     str(out), "--verify", "--trials", "4", "--json"])
     assert res.exit_code == 0, res.output
-    rep = json.loads(res.output)
+    rep = json.loads(res.stdout)
     v = rep["verify"]
     assert v["steps"] >= 200 and v["spikes_float"] > 200 and v["ok"]
     assert v["mismatches"]["snntorch"] == 0 and v["mismatches"]["norse"] == 0

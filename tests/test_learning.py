@@ -71,9 +71,9 @@ def _max_diff(a, b):
     return max(float((a[n] - b[n]).abs().max()) for n in PARAM_NAMES)
 
 
-@pytest.mark.parametrize("feedback", ["symmetric", "random"])
-@pytest.mark.parametrize("name,cell", list(_cells()), ids=[n for n, _ in _cells()])
-def test_online_eprop_equals_autograd_eprop(name, cell, feedback):
+def _assert_online_equals_autograd(cell, feedback):
+    """Online e-prop's gradients equal autograd e-prop's to 1e-10 (float64) on a toy batch, and are not trivially
+    zero; returns the batch and the reference gradients."""
     task = ToyTask()
     batch = task.batch(4, generator=torch.Generator().manual_seed(1))
     ref_trial, ref = _grads(cell, AutogradEprop(cell, feedback=feedback,
@@ -83,6 +83,13 @@ def test_online_eprop_equals_autograd_eprop(name, cell, feedback):
     assert _max_diff(ref, online) < 1e-10
     assert float(ref_trial.loss) == float(trial.loss)
     assert all(float(ref[n].abs().max()) > 1e-4 for n in ("w_rec", "w_in", "w_out"))  # not trivially zero
+    return batch, ref
+
+
+@pytest.mark.parametrize("feedback", ["symmetric", "random"])
+@pytest.mark.parametrize("name,cell", list(_cells()), ids=[n for n, _ in _cells()])
+def test_online_eprop_equals_autograd_eprop(name, cell, feedback):
+    batch, _ = _assert_online_equals_autograd(cell, feedback)
     assert float(cell.w_rec.grad.diagonal().abs().max()) == 0.0  # autapses stay removed
     if name.startswith("lif"):
         assert cell_spike_count(cell, batch) > 10, "the LIF network must spike for the equality to mean much"
@@ -320,6 +327,48 @@ def _run_memory(rule: str) -> dict:
     return json.loads(res.stdout)
 
 
+class _NoTargetTask(Task):
+    name, n_in, n_out, loss_kind, dt_ms = "t", 4, 2, "mse", 1.0
+
+    def batch(self, b, *, generator, dtype=torch.float32, device="cpu"):
+        raise NotImplementedError
+
+    def accuracy(self, y, b):
+        return 0.0
+
+
+def _saved_bytes(rule, t_len: int) -> int:
+    """Bytes autograd keeps for a backward pass during one trial of length ``t_len`` (counted where tensors are
+    saved, not read from the machine: the same on every host and allocator)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    g = torch.Generator().manual_seed(t_len)
+    batch = Batch(torch.rand(t_len, 8, 4, generator=g), torch.zeros(t_len, 8, 2), torch.ones(t_len, 8))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rule.backward(batch, _NoTargetTask())
+    return total
+
+
+@pytest.mark.parametrize("fast", [False, "auto"])
+def test_online_rule_keeps_nothing_that_grows_with_sequence_length(fast):
+    """Machine-independent form of the memory check below: an online trial saves no tensors for a backward
+    pass through time (so its memory cannot grow with T); autograd e-prop, which keeps the graph, saves bytes
+    in proportion to T."""
+    p = float_init(4, 32, 2, 1.0, generator=torch.Generator().manual_seed(0))
+    cell = LIFRNN(p, dt=1.0, tau_m=20.0, tau_out=20.0)
+    online = OnlineEprop(cell, fast=fast)
+    assert _saved_bytes(online, 100) == _saved_bytes(online, 400) == 0
+    ref = AutogradEprop(cell)
+    short, long = _saved_bytes(ref, 100), _saved_bytes(ref, 400)
+    assert short > 0 and long > 3.5 * short
+
+
+@pytest.mark.bench
 def test_online_memory_does_not_grow_with_sequence_length():
     """Peak resident memory of a whole online trial (traces: 8 x 128 x 128 floats, 0.5 MB each) is the
     same for T = 100 and T = 1000; autograd e-prop, which keeps the graph, grows in the same harness."""
@@ -339,15 +388,7 @@ def test_online_eprop_equals_autograd_eprop_with_xylo_neuron_options(feedback, r
     lif_p = p._replace(w_in=1.6 * p.w_in, w_rec=1.0 * p.w_rec)
     cell = LIFRNN(lif_p, dt=1.0, tau_m=10.0, tau_out=5.0, reset=reset, tau_syn=3.0, threshold_compare=">=",
                   max_spikes=max_spikes, reset_leaks=reset == "subtract")
-    task = ToyTask()
-    batch = task.batch(4, generator=torch.Generator().manual_seed(1))
-    ref_trial, ref = _grads(cell, AutogradEprop(cell, feedback=feedback,
-                                                generator=torch.Generator().manual_seed(7)), batch, task)
-    trial, online = _grads(cell, OnlineEprop(cell, feedback=feedback,
-                                             generator=torch.Generator().manual_seed(7)), batch, task)
-    assert _max_diff(ref, online) < 1e-10
-    assert float(ref_trial.loss) == float(trial.loss)
-    assert all(float(ref[n].abs().max()) > 1e-4 for n in ("w_rec", "w_in", "w_out"))
+    batch, ref = _assert_online_equals_autograd(cell, feedback)
     assert cell_spike_count(cell, batch) > 10
     if max_spikes > 1:   # several spikes in one step must occur in this very batch for the test to mean much
         state, top = cell.init_state(batch.inputs.shape[1]), 0.0
@@ -359,5 +400,5 @@ def test_online_eprop_equals_autograd_eprop_with_xylo_neuron_options(feedback, r
     # the option changes the network: the plain LIF on the same weights computes something else
     plain = LIFRNN(lif_p, dt=1.0, tau_m=10.0, tau_out=5.0, reset=reset)
     _, plain_grads = _grads(plain, AutogradEprop(plain, feedback=feedback,
-                                                 generator=torch.Generator().manual_seed(7)), batch, task)
+                                                 generator=torch.Generator().manual_seed(7)), batch, ToyTask())
     assert _max_diff(ref, plain_grads) > 1e-6

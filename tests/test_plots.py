@@ -103,7 +103,7 @@ def test_plot_and_compare_on_the_command_line(sweep_dir, tmp_path):
     res = CliRunner().invoke(main, ["plot", str(sweep_dir), "--figure", "learning-curves", "--out", str(out),
                                     "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["curves"] == 8
+    assert json.loads(res.stdout)["curves"] == 8
     check_image(out)
     res = CliRunner().invoke(main, ["plot", str(tmp_path / "nothing"), "--figure", "lyapunov", "--out",
                                     str(tmp_path / "x.png")])
@@ -112,7 +112,7 @@ def test_plot_and_compare_on_the_command_line(sweep_dir, tmp_path):
     out = tmp_path / "cmp.png"
     res = CliRunner().invoke(main, ["compare", str(files[0]), str(files[-1]), "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["curves"] == 2 + 4  # a loss curve and 2 spectra (before/after) per run
+    assert json.loads(res.stdout)["curves"] == 2 + 4  # a loss curve and 2 spectra (before/after) per run
     check_image(out)
 
 

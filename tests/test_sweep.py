@@ -202,7 +202,7 @@ def test_local_pool_runs_the_tiny_sweep(pool_sweep, tmp_path):
     # the CLI on the finished directory: summary as JSON, no progress bar on stdout
     res = CliRunner().invoke(main, ["sweep", spec.path, "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)
     assert data["report"]["skipped"] == 8 and len(data["summary"]) == 4
 
 

@@ -169,9 +169,9 @@ _CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from neuroinit.experiments.train import TrainConfig, train
     cfg = TrainConfig.from_dict({cfg!r})
-    def slow(ev):
+    def slow(ev):  # past iteration 10 (the checkpoint at 8 written) it waits to be killed: no race on a busy host
         if ev.phase == "train":
-            time.sleep(0.1)
+            time.sleep(0.1 if ev.done < 10 else 3600)
     train(cfg, sys.argv[1], progress=slow)
 """)
 
@@ -295,7 +295,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     r = CliRunner().invoke(main, ["train", "--hidden", "16", "--batch", "8", "--iters", "20", "--lr", "1e-2",
                                   "--no-lyapunov", "--eval-batch", "8", "--out", str(tmp_path / "cli.h5")])
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert r.output.strip().splitlines() == [
+    assert [ln for ln in r.output.strip().splitlines() if not ln.startswith("note:")] == [  # no compiler: a note
         ("Error: Training diverged: the loss is nan at iteration 11 (lr 0.01); stopped. The run file keeps the "
          "last good checkpoint (iteration 0); try a smaller learning rate")]
 

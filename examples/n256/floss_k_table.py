@@ -6,28 +6,10 @@ seeds). Reads the run files of a sweep directory with plain h5py.
 """
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
-import h5py
-
-
-def read(path: Path) -> dict | None:
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("status") != "complete":
-            return None
-        config = json.loads(f["config"].asstr()[()])
-        s = dict(f["summary"].attrs)
-    return {"config": config, "final_loss": float(s["final_loss"]), "accuracy": float(s["eval_accuracy"]),
-            "lyap_initial": float(s["lyapunov_initial"]), "lyap_final": float(s["lyapunov_final"])}
-
-
-def mean_sem(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+from summarise import mean_sem, read  # the same reader and statistics as the full summary (this folder)
 
 
 def main() -> None:
@@ -39,15 +21,14 @@ def main() -> None:
     args = ap.parse_args()
     gains = [float(g) for g in args.gains.split(",")]
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for path in sorted(Path(args.sweep_dir, "runs").glob("romo_rate_eprop_*.h5")):
+    for path in sorted(Path(args.sweep_dir, "runs").glob("romo_rate_eprop*.h5")):
         r = read(path)
-        c = r and r["config"]
-        if not r or c["hidden"] != 256 or c["iters"] != 2000 or c["gain"] not in gains:
+        if not r or r["hidden"] != 256 or r["iters"] != 2000 or r["gain"] not in gains:
             continue
-        if abs(c["lr"] * c["hidden"] / 0.05 - args.lr_scale) > 1e-6 if c.get("lr") else args.lr_scale != 1.0:
+        if abs(r["lr"] * r["hidden"] / 0.05 - args.lr_scale) > 1e-6:
             continue
-        k = c["floss_k"] if c["floss_iters"] > 0 else 0
-        groups[(k, c["gain"])].append(r)
+        k = int(r["floss"][1:].split("x")[0]) if r["floss"] != "none" else 0
+        groups[(k, r["gain"])].append(r)
     rows = []
     for (k, g), runs in sorted(groups.items()):
         row = {"k": k, "gain": g, "seeds": len(runs)}

@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from neuroinit.cells.base import PARAM_NAMES, CellParams
-from neuroinit.experiments.train import (
+from neuroinit.experiments.train import (  # the solo run's pieces: an ensemble reuses them member by member
     RESUMABLE_CHANGES,
     ProgressEvent,
     TrainConfig,
     TrainingDiverged,
     TrainResult,
+    _check_out,
     _close_run,
     _Job,
     _LrRun,
@@ -43,6 +44,7 @@ from neuroinit.experiments.train import (
     _StopFlag,
     _task_kind,
 )
+from neuroinit.io.runfile import remove_stale_temps, run_file_lock
 from neuroinit.learning.autograd import BPTT, AutogradEprop
 from neuroinit.learning.base import Trial, accumulate_grads
 from neuroinit.learning.online import OnlineEprop, accumulate_step, init_traces, trace_step
@@ -114,38 +116,45 @@ def _check(configs: Sequence[TrainConfig], out_paths: Sequence) -> None:
 
 
 def train_ensemble(configs: Sequence[TrainConfig], out_paths: Sequence, *, resume: bool = False,
-                   overwrite: bool = False, progress: Callable[[int, ProgressEvent], None] | None = None
-                   ) -> list[TrainResult]:
+                   overwrite: bool = False, start_if_missing: bool = False,
+                   progress: Callable[[int, ProgressEvent], None] | None = None) -> list[TrainResult]:
     """Train ``configs`` as one ensemble, member ``j`` into ``out_paths[j]`` (module docstring).
 
-    ``resume`` / ``overwrite`` as in :func:`~neuroinit.experiments.train.train`, per member: complete members are
+    ``resume`` / ``overwrite`` / ``start_if_missing`` as in :func:`~neuroinit.experiments.train.train`, per
+    member (each member's file is locked while the ensemble trains): complete members are
     returned as they are, the others continue from their checkpoints (members at different checkpoints train in
     one ensemble per checkpoint iteration). ``progress(j, event)`` reports member ``j``'s events. A member that
     diverges leaves the ensemble (its file says diverged; its result has ``status == "diverged"``); the others
     go on. Ctrl-C / SIGTERM checkpoints every member, then raises ``KeyboardInterrupt``.
     """
     _check(configs, out_paths)
-    jobs: list[_Job | TrainResult] = []
-    for j, (c, p) in enumerate(zip(configs, out_paths)):
-        notify = None if progress is None else (lambda e, j=j: progress(j, e))
-        jobs.append(_open_run(c, p, resume=resume, overwrite=overwrite, progress=notify))
-    todo = [j for j, job in enumerate(jobs)
-            if isinstance(job, _Job) and job.run.runs[0].status not in ("complete", "diverged")]
-    with _StopFlag() as stop:
+    outs = [_check_out(c, p, resume=resume, start_if_missing=start_if_missing) for c, p in zip(configs, out_paths)]
+    with contextlib.ExitStack() as stack:
+        for out in outs:
+            stack.enter_context(run_file_lock(out))
+            remove_stale_temps(out)
+        stop = stack.enter_context(_StopFlag())
+        jobs: list[_Job | TrainResult] = []
+        for j, (c, out) in enumerate(zip(configs, outs)):
+            notify = None if progress is None else (lambda e, j=j: progress(j, e))
+            jobs.append(_open_run(c, out, resume=resume, overwrite=overwrite, progress=notify))
+        todo = [j for j, job in enumerate(jobs)
+                if isinstance(job, _Job) and job.run.runs[0].status not in ("complete", "diverged")]
         lruns = {j: _LrRun(jobs[j], 0, jobs[j].ctx.config.lrs[0]) for j in todo}
-        starts = sorted({lr.start for lr in lruns.values()})
-        for start in starts:
+        for lrun in lruns.values():
+            lrun.step_path = "ensemble"
+        for start in sorted({lr.start for lr in lruns.values()}):
             _train_members([lruns[j] for j in todo if lruns[j].start == start], stop)
-    results = []
-    for job in jobs:
-        if isinstance(job, TrainResult):
-            results.append(job)
-            continue
-        try:
-            results.append(_close_run(job))
-        except TrainingDiverged:
-            results.append(_result(job.run, job.out))
-    return results
+        results = []
+        for job in jobs:
+            if isinstance(job, TrainResult):
+                results.append(job)
+                continue
+            try:
+                results.append(_close_run(job))
+            except TrainingDiverged:
+                results.append(_result(job.run, job.out))
+        return results
 
 
 def _train_members(members: list[_LrRun], stop: _StopFlag) -> None:
@@ -325,7 +334,8 @@ def execute_ensemble(payload: dict) -> dict:
             if state not in sw.FINISHED:
                 todo.append(j)
         if todo:
-            train_ensemble([configs[j] for j in todo], [targets[j] for j in todo], resume=True)
+            train_ensemble([configs[j] for j in todo], [targets[j] for j in todo], resume=True,
+                           start_if_missing=True)
         for j, res in enumerate(results):
             state, detail = sw.run_state(targets[j], configs[j])
             res["status"] = state if state in sw.FINISHED else "failed"

@@ -583,7 +583,7 @@ def execute_run(payload: dict) -> dict:
             target.unlink()
         if state not in FINISHED:
             try:
-                train(config, target, resume=True)
+                train(config, target, resume=True, start_if_missing=True)
                 state = "complete"
             except TrainingDiverged as e:
                 state, detail = "diverged", str(e).splitlines()[0]

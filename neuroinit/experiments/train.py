@@ -40,6 +40,8 @@ from neuroinit.io.runfile import (
     RunRecord,
     package_versions,
     read_run,
+    remove_stale_temps,
+    run_file_lock,
     weights_from_cell,
     write_run,
 )
@@ -709,27 +711,50 @@ def json_str(s: str) -> str:
 
 
 def train(config: TrainConfig, out_path, *, resume: bool = False, overwrite: bool = False,
-          progress: Callable[[ProgressEvent], None] | None = None) -> TrainResult:
+          start_if_missing: bool = False, progress: Callable[[ProgressEvent], None] | None = None) -> TrainResult:
     """Train as ``config`` says and write the run file ``out_path`` (see the module docstring).
 
     ``resume``: continue the run in ``out_path`` from its last checkpoint (it must have been made with the same
     config, up to ``checkpoint_every`` / ``checkpoint_seconds``); a complete run is returned as it is; a missing
-    file starts a new run. Without ``resume`` an existing file is an error unless ``overwrite``.
-    ``progress`` is called with a :class:`ProgressEvent` after every iteration.
+    file is an error unless ``start_if_missing`` (then a new run starts: what sweeps use). Without ``resume``
+    an existing file is an error unless ``overwrite``.
+    ``progress`` is called with a :class:`ProgressEvent` after every iteration (and with phase "resume", the
+    iteration it continues from, when a run resumes from a checkpoint).
+
+    One process writes a run file at a time (:func:`~neuroinit.io.runfile.run_file_lock`: a second one gets a
+    :class:`~neuroinit.io.runfile.RunFileLocked` error); temporary files a killed writer left are removed.
 
     Raises :class:`TrainingDiverged` when the loss or the weights become NaN / infinite (with a single learning
     rate; in a grid that rate is marked diverged and the others go on), ``KeyboardInterrupt`` after Ctrl-C /
-    SIGTERM (a checkpoint is written first), ``ValueError`` for bad input.
+    SIGTERM (a checkpoint is written first, the file reads "interrupted"), ``ValueError`` for bad input.
     """
-    job = _open_run(config, out_path, resume=resume, overwrite=overwrite, progress=progress)
-    if isinstance(job, TrainResult):
-        return job
-    with _StopFlag() as stop:
+    out = _check_out(config, out_path, resume=resume, start_if_missing=start_if_missing)
+    # SIGINT / SIGTERM stop at an iteration boundary from here on (setup included), with the file written
+    with run_file_lock(out), _StopFlag() as stop:
+        remove_stale_temps(out)
+        job = _open_run(config, out, resume=resume, overwrite=overwrite, progress=progress)
+        if isinstance(job, TrainResult):
+            return job
         for k, lr in enumerate(config.lrs):
             if job.run.runs[k].status in ("complete", "diverged"):  # a diverged rate would diverge again
                 continue
             _train_one(job, k, lr, stop)
-    return _close_run(job)
+        return _close_run(job)
+
+
+def _check_out(config: TrainConfig, out_path, *, resume: bool, start_if_missing: bool) -> Path:
+    """The run file's path, checked (see :func:`train`)."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"Invalid config {type(config).__name__}: expected a TrainConfig")
+    out = Path(out_path)
+    if out.suffix == "" or out.is_dir():
+        raise ValueError(f"Invalid out path {str(out)!r}: give a file name such as run.h5")
+    if not out.parent.exists():
+        raise ValueError(f"Invalid out path {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    if resume and not start_if_missing and not out.exists():
+        raise ValueError(f"Cannot resume {str(out)!r}: the file does not exist (check the path; "
+                         "--resume-or-start starts a new run when it is missing)")
+    return out
 
 
 @dataclass
@@ -757,17 +782,11 @@ class _Job:
                                   None))
 
 
-def _open_run(config: TrainConfig, out_path, *, resume: bool, overwrite: bool,
+def _open_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool,
               progress: Callable[[ProgressEvent], None] | None) -> _Job | TrainResult:
-    """Check the arguments and set the run up (new: init, evaluation, Lyapunov, pre-flossing, first write;
-    resumed: the stored initial weights); a complete stored run is returned as its :class:`TrainResult`."""
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"Invalid config {type(config).__name__}: expected a TrainConfig")
-    out = Path(out_path)
-    if out.suffix == "" or out.is_dir():
-        raise ValueError(f"Invalid out path {str(out)!r}: give a file name such as run.h5")
-    if not out.parent.exists():
-        raise ValueError(f"Invalid out path {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    """Set the run in ``out`` (checked by :func:`_check_out`, locked by the caller) up: new: init, evaluation,
+    Lyapunov, pre-flossing, first write; resumed: the stored initial weights. A complete stored run is returned
+    as its :class:`TrainResult`."""
     started = time.monotonic()
     existing: RunFile | None = None
     if out.exists():
@@ -879,6 +898,9 @@ class _LrRun:
             self.opt.load_state_dict(_optimizer_from_np(ck.optimizer))
             _set_gen_states(self.gens, ck.generators, str(job.out))
             self.start, self.wall_before = ck.iteration, ck.wall_time
+            job.notify(ProgressEvent("resume", k, len(run.runs), lr, self.start, ctx.config.iters, job.done(),
+                                     job.total, None))
+        self.step_path: str | None = None   # what /summary/step_path says (None: the rule's path)
         start = self.start
         # Drop whatever was logged after the checkpoint (a kill or a divergence after it).
         rec.loss_per_iteration = rec.loss_per_iteration[:start]
@@ -907,8 +929,8 @@ class _LrRun:
     def interrupt(self, i: int) -> str:
         """Checkpoint at iteration ``i`` and mark the run interrupted; returns the message."""
         run = self.job.run
-        run.status = "interrupted"
-        run.message = f"interrupted at iteration {i} (lr {self.lr:g}); resume with --resume"
+        run.status = self.rec.status = "interrupted"
+        run.message = self.rec.message = f"interrupted at iteration {i} (lr {self.lr:g}); resume with --resume"
         self.checkpoint(i)
         return run.message
 
@@ -931,6 +953,8 @@ class _LrRun:
         loss = float(trial.loss)
         if c.align_every and i % c.align_every == 0 and math.isfinite(loss):
             _log_alignment(rec, i, cell, batch, job.ctx.task)
+        run.summary["step_path"] = self.step_path or (
+            "fused-native" if getattr(self.rule, "uses_fast_path", False) else "torch")
         bad = None
         if not math.isfinite(loss):
             bad = f"the loss is {loss} at iteration {i}"

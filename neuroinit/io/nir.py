@@ -198,7 +198,7 @@ def _graph_warnings(cell: RecurrentCell) -> list[str]:
     if cell.reset != "zero":
         out.append("NIR's LIF has no reset by subtraction: the graph resets to zero (v_reset = 0) while the "
                    "network was trained with reset='subtract'; importers will not reproduce it (train with "
-                   "reset='zero' for an exact export)")
+                   "--reset zero, in Python LIFRNN(reset='zero'), for an exact export)")
     if cell.n_refractory:
         out.append(f"NIR has no refractory period: n_refractory = {cell.n_refractory} is dropped from the graph")
     if getattr(cell, "tau_syn", None):

@@ -108,7 +108,8 @@ def check_verifiable(graph: nir.NIRGraph) -> None:
     reset = reset.decode() if isinstance(reset, bytes) else str(reset)
     if reset != "zero":
         raise ValueError(f"Invalid network for --verify: reset='{reset}' cannot be expressed in NIR (its LIF only "
-                         "resets to v_reset); allowed: reset='zero' (train with LIFRNN(reset='zero'))")
+                         "resets to v_reset); allowed: reset='zero' (train with --reset zero; in Python "
+                         "LIFRNN(reset='zero'))")
     lif = graph.nodes["lif"]
     n_ref = int(np.asarray(lif.metadata.get("n_refractory", 0))) if lif.metadata else 0
     if n_ref:

@@ -670,11 +670,24 @@ def _cache_dir() -> Path:
     return Path(root) / "fused"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+def _compiler() -> list[str]:
+    """The C compiler command: ``$CC`` when set (split like a shell word list, so ``CC="ccache gcc"`` works),
+    else the first of cc, gcc, clang on PATH. A ``$CC`` that is not an executable is an error, never a silent
+    fall back to another compiler. Raises OSError with the reason."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        import shlex
+
+        words = shlex.split(cc)
+        exe = shutil.which(words[0])
+        if exe is None:
+            raise OSError(f"CC={cc!r} is not an executable on PATH (unset CC to use cc, gcc or clang)")
+        return [exe, *words[1:]]
+    for name in ("cc", "gcc", "clang"):
+        exe = shutil.which(name)
+        if exe:
+            return [exe]
+    raise OSError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
 
 
 def _cpu_id() -> str:
@@ -693,26 +706,28 @@ FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-sh
 
 def library_path() -> Path:
     """Where the compiled library for this source, compiler and CPU is (or will be) cached."""
-    cc = _compiler() or "none"
+    try:
+        cc = " ".join(_compiler())
+    except OSError:
+        cc = "none"
     key = hashlib.sha256("\n".join([C_SOURCE, cc, " ".join(FLAGS), _cpu_id(), platform.machine()]).encode())
     return _cache_dir() / f"neuroinit_fused_{key.hexdigest()[:16]}.so"
 
 
 def _build() -> ctypes.CDLL:
+    cc = _compiler()  # checked even when a library is cached: a broken CC is reported, not hidden
     path = library_path()
     if not path.exists():
-        cc = _compiler()
-        if cc is None:
-            raise OSError("no C compiler (cc, gcc or clang) on PATH")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             src = Path(tmp) / "fused.c"
             src.write_text(C_SOURCE)
             out = Path(tmp) / path.name
-            proc = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
+            proc = subprocess.run([*cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
                                   check=False)  # the failure is reported below, with the compiler's first line
             if proc.returncode != 0:
-                raise OSError(f"compiling the fused step failed: {proc.stderr.strip().splitlines()[:1]}")
+                first = (proc.stderr.strip().splitlines() or ["no message"])[0]
+                raise OSError(f"compiling the fused step with {' '.join(cc)} failed: {first}")
             os.replace(out, path)  # atomic: concurrent builders race harmlessly
     # torch (imported above) has loaded its OpenMP runtime: the library binds to the same one
     lib = ctypes.CDLL(str(path))
