@@ -268,3 +268,30 @@ def test_ensemble_on_quantised_profiles_equals_solo(tmp_path, profile, rule):
         assert_same_run(a, b)
         w = read_run(b).weights
         assert not np.array_equal(w["initial"].params["w_rec"], w["final"].params["w_rec"])   # it learned
+
+
+def test_a_diverging_member_leaves_the_ensemble(tmp_path, monkeypatch):
+    """Member 1's loss becomes NaN at iteration 4: its file says diverged, as alone; the others finish as alone."""
+    from neuroinit.tasks.romo import RomoTask
+
+    configs = _configs("bptt")
+    solo = [tmp_path / f"solo{j}.h5" for j in range(3)]
+    for j in (0, 2):
+        train(configs[j], solo[j])
+    calls = {"n": 0}
+    original = RomoTask.loss
+
+    def poisoned(self, y, batch):   # calls: 3 initial evaluations, then members 0, 1, 2 per iteration
+        calls["n"] += 1
+        loss = original(self, y, batch)
+        return loss * float("nan") if calls["n"] == 3 + 3 * 4 + 2 else loss
+
+    monkeypatch.setattr(RomoTask, "loss", poisoned)
+    ens = [tmp_path / f"ens{j}.h5" for j in range(3)]
+    results = train_ensemble(configs, ens)
+    assert [r.status for r in results] == ["complete", "diverged", "complete"]
+    rf = read_run(ens[1])
+    assert rf.status == "diverged" and "the loss is nan at iteration 4" in rf.message
+    assert rf.runs[0].checkpoint.iteration == 4 and len(rf.runs[0].loss_per_iteration) == 4
+    for j in (0, 2):
+        assert_same_run(ens[j], solo[j])

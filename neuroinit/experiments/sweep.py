@@ -46,6 +46,8 @@ Executors: ``workers=0`` runs in this process; ``workers=N`` a local ``ProcessPo
 a fork server that imported torch once; they die with the sweep); ``scheduler="tcp://host:port"`` (or a ``distributed.Client``) an existing Dask
 cluster. Workers that see ``DIR`` (a shared file system; checked with a token file) write their run files
 there; others train into a temporary directory and send the file back to the sweep process, which writes it.
+``ensemble=K`` makes up to K compatible runs one job, trained as one batched model
+(:mod:`neuroinit.experiments.ensemble`), each into its own run file.
 
 Best learning rate (the paper's choice, ``science.md`` 6.2): per condition (the config up to seed and learning
 rate), the learning rate whose runs have the lowest mean over seeds of the final loss (the mean of the last 20
