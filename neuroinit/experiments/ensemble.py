@@ -16,7 +16,8 @@ Supported (:func:`ensemble_support`): rate networks, rules ``bptt``, ``eprop``, 
 the Romo task, profiles without chip-precision traces, a single learning rate per run, no inter-flossing and no
 gradient-alignment logging. Anything else trains alone. On the CPU, the PyTorch step is used for every member:
 a float32 run that trains alone with ``fast = true`` (the fused native online step) agrees with its ensemble twin to
-float32 rounding, not bit for bit.
+float32 rounding, not bit for bit. A member's ``/summary/step_path`` says ``ensemble``. With ``device = "cuda"`` in
+the configs the same code runs on a GPU (tested against the CPU where one is present; not yet measured).
 """
 
 from __future__ import annotations
