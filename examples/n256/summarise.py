@@ -96,8 +96,8 @@ def main() -> None:
             continue
         edge = f" **{r['edge']} edge**" if r["edge"] else ""
         print(f"| {r['task']} | {r['model']} | {r['rule']} | {r['floss']} | {r['gain']:g} | {r['lr']:.3g} "
-              f"({r['grid']}){edge} | {r['seeds']} | {r['final_loss']:.4f} ± {r['final_loss_sem']:.4f} | "
-              f"{r['min_loss']:.4f} | {r['accuracy']:.3f} ± {r['accuracy_sem']:.3f} | {r['seeds_learned']}/{r['seeds']}"
+              f"({r['grid']}){edge} | {r['seeds']} | {r['final_loss']:.3g} ± {r['final_loss_sem']:.2g} | "
+              f"{r['min_loss']:.3g} | {r['accuracy']:.3f} ± {r['accuracy_sem']:.3f} | {r['seeds_learned']}/{r['seeds']}"
               f" | {r['lyap_initial']:+.3f} | {r['lyap_final']:+.3f} |")
     for target, write in ((args.csv, _write_csv), (args.json, _write_json)):
         if target:
