@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 
 CONDITION_KEYS = ("task", "model", "rule", "gain", "floss", "hidden", "iters", "batch", "dt_ms", "tau_ms",
-                  "tau_m_ms", "profile")
+                  "tau_m_ms", "profile", "io_init")
 
 
 def read(path: Path) -> dict | None:
@@ -35,6 +35,7 @@ def read(path: Path) -> dict | None:
     learned = not (isinstance(lt, (str, bytes)) or lt is None or (isinstance(lt, (int, float)) and lt < 0))
     floss = f"k{config['floss_k']}x{config['floss_iters']}" if config.get("floss_iters", 0) > 0 else "none"
     rec = {key: config.get(key) for key in CONDITION_KEYS if key != "floss"}
+    rec["io_init"] = config.get("io_init", "schuessler")   # runs made before the option: Schuessler's
     rec.update(floss=floss, seed=config["seed"], lr=config["lr"],
                final_loss=float(s["final_loss"]), min_loss=float(loss.min()), accuracy=float(s["eval_accuracy"]),
                accuracy_initial=float(s["eval_accuracy_initial"]), learned=learned,
