@@ -83,11 +83,11 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep_dir")
+    ap.add_argument("sweep_dirs", nargs="+", help="one or more sweep directories (their runs are pooled)")
     ap.add_argument("--csv", help="write all rows as CSV here")
     ap.add_argument("--json", help="write all rows as JSON here")
     args = ap.parse_args()
-    records = [r for p in sorted(Path(args.sweep_dir, "runs").glob("*.h5")) if (r := read(p))]
+    records = [r for d in args.sweep_dirs for p in sorted(Path(d, "runs").glob("*.h5")) if (r := read(p))]
     rows = summarise(records)
     print("| task | model | rule | flossing | gain | lr (grid) | seeds | final loss | min loss | accuracy | learned | "
           "max LE before | after |")
