@@ -29,7 +29,7 @@ def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fused, "_cache_dir", lambda: lib_dir)
     # a tiny calibration: the schema is under test, not the machine
-    monkeypatch.setattr(bench, "_measure_device", lambda device, quick: {
+    monkeypatch.setattr(bench.machine, "_measure_device", lambda device, quick: {
         "bandwidth_gbs": {"L2": 100.0, "L3": 50.0, "DRAM": 20.0}, "matmul_gflops": 50.0,
         "working_set_bytes": {"L2": 1, "L3": 2, "DRAM": 3}, "caches": {"L2": 2 ** 20, "L3": 32 * 2 ** 20},
         "method": "stub"})
@@ -170,9 +170,9 @@ def _fake_host(root, monkeypatch, *, l2: str, l3: str, cpus: int) -> None:
         (d / "size").write_text(f"{size}\n")
     cpuinfo = root / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Fake CPU with a {l3} L3\nflags\t\t: fpu sse2\n")
-    monkeypatch.setattr(bench, "SYS_CACHE", cache)
-    monkeypatch.setattr(bench, "CPUINFO", cpuinfo)
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(bench.machine, "SYS_CACHE", cache)
+    monkeypatch.setattr(bench.machine, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(bench.machine.os, "cpu_count", lambda: cpus)
 
 
 @pytest.mark.parametrize("l2,l3,cpus,l3_bytes", [
@@ -194,8 +194,8 @@ def test_host_readers_under_a_faked_host(tmp_path, monkeypatch, l2, l3, cpus, l3
     assert ws["L2"] < caches["L2"] and ws["DRAM"] >= 2 * caches["L3"] and ws["DRAM"] <= max(2 * l3_bytes, 2 ** 28)
     _check_roofline_levels(CALIB)
     # a calibration measured here (bandwidth stubbed, matmul timed) records the faked caches and its working sets
-    monkeypatch.setattr(bench, "_measure_device", _MEASURE_DEVICE)
-    monkeypatch.setattr(bench, "_stream_bandwidth", lambda sizes, quick: {"L2": 100.0, "L3": 50.0, "DRAM": 20.0})
+    monkeypatch.setattr(bench.machine, "_measure_device", _MEASURE_DEVICE)
+    monkeypatch.setattr(bench.machine, "_stream_bandwidth", lambda sizes, quick: {"L2": 100.0, "L3": 50.0, "DRAM": 20.0})
     calib = bench.calibrate(quick=True, use_cache=False)
     assert calib["caches"] == caches and calib["working_set_bytes"] == ws and calib["matmul_gflops"] > 0
     assert calib["key"].startswith(f"Fake CPU with a {l3} L3|")

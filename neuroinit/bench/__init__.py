@@ -1,0 +1,115 @@
+"""Throughput of online learning (e-prop, RFLO) next to autograd e-prop, BPTT, snntorch and norse.
+
+For every configuration (model x hidden size N x batch B, T steps) each method runs whole trials of the same
+network, input and loss; the time per trial over T is the time per step. Reported per method: median and spread
+(quartiles, min, max) of the time per step over ``repeats`` trials, sample-steps/s (B / step time), synaptic
+updates/s (B N (N + I + O) / step time: every weight's gradient advances once per sample-step), peak memory of
+one trial, the background CPU load during each repeat, and, for neuroinit's online rules, the fraction of the
+machine's roofline reached.
+
+Methods (``METHODS``):
+    neuroinit-fused  online e-prop / RFLO, one native call per trial (:mod:`neuroinit.learning.fused`), under the
+                     chosen profile (chip-precision traces where it learns on chip) and under ``ideal``
+    neuroinit-torch  the same rule through the plain PyTorch step (the fallback), ``ideal``
+    autograd-eprop   the paper's method (detach where the state enters W_rec), autograd
+    bptt             backpropagation through time, autograd
+    snntorch-bptt    snntorch ``RLeaky`` (all-to-all recurrent, reset by subtraction) + leaky readout, BPTT
+    norse-bptt       norse ``LIFRecurrent`` (its recurrent LIF cell, reset to zero) + leaky readout, BPTT
+Peers run the same sizes, input and T; ``ratio`` is a method's time over neuroinit-fused (ideal) of the same
+configuration. Before timing, :func:`check_gradients` verifies on a small case that every method timed computes
+the gradient it should (so the bench never times a wrong kernel).
+
+Roofline (``roofline``): per step, an online rule with stored eligibility traces (RFLO, LIF) reads and writes
+every trace once, ``8 B N (N + I)`` bytes; a factorised one (voltage form) reads and writes the gradient,
+``8 N (N + I)``. FLOPs: the network step ``2 B N (N + I + O)``, trace update ``3 B N (N + I)`` (stored traces),
+gradient ``2 B N (N + I)``. The lower bound is ``max(bytes / bandwidth, flops / matmul rate)`` with the
+bandwidth of the memory level the bytes live in (L2, L3 or DRAM, by working set), all measured at start-up
+(:func:`calibrate`, cached per machine).
+"""
+
+# ruff: noqa: F401  (re-exports: callers and tests reach every name as neuroinit.bench.<name>)
+from neuroinit.bench.config import (
+    METHODS,
+    MODEL_VARIANTS,
+    N_IN,
+    N_OUT,
+    SCHEMA_VERSION,
+    BenchConfig,
+    quick_config,
+)
+from neuroinit.bench.machine import (
+    CPUINFO,
+    SYS_CACHE,
+    _best_time,
+    _cache_sizes,
+    _calib_key,
+    _calib_path,
+    _cpu_model,
+    _import_quietly,
+    _loadavg,
+    _LoadMeter,
+    _measure_device,
+    _peak_memory,
+    _proc_cpu,
+    _release_free_memory,
+    _status_kb,
+    _stream_bandwidth,
+    calibrate,
+    environment,
+    roofline,
+    working_sets,
+)
+from neuroinit.bench.peers import (
+    NorseNet,
+    SnnTorchNet,
+    SyntheticTask,
+    _grads_of,
+    _max_rel,
+    _online_rule,
+    _peer_available,
+    _peer_net,
+    _TriangleSpike,
+    _zero_grads,
+    check_gradients,
+    make_batch,
+    make_bench_cell,
+    method_applies,
+    reference_lif_grads,
+    trial_fn,
+)
+from neuroinit.bench.report import (
+    TABLE_HEADER,
+    _find,
+    _fmt,
+    _rows,
+    _si,
+    evaluate_targets,
+    format_table,
+    format_targets,
+    table_row,
+)
+from neuroinit.bench.timing import (
+    Result,
+    _jobs,
+    _sync,
+    memory_scaling,
+    run_bench,
+    time_method,
+    trial_memory,
+)
+from neuroinit.learning.autograd import BPTT
+
+__all__ = [
+           "METHODS",
+           "MODEL_VARIANTS",
+           "SCHEMA_VERSION",
+           "BenchConfig",
+           "SyntheticTask",
+           "calibrate",
+           "check_gradients",
+           "environment",
+           "format_table",
+           "roofline",
+           "run_bench",
+]
+

@@ -1,0 +1,330 @@
+"""The machine: host description (CPU, caches), load and memory meters, calibration and the roofline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# ------------------------------------------------------------------------------------------ environment
+# Where the host is read (tests point these at a faked host; nothing else in this module reads the machine's
+# description): the CPU model, the cache sizes, and os.cpu_count() for the logical CPUs.
+CPUINFO = Path("/proc/cpuinfo")
+SYS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def _cpu_model() -> str:
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_sizes() -> dict[str, int]:
+    """Cache sizes in bytes per level from sysfs (per core for L1/L2, shared L3): read by :func:`calibrate`
+    and :func:`environment` only; :func:`roofline` takes them from the calibration it is given."""
+    out: dict[str, int] = {}
+    base = SYS_CACHE
+    for idx in sorted(base.glob("index*")) if base.exists() else []:
+        try:
+            level = int((idx / "level").read_text())
+            kind = (idx / "type").read_text().strip()
+            size = (idx / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        mult = {"K": 1024, "M": 1024 ** 2}.get(size[-1], 1)
+        out[f"L{level}"] = int(size.rstrip("KM")) * mult
+    return out
+
+
+def _import_quietly(name: str):
+    """Import a peer package; norse's import calls the deprecated ``torch.jit.script`` (a FutureWarning)."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return importlib.import_module(name)
+
+
+
+def environment(device: str = "cpu") -> dict:
+    """Machine, threads, OpenMP wait policy and versions, recorded with every result."""
+    import numpy
+
+    env = {
+        "cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(), "machine": platform.machine(),
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": numpy.__version__, "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin, then sleep)"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "caches": _cache_sizes(), "device": device,
+        "loadavg_at_start": _loadavg(),
+    }
+    for pkg in ("snntorch", "norse"):
+        try:
+            _import_quietly(pkg)
+            from importlib.metadata import version
+
+            env[pkg] = version(pkg)
+        except Exception as e:  # noqa: BLE001  any import failure (ImportError, a torch ABI error) is recorded
+            env[pkg] = f"unavailable: {type(e).__name__}"
+    from neuroinit.learning import fused
+
+    env["fused"] = "available" if fused.available() else f"unavailable: {fused.unavailable_reason()}"
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+class _LoadMeter:
+    """CPU time spent by everything else on the machine while a block runs, in cores (busy jiffies of all CPUs
+    minus this process's CPU time, over wall time)."""
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        vals = [int(v) for v in fields]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        self.b0, self.p0, self.t0 = self._busy(), _proc_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        b1, p1 = self._busy(), _proc_cpu()
+        self.load = None
+        if self.b0 is not None and b1 is not None and self.wall > 0:
+            self.load = max((b1 - self.b0) - (p1 - self.p0), 0.0) / self.wall
+        return False
+
+
+def _proc_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_memory() -> None:
+    """Give the pages of freed heap memory back (glibc ``malloc_trim``), so that memory a trial reuses counts
+    again in its resident set: without it, memory freed by earlier runs is reused unseen."""
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+
+def _peak_memory(fn: Callable[[], None], device: str) -> float | None:
+    """Peak memory (MiB) ``fn`` adds on top of what was allocated before it: CUDA allocator peak, or the
+    process's peak resident set (VmHWM, reset through /proc/self/clear_refs) on the CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    _release_free_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    base = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(peak - base, 0) / 1024
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def _calib_key(device: str) -> str:
+    return "|".join([_cpu_model(), str(torch.get_num_threads()), torch.__version__, device,
+                     os.environ.get("OMP_WAIT_POLICY", "")])
+
+
+def _calib_path() -> Path:
+    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                                             or os.path.expanduser("~/.cache"), "neuroinit")
+    return Path(root) / "bench_calibration.json"
+
+
+def _best_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+    """Fastest of ``repeats`` runs: what the machine can do (a shared machine only ever slows a run down)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def calibrate(device: str = "cpu", *, quick: bool = False, use_cache: bool = True) -> dict:
+    """Measured memory bandwidth (GB/s, per level: L2-, L3- and DRAM-sized working sets) and float32 matmul
+    rate (GFLOP/s) of this machine, read from the cache when it matches the CPU, thread count, torch version,
+    device and OpenMP wait policy."""
+    key = _calib_key(device)
+    path = _calib_path()
+    if use_cache and path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key and (device == "cuda" or "caches" in cached):
+                return {**cached, "cached": True}
+        except (OSError, ValueError):
+            pass
+    with _LoadMeter() as lm:
+        out = _measure_device(device, quick)
+    out.update(key=key, load=lm.load, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"), quick=quick)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return {**out, "cached": False}
+
+
+def _measure_device(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        sync = torch.cuda.synchronize
+        a = torch.zeros(2 ** 28, device="cuda")  # 1 GiB
+        t = _best_time(lambda: a.mul_(0.999).add_(0.001), 5, sync)
+        bw = 2 * 2 * a.numel() * 4 / t / 1e9  # two in-place passes, read + write each
+        m = torch.randn(8192, 8192, device="cuda")
+        t = _best_time(lambda: m @ m, 5, sync)
+        gflops = 2 * 8192 ** 3 / t / 1e9
+        return {"bandwidth_gbs": {"L2": bw, "L3": bw, "DRAM": bw}, "matmul_gflops": gflops,
+                "method": "torch in-place scale-add over 1 GiB; 8192^2 matmul"}
+    caches = _cache_sizes()
+    sizes = working_sets(caches, quick=quick)
+    bw = _stream_bandwidth(sizes, quick)
+    n = 1024 if quick else 2048
+    m = torch.randn(n, n)
+    t = _best_time(lambda: m @ m, 3 if quick else 5, lambda: None)
+    return {"bandwidth_gbs": bw, "matmul_gflops": 2 * n ** 3 / t / 1e9,
+            "working_set_bytes": sizes, "caches": caches,
+            "method": ("fused stream kernel a <- c a + d in place (read + write) per working set; "
+                       f"{n}^2 float32 torch matmul")}
+
+
+def _stream_bandwidth(sizes: dict[str, int], quick: bool) -> dict[str, float]:
+    """GB/s streaming each working set (read + write in place): the fused stream kernel, else torch."""
+    from neuroinit.learning import fused
+
+    bw = {}
+    lib = fused._load()
+    for level, nbytes in sizes.items():
+        n = nbytes // 4
+        a = torch.zeros(n)
+        reps = max(1, int((2 ** 30 if not quick else 2 ** 28) // nbytes))
+        if lib is not None:
+            t = _best_time(lambda a=a, n=n, reps=reps: lib.ni_stream(a.data_ptr(), n, reps), 3 if quick else 5,
+                           lambda: None)
+            bw[level] = 8 * n * reps / t / 1e9
+        else:
+            t = _best_time(lambda a=a: a.mul_(0.999).add_(0.001), 3 if quick else 5, lambda: None)
+            bw[level] = 16 * n / t / 1e9
+    return bw
+
+
+def working_sets(caches: dict[str, int], *, quick: bool = False) -> dict[str, int]:
+    """Bytes streamed to measure each level's bandwidth: half of L2, a quarter of L3 (at least L2), and for
+    DRAM twice L3 but at least 256 MiB (128 MiB quick), so a machine with a huge L3 (hundreds of MiB) still
+    measures DRAM without allocating gigabytes."""
+    l2, l3 = caches.get("L2", 512 * 1024), caches.get("L3", 8 * 2 ** 20)
+    floor = 128 * 2 ** 20 if quick else 256 * 2 ** 20
+    return {"L2": l2 // 2, "L3": max(l3 // 4, l2), "DRAM": max(2 * l3, floor)}
+
+
+def roofline(variant: str, n: int, b: int, n_in: int, n_out: int, calib: dict, device: str = "cpu", *,
+             steps: int | None = None, chunk: int | None = None) -> dict:
+    """Lower bounds on the time of one online step (module docstring) and what bounds them.
+
+    The top-level keys are the bound of a rule that keeps its traces and updates them at every step (the
+    per-step trace roofline). With ``chunk`` (steps per chunk of the chunked exact update, :mod:`neuroinit.
+    learning.fused`) and ``steps`` (T), ``"chunked"`` holds the bound of the work that update does: the forward
+    product, one gradient GEMM over every step's records and, for stored traces in trials longer than a chunk,
+    the GEMMs carrying the traces across the ``ceil(T / K) - 1`` chunk boundaries (plus one read + write of the
+    traces there), at the matmul rate and bandwidth.
+
+    ``calib`` (from :func:`calibrate`) carries everything about the machine: ``bandwidth_gbs`` per level,
+    ``matmul_gflops`` and ``caches`` (bytes of L2 and L3, which decide the level the working set streams
+    from; without them, DRAM). Nothing here reads the host."""
+    full = variant != "rate-voltage"
+    syn = n * (n + n_in)
+    bytes_ = 8 * b * syn if full else 8 * syn
+    flops = 2 * b * n * (n + n_in + n_out) + (3 * b * syn if full else 0) + 2 * b * syn
+    working_set = 4 * (b * syn if full else syn) + 4 * 2 * syn  # traces (or gradient) + weights + gradient
+    caches = calib.get("caches") or {}
+    if device == "cuda":
+        level = "DRAM"
+    elif working_set <= caches.get("L2", 0):
+        level = "L2"
+    elif working_set <= caches.get("L3", 0):
+        level = "L3"
+    else:
+        level = "DRAM"
+    bw = calib["bandwidth_gbs"][level] * 1e9
+    rate = calib["matmul_gflops"] * 1e9
+    t_mem, t_flop = bytes_ / bw, flops / rate
+    out = {"bytes_per_step": bytes_, "flops_per_step": flops, "working_set_bytes": working_set,
+           "memory_level": level, "memory_bound_us": t_mem * 1e6, "flop_bound_us": t_flop * 1e6,
+           "bound_us": max(t_mem, t_flop) * 1e6, "bound_by": "memory" if t_mem >= t_flop else "compute"}
+    if chunk and steps:
+        syn_b = n * (n + n_in + 1)  # weights + bias, the gradient GEMM's output
+        boundaries = (math.ceil(steps / chunk) - 1) if full else 0
+        c_flops = 2 * b * n * (n + n_in + n_out) + 2 * b * syn_b + 2 * b * syn_b * chunk * boundaries / steps
+        c_bytes = 12 * b * syn_b * boundaries / steps
+        c_mem, c_flop = c_bytes / bw, c_flops / rate
+        out["chunked"] = {"chunk_steps": chunk, "boundaries": boundaries, "flops_per_step": c_flops,
+                          "bytes_per_step": c_bytes, "bound_us": max(c_mem, c_flop) * 1e6,
+                          "bound_by": "memory" if c_mem > c_flop else "compute"}
+    return out
