@@ -1,0 +1,580 @@
+/* neuroinit fused online e-prop / RFLO (float32): the network step, presynaptic and readout
+   traces and learning signal in one call per step; the eligibility traces either updated per step (one pass that
+   also accumulates the gradient) or recorded for the chunked exact update. See neuroinit/learning/fused.py. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { VOLTAGE = 0, RFLO = 1, LIF = 2 };
+enum { TANH = 0, LINEAR = 1, RELU = 2, SOFTPLUS = 3 };
+enum { LOSS_NONE = 0, LOSS_MSE = 1, LOSS_CE = 2 };
+enum { Q_PRE_REC = 0, Q_PRE_IN, Q_PRE_BIAS, Q_ELIG_REC, Q_ELIG_IN, Q_ELIG_BIAS, Q_READOUT, Q_READOUT_BIAS };
+
+typedef struct {
+    int64_t model, actfn, B, N, I, O;
+    int64_t reset_zero, n_ref, full, quant, par_work, loss, T, rec_pos;
+    uint64_t seed;
+    float alpha, kappa, v_th, gamma;
+    float pd, pg, ed, rd;
+    float q_scale[8], q_min[8], q_max[8];
+    float *w_in, *w_rec, *bias, *w_out, *b_out, *fb, *wt_in, *wt_rec, *wp_in, *wp_rec;
+    float *x, *z, *ref, *y;
+    float *post, *act, *L, *err, *yout, *drive;
+    float *pre_rec, *pre_in, *pre_bias, *elig_rec, *elig_in, *elig_bias, *ro, *ro_bias;
+    float *g_in, *g_rec, *g_bias, *g_out, *g_bout;
+    float *inputs, *targets, *scale, *outputs;
+    int64_t *labels, *events;
+    float *rec_L, *rec_post, *rec_pre, *rec_pre_in; /* chunk records (K, B, .), or NULL; rec_pre_in: (K, B, I + 1),
+                                                    the input traces then the bias trace */
+    float *pre_src; /* where the presynaptic trace's previous value is read (NULL: pre_rec) */
+} Run;
+
+/* ---------------------------------------------------------------- stochastic rounding (counter-based RNG) */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+/* uniform in [0, 1) from (key, index): 24 random bits */
+static inline float unif(uint32_t key, uint32_t idx) {
+    return (float)(mix32(idx * 0x9e3779b9U ^ key) >> 8) * (1.0f / 16777216.0f);
+}
+static inline float sround(float x, float s, float lo, float hi, float u) {
+    /* codes outside [lo - 1, hi + 1] saturate anyway: clamping first keeps the int conversion exact */
+    float c = x / s;
+    c = c < lo - 1.0f ? lo - 1.0f : c;
+    c = c > hi + 1.0f ? hi + 1.0f : c;
+    float low = (float)(int32_t)c;
+    low -= low > c ? 1.0f : 0.0f; /* floor, vectorisable */
+    c = low + ((u >= 1.0f - (c - low)) ? 1.0f : 0.0f);
+    c = c < lo ? lo : c;
+    c = c > hi ? hi : c;
+    return c * s;
+}
+static inline uint32_t qkey(const Run *r, int which) {
+    return mix32((uint32_t)r->seed ^ mix32((uint32_t)(r->seed >> 32) + 0x51ed27u * (uint32_t)(which + 1)));
+}
+static void quant_vec(const Run *r, int which, float *v, int64_t n) {
+    if (!r->quant) return;
+    uint32_t key = qkey(r, which);
+    float s = r->q_scale[which], lo = r->q_min[which], hi = r->q_max[which];
+    for (int64_t k = 0; k < n; k++) v[k] = sround(v[k], s, lo, hi, unif(key, (uint32_t)k));
+}
+
+/* ---------------------------------------------------------------- vector helpers */
+/* GCC/Clang vector extensions; -march=native picks the widest registers. */
+typedef float v8f __attribute__((vector_size(32)));
+static inline v8f ld8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline void st8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+/* ---------------------------------------------------------------- activations (vectorisable loops) */
+/* expm1 x for |x| <= 20: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 split in a short and a small part),
+   expm1 r by its Taylor polynomial of degree 8 (truncation error r^9 / 9! < 2e-8 |r|), then
+   expm1 x = 2^k expm1 r + (2^k - 1). Branch-free so that loops over it vectorise. */
+static inline float expm1_small(float x) {
+    const float k = floorf(x * 1.44269504f + 0.5f);
+    const float r = (x - k * 0.693145751953125f) - k * 1.42860677e-06f;
+    const float e = r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720
+                    + r * (1.0f / 5040 + r * (1.0f / 40320))))))));
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    return two_k * e + (two_k - 1.0f);
+}
+/* tanh x = expm1(2x) / (expm1(2x) + 2), x clamped to [-9, 9] (tanh 9 rounds to 1 in float32); accurate to a few
+   ulp near 0 as well (no cancellation: expm1, not exp - 1). */
+static inline float tanh_fast(float x) {
+    x = x < -9.0f ? -9.0f : (x > 9.0f ? 9.0f : x);
+    const float y = expm1_small(2.0f * x);
+    return y / (y + 2.0f);
+}
+/* f = act(d), df = act'(d) for n values; f may alias d */
+static void activate(int a, const float *d, float *f, float *df, int64_t n) {
+    switch (a) {
+        case TANH:
+#pragma omp simd
+            for (int64_t k = 0; k < n; k++) { const float t = tanh_fast(d[k]); f[k] = t; df[k] = 1.0f - t * t; }
+            break;
+        case LINEAR:
+            for (int64_t k = 0; k < n; k++) { f[k] = d[k]; df[k] = 1.0f; }
+            break;
+        case RELU:
+#pragma omp simd
+            for (int64_t k = 0; k < n; k++) {
+                const float v = d[k];
+                f[k] = v > 0.0f ? v : 0.0f;
+                df[k] = v > 0.0f ? 1.0f : 0.0f;
+            }
+            break;
+        default: /* softplus with torch's threshold 20; derivative: the logistic function */
+            for (int64_t k = 0; k < n; k++) {
+                const float v = d[k];
+                f[k] = v > 20.0f ? v : log1pf(expf(v));
+                df[k] = 1.0f / (1.0f + expf(-v));
+            }
+    }
+}
+
+/* ---------------------------------------------------------------- products */
+static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline float dot(const float *a, const float *b, int64_t n) {
+    v8f s0 = {0}, s1 = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) { s0 += ld8(a + i) * ld8(b + i); s1 += ld8(a + i + 8) * ld8(b + i + 8); }
+    for (; i + 8 <= n; i += 8) s0 += ld8(a + i) * ld8(b + i);
+    float r = hsum8(s0 + s1);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* The forward product: the drive of every neuron, D (B, N) = bias + A (B, K) Wt (K, N) + U (B, I) Wti (I, N), all
+   row-major (Wt, Wti: the transposed weight matrices, row k = what presynaptic k sends to every neuron). */
+
+/* R rows x 16 columns of D in 2 R vector registers (R = 6 or 4: 2 loads + R broadcasts per 2 R FMAs). P, Pi: the
+   column block's K x 16 and I x 16 panels of Wt and Wti, packed contiguously (fused.py), so that the panel stays in
+   L1 across row blocks (rows of Wt 4 KB apart would all fall into a few L1 sets). R is a constant after inlining,
+   so the q loops unroll. */
+static inline __attribute__((always_inline)) void drive_rows(const int R, const float *A, int64_t K, const float *P,
+        const float *U, int64_t I, const float *Pi, const float *bias, int64_t N, int64_t j0, float *D) {
+    v8f c[6][2];
+    const v8f b0 = ld8(bias + j0), b1 = ld8(bias + j0 + 8);
+    for (int q = 0; q < R; q++) { c[q][0] = b0; c[q][1] = b1; }
+    for (int64_t k = 0; k < K; k++) {
+        const v8f w0 = ld8(P + 16 * k), w1 = ld8(P + 16 * k + 8);
+        for (int q = 0; q < R; q++) { const float a = A[q * K + k]; c[q][0] += a * w0; c[q][1] += a * w1; }
+    }
+    for (int64_t k = 0; k < I; k++) {
+        const v8f w0 = ld8(Pi + 16 * k), w1 = ld8(Pi + 16 * k + 8);
+        for (int q = 0; q < R; q++) { const float a = U[q * I + k]; c[q][0] += a * w0; c[q][1] += a * w1; }
+    }
+    for (int q = 0; q < R; q++) { st8(D + q * N + j0, c[q][0]); st8(D + q * N + j0 + 8, c[q][1]); }
+}
+
+/* one row x 16 columns: K split four ways (a single accumulator chain is FMA-latency bound) */
+static void drive_row(const float *a, int64_t K, const float *P, const float *u, int64_t I, const float *Pi,
+                      const float *bias, int64_t j0, float *d) {
+    v8f c[4][2] = {{{0}}};
+    c[0][0] = ld8(bias + j0); c[0][1] = ld8(bias + j0 + 8);
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4)
+        for (int q = 0; q < 4; q++) {
+            const float *w = P + 16 * (k + q);
+            c[q][0] += a[k + q] * ld8(w); c[q][1] += a[k + q] * ld8(w + 8);
+        }
+    for (; k < K; k++) { c[0][0] += a[k] * ld8(P + 16 * k); c[0][1] += a[k] * ld8(P + 16 * k + 8); }
+    for (k = 0; k < I; k++) { c[1][0] += u[k] * ld8(Pi + 16 * k); c[1][1] += u[k] * ld8(Pi + 16 * k + 8); }
+    st8(d + j0, (c[0][0] + c[1][0]) + (c[2][0] + c[3][0]));
+    st8(d + j0 + 8, (c[0][1] + c[1][1]) + (c[2][1] + c[3][1]));
+}
+
+/* Wp, Wpi: Wt and Wti packed by 16-column blocks (block jb: K x 16, then I x 16, contiguous) */
+static void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
+                        int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
+                        int par) {
+    /* rows in blocks of 6, then 4 (a remainder of 2 turns one block of 6 into two of 4), then single rows */
+    const int64_t b6 = 6 * (B / 6 - (B % 6 == 2 && B >= 8)), nb = N / 16;
+#pragma omp parallel for if (par) schedule(static)
+    for (int64_t jb = 0; jb < nb; jb++) {
+        const int64_t j0 = jb * 16;
+        const float *P = Wp + jb * K * 16, *Pi = Wpi + jb * I * 16;
+        int64_t b = 0;
+        for (; b < b6; b += 6) drive_rows(6, A + b * K, K, P, U + b * I, I, Pi, bias, N, j0, D + b * N);
+        for (; b + 4 <= B; b += 4) drive_rows(4, A + b * K, K, P, U + b * I, I, Pi, bias, N, j0, D + b * N);
+        for (; b < B; b++) drive_row(A + b * K, K, P, U + b * I, I, Pi, bias, j0, D + b * N);
+    }
+    for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
+        for (int64_t b = 0; b < B; b++) {
+            float s = bias[j];
+            for (int64_t k = 0; k < K; k++) s += A[b * K + k] * Wt[k * N + j];
+            for (int64_t k = 0; k < I; k++) s += U[b * I + k] * Wti[k * N + j];
+            D[b * N + j] = s;
+        }
+}
+
+/* The same for sparse A (spikes): only the rows of Wt whose presynaptic entry is non-zero are added, so the cost
+   follows the number of spikes (event-driven, as on a chip); the same sum as the dense product (zero terms
+   skipped). Each row's events are listed once (idx: B x (K + 1), the count last); then per 16-column block, whose
+   packed K x 16 panel stays in L1, every row sums its events in four independent accumulator pairs. */
+static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
+                         int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
+                         int64_t *idx, int par) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *z = Z + b * K;
+        int64_t *ev = idx + b * (K + 1), ne = 0;
+        for (int64_t k = 0; k < K; k++) { ev[ne] = k; ne += z[k] != 0.0f; } /* branch-free: no mispredictions */
+        ev[K] = ne;
+    }
+    const int64_t nb = N / 16;
+#pragma omp parallel for if (par) schedule(static)
+    for (int64_t jb = 0; jb < nb; jb++) {
+        const int64_t j0 = jb * 16;
+        const float *P = Wp + jb * K * 16, *Pi = Wpi + jb * I * 16;
+        for (int64_t b = 0; b < B; b++) {
+            const float *z = Z + b * K, *u = U + b * I;
+            const int64_t *ev = idx + b * (K + 1), ne = ev[K];
+            v8f c[4][2] = {{{0}}};
+            c[0][0] = ld8(bias + j0); c[0][1] = ld8(bias + j0 + 8);
+            int64_t e = 0;
+            for (; e + 4 <= ne; e += 4)
+                for (int q = 0; q < 4; q++) {
+                    const int64_t k = ev[e + q];
+                    c[q][0] += z[k] * ld8(P + 16 * k); c[q][1] += z[k] * ld8(P + 16 * k + 8);
+                }
+            for (; e < ne; e++) {
+                const int64_t k = ev[e];
+                c[0][0] += z[k] * ld8(P + 16 * k); c[0][1] += z[k] * ld8(P + 16 * k + 8);
+            }
+            for (int64_t k = 0; k < I; k++) {
+                c[1][0] += u[k] * ld8(Pi + 16 * k); c[1][1] += u[k] * ld8(Pi + 16 * k + 8);
+            }
+            st8(D + b * N + j0, (c[0][0] + c[1][0]) + (c[2][0] + c[3][0]));
+            st8(D + b * N + j0 + 8, (c[0][1] + c[1][1]) + (c[2][1] + c[3][1]));
+        }
+    }
+    for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t *ev = idx + b * (K + 1);
+            float s = bias[j];
+            for (int64_t e = 0; e < ev[K]; e++) s += Z[b * K + ev[e]] * Wt[ev[e] * N + j];
+            for (int64_t k = 0; k < I; k++) s += U[b * I + k] * Wti[k * N + j];
+            D[b * N + j] = s;
+        }
+}
+
+/* ---------------------------------------------------------------- forward: network + presynaptic traces */
+/* Advances the cell state by one step driven by u (B, I); writes y (B, O) to r->yout, the postsynaptic factor
+   to r->post and the non-eligibility traces. Voltage form: r->act holds
+   f(x) between steps (fused.py initialises it to f(x_0)). */
+void ni_forward(Run *r, const float *u) {
+    const int64_t B = r->B, N = r->N, I = r->I, O = r->O, BN = B * N;
+    const int model = (int)r->model, a = (int)r->actfn;
+    const float al = r->alpha, oma = 1.0f - r->alpha;
+    float *x = r->x, *act = r->act, *d = r->drive, *post = r->post;
+    /* presynaptic signal of the recurrent weights at this step: read before the cell update below overwrites it
+       (the LIF update reads z[k] before writing it) */
+    const float *prev = model == VOLTAGE ? act : (model == RFLO ? x : r->z);
+    const float pd = r->pd, pg = r->pg, rd = r->rd;
+    const float *pre_old = r->pre_src ? r->pre_src : r->pre_rec;
+    for (int64_t k = 0; k < BN; k++) r->pre_rec[k] = pd * pre_old[k] + pg * prev[k];
+    /* drive d = bias + prev W_rec^T + u W_in^T */
+    const int par = B * N * N >= r->par_work;
+    if (model == LIF)
+        drive_events(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, r->events, par);
+    else
+        drive_dense(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, par);
+    /* the cells' updates */
+    if (model == VOLTAGE) {
+        for (int64_t k = 0; k < BN; k++) x[k] = oma * x[k] + al * d[k];
+        activate(a, x, act, post, BN);
+    } else if (model == RFLO) {
+        activate(a, d, d, post, BN);
+        for (int64_t k = 0; k < BN; k++) { x[k] = oma * x[k] + al * d[k]; act[k] = x[k]; post[k] *= al; }
+    } else {
+        const float th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
+        const int zero = (int)r->reset_zero, refr = r->n_ref > 0;
+        float *z = r->z, *ref = r->ref;
+#pragma omp simd
+        for (int64_t k = 0; k < BN; k++) {
+            const float vold = x[k], zp = z[k]; /* = prev[k] */
+            const float reset = zero ? zp * (al * vold) : zp * th;
+            const float v = al * vold + d[k] - reset;
+            const float dv = v > th ? v - th : th - v, tri = 1.0f - dv / th; /* no libm calls: vectorises */
+            float ps = gs * (tri > 0.0f ? tri : 0.0f);
+            float zn = v > th ? 1.0f : 0.0f;
+            if (refr) {
+                const float free_ = ref[k] <= 0.0f ? 1.0f : 0.0f;
+                ps *= free_;
+                zn *= free_;
+                ref[k] = zn > 0.0f ? nref : (ref[k] > 1.0f ? ref[k] - 1.0f : 0.0f);
+            }
+            x[k] = v;
+            post[k] = ps;
+            act[k] = zn;
+            z[k] = zn;
+        }
+    }
+    /* readout */
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t o = 0; o < O; o++) {
+            float s = dot(r->w_out + o * N, act + b * N, N) + r->b_out[o];
+            if (model == LIF) { s = r->kappa * r->y[b * O + o] + s; r->y[b * O + o] = s; }
+            r->yout[b * O + o] = s;
+        }
+    /* the other presynaptic traces and the readout traces (O(B N)) */
+    for (int64_t k = 0; k < B * I; k++) r->pre_in[k] = pd * r->pre_in[k] + pg * u[k];
+    for (int64_t b = 0; b < B; b++) r->pre_bias[b] = pd * r->pre_bias[b] + pg;
+    for (int64_t k = 0; k < BN; k++) r->ro[k] = rd * r->ro[k] + act[k];
+    for (int64_t b = 0; b < B; b++) r->ro_bias[b] = rd * r->ro_bias[b] + 1.0f;
+    quant_vec(r, Q_PRE_REC, r->pre_rec, B * N);
+    quant_vec(r, Q_PRE_IN, r->pre_in, B * I);
+    quant_vec(r, Q_PRE_BIAS, r->pre_bias, B);
+    quant_vec(r, Q_READOUT, r->ro, B * N);
+    quant_vec(r, Q_READOUT_BIAS, r->ro_bias, B);
+}
+
+/* ---------------------------------------------------------------- update: eligibility traces + gradients */
+/* Given the output error r->err (B, O) of this step: learning signal, eligibility traces (one pass each,
+   updated and accumulated into the gradient together) and readout gradients. */
+void ni_update(Run *r) {
+    const int64_t B = r->B, N = r->N, I = r->I, O = r->O;
+    float *L = r->L, *err = r->err;
+    for (int64_t b = 0; b < B; b++) { /* learning signal L = err B (feedback B: O x N) */
+        float *l = L + b * N;
+        for (int64_t j = 0; j < N; j++) l[j] = 0.0f;
+        for (int64_t o = 0; o < O; o++) {
+            const float e = err[b * O + o], *fb = r->fb + o * N;
+            for (int64_t j = 0; j < N; j++) l[j] += e * fb[j];
+        }
+    }
+    const int par = B * N * (N + I) >= r->par_work;
+    if (r->rec_L && !r->quant) {
+        /* chunked exact update (ni_chunk_prepare + GEMMs in fused.py): record this step's factors, touch no
+           eligibility trace */
+        const int64_t s = r->rec_pos++; /* L, post and pre_rec were written in place by ni_run's redirection */
+        for (int64_t b = 0; b < B; b++) {
+            float *row = r->rec_pre_in + (s * B + b) * (I + 1);
+            memcpy(row, r->pre_in + b * I, sizeof(float) * I);
+            row[I] = r->pre_bias[b];
+        }
+    } else if (!r->full) {
+        /* factorised: e = post (x) pre, never stored */
+        float *lp = r->post; /* becomes L * post: post is not needed after this step */
+        for (int64_t k = 0; k < B * N; k++) lp[k] = L[k] * lp[k];
+#pragma omp parallel for if (par) schedule(dynamic, 4)
+        for (int64_t j = 0; j < N; j++) {
+            float *gr = r->g_rec + j * N, *gi = r->g_in + j * I;
+            float gb = 0.0f;
+            int64_t b = 0;
+            for (; b + 4 <= B; b += 4) { /* four batch elements per pass over the gradient row */
+                const float c0 = lp[b * N + j], c1 = lp[(b + 1) * N + j], c2 = lp[(b + 2) * N + j],
+                            c3 = lp[(b + 3) * N + j];
+                const float *p0 = r->pre_rec + b * N, *p1 = p0 + N, *p2 = p1 + N, *p3 = p2 + N;
+                const float *q0 = r->pre_in + b * I, *q1 = q0 + I, *q2 = q1 + I, *q3 = q2 + I;
+#pragma omp simd
+                for (int64_t i = 0; i < N; i++) gr[i] += c0 * p0[i] + c1 * p1[i] + c2 * p2[i] + c3 * p3[i];
+                for (int64_t i = 0; i < I; i++) gi[i] += c0 * q0[i] + c1 * q1[i] + c2 * q2[i] + c3 * q3[i];
+                gb += c0 * r->pre_bias[b] + c1 * r->pre_bias[b + 1] + c2 * r->pre_bias[b + 2]
+                      + c3 * r->pre_bias[b + 3];
+            }
+            for (; b < B; b++) {
+                const float c = lp[b * N + j];
+                const float *pr = r->pre_rec + b * N, *pi = r->pre_in + b * I;
+#pragma omp simd
+                for (int64_t i = 0; i < N; i++) gr[i] += c * pr[i];
+                for (int64_t i = 0; i < I; i++) gi[i] += c * pi[i];
+                gb += c * r->pre_bias[b];
+            }
+            r->g_bias[j] += gb;
+        }
+    } else {
+        const float ed = r->ed;
+        const int quant = (int)r->quant;
+        const uint32_t kr = qkey(r, Q_ELIG_REC), ki = qkey(r, Q_ELIG_IN), kb = qkey(r, Q_ELIG_BIAS);
+        const float sr = r->q_scale[Q_ELIG_REC], lr = r->q_min[Q_ELIG_REC], hr = r->q_max[Q_ELIG_REC];
+        const float si = r->q_scale[Q_ELIG_IN], li = r->q_min[Q_ELIG_IN], hi = r->q_max[Q_ELIG_IN];
+        const float sb = r->q_scale[Q_ELIG_BIAS], lb = r->q_min[Q_ELIG_BIAS], hb = r->q_max[Q_ELIG_BIAS];
+        /* blocks of jb rows: for each batch element the block's trace rows are one contiguous stream (jb N floats,
+           ~32 KB) and the block's gradient rows stay in L1/L2 across the batch; each thread owns whole blocks */
+        const int64_t jb = N >= 2048 ? 4 : 8192 / N > 4 ? 8192 / N : 4;
+#pragma omp parallel for if (par) schedule(dynamic, 1)
+        for (int64_t j0 = 0; j0 < N; j0 += jb) {
+            const int64_t j1 = j0 + jb < N ? j0 + jb : N;
+            for (int64_t b = 0; b < B; b++) {
+                for (int64_t j = j0; j < j1; j++) {
+                    float *gr = r->g_rec + j * N, *gi = r->g_in + j * I;
+                    const float p = r->post[b * N + j], l = L[b * N + j];
+                    const float *pr = r->pre_rec + b * N, *pi = r->pre_in + b * I;
+                    float *e = r->elig_rec + (b * N + j) * N, *ei = r->elig_in + (b * N + j) * I;
+                    if (!quant) {
+    #pragma omp simd
+                        for (int64_t i = 0; i < N; i++) {
+                            float v = ed * e[i] + p * pr[i];
+                            e[i] = v;
+                            gr[i] += l * v;
+                        }
+                        for (int64_t i = 0; i < I; i++) {
+                            float v = ed * ei[i] + p * pi[i];
+                            ei[i] = v;
+                            gi[i] += l * v;
+                        }
+                        float v = ed * r->elig_bias[b * N + j] + p * r->pre_bias[b];
+                        r->elig_bias[b * N + j] = v;
+                        r->g_bias[j] += l * v;
+                    } else {
+                        const uint32_t base = (uint32_t)((b * N + j) * N), basei = (uint32_t)((b * N + j) * I);
+    #pragma omp simd
+                        for (int64_t i = 0; i < N; i++) {
+                            float v = sround(ed * e[i] + p * pr[i], sr, lr, hr, unif(kr, base + (uint32_t)i));
+                            e[i] = v;
+                            gr[i] += l * v;
+                        }
+                        for (int64_t i = 0; i < I; i++) {
+                            float v = sround(ed * ei[i] + p * pi[i], si, li, hi, unif(ki, basei + (uint32_t)i));
+                            ei[i] = v;
+                            gi[i] += l * v;
+                        }
+                        float v = sround(ed * r->elig_bias[b * N + j] + p * r->pre_bias[b], sb, lb, hb,
+                                         unif(kb, (uint32_t)(b * N + j)));
+                        r->elig_bias[b * N + j] = v;
+                        r->g_bias[j] += l * v;
+                    }
+                }
+            }
+        }
+    }
+    /* readout: exact local gradient err (x) readout trace */
+    for (int64_t o = 0; o < O; o++) {
+        float *go = r->g_out + o * N;
+        float gbo = 0.0f;
+        for (int64_t b = 0; b < B; b++) {
+            const float c = err[b * O + o];
+            const float *ro = r->ro + b * N;
+            for (int64_t i = 0; i < N; i++) go[i] += c * ro[i];
+            gbo += c * r->ro_bias[b];
+        }
+        r->g_bout[o] += gbo;
+    }
+}
+
+/* ---------------------------------------------------------------- whole sequences */
+static void output_error(Run *r, int64_t t) {
+    const int64_t B = r->B, O = r->O;
+    for (int64_t b = 0; b < B; b++) {
+        const float s = r->scale[t * B + b];
+        const float *y = r->yout + b * O;
+        float *e = r->err + b * O;
+        if (r->loss == LOSS_MSE) {
+            const float *tg = r->targets + (t * B + b) * O;
+            for (int64_t o = 0; o < O; o++) e[o] = s * (y[o] - tg[o]);
+        } else {
+            float m = y[0], z = 0.0f;
+            for (int64_t o = 1; o < O; o++) m = fmaxf(m, y[o]);
+            for (int64_t o = 0; o < O; o++) { e[o] = expf(y[o] - m); z += e[o]; }
+            const int64_t lab = r->labels[t * B + b];
+            for (int64_t o = 0; o < O; o++) e[o] = s * (e[o] / z - (o == lab ? 1.0f : 0.0f));
+        }
+    }
+}
+
+/* Runs steps t0 <= t < t1 of r->inputs (T, B, I), errors from the loss, outputs into r->outputs (T, B, O).
+   ``r->seed`` advances by one per step (stochastic rounding keys). */
+void ni_run(Run *r, int64_t t0, int64_t t1) {
+    const int64_t B = r->B, I = r->I, O = r->O, BN = B * r->N;
+    /* recording (chunked update): this step's L, post and presynaptic trace are written straight into their
+       record rows (the trace reads its previous value from the row before) instead of being copied there */
+    const int rec = r->rec_L && !r->quant;
+    float *post0 = r->post, *L0 = r->L, *pre0 = r->pre_rec;
+    for (int64_t t = t0; t < t1; t++) {
+        if (rec) {
+            const int64_t s = r->rec_pos;
+            r->post = r->rec_post + s * BN;
+            r->L = r->rec_L + s * BN;
+            r->pre_src = s == 0 ? pre0 : r->rec_pre + (s - 1) * BN;
+            r->pre_rec = r->rec_pre + s * BN;
+        }
+        ni_forward(r, r->inputs + t * B * I);
+        memcpy(r->outputs + t * B * O, r->yout, sizeof(float) * B * O);
+        output_error(r, t);
+        ni_update(r);
+        r->seed = r->seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    }
+    if (rec && t1 > t0) memcpy(pre0, r->pre_rec, sizeof(float) * BN); /* the trace's home holds its latest value */
+    r->post = post0; r->L = L0; r->pre_rec = pre0; r->pre_src = NULL;
+}
+
+/* Chunked exact update, step 1 of 2 (step 2: GEMMs in fused.py). Over the K = rec_pos recorded steps of a chunk
+   that starts from the trace e0 (decay ed), the gradient and the trace at the chunk's end are
+       sum_s L_s e_s = sum_s (Lf_s * post_s) (x) pre_s + c * e0,   Lf_s = sum_{t >= s} ed^(t - s) L_t,  c = ed Lf_0
+       e_K = ed^K e0 + sum_s ed^(K - 1 - s) post_s (x) pre_s
+   (e_s = ed^(s + 1) e0 + sum_{q <= s} ed^(s - q) post_q (x) pre_q, summed by parts). In place: rec_L becomes
+   Lf * post, rec_post becomes ed^(K - 1 - s) post; c (B, N) receives ed Lf_0.
+   Factorised rules (ed = 0) then drop the rows (step, batch element) whose Lf * post is zero -- no learning
+   signal, e.g. steps outside the loss mask -- by moving the others (and their presynaptic records) to the front:
+   a three-factor update without its third factor changes nothing. Returns the number of rows to sum (K B when
+   the traces are full: those rows also carry the traces). */
+static int row_is_zero(const float *a, int64_t n) {
+    int nonzero = 0;
+    for (int64_t j = 0; j < n; j++) nonzero |= a[j] != 0.0f;
+    return !nonzero;
+}
+
+int64_t ni_chunk_prepare(Run *r, float *c) {
+    const int64_t B = r->B, N = r->N, I = r->I, n = B * N, K = r->rec_pos;
+    const float ed = r->ed;
+    float w = 1.0f;
+    for (int64_t k = 0; k < n; k++) c[k] = 0.0f; /* running Lf */
+    for (int64_t s = K - 1; s >= 0; s--) {
+        float *L = r->rec_L + s * n, *p = r->rec_post + s * n;
+        for (int64_t k = 0; k < n; k++) {
+            const float lf = L[k] + ed * c[k];
+            c[k] = lf;
+            L[k] = lf * p[k];
+            p[k] *= w;
+        }
+        w *= ed;
+    }
+    for (int64_t k = 0; k < n; k++) c[k] *= ed;
+    if (r->full) return K * B;
+    /* fill each empty row from the front with the last non-empty row (the sum does not depend on the order):
+       at most as many rows move as are empty */
+    int64_t lo = 0, hi = K * B;
+    for (;;) {
+        while (lo < hi && !row_is_zero(r->rec_L + lo * N, N)) lo++;
+        while (hi > lo && row_is_zero(r->rec_L + (hi - 1) * N, N)) hi--;
+        if (lo >= hi) break;
+        hi--; /* row hi is non-empty, row lo empty: move hi to lo */
+        memcpy(r->rec_L + lo * N, r->rec_L + hi * N, sizeof(float) * N);
+        memcpy(r->rec_pre + lo * N, r->rec_pre + hi * N, sizeof(float) * N);
+        memcpy(r->rec_pre_in + lo * (I + 1), r->rec_pre_in + hi * (I + 1), sizeof(float) * (I + 1));
+        lo++;
+    }
+    return lo;
+}
+
+/* Chunked exact update, the carried part: G += sum_b c[b, j] e0[b, j, :] for the recurrent, input and bias
+   traces (c from ni_chunk_prepare), one read of each trace, no temporary. Threads own rows j of G. */
+void ni_chunk_carry(Run *r, const float *c) {
+    const int64_t B = r->B, N = r->N, I = r->I;
+    const int par = B * N * (N + I) >= r->par_work;
+#pragma omp parallel for if (par) schedule(static)
+    for (int64_t j = 0; j < N; j++) {
+        float *gr = r->g_rec + j * N, *gi = r->g_in + j * I, gb = 0.0f;
+        for (int64_t b = 0; b < B; b++) {
+            const float cb = c[b * N + j];
+            const float *e = r->elig_rec + (b * N + j) * N, *ei = r->elig_in + (b * N + j) * I;
+#pragma omp simd
+            for (int64_t i = 0; i < N; i++) gr[i] += cb * e[i];
+            for (int64_t i = 0; i < I; i++) gi[i] += cb * ei[i];
+            gb += cb * r->elig_bias[b * N + j];
+        }
+        r->g_bias[j] += gb;
+    }
+}
+
+/* The layouts the forward product reads, from W (n x k, row-major: row j = what neuron j receives): wt = W^T
+   (k x n) and wp = W^T packed by 16-column blocks (block jb: k x 16, contiguous). */
+void ni_pack(const float *w, int64_t n, int64_t k, float *wt, float *wp) {
+    const int64_t nb = n / 16;
+    for (int64_t jb = 0; jb < nb; jb++) /* 16 rows of W at a time: reads stay in 16 cache lines, writes contiguous */
+        for (int64_t i = 0; i < k; i++)
+            for (int64_t jj = 0; jj < 16; jj++) {
+                const float v = w[(jb * 16 + jj) * k + i];
+                wt[i * n + jb * 16 + jj] = v;
+                wp[(jb * k + i) * 16 + jj] = v;
+            }
+    for (int64_t j = nb * 16; j < n; j++)
+        for (int64_t i = 0; i < k; i++) wt[i * n + j] = w[j * k + i];
+}
+
+/* Memory bandwidth probe for the roofline (neuroinit.bench): ``reps`` in-place passes a <- c a + d over n floats,
+   the access pattern of a trace update (read + write each element once per pass). */
+void ni_stream(float *a, int64_t n, int64_t reps) {
+    for (int64_t r = 0; r < reps; r++) {
+#pragma omp parallel for if (n >= 65536) schedule(dynamic, 16384)
+        for (int64_t i = 0; i < n; i++) a[i] = 0.999f * a[i] + 0.001f;
+    }
+}
+
+int ni_abi(void) { return (int)sizeof(Run); }
