@@ -122,13 +122,13 @@ def test_plot_and_compare_on_the_command_line(sweep_dir, tmp_path):
 def figures(monkeypatch):
     """The matplotlib Figure objects the plot functions save (to check their text)."""
     saved = []
-    real = plots._save
+    real = figstyle.save
 
     def keep(fig, out):
         saved.append(fig)
         real(fig, out)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(figstyle, "save", keep)
     return saved
 
 
