@@ -1,0 +1,116 @@
+"""The ``neuroinit bench`` command: online-update throughput."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from neuroinit.cli import _note_missing_fused, echo_json, fail_cleanly, main
+
+
+# --- bench ---
+def _int_list(value: str, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: allowed a comma-separated list of integers >= 1",
+                                 param_hint=f"--{name}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise click.BadParameter(f"{value!r}: allowed a comma-separated list of integers >= 1",
+                                 param_hint=f"--{name}")
+    return vals
+
+
+@main.command("bench")
+@click.option("--profile", default="ideal", show_default=True,
+              help="Hardware profile (bundled name or TOML path) the online rule learns under.")
+@click.option("--model", "models", type=click.Choice(["rate", "lif", "both"]), default="both", show_default=True,
+              help="rate: voltage form (e-prop) and rate form (RFLO); lif: spiking e-prop.")
+@click.option("--hidden", default=None, help="Hidden sizes, comma-separated [128,256,512,1024; quick: 64].")
+@click.option("--batch", default=None, help="Batch sizes, comma-separated [1,16,64; quick: 1,16].")
+@click.option("--steps", type=int, default=None, help="Time steps T per trial [100; quick: 40].")
+@click.option("--repeats", type=int, default=None, help="Timed trials per method [5; quick: 3].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's).")
+# the bench's METHODS, written out so that --help does not import torch (tests/test_bench.py keeps them equal)
+@click.option("--methods", default=None, help="Comma-separated subset of: neuroinit-fused, neuroinit-torch, "
+              "autograd-eprop, bptt, snntorch-bptt, norse-bptt.")
+@click.option("--quick", is_flag=True, help="A small configuration that finishes in under 2 minutes.")
+@click.option("--recalibrate", is_flag=True, help="Measure bandwidth and matmul rate again (else cached).")
+@click.option("--json", "json_out", default=None, metavar="OUT",
+              help="Write the results as JSON to OUT ('-': stdout, and no table).")
+@fail_cleanly
+def bench_command(profile, models, hidden, batch, steps, repeats, device, threads, methods, quick, recalibrate,
+                  json_out) -> None:
+    """Online-update throughput of rate and LIF networks under a profile, next to autograd e-prop, BPTT,
+    snntorch and norse, with the fraction of the machine's roofline reached."""
+    import torch
+
+    from neuroinit import bench
+
+    if threads is not None:
+        if threads < 1:
+            raise click.BadParameter(f"{threads}: allowed integers >= 1", param_hint="--threads")
+        torch.set_num_threads(threads)
+    overrides = dict(profile=profile, models=models, device=device, recalibrate=recalibrate,
+                     hidden=_int_list(hidden, "hidden") if hidden else None,
+                     batch=_int_list(batch, "batch") if batch else None, steps=steps, repeats=repeats,
+                     methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None)
+    if quick:
+        cfg = bench.quick_config(**overrides)
+    else:
+        cfg = bench.BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
+    cfg.validate()
+    if cfg.device == "cpu" and "neuroinit-fused" in cfg.methods:
+        from neuroinit.learning import fused
+
+        if not fused.available():
+            _note_missing_fused(fused.unavailable_reason())
+    quiet = json_out == "-"
+    jobs = len(bench._jobs(cfg))
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=jobs, desc="bench", unit="run", file=sys.stderr, leave=False, disable=None)
+
+    def progress(msg: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(msg, refresh=True)
+
+    partial = None
+    if json_out and json_out != "-":
+        from pathlib import Path
+
+        partial = Path(json_out + ".partial.jsonl")  # one line per result as it lands (long runs)
+        partial.write_text("")
+
+    def on_result(res) -> None:
+        if bar is not None:
+            bar.update(1)
+        if partial is not None:
+            from dataclasses import asdict
+
+            with partial.open("a") as f:
+                f.write(json.dumps(asdict(res), default=float) + "\n")
+
+    result = bench.run_bench(cfg, progress=progress, on_result=on_result)
+    if bar is not None:
+        bar.close()
+    if json_out == "-":
+        echo_json(result)
+        return
+    if json_out:
+        from pathlib import Path
+
+        Path(json_out).write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    click.echo(bench.format_table(result))
+    bad = [c for c in result["gradient_checks"] if not c["ok"]]
+    if bad:
+        raise click.ClickException("gradient check failed for " + ", ".join(
+            f"{c['variant']}/{c['method']}" for c in bad) + " (those methods were not timed)")
+# --- end bench ---
