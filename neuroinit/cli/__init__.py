@@ -103,7 +103,6 @@ from neuroinit.cli.dynamics import (  # noqa: F401
     _dyn_print_spectrum,
     _dyn_spectrum,
     _dyn_task,
-    _fmt,
     _pairs,
     _print_init_report,
     _str_list,

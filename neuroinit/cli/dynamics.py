@@ -6,23 +6,20 @@ import sys
 
 import click
 
+from neuroinit._util import fmt
 from neuroinit.cli import OneLineErrorsCommand, echo_json, fail_cleanly, main
 from neuroinit.cli.sweep import _gain_list
 
 
 # --- init ---
-def _fmt(x: float | None, spec: str = ".4g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def _print_init_report(report) -> None:
     lo, hi = report.gain_interval
     rel = (report.realised_gain_std / report.used_gain - 1) if report.used_gain else 0.0
     rows = [
-        ("requested gain", _fmt(report.requested_gain)),
-        ("used gain", _fmt(report.used_gain) + ("  (clamped)" if report.used_gain != report.requested_gain
+        ("requested gain", fmt(report.requested_gain)),
+        ("used gain", fmt(report.used_gain) + ("  (clamped)" if report.used_gain != report.requested_gain
                                                   else "")),
-        ("realisable gains", f"[{_fmt(lo)}, {_fmt(hi)}]  (realised within 2%)"),
+        ("realisable gains", f"[{fmt(lo)}, {fmt(hi)}]  (realised within 2%)"),
         ("realised gain", f"{report.realised_gain_std:.4f}  ({rel:+.2%} vs used; std(W_rec) sqrt(N))"),
         ("spectral radius", (f"{report.float_spectral_radius:.4f} float, "
                              f"{report.realised_spectral_radius:.4f} quantised")),
@@ -38,8 +35,8 @@ def _print_init_report(report) -> None:
     click.echo(f"  {'matrix'.ljust(8)}  {'scale'.rjust(10)}  {'exponent'.rjust(8)}  {'rmse'.rjust(10)}")
     for name in report.rmse:
         exp = report.exponent.get(name)
-        click.echo(f"  {name.ljust(8)}  {_fmt(report.scale.get(name)).rjust(10)}  "
-                   f"{('-' if exp is None else str(exp)).rjust(8)}  {_fmt(report.rmse[name]).rjust(10)}")
+        click.echo(f"  {name.ljust(8)}  {fmt(report.scale.get(name)).rjust(10)}  "
+                   f"{('-' if exp is None else str(exp)).rjust(8)}  {fmt(report.rmse[name]).rjust(10)}")
 
 
 @main.command("init", cls=OneLineErrorsCommand)
@@ -80,13 +77,11 @@ _DYN_DTYPES = ("float32", "float64")
 def _dyn_task(name: str, settings: dict):
     """The task whose inputs drive the network (None: autonomous), at the time step training uses
     (``settings``: :func:`neuroinit.experiments.train.resolve_settings`' dt_ms and tau_ms)."""
-    from neuroinit.tasks import make_task
+    from neuroinit.tasks import task_from_settings
 
     if name.lower() == "none":
         return None
-    if name.lower() == "romo":
-        return make_task("romo", dt_ms=settings["dt_ms"], tau_ms=settings["tau_ms"])
-    return make_task(name, dt_ms=settings["dt_ms"])
+    return task_from_settings(name, settings)
 
 
 def _dyn_spectrum(cell, task, *, k: int, batch: int, steps: int, warmup: int, qr_every: int, seed: int,

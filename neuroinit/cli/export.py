@@ -15,16 +15,13 @@ def _export_task(run, seed: int, trials: int):
     ``(None, None)`` when the task cannot be rebuilt."""
     import torch
 
-    from neuroinit.tasks import make_task
+    from neuroinit.tasks import task_from_settings
 
     name = str(run.config.get("task", "romo"))
     s = run.settings or {}
     if "dt_ms" not in s:
         return None, None
-    if name.lower() == "romo":
-        task = make_task("romo", dt_ms=s["dt_ms"], tau_ms=s.get("tau_ms", 100.0), variant="test")
-    else:
-        task = make_task(name, dt_ms=s["dt_ms"])
+    task = task_from_settings(name, s, **({"variant": "test"} if name.lower() == "romo" else {}))
     batch = task.batch(trials, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     scale = float(s.get("input_scale", 1.0))
     return task, batch._replace(inputs=batch.inputs * scale)

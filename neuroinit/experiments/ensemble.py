@@ -309,6 +309,7 @@ def execute_ensemble(payload: dict) -> dict:
     import time
     import traceback
 
+    from neuroinit._util import one_line
     from neuroinit.experiments import sweep as sw
 
     t0 = time.monotonic()
@@ -351,7 +352,7 @@ def execute_ensemble(payload: dict) -> dict:
                     res["status"] = sw.run_state(targets[j], configs[j])[0]
                     res["summary"] = sw._file_summary(targets[j])
             if res["status"] == "failed":
-                res["error"] = f"in an ensemble: {sw._one_line(e)}"
+                res["error"] = f"in an ensemble: {one_line(e, with_type=True)}"
                 res["traceback"] = "".join(traceback.format_exception(e)[-6:])[-4000:]
     finally:
         if tmpdir is not None:

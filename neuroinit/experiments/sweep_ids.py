@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 MANIFEST = "sweep.json"
@@ -70,20 +69,11 @@ class SweepError(ValueError):
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 # TrainConfig fields added after run files and sweeps existed: left out of run ids, condition keys and stored-config
 # comparisons while they hold their default, so existing runs keep their ids and stay complete.
 def _canonical(config: dict) -> dict:
     """The config as stored in a run file (JSON round trip: tuples become lists)."""
     return json.loads(json.dumps(config, sort_keys=True))
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _flosses(config: dict) -> bool:

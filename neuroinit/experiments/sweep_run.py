@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neuroinit._util import one_line, utc_now
 from neuroinit.experiments.sweep_ids import (
     _ATTEMPTS,
     _CLUSTER_STALE_S,
@@ -26,8 +27,6 @@ from neuroinit.experiments.sweep_ids import (
     PlannedRun,
     SweepError,
     _effective_lr,
-    _now,
-    _one_line,
     condition_key,
 )
 from neuroinit.experiments.sweep_spec import SweepSpec, load_spec
@@ -43,7 +42,7 @@ def read_manifest(sweep_dir: str | os.PathLike) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: not a readable sweep ledger ({_one_line(e)})") from None
+        raise ValueError(f"{p}: not a readable sweep ledger ({one_line(e, with_type=True)})") from None
     if not isinstance(data, dict) or data.get("kind") != MANIFEST_KIND:
         raise ValueError(f"{p}: not a neuroinit sweep ledger (kind {data.get('kind') if isinstance(data, dict) else None!r})")
     return data
@@ -52,7 +51,7 @@ def read_manifest(sweep_dir: str | os.PathLike) -> dict:
 def _write_manifest(sweep_dir: Path, data: dict) -> None:
     from neuroinit.io.atomic import atomic_write_path
 
-    data["updated"] = _now()
+    data["updated"] = utc_now()
     with atomic_write_path(sweep_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=float), encoding="utf-8")
 
@@ -209,9 +208,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, sweep_dir: str | os.PathLike,
             records[run.run_id] = rec
         specs = manifest.get("specs", {}) if isinstance(manifest.get("specs"), dict) else {}
         specs[spec.name] = {"path": spec.path, "description": spec.description, "text": spec.text,
-                            "runs": [r.run_id for r in spec.runs], "updated": _now()}
+                            "runs": [r.run_id for r in spec.runs], "updated": utc_now()}
         manifest = {"kind": MANIFEST_KIND, "format_version": MANIFEST_VERSION,
-                    "created": manifest.get("created") or _now(), "specs": specs, "runs": records}
+                    "created": manifest.get("created") or utc_now(), "specs": specs, "runs": records}
         _write_manifest(root, manifest)
         total = len(spec.runs)
         if on_start is not None:
@@ -243,9 +242,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, sweep_dir: str | os.PathLike,
                     with atomic_write_path(root / run.file) as tmp:
                         tmp.write_bytes(res["file_bytes"])
                 except OSError as e:
-                    res = {**res, "status": "failed", "error": f"cannot write the returned run file: {_one_line(e)}"}
+                    res = {**res, "status": "failed", "error": f"cannot write the returned run file: {one_line(e, with_type=True)}"}
             rec.update(status=res["status"], error=res.get("error", ""), traceback=res.get("traceback", ""),
-                       wall_time=res.get("wall_time"), host=res.get("host", ""), finished=_now(),
+                       wall_time=res.get("wall_time"), host=res.get("host", ""), finished=utc_now(),
                        summary=res.get("summary", {}), attempts=int(rec.get("attempts", 0)) + 1)
             counts[res["status"]] += 1
             done += 1
@@ -340,7 +339,7 @@ def _run_local(pending: list[PlannedRun], payload: dict, workers: int, threads: 
                         lost.append(run)
                         continue
                     except Exception as e:  # noqa: BLE001  recorded as a failed run, the sweep goes on
-                        res = {"run_id": run.run_id, "status": "failed", "error": _one_line(e), "traceback": "",
+                        res = {"run_id": run.run_id, "status": "failed", "error": one_line(e, with_type=True), "traceback": "",
                                "summary": {}, "wall_time": None, "host": "", "file_bytes": None}
                     finish(run, res)
                 if lost:
@@ -375,7 +374,7 @@ def _run_dask(pending: list[PlannedRun], payload: dict, scheduler, finish, conne
         try:
             client = Client(scheduler, timeout=f"{connect_timeout}s", set_as_default=False)
         except (OSError, TimeoutError, ValueError) as e:
-            raise SweepError(f"Cannot reach the Dask scheduler at {scheduler}: {_one_line(e)}") from None
+            raise SweepError(f"Cannot reach the Dask scheduler at {scheduler}: {one_line(e, with_type=True)}") from None
     else:
         client = scheduler
     where = f"dask ({client.scheduler.address})"
@@ -392,7 +391,7 @@ def _run_dask(pending: list[PlannedRun], payload: dict, scheduler, finish, conne
             run = by_key[fut.key]
             if fut.status == "error":
                 exc = fut.exception()
-                res = {"run_id": run.run_id, "status": "failed", "error": f"on the cluster: {_one_line(exc)}",
+                res = {"run_id": run.run_id, "status": "failed", "error": f"on the cluster: {one_line(exc, with_type=True)}",
                        "traceback": "", "summary": {}, "wall_time": None, "host": "", "file_bytes": None}
             elif fut.status == "cancelled":
                 res = {"run_id": run.run_id, "status": "failed", "error": "cancelled on the cluster",

@@ -10,7 +10,8 @@ import time
 import traceback
 from pathlib import Path
 
-from neuroinit.experiments.sweep_ids import FINISHED, TOKEN_FILE, _one_line, comparable_config
+from neuroinit._util import one_line
+from neuroinit.experiments.sweep_ids import FINISHED, TOKEN_FILE, comparable_config
 
 # ------------------------------------------------------------------------------------------ run state
 
@@ -115,7 +116,7 @@ def execute_run(payload: dict) -> dict:
             result["file_bytes"] = target.read_bytes()
     except Exception as e:  # noqa: BLE001  a failing run is recorded with its error; the others go on
         result["status"] = "failed"
-        result["error"] = _one_line(e)
+        result["error"] = one_line(e, with_type=True)
         result["traceback"] = "".join(traceback.format_exception(e)[-6:])[-4000:]
     finally:
         if tmpdir is not None:

@@ -20,7 +20,6 @@ from neuroinit.experiments.train_config import (
     LEARNED_FRACTION,
     RESUMABLE_CHANGES,
     TrainConfig,
-    _task_kind,
     resolve_settings,
 )
 from neuroinit.io.runfile import (
@@ -111,7 +110,7 @@ class _Context:
     """Objects a run needs, built deterministically from the config (and the stored initial weights)."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from neuroinit.tasks import make_task
+        from neuroinit.tasks import task_from_settings
 
         self.config = config
         self.settings = resolve_settings(config)
@@ -119,10 +118,7 @@ class _Context:
         self.dtype = _dtype(config.dtype)
         self.profile = load_profile(config.profile)
         s = self.settings
-        if _task_kind(config.task) == "romo":
-            self.task = make_task("romo", dt_ms=s["dt_ms"], tau_ms=s["tau_ms"])
-        else:
-            self.task = make_task(config.task, dt_ms=s["dt_ms"])
+        self.task = task_from_settings(config.task, s)
         if config.model == "rate":
             self.cell_kwargs = {"alpha": s["alpha"], "activation": config.activation, "form": s["form"]}
         else:
