@@ -100,9 +100,6 @@ from neuroinit.cli.bench import _int_list, bench_command  # noqa: F401
 from neuroinit.cli.dynamics import (  # noqa: F401
     _DYN_DTYPES,
     _alignment,
-    _dyn_print_spectrum,
-    _dyn_spectrum,
-    _dyn_task,
     _pairs,
     _print_init_report,
     _str_list,
@@ -111,7 +108,7 @@ from neuroinit.cli.dynamics import (  # noqa: F401
     init_command,
     lyapunov_command,
 )
-from neuroinit.cli.export import _export_cell, _export_task, export_command  # noqa: F401
+from neuroinit.cli.export import export_command  # noqa: F401
 from neuroinit.cli.profiles import _profile_summary, profiles_group, profiles_list, profiles_show  # noqa: F401
 from neuroinit.cli.sweep import _gain_list, plot_command, sweep_command  # noqa: F401
 from neuroinit.cli.train import (  # noqa: F401
