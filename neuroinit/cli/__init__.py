@@ -53,7 +53,7 @@ def _check_out_dir(out: str, option: str = "--out") -> None:
 def _note_missing_fused(reason: str | None) -> None:
     """One line on stderr when the fused native step cannot run here (no compiler, a broken CC, ...)."""
     click.echo(f"note: the fused native step is unavailable ({reason}); the PyTorch step runs instead (the "
-               "same results to float32 rounding, 30-50x slower for LIF at N = 256)", err=True)
+               "same results to float32 rounding, several times slower; benchmarks/ has the measured ratio)", err=True)
 
 
 def json_safe(obj):
