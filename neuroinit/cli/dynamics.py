@@ -352,7 +352,7 @@ def alignment_command(runs, which, model, rule, pairs, gains, hidden, batch, bat
     """Truncation error of local learning rules: cosine similarity and relative error between a local rule's
     gradient (e-prop, RFLO, LIF e-prop) and the BPTT gradient, per weight matrix, averaged over batches and
     seeds; for fresh inits (--pairs or --model x --rule, --gain list) or stored networks (RUNS)."""
-    from neuroinit.dynamics import alignment as al
+    from neuroinit.experiments import alignment_report as al
 
     bar = None
     if not as_json:

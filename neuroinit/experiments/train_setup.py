@@ -280,9 +280,9 @@ class _StopFlag:
 
 def _config_diff(stored: dict, config: TrainConfig) -> list[str]:
     """Fields whose stored and current values differ in what they do (compared as run ids compare them:
-    :func:`neuroinit.experiments.sweep.comparable_config`, so a file written before a field was added, or
+    :func:`neuroinit.experiments.run_identity.comparable_config`, so a file written before a field was added, or
     with a setting that has no effect, still resumes)."""
-    from neuroinit.experiments.sweep import comparable_config
+    from neuroinit.experiments.run_identity import comparable_config
 
     stored = comparable_config(stored)
     now = comparable_config(config.to_dict())
