@@ -210,20 +210,20 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
     (--which initial|floss|final), or of a fresh init (--model --hidden --gain [--alpha --profile]), driven by
     task inputs as training feeds them (time step and input scale: the run's settings, or training's defaults).
     LIF networks get the surrogate (pseudo-derivative) spectrum. Defaults in brackets are the library's
-    (neuroinit.dynamics.analysis)."""
+    (neuroinit.experiments.lyapunov_report)."""
     import torch
 
-    from neuroinit.dynamics import analysis
+    from neuroinit.experiments import lyapunov_report as lyap
 
     fresh = {"--model": model, "--hidden": hidden, "--gain": gain, "--alpha": alpha, "--activation": activation,
              "--form": form, "--dt": dt, "--tau-m": tau_m, "--input-scale": input_scale, "--profile": profile}
     _check_network_options(run, which, fresh)
     if run is not None:
-        net = analysis.network_from_run(run, which or "final", task=task, dtype=getattr(torch, dtype))
+        net = lyap.network_from_run(run, which or "final", task=task, dtype=getattr(torch, dtype))
     else:
-        net = analysis.fresh_network(model, hidden, gain, profile=profile or "ideal", task=task or "romo", seed=seed,
-                                     dtype=getattr(torch, dtype), input_scale=input_scale,
-                                     **_given(alpha=alpha, activation=activation, form=form, dt=dt, tau_m=tau_m))
+        net = lyap.fresh_network(model, hidden, gain, profile=profile or "ideal", task=task or "romo", seed=seed,
+                                 dtype=getattr(torch, dtype), input_scale=input_scale,
+                                 **_given(alpha=alpha, activation=activation, form=form, dt=dt, tau_m=tau_m))
     n = net.cell.n_hidden
     if k is not None and k > n:
         raise ValueError(f"Invalid --k {k}: must be between 1 and N = {n}")
@@ -231,11 +231,11 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
     if isinstance(floss_k, int) and not 1 <= floss_k <= n:
         raise ValueError(f"Invalid --floss-k {floss_k}: allowed auto (max(1, N // 8)) or an integer between 1 and "
                          f"N = {n}")
-    spec = analysis.SpectrumSettings(**_given(k=k, batch=batch, steps=steps, warmup=warmup, qr_every=qr_every))
-    floss = analysis.FlossSettings(**_given(iters=floss_iters, mode=floss_mode, k=floss_k, lr=floss_lr,
-                                            steps=floss_steps, warmup=floss_warmup))
+    spec = lyap.SpectrumSettings(**_given(k=k, batch=batch, steps=steps, warmup=warmup, qr_every=qr_every))
+    floss = lyap.FlossSettings(**_given(iters=floss_iters, mode=floss_mode, k=floss_k, lr=floss_lr,
+                                        steps=floss_steps, warmup=floss_warmup))
     with _floss_progress(floss.iters, f"{floss.mode} flossing", as_json) as progress:
-        report = analysis.analyse(net, spec, floss, seed=seed, progress=progress)
+        report = lyap.analyse(net, spec, floss, seed=seed, progress=progress)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -2,7 +2,7 @@
 
 The network is a run file's stored network (:func:`network_from_run`) or a fresh hardware-aware init
 (:func:`fresh_network`); either way it is driven as training drives it: the task's trials at the run's time
-step, times the run's input scale (:func:`neuroinit.experiments.train.resolve_settings`; the fresh init takes
+step, times the run's input scale (:func:`~neuroinit.experiments.train_config.resolve_settings`; the fresh init takes
 training's defaults for its task and model). :func:`analyse` measures the spectrum (:class:`SpectrumSettings`),
 optionally flosses the network in place (:class:`FlossSettings`, defaults from
 :mod:`~neuroinit.dynamics.flossing`) and measures it again, and returns a :class:`LyapunovReport`.
@@ -23,6 +23,9 @@ import torch
 from neuroinit.cells.base import RecurrentCell
 from neuroinit.dynamics import flossing
 from neuroinit.dynamics.lyapunov import DEFAULT_STEPS, LyapunovResult, lyapunov_spectrum, task_inputs
+from neuroinit.experiments.train_config import TrainConfig, resolve_settings
+from neuroinit.io.runfile import load_cell, read_run
+from neuroinit.tasks import task_from_settings
 
 __all__ = ["FlossSettings", "LyapunovReport", "Network", "SpectrumSettings", "analyse", "driven_spectrum",
            "fresh_network", "network_from_run"]
@@ -89,8 +92,6 @@ class LyapunovReport:
 
 
 def _task(name: str, settings: dict):
-    from neuroinit.tasks import task_from_settings
-
     return None if name.lower() == "none" else task_from_settings(name, settings)
 
 
@@ -98,9 +99,6 @@ def network_from_run(path, which: str = "final", *, task: str | None = None,
                      dtype: torch.dtype = torch.float32) -> Network:
     """The network ``which`` (initial, floss, final) stored in run file ``path``, driven by ``task`` (default
     the run's task; ``"none"``: autonomous) at the run's time step and input scale."""
-    from neuroinit.experiments.train import TrainConfig, resolve_settings
-    from neuroinit.io.runfile import load_cell, read_run
-
     cell = load_cell(path, which, dtype=dtype)
     cfg = TrainConfig.from_dict(read_run(path).config)
     settings = resolve_settings(cfg)
@@ -119,7 +117,6 @@ def fresh_network(model: str, hidden: int, gain: float, *, profile: str = "ideal
     ``activation`` [tanh], ``form`` [voltage]; LIF ``dt`` and ``tau_m`` in ms (default: the task's time unit
     tau)."""
     from neuroinit.cells import make_cell
-    from neuroinit.experiments.train import TrainConfig, resolve_settings
     from neuroinit.init import hardware_init
 
     allowed = _RATE_OPTIONS if model == "rate" else _LIF_OPTIONS
