@@ -54,10 +54,10 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
         if threads < 1:
             raise click.BadParameter(f"{threads}: allowed integers >= 1", param_hint="--threads")
         torch.set_num_threads(threads)
-    overrides = {"profile": profile, "models": models, "device": device, "recalibrate": recalibrate,
-                 "hidden": _int_list(hidden, "hidden") if hidden else None,
-                 "batch": _int_list(batch, "batch") if batch else None, "steps": steps, "repeats": repeats,
-                 "methods": tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None}
+    overrides = dict(profile=profile, models=models, device=device, recalibrate=recalibrate,
+                     hidden=_int_list(hidden, "hidden") if hidden else None,
+                     batch=_int_list(batch, "batch") if batch else None, steps=steps, repeats=repeats,
+                     methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None)
     if quick:
         cfg = bench.quick_config(**overrides)
     else:
