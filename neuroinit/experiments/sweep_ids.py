@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ ADDED_FIELDS = (
     "align_every",
     "chip_neuron",
     "tau_syn_ms",
+    "cell_options",
 )
 # Fields whose default changed, with the default they had before: where the field has no effect on the run
 # (floss_k when the run does not floss) the id uses that old value, so the ids of runs that never flossed do not
@@ -93,7 +95,8 @@ def _flosses(config: dict) -> bool:
 def _field_default(name: str):
     from neuroinit.experiments.train import TrainConfig
 
-    return TrainConfig.__dataclass_fields__[name].default
+    field = TrainConfig.__dataclass_fields__[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 def comparable_config(config) -> dict:
