@@ -174,3 +174,36 @@ def test_lyapunov_spectrum_runs_and_jacobian_is_2n():
                     tau_out=5.0, tau_a=30.0, beta=0.3)
     res = lyapunov_spectrum(quiet, k=1, steps=100, batch=1, warmup=300, generator=torch.Generator().manual_seed(0))
     assert abs(float(res.mean[0]) - (-1.0 / 30.0)) < 1e-9   # log rho = -dt / tau_a, above log alpha = -dt / tau_m
+
+
+@pytest.fixture(scope="module")
+def alif_run(tmp_path_factory):
+    from neuroinit.experiments.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("alif") / "alif.h5"
+    train(TrainConfig(model="alif", hidden=8, batch=4, iters=2, eval_batch=8, lyapunov=False), out)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["nir", "netx", "xylo"])
+def test_export_refuses_alif_in_one_line(alif_run, tmp_path, fmt):
+    from click.testing import CliRunner
+
+    from neuroinit.cli import main
+
+    profile = {"nir": "ideal", "netx": "loihi-like", "xylo": "xylo-like"}[fmt]
+    r = CliRunner().invoke(main, ["export", str(alif_run), "--format", fmt, "--profile", profile,
+                                  "--out", str(tmp_path / f"x.{fmt}")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Invalid model 'alif' for chip emulation and export" in lines[0], r.output
+    assert "allowed lif" in lines[0] and "--format h5" in lines[0]
+
+
+def test_export_h5_takes_alif_weights(alif_run, tmp_path):
+    from click.testing import CliRunner
+
+    from neuroinit.cli import main
+
+    r = CliRunner().invoke(main, ["export", str(alif_run), "--format", "h5", "--out", str(tmp_path / "w.h5")])
+    assert r.exit_code == 0, r.output
