@@ -65,9 +65,10 @@ def _spikes(cell, inputs):
     return total
 
 
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
 @pytest.mark.parametrize("feedback", ["symmetric", "random"])
-def test_online_eprop_equals_autograd_eprop(feedback):
-    cell, task = _alif(), ToyTask()
+def test_online_eprop_equals_autograd_eprop(feedback, reset):
+    cell, task = _alif(reset=reset), ToyTask()
     batch = task.batch(4, generator=torch.Generator().manual_seed(1))
     ref_trial, ref = _grads(cell, AutogradEprop(cell, feedback=feedback,
                                                 generator=torch.Generator().manual_seed(7)), batch, task)
@@ -106,11 +107,12 @@ def test_online_eprop_equals_bptt_direction_check_is_not_trivial():
     assert float((bptt["w_rec"] - online["w_rec"]).abs().max()) > 1e-6
 
 
-def test_beta_zero_is_lif_exactly():
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_beta_zero_is_lif_exactly(reset):
     p, task = _params(), ToyTask()
     batch = task.batch(3, generator=torch.Generator().manual_seed(2))
-    alif = ALIFRNN(p, dt=1.0, tau_m=10.0, tau_out=5.0, tau_a=30.0, beta=0.0)
-    lif = LIFRNN(p, dt=1.0, tau_m=10.0, tau_out=5.0)
+    alif = ALIFRNN(p, dt=1.0, tau_m=10.0, tau_out=5.0, tau_a=30.0, beta=0.0, reset=reset)
+    lif = LIFRNN(p, dt=1.0, tau_m=10.0, tau_out=5.0, reset=reset)
     ya, _ = alif(batch.inputs)
     yl, _ = lif(batch.inputs)
     assert torch.equal(ya, yl)
@@ -131,7 +133,7 @@ def test_registry_and_contract():
 
 
 @pytest.mark.parametrize("bad,match", [({"tau_a": 0.0}, "Invalid tau_a"), ({"beta": -1.0}, "Invalid beta"),
-                                       ({"reset": "zero"}, "Invalid reset 'zero' for model 'alif'"),
+                                       ({"reset": "hold"}, "Invalid reset 'hold' for model 'alif'"),
                                        ({"n_refractory": 2}, "Invalid n_refractory 2 for model 'alif'")])
 def test_bad_options_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match):

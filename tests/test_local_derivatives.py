@@ -22,7 +22,8 @@ VARIANTS = {
              {"alpha": 0.5, "form": "voltage", "activation": "softplus"}],
     "lif": [{"reset": "subtract"}, {"reset": "zero"}, {"reset": "subtract", "reset_leaks": True},
             {"reset": "subtract", "tau_syn": 3.0}, {"reset": "zero", "threshold_compare": ">="}],
-    "alif": [{"beta": 0.0}, {"beta": 0.3, "tau_a": 30.0}, {"beta": 1.5, "tau_a": 5.0}],
+    "alif": [{"beta": 0.0}, {"beta": 0.3, "tau_a": 30.0}, {"beta": 1.5, "tau_a": 5.0},
+             {"beta": 0.3, "tau_a": 30.0, "reset": "zero"}],
 }
 SPIKING_TIME = {"dt": 1.0, "tau_m": 10.0, "tau_out": 5.0}
 

@@ -128,8 +128,8 @@ def test_cell_options_are_validated_by_the_cell(toy):
         TrainConfig(model="toylinear", cell_options={"leak": 2.0})
     with pytest.raises(ValueError, match=r"Invalid beta -1.0"):
         TrainConfig(model="alif", cell_options={"beta": -1.0})
-    with pytest.raises(ValueError, match=r"Invalid reset 'zero' for model 'alif'"):
-        TrainConfig(model="alif", reset="zero")
+    with pytest.raises(ValueError, match=r"Invalid n_refractory 2 for model 'alif'"):
+        TrainConfig(model="alif", n_refractory=2)
 
 
 @pytest.mark.parametrize("task", ["romo", "2af"])

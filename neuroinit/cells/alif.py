@@ -14,7 +14,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from neuroinit.cells.base import CellParams, LocalDerivatives, LocalFactors, RecurrentCell, TraceSpec, readout
-from neuroinit.cells.lif import pseudo_derivative, spike
+from neuroinit.cells.lif import RESETS, pseudo_derivative, spike
 from neuroinit.cells.registry import register
 from neuroinit.profiles import HardwareProfile
 
@@ -32,12 +32,14 @@ class ALIFState(NamedTuple):
 
 
 def alif_step(p: CellParams, s: ALIFState, u: torch.Tensor, *, alpha, rho, kappa, v_th, beta, gamma,
-              eprop_detach: bool = False, feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, ALIFState]:
+              reset: str = "subtract", eprop_detach: bool = False, feedback: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, ALIFState]:
     """One step of the ALIF network, ``alpha = exp(-dt/tau_m)``, ``rho = exp(-dt/tau_a)``, ``kappa =
     exp(-dt/tau_out)`` (Bellec et al. 2020, Methods, with the reset by subtraction of their code)::
 
         a_t = rho a_{t-1} + z_{t-1}                                        (adaptation)
         v_t = alpha v_{t-1} + W_rec z_{t-1} + W_in u_t + b - z_{t-1} v_th  (reset by subtraction)
+        v_t = alpha v_{t-1} (1 - z_{t-1}) + W_rec z_{t-1} + W_in u_t + b   (reset to zero, as norse's LSNN)
         A_t = v_th + beta a_t                                              (adaptive threshold)
         z_t = H(v_t - A_t),  pseudo-derivative psi_t = gamma / v_th max(0, 1 - |v_t - A_t| / v_th)
         y_t = kappa y_{t-1} + W_out z_t + b_out
@@ -49,7 +51,13 @@ def alif_step(p: CellParams, s: ALIFState, u: torch.Tensor, *, alpha, rho, kappa
     """
     z_prev = s.z.detach() if eprop_detach else s.z
     a = rho * s.a + s.z
-    v = (alpha * s.v - z_prev * v_th) + z_prev @ p.w_rec.T + u @ p.w_in.T + p.bias
+    if reset == "subtract":
+        reset_term = z_prev * v_th
+    elif reset == "zero":   # alpha v (1 - z) as a subtraction: e-prop's detach leaves the leak at alpha (as LIF)
+        reset_term = z_prev * ((alpha * s.v).detach() if eprop_detach else alpha * s.v)
+    else:
+        raise ValueError(f"Invalid reset {reset!r}: allowed {', '.join(RESETS)}")
+    v = (alpha * s.v - reset_term) + z_prev @ p.w_rec.T + u @ p.w_in.T + p.bias
     z = spike(v - beta * a, v_th, gamma)
     y = kappa * s.y + readout(z, p.w_out, p.b_out, feedback)
     return y, ALIFState(v, z, a, y)
@@ -66,9 +74,9 @@ class ALIFRNN(RecurrentCell):
 
     ``dt``, ``tau_m``, ``tau_out`` and ``tau_a`` are in ms; ``beta`` (>= 0, in units of the membrane) is the
     threshold increase per spike before it relaxes with ``tau_a`` (defaults ours: 0.1 v_th per spike, tau_a =
-    200 ms). ``beta = 0`` is :class:`~neuroinit.cells.lif.LIFRNN` with the subtractive reset exactly. Only the
-    subtractive reset without refractoriness is implemented (``reset`` and ``n_refractory`` are accepted so that
-    a run's LIF options are checked, not ignored). No fused kernel (the fast path falls back to PyTorch) and no
+    200 ms). ``beta = 0`` is :class:`~neuroinit.cells.lif.LIFRNN` with the same reset exactly. Refractoriness is
+    not implemented (``n_refractory`` is accepted so that a run's LIF option is checked, not ignored). No fused
+    kernel (the fast path falls back to PyTorch) and no
     export mapping (NIR, netx and Xylo have no adaptive threshold).
     """
 
@@ -90,8 +98,8 @@ class ALIFRNN(RecurrentCell):
         for name, val in (("beta", beta), ("gamma", gamma)):
             if isinstance(val, bool) or not (isinstance(val, (int, float)) and math.isfinite(val) and val >= 0):
                 raise ValueError(f"Invalid {name} {val!r}: must be a finite number >= 0")
-        if reset != "subtract":
-            raise ValueError(f"Invalid reset {reset!r} for model 'alif': allowed subtract")
+        if reset not in RESETS:
+            raise ValueError(f"Invalid reset {reset!r} for model 'alif': allowed {', '.join(RESETS)}")
         if n_refractory != 0 or isinstance(n_refractory, bool):
             raise ValueError(f"Invalid n_refractory {n_refractory!r} for model 'alif': allowed 0")
         super().__init__(params, profile=profile, quantised_forward=quantised_forward,
@@ -101,6 +109,7 @@ class ALIFRNN(RecurrentCell):
                           ("kappa", math.exp(-dt / tau_out)), ("v_th", v_th), ("beta", beta), ("gamma", gamma)):
             self.register_buffer(name, torch.tensor(float(val), dtype=dtype))
         self.dt, self.tau_m, self.tau_out, self.tau_a = float(dt), float(tau_m), float(tau_out), float(tau_a)
+        self.reset = reset
 
     @classmethod
     def train_kwargs(cls, settings, config, profile):
@@ -111,11 +120,11 @@ class ALIFRNN(RecurrentCell):
     def extra_repr(self) -> str:
         return (f"n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, dt={self.dt:g}, "
                 f"tau_m={self.tau_m:g}, tau_out={self.tau_out:g}, tau_a={self.tau_a:g}, "
-                f"beta={float(self.beta):g}, profile={self.profile.name}")
+                f"beta={float(self.beta):g}, reset={self.reset}, profile={self.profile.name}")
 
     def config(self) -> dict:
         return {"dt": self.dt, "tau_m": self.tau_m, "tau_out": self.tau_out, "tau_a": self.tau_a,
-                "beta": float(self.beta), "v_th": float(self.v_th), "gamma": float(self.gamma),
+                "beta": float(self.beta), "v_th": float(self.v_th), "gamma": float(self.gamma), "reset": self.reset,
                 "profile": self.profile.name, "quantised_forward": self.quantised_forward,
                 "remove_autapses": self.remove_autapses}
 
@@ -125,7 +134,8 @@ class ALIFRNN(RecurrentCell):
 
     def step(self, params, state, u, *, eprop_detach=False, feedback=None):
         return alif_step(params, state, u, alpha=self.alpha, rho=self.rho, kappa=self.kappa, v_th=self.v_th,
-                         beta=self.beta, gamma=self.gamma, eprop_detach=eprop_detach, feedback=feedback)
+                         beta=self.beta, gamma=self.gamma, reset=self.reset, eprop_detach=eprop_detach,
+                         feedback=feedback)
 
     # ------------------------------------------------------------------ analysis: the state is (v, a)
     def observable(self, state: ALIFState) -> torch.Tensor:
@@ -145,12 +155,18 @@ class ALIFRNN(RecurrentCell):
             d z / d(v, a) = (psi, -beta psi)        decay = [[alpha, 0], [0, rho]]   spike_to = (0, 1)
             reset         = [[-v_th psi, v_th beta psi], [0, 0]]                      current  = (1, 0)
 
-        e-prop's transition is then ``[[alpha, 0], [psi, rho - beta psi]]`` (Bellec et al. 2020, Methods)."""
+        (reset to zero: ``reset = [[-alpha z - alpha v psi, alpha v beta psi], [0, 0]]``, the derivative of
+        ``-alpha v z``). e-prop's transition is ``[[alpha, 0], [psi, rho - beta psi]]`` in both modes (Bellec et
+        al. 2020, Methods: the reset is dropped)."""
         psi = pseudo_derivative(state.v - self.beta * state.a, self.v_th, self.gamma)
         spike_a = -self.beta * psi
+        if self.reset == "subtract":   # -z v_th
+            reset = ((-self.v_th * psi, -self.v_th * spike_a), (0.0, 0.0))
+        else:                          # -alpha v z
+            kept = self.alpha * state.v
+            reset = ((-self.alpha * state.z - kept * psi, -kept * spike_a), (0.0, 0.0))
         return LocalDerivatives(decay=((self.alpha, 0.0), (0.0, self.rho)), spike=(psi, spike_a),
-                                spike_to=(0.0, 1.0), reset=((-self.v_th * psi, -self.v_th * spike_a), (0.0, 0.0)),
-                                current=(1.0, 0.0))
+                                spike_to=(0.0, 1.0), reset=reset, current=(1.0, 0.0))
 
     # ------------------------------------------------------------------ e-prop
     def trace_spec(self) -> TraceSpec:
