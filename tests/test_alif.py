@@ -209,3 +209,52 @@ def test_export_h5_takes_alif_weights(alif_run, tmp_path):
 
     r = CliRunner().invoke(main, ["export", str(alif_run), "--format", "h5", "--out", str(tmp_path / "w.h5")])
     assert r.exit_code == 0, r.output
+
+
+def test_norse_lsnn_equals_alif_without_recurrence():
+    """The bench's norse peer (norse's LSNNRecurrent, current-based Euler) is neuroinit's ALIF with reset to zero
+    under the mapping of :class:`neuroinit.bench.peers.NorseLSNNNet`: same spikes, same outputs, checked without
+    recurrence (norse's recurrent spikes arrive one step later) and with strong adaptation."""
+    pytest.importorskip("norse")
+    from neuroinit.bench.peers import NorseLSNNNet
+
+    p = _params(n=16)
+    p = p._replace(w_rec=torch.zeros_like(p.w_rec), bias=torch.zeros_like(p.bias), w_in=3.0 * p.w_in)
+    cell = ALIFRNN(p, dt=1.0, tau_m=10.0, tau_out=5.0, tau_a=20.0, beta=0.8, reset="zero")
+    # norse's Euler factors are 1 - dt / tau: choose neuroinit's exp(-dt / tau) equal (tau = -dt / log(1 - dt/tau'))
+    net = NorseLSNNNet(cell.params(), alpha=float(cell.alpha), rho=float(cell.rho), kappa=float(cell.kappa),
+                       v_th=float(cell.v_th), beta=float(cell.beta), gamma=float(cell.gamma))
+    inputs = 2.0 * torch.rand(60, 4, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    with torch.no_grad():
+        state, zs = cell.init_state(4), []
+        for u in inputs:
+            state = cell.step(cell.params(), state, u)[1]
+            zs.append(state.z)
+        ours = torch.stack(zs)
+        theirs = net.spikes(inputs)
+        assert float(ours.sum()) > 100 and float(state.a.max()) > 1.0   # it spikes and adapts
+        assert torch.equal(ours, theirs)
+        assert float((cell(inputs)[0] - net(inputs)).abs().max()) < 1e-12
+
+
+def test_bench_times_alif_next_to_norse():
+    pytest.importorskip("norse")
+    from neuroinit.bench.peers import (
+        SyntheticTask,
+        check_gradients,
+        make_batch,
+        make_bench_cell,
+        method_applies,
+        trial_fn,
+    )
+
+    assert method_applies("norse-bptt", "alif") and not method_applies("snntorch-bptt", "alif")
+    assert not method_applies("neuroinit-fused", "alif")   # no kernel: the fused path would time PyTorch
+    cell = make_bench_cell("alif", 16, "ideal", seed=0)
+    assert cell.model == "alif" and cell.reset == "zero"
+    batch = make_batch("alif", 10, 2, generator=torch.Generator().manual_seed(0))
+    run = trial_fn("norse-bptt", cell, batch, SyntheticTask(batch.inputs.shape[-1], batch.targets.shape[-1]))
+    run()
+    assert all(torch.isfinite(g).all() for g in run.net.grads().values())
+    checks = check_gradients(("alif",), ("neuroinit-torch", "autograd-eprop"))
+    assert checks and all(c["ok"] for c in checks)
