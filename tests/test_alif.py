@@ -149,6 +149,7 @@ def test_fast_path_falls_back_to_pytorch(fast):
     rule = OnlineEprop(cell, fast=fast)
     _, fast_grads = _grads(cell, rule, batch, task)
     assert not rule.uses_fast_path
+    assert rule.fast_path_reason == "no fused kernel for model 'alif': the PyTorch step runs"
     assert "ALIFRNN" in fused.supports(cell)
     _, slow = _grads(cell, OnlineEprop(cell), batch, task)
     assert max(_max_diffs(fast_grads, slow).values()) == 0.0

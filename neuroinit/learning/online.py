@@ -215,6 +215,19 @@ class OnlineEprop(LearningRule):
         """Whether the run begun by the last :meth:`start` steps through the fused native step."""
         return self._fused is not None
 
+    @property
+    def fast_path_reason(self) -> str | None:
+        """Why a rule asked for the fast path runs the PyTorch step (None when ``fast=False`` or the last
+        :meth:`start` took the fused step): e.g. a cell without a fused kernel (``kernel_id = None``)."""
+        if not self.fast or self._fused is not None:
+            return None
+        if self.cell.kernel_id is None:
+            return f"no fused kernel for model {self.cell.model!r}: the PyTorch step runs"
+        from neuroinit.learning import fused
+
+        why = fused.supports(self.cell, feedback=self.feedback, quantiser=self.trace_quantiser)
+        return why or ("chip-precision traces with fast='auto'" if self.trace_quantiser is not None else None)
+
     @torch.no_grad()
     def step(self, st: OnlineState, u: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor]
              ) -> tuple[torch.Tensor, OnlineState]:
