@@ -259,3 +259,16 @@ def test_bench_times_alif_next_to_norse():
     assert all(torch.isfinite(g).all() for g in run.net.grads().values())
     checks = check_gradients(("alif",), ("neuroinit-torch", "autograd-eprop"))
     assert checks and all(c["ok"] for c in checks)
+
+
+@pytest.mark.parametrize("mode", ["local", "full"])
+def test_flossing_updates_alif_weights(mode):
+    from neuroinit.dynamics.flossing import floss
+
+    cell = _alif()
+    before = cell.w_rec.detach().clone()
+    res = floss(cell, iters=2, k=2, mode=mode, steps=20, warmup=5, lr=1e-2,
+                generator=torch.Generator().manual_seed(0))
+    assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+    assert float((cell.w_rec.detach() - before).abs().max()) > 0
+    assert float(cell.w_rec.detach().diagonal().abs().max()) == 0.0
