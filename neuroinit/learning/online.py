@@ -32,14 +32,12 @@ from neuroinit.cells.base import PARAM_NAMES, LocalFactors, RecurrentCell, Trace
 from neuroinit.learning.base import LearningRule, Trial, accumulate_grads, feedback_matrix
 from neuroinit.tasks.base import Batch, Task
 
-__all__ = ["OnlineEprop", "OnlineState", "Traces", "accumulate_step", "init_traces", "trace_step"]
+__all__ = ["ComponentTraces", "OnlineEprop", "OnlineState", "Traces", "accumulate_step", "init_traces", "trace_step"]
 
 
 class Traces(NamedTuple):
     """Presynaptic traces (B, N) / (B, I) / (B, 1), optional full eligibility traces (B, N, N) / (B, N, I) /
-    (B, N) (None when the rule is factorised), the readout's traces (B, N) / (B, 1), and the further eligibility
-    components of cells that have more than one (``eligibility_components = K``: K - 1 each of (B, N, N) /
-    (B, N, I) / (B, N); see :class:`~neuroinit.cells.base.LocalFactors`)."""
+    (B, N) (None when the rule is factorised) and the readout's traces (B, N) / (B, 1)."""
 
     pre_rec: torch.Tensor
     pre_in: torch.Tensor
@@ -49,28 +47,46 @@ class Traces(NamedTuple):
     elig_bias: torch.Tensor | None
     readout: torch.Tensor
     readout_bias: torch.Tensor
-    hidden_rec: tuple[torch.Tensor, ...] = ()
-    hidden_in: tuple[torch.Tensor, ...] = ()
-    hidden_bias: tuple[torch.Tensor, ...] = ()
+
+
+class ComponentTraces(NamedTuple):
+    """:class:`Traces` of a cell with ``eligibility_components = K > 1``, plus its K - 1 further eligibility
+    components per synapse (tuples of (B, N, N) / (B, N, I) / (B, N); see
+    :class:`~neuroinit.cells.base.LocalFactors`). The full eligibility traces are always held."""
+
+    pre_rec: torch.Tensor
+    pre_in: torch.Tensor
+    pre_bias: torch.Tensor
+    elig_rec: torch.Tensor
+    elig_in: torch.Tensor
+    elig_bias: torch.Tensor
+    readout: torch.Tensor
+    readout_bias: torch.Tensor
+    hidden_rec: tuple[torch.Tensor, ...]
+    hidden_in: tuple[torch.Tensor, ...]
+    hidden_bias: tuple[torch.Tensor, ...]
 
 
 def init_traces(spec: TraceSpec, batch_size: int | tuple[int, ...], n_in: int, n_hidden: int, *,
-                like: torch.Tensor, components: int = 1) -> Traces:
-    """Zero traces for a cell with ``components`` eligibility components (its ``eligibility_components``);
-    ``batch_size`` may be a tuple of leading dimensions (an ensemble's ``(K, B)``)."""
+                like: torch.Tensor, components: int = 1) -> Traces | ComponentTraces:
+    """Zero traces for a cell with ``components`` eligibility components (its ``eligibility_components``:
+    :class:`ComponentTraces` when > 1); ``batch_size`` may be a tuple of leading dimensions (an ensemble's
+    ``(K, B)``)."""
     lead = tuple(batch_size) if isinstance(batch_size, tuple) else (batch_size,)
     z = lambda *shape: like.new_zeros((*lead, *shape))
     full = spec.elig_decay != 0.0 or components > 1
-    extra = range(components - 1)
-    return Traces(
+    traces = Traces(
         pre_rec=z(n_hidden), pre_in=z(n_in), pre_bias=z(1),
         elig_rec=z(n_hidden, n_hidden) if full else None,
         elig_in=z(n_hidden, n_in) if full else None,
         elig_bias=z(n_hidden) if full else None,
         readout=z(n_hidden), readout_bias=z(1),
-        hidden_rec=tuple(z(n_hidden, n_hidden) for _ in extra), hidden_in=tuple(z(n_hidden, n_in) for _ in extra),
-        hidden_bias=tuple(z(n_hidden) for _ in extra),
     )
+    if components == 1:
+        return traces
+    extra = range(components - 1)
+    return ComponentTraces(*traces, hidden_rec=tuple(z(n_hidden, n_hidden) for _ in extra),
+                           hidden_in=tuple(z(n_hidden, n_in) for _ in extra), hidden_bias=tuple(z(n_hidden) for _ in extra))
 
 
 def _hidden_step(old: tuple, pre: torch.Tensor, f: LocalFactors) -> tuple:
@@ -83,16 +99,17 @@ def _hidden_step(old: tuple, pre: torch.Tensor, f: LocalFactors) -> tuple:
                  for k in range(len(old)))
 
 
-def trace_step(spec: TraceSpec, tr: Traces, f: LocalFactors,
-               quantise: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Traces:
+def trace_step(spec: TraceSpec, tr: Traces | ComponentTraces, f: LocalFactors,
+               quantise: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Traces | ComponentTraces:
     """Advance all traces by one step (module docstring; cells with several eligibility components:
     :class:`~neuroinit.cells.base.LocalFactors`). ``quantise(name, tensor)`` holds each stored trace at a
     chip's precision (identity when None). Leading member dimensions (an ensemble's K) work too."""
     q = quantise or (lambda _name, x: x)
     pd, pg, ed, rd = spec
-    if len(f.from_pre) != len(tr.hidden_rec):
+    if len(f.from_pre) != len(getattr(tr, "hidden_rec", ())):
         raise ValueError(f"Invalid traces: the cell has {len(f.from_pre) + 1} eligibility components, the traces "
-                         f"{len(tr.hidden_rec) + 1} (init_traces(..., components=cell.eligibility_components))")
+                         f"{len(getattr(tr, 'hidden_rec', ())) + 1} (init_traces(..., "
+                         "components=cell.eligibility_components))")
     hidden = [tuple(q(f"{name}{k + 1}", h) for k, h in enumerate(_hidden_step(old, pre, f)))
               for name, old, pre in (("hidden_rec", tr.hidden_rec, tr.pre_rec), ("hidden_in", tr.hidden_in, tr.pre_in),
                                      ("hidden_bias", tr.hidden_bias, tr.pre_bias))] if f.from_pre else [(), (), ()]
@@ -114,11 +131,12 @@ def trace_step(spec: TraceSpec, tr: Traces, f: LocalFactors,
         elig_bias = q("elig_bias", ed * tr.elig_bias + e_bias)
     readout = q("readout", rd * tr.readout + f.readout_in)
     readout_bias = q("readout_bias", rd * tr.readout_bias + 1.0)
-    return Traces(pre_rec, pre_in, pre_bias, elig_rec, elig_in, elig_bias, readout, readout_bias, *hidden)
+    traces = Traces(pre_rec, pre_in, pre_bias, elig_rec, elig_in, elig_bias, readout, readout_bias)
+    return ComponentTraces(*traces, *hidden) if f.from_pre else traces
 
 
 def accumulate_step(g: dict[str, torch.Tensor], err: torch.Tensor, feedback: torch.Tensor, f: LocalFactors,
-                    tr: Traces) -> None:
+                    tr: Traces | ComponentTraces) -> None:
     """Add one step's gradient (module docstring) to ``g`` in place: learning signal ``L = err B``
     (``feedback`` is ``B``, (O, N): ``W_out`` for symmetric feedback), ``sum_b L_j post_j pre_i`` for the
     factorised rule or ``sum_b L_j e_ji`` with full traces, and the readout's ``sum_b err_k readout_i``.
