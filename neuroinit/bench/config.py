@@ -10,8 +10,10 @@ from neuroinit.profiles import load_profile
 
 SCHEMA_VERSION = 2  # 2: chunk_steps, own_roofline_fraction, roofline.chunked
 METHODS = ("neuroinit-fused", "neuroinit-torch", "autograd-eprop", "bptt", "snntorch-bptt", "norse-bptt")
-# model variants: rate voltage form (factorised e-prop), rate form (RFLO, N x N traces), LIF (e-prop)
-MODEL_VARIANTS = {"rate-voltage": ("rate", "voltage"), "rate-rflo": ("rate", "rate"), "lif": ("lif", None)}
+# model variants: rate voltage form (factorised e-prop), rate form (RFLO, N x N traces), LIF (e-prop), adaptive LIF
+# (e-prop with two eligibility components; no fused kernel: PyTorch path; norse's LSNNRecurrent as peer)
+MODEL_VARIANTS = {"rate-voltage": ("rate", "voltage"), "rate-rflo": ("rate", "rate"), "lif": ("lif", None),
+                  "alif": ("alif", None)}
 N_IN, N_OUT = 8, 2
 
 
@@ -35,8 +37,8 @@ class BenchConfig:
     max_seconds_per_method: float = 30.0  # fewer repeats for a method whose first trial is slower than this / 3
 
     def validate(self) -> None:
-        if self.models not in ("rate", "lif", "both"):
-            raise ValueError(f"Invalid model {self.models!r}: allowed rate, lif, both")
+        if self.models not in ("rate", "lif", "alif", "both"):
+            raise ValueError(f"Invalid model {self.models!r}: allowed rate, lif, alif, both")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device {self.device!r}: allowed cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -54,7 +56,7 @@ class BenchConfig:
         load_profile(self.profile)
 
     def variants(self) -> list[str]:
-        return {"rate": ["rate-voltage", "rate-rflo"], "lif": ["lif"],
+        return {"rate": ["rate-voltage", "rate-rflo"], "lif": ["lif"], "alif": ["alif"],
                 "both": ["rate-voltage", "rate-rflo", "lif"]}[self.models]
 
 

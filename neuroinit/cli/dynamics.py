@@ -9,6 +9,7 @@ import click
 
 from neuroinit._util import fmt
 from neuroinit.cli import OneLineErrorsCommand, echo_json, fail_cleanly, main
+from neuroinit.cli.choices import ModelChoice
 from neuroinit.cli.sweep import _gain_list
 
 
@@ -41,7 +42,7 @@ def _print_init_report(report) -> None:
 
 
 @main.command("init", cls=OneLineErrorsCommand)
-@click.option("--model", type=click.Choice(["rate", "lif"]), required=True, help="Rate or LIF network.")
+@click.option("--model", type=ModelChoice(), required=True, help="Neuron model (registered cells).")
 @click.option("--hidden", type=click.IntRange(min=1), required=True, help="Number of hidden neurons N.")
 @click.option("--gain", type=float, required=True, help="Recurrent gain g: W_rec ~ g N(0, 1/N).")
 @click.option("--profile", required=True, help="Bundled profile name (see 'profiles list') or a .toml path.")
@@ -163,7 +164,7 @@ def _floss_progress(total: int, desc: str, quiet: bool):
 @click.argument("run", required=False)
 @click.option("--which", type=click.Choice(["initial", "floss", "final"]), default=None,
               help="Run-file form: which stored network [final].")
-@click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Fresh init: rate or LIF.")
+@click.option("--model", type=ModelChoice(), default=None, help="Fresh init: the neuron model.")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Fresh init: hidden neurons N.")
 @click.option("--gain", type=float, default=None, help="Fresh init: recurrent gain g.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=None,

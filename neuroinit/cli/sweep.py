@@ -7,6 +7,7 @@ import sys
 import click
 
 from neuroinit.cli import OneLineErrorsCommand, _check_out_dir, echo_json, fail_cleanly, main
+from neuroinit.cli.choices import ModelChoice
 
 
 # --- experiments ---
@@ -129,7 +130,7 @@ def _print_sweep_report(report) -> None:
               help="alignment: SWEEP_DIR is a 'neuroinit alignment --out' JSON file.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Image file (.png/.pdf/.svg).")
 @click.option("--task", default=None, help="Only this task.")
-@click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Only this model.")
+@click.option("--model", type=ModelChoice(), default=None, help="Only this model.")
 @click.option("--gains", default=None, help="Only these gains, comma-separated.")
 @click.option("--spec", "spec_name", default=None, help="Only the runs of this spec (by name) [every spec run in "
               "SWEEP_DIR].")

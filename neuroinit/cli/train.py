@@ -14,6 +14,7 @@ from neuroinit.cli import (
     fail_cleanly,
     main,
 )
+from neuroinit.cli.choices import ModelChoice
 
 
 # --- train ---
@@ -42,7 +43,7 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
 @main.command("train", cls=OneLineErrorsCommand)
 @click.option("--task", default="romo", show_default=True,
               help="'romo', a neurogym id (e.g. PerceptualDecisionMaking-v0) or an alias (2af, dms).")
-@click.option("--model", type=click.Choice(["rate", "lif"]), default="rate", show_default=True)
+@click.option("--model", type=ModelChoice(), default="rate", show_default=True)
 @click.option("--rule", type=click.Choice(["bptt", "eprop", "eprop-autograd", "rflo"]), default="eprop",
               show_default=True, help="Learning rule (rflo on a rate net uses Murray's rate form).")
 @click.option("--gain", type=float, default=1.0, show_default=True, help="Initial recurrent gain g.")

@@ -111,10 +111,13 @@ def deploy(cell: RecurrentCell, profile: HardwareProfile | str | None = None, *,
     ``bias_exp`` (Lava only): the bias exponent, 0..7; default the smallest whose 13-bit mantissa holds every
     bias (the finest bias the chip can hold); lava-dl netx fixes 6 (bias in a_in units).
     """
-    if getattr(cell, "model", None) != "lif":
-        raise ValueError(f"Invalid model {getattr(cell, 'model', type(cell).__name__)!r} for chip emulation: "
-                         "allowed 'lif' (rate networks have no spiking chip arithmetic; export their weights "
-                         "with --format h5)")
+    if getattr(cell, "export_mapping", None) != "lif":   # the one neuron model the chip arithmetic emulates
+        from neuroinit.cells import cell_class, model_names
+
+        allowed = [m for m in model_names() if cell_class(m).export_mapping == "lif"]
+        raise ValueError(f"Invalid model {getattr(cell, 'model', type(cell).__name__)!r} for chip emulation and "
+                         f"export: NIR, netx and Xylo cannot express it (no export mapping); allowed "
+                         f"{', '.join(allowed)}; export its weights with --format h5")
     if not (isinstance(input_frac_bits, int) and 0 <= input_frac_bits <= 24):
         raise ValueError(f"Invalid input_frac_bits {input_frac_bits!r}: allowed integers 0..24")
     profile = load_profile(profile if profile is not None else cell.profile)

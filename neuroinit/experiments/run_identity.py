@@ -8,6 +8,7 @@ this form must stay stable across versions: fields added later drop out while th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -25,6 +26,7 @@ ADDED_FIELDS = (
     "align_every",
     "chip_neuron",
     "tau_syn_ms",
+    "cell_options",
 )
 # Fields whose default changed, with the default they had before: where the field has no effect on the run
 # (floss_k when the run does not floss) the id uses that old value, so the ids of runs that never flossed do not
@@ -45,7 +47,8 @@ def _flosses(config: dict) -> bool:
 def _field_default(name: str):
     from neuroinit.experiments.train_config import TrainConfig
 
-    return TrainConfig.__dataclass_fields__[name].default
+    field = TrainConfig.__dataclass_fields__[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 def comparable_config(config) -> dict:

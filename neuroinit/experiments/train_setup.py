@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Self
 import numpy as np
 import torch
 
-from neuroinit.cells import make_cell
+from neuroinit.cells import cell_class, make_cell
 from neuroinit.cells.base import PARAM_NAMES, RecurrentCell
 from neuroinit.experiments.train_config import (
     _STREAMS,
@@ -119,15 +119,7 @@ class _Context:
         self.profile = load_profile(config.profile)
         s = self.settings
         self.task = task_from_settings(config.task, s)
-        if config.model == "rate":
-            self.cell_kwargs = {"alpha": s["alpha"], "activation": config.activation, "form": s["form"]}
-        else:
-            self.cell_kwargs = {"dt": s["dt_ms"], "tau_m": s["tau_m_ms"], "tau_out": s["tau_out_ms"],
-                                "v_th": config.v_th, "reset": config.reset, "n_refractory": config.n_refractory}
-            if config.chip_neuron:   # what is trained is what deploys: the profile's neuron options
-                from neuroinit.cells.lif import LIFRNN
-                self.cell_kwargs.update(LIFRNN.neuron_options(self.profile, s["dt_ms"], config.tau_syn_ms,
-                                                              tau_m=s["tau_m_ms"], tau_out=s["tau_out_ms"]))
+        self.cell_kwargs = cell_class(config.model).train_kwargs(s, config, self.profile)
         # Quantised profiles: weights go back onto the grid after each optimizer step. Chips that learn on chip
         # use their own update rounding (stochastic on Loihi / ReckOn); the others round to nearest (off-chip
         # training with a projected forward pass).
@@ -141,7 +133,7 @@ class _Context:
         gen = torch.Generator().manual_seed(c.seed)
         return hardware_init(c.model, self.task.n_in, c.hidden, self.task.n_out, c.gain, self.profile,
                              generator=gen, out_of_range="clamp" if c.clamp_gain else "error",
-                             v_th=c.v_th if c.model == "lif" else 1.0, dtype=self.dtype, device=self.device,
+                             v_th=c.v_th if cell_class(c.model).spiking else 1.0, dtype=self.dtype, device=self.device,
                              io_init=c.io_init)
 
     def make_cell(self, params) -> RecurrentCell:
