@@ -13,12 +13,12 @@ from neuroinit.cells import cell_class
 from neuroinit.cells.base import CellParams
 from neuroinit.cells.lif import RESETS
 from neuroinit.cells.rate import ACTIVATIONS, FORMS
+from neuroinit.dynamics.flossing import FLOSS_MODES
 from neuroinit.learning import RULES
 from neuroinit.profiles import load_profile
 
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "float64")
-FLOSS_MODES = ("local", "full", "detached")
 LAST_LOGGED = 20           # lr-grid choice and final_loss: mean of the last 20 logged losses (science.md 6.2)
 LEARNED_FRACTION = 0.05    # Schuessler's learning time: first iteration with loss < 5% of the initial loss
 # Generator streams, numbered for numpy.random.SeedSequence([seed, stream]) (the init uses the seed itself).
@@ -180,6 +180,21 @@ class TrainConfig:
                 raise ValueError(f"Invalid {name} {val!r}: must be an integer >= 1")
         if self.lyapunov_k > self.hidden:
             raise ValueError(f"Invalid lyapunov_k {self.lyapunov_k}: at most hidden = {self.hidden}")
+        self._validate_flossing()
+        self._validate_learning()
+        self._validate_device()
+        self._validate_flags()
+        self._validate_cell()
+        s = resolve_settings(self)
+        if "alpha" in s and not 0 < s["alpha"] <= 1:
+            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g}: the {self.model} network "
+                             "needs 0 < alpha = dt / tau <= 1")
+        _check_cell_kwargs(self, s)
+        if _task_kind(self.task) == "romo" and not 0 < s["dt_tau"] <= 1:
+            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g} for Romo: the task's "
+                             "step dt / tau must be in (0, 1]")
+
+    def _validate_flossing(self) -> None:
         from neuroinit.dynamics.flossing import resolve_floss_k
 
         try:
@@ -192,6 +207,14 @@ class TrainConfig:
         if (self.floss_inter_every > 0) != (self.floss_inter_iters > 0):
             raise ValueError(f"Invalid inter-flossing floss_inter_every = {self.floss_inter_every}, "
                              f"floss_inter_iters = {self.floss_inter_iters}: give both > 0 (on) or both 0 (off)")
+        if not _is_int(self.floss_iters) or self.floss_iters < 0:
+            raise ValueError(f"Invalid floss_iters {self.floss_iters!r}: must be an integer >= 0")
+        if self.floss_mode not in FLOSS_MODES:
+            raise ValueError(f"Invalid floss_mode {self.floss_mode!r}: allowed {', '.join(FLOSS_MODES)}")
+        if not _is_number(self.floss_lr) or self.floss_lr <= 0:
+            raise ValueError(f"Invalid floss_lr {self.floss_lr!r}: must be a finite number > 0")
+
+    def _validate_learning(self) -> None:
         from neuroinit.init import IO_INITS
 
         if self.io_init not in IO_INITS:
@@ -206,6 +229,8 @@ class TrainConfig:
             raise ValueError("Invalid learning rate: give lr or lr_grid, not both")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer {self.optimizer!r}: allowed {', '.join(OPTIMIZERS)}")
+
+    def _validate_device(self) -> None:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"Invalid seed {self.seed!r}: must be an integer in 0..2^63-1")
         if not isinstance(self.device, str):
@@ -220,6 +245,18 @@ class TrainConfig:
             raise ValueError(f"Invalid device {self.device!r}: allowed 'cpu' or 'cuda[:N]'")
         if self.dtype not in DTYPES:
             raise ValueError(f"Invalid dtype {self.dtype!r}: allowed {', '.join(DTYPES)}")
+
+    def _validate_flags(self) -> None:
+        for name in ("clamp_gain", "lyapunov", "fast", "chip_neuron"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be true or false")
+        if not _is_int(self.align_every) or self.align_every < 0:
+            raise ValueError(f"Invalid align_every {self.align_every!r}: must be an integer >= 0 (0 = off)")
+        if self.align_every and self.rule == "bptt":
+            raise ValueError("Invalid align_every with rule 'bptt': it compares a local rule's gradient with "
+                             "BPTT's; use eprop, eprop-autograd or rflo")
+
+    def _validate_cell(self) -> None:
         section = cell_class(self.model).config_section()
         if self.form is not None:
             if "form" not in section:
@@ -253,30 +290,7 @@ class TrainConfig:
         if (self.chip_neuron is True or self.tau_syn_ms is not None) and "tau_syn" not in section:
             raise ValueError(f"Invalid chip_neuron / tau_syn_ms for a {self.model} network: they set LIF neuron "
                              "options")
-        for name in ("clamp_gain", "lyapunov", "fast", "chip_neuron"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be true or false")
-        if not _is_int(self.align_every) or self.align_every < 0:
-            raise ValueError(f"Invalid align_every {self.align_every!r}: must be an integer >= 0 (0 = off)")
-        if self.align_every and self.rule == "bptt":
-            raise ValueError("Invalid align_every with rule 'bptt': it compares a local rule's gradient with "
-                             "BPTT's; use eprop, eprop-autograd or rflo")
-        if not _is_int(self.floss_iters) or self.floss_iters < 0:
-            raise ValueError(f"Invalid floss_iters {self.floss_iters!r}: must be an integer >= 0")
-        if self.floss_mode not in FLOSS_MODES:
-            raise ValueError(f"Invalid floss_mode {self.floss_mode!r}: allowed {', '.join(FLOSS_MODES)}")
-        if not _is_number(self.floss_lr) or self.floss_lr <= 0:
-            raise ValueError(f"Invalid floss_lr {self.floss_lr!r}: must be a finite number > 0")
         self._validate_cell_options(section)
-        s = resolve_settings(self)
-        if "alpha" in s and not 0 < s["alpha"] <= 1:
-            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g}: the {self.model} network "
-                             "needs 0 < alpha = dt / tau <= 1")
-        _check_cell_kwargs(self, s)
-        if _task_kind(self.task) == "romo" and not 0 < s["dt_tau"] <= 1:
-            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g} for Romo: the task's "
-                             "step dt / tau must be in (0, 1]")
-
 
     def _validate_cell_options(self, section: dict) -> None:
         if not isinstance(self.cell_options, dict):
