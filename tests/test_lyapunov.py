@@ -336,3 +336,13 @@ def test_fresh_network_refuses_the_other_models_options():
         fresh_network("lif", 8, 1.0, alpha=0.5)
     with pytest.raises(ValueError, match="Invalid options dt, tau_m for model 'rate'"):
         fresh_network("rate", 8, 1.0, dt=1.0, tau_m=20.0)
+
+
+def test_cli_refuses_options_the_chosen_cell_does_not_take():
+    # the cell's own config section decides (the registry), for every registered model
+    _one_error_line(_lyap("--model", "lif", "--hidden", "8", "--gain", "1", "--alpha", "0.5"),
+                    "Invalid options --alpha for --model lif: allowed --dt, --tau-m")
+    _one_error_line(_lyap("--model", "alif", "--hidden", "8", "--gain", "1", "--form", "rate"),
+                    "Invalid options --form for --model alif")
+    _one_error_line(_lyap("--model", "rate", "--hidden", "8", "--gain", "1", "--tau-m", "20"),
+                    "allowed --alpha, --activation, --form")

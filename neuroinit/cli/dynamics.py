@@ -116,13 +116,15 @@ def _check_network_options(run, which, fresh: dict) -> None:
                          "--hidden and --gain")
     if which is not None:
         raise ValueError("Invalid option --which without a RUN file: it selects a stored network")
-    rate_only = [n for n in ("--alpha", "--activation", "--form") if fresh[n] is not None]
-    lif_only = [n for n in ("--dt", "--tau-m") if fresh[n] is not None]
-    if fresh["--model"] == "lif" and rate_only:
-        raise ValueError(f"Invalid options {', '.join(rate_only)} for --model lif: allowed --dt, --tau-m")
-    if fresh["--model"] == "rate" and lif_only:
-        raise ValueError(f"Invalid options {', '.join(lif_only)} for --model rate: allowed --alpha, "
-                         "--activation, --form")
+    from neuroinit.cells import cell_class
+
+    section = cell_class(fresh["--model"]).config_section()
+    options = {"--alpha": "alpha", "--activation": "activation", "--form": "form", "--dt": "dt", "--tau-m": "tau_m"}
+    wrong = [n for n, key in options.items() if fresh[n] is not None and key not in section]
+    if wrong:
+        allowed = [n for n, key in options.items() if key in section]
+        raise ValueError(f"Invalid options {', '.join(wrong)} for --model {fresh['--model']}: allowed "
+                         f"{', '.join(allowed) or 'none of the cell options'}")
 
 
 def _floss_k_value(text: str | None):
@@ -302,6 +304,7 @@ def _str_list(value: str | None, name: str, allowed: tuple[str, ...]) -> tuple[s
 
 
 def _pairs(value: str | None) -> tuple[tuple[str, str], ...] | None:
+    from neuroinit.cells import model_names
     from neuroinit.dynamics.alignment import ALIGN_RULES
 
     if value is None:
@@ -309,8 +312,8 @@ def _pairs(value: str | None) -> tuple[tuple[str, str], ...] | None:
     out = []
     for item in (v.strip() for v in value.split(",") if v.strip()):
         model, _, rule = item.partition(":")
-        if model not in ("rate", "lif") or rule not in ALIGN_RULES:
-            raise click.BadParameter(f"{item!r}: allowed MODEL:RULE with MODEL rate or lif and RULE "
+        if model not in model_names() or rule not in ALIGN_RULES:
+            raise click.BadParameter(f"{item!r}: allowed MODEL:RULE with MODEL {' or '.join(model_names())} and RULE "
                                      f"{', '.join(ALIGN_RULES)}, e.g. rate:eprop,rate:rflo,lif:eprop",
                                      param_hint="--pairs")
         out.append((model, rule))
@@ -404,16 +407,21 @@ def _alignment(ctx, src, al, runs, which, model, rule, pairs, gains, hidden, bat
         if pairs is not None:
             pair_list = _pairs(pairs)
         else:
-            models = _str_list(model, "model", ("rate", "lif")) or ("rate",)
+            from neuroinit.cells import model_names
+
+            models = _str_list(model, "model", model_names()) or ("rate",)
             rules = _str_list(rule, "rule", al.ALIGN_RULES) or ("eprop",)
             pair_list = tuple((m, r) for m in models for r in rules)
         config = {"task": task, "hidden": hidden, "batch": batch, "profile": profile}
         if alpha is not None:
-            if any(m != "rate" for m, _ in pair_list):
-                raise ValueError("Invalid --alpha for a LIF network: it sets the rate network's dt / tau")
+            from neuroinit.cells import cell_class
             from neuroinit.experiments.train import TrainConfig, resolve_settings
 
-            tau = resolve_settings(TrainConfig(task=task, model="rate", lyapunov_k=1))["tau_ms"]
+            spiking = sorted({m for m, _ in pair_list if "alpha" not in cell_class(m).config_section()})
+            if spiking:
+                raise ValueError(f"Invalid --alpha for --model {', '.join(spiking)}: it sets a rate network's "
+                                 "dt / tau")
+            tau = resolve_settings(TrainConfig(task=task, model=pair_list[0][0], lyapunov_k=1))["tau_ms"]
             config["dt_ms"] = alpha * tau
         doc = al.fresh_report(pair_list, gain_list, list(range(seed, seed + seeds)), batches=batches,
                               truncation=truncation, dtype=dtype, progress=progress, **config)
