@@ -90,7 +90,7 @@ def export_run(run_file: str, fmt: str, out: str, *, profile: str | None = None,
     stage("write")
     written = _write(report, cell, prof, batch, verify=verify, nir_target=nir_target, seed=seed)
     stage("accuracy")
-    if cell.model == "lif" and task is not None:
+    if cell.export_mapping == "lif" and task is not None:   # a chip LIF: its integer emulation runs the task
         from neuroinit.emulate.integer import compare_on_task
 
         report.accuracy = compare_on_task(cell, task, prof, batch=batch, generator=torch.Generator(),
@@ -109,7 +109,7 @@ def _write(report: ExportReport, cell: RecurrentCell, prof: HardwareProfile, bat
     if report.format == "nir":
         from neuroinit.io.nir import to_nir, write_nir
 
-        if verify and cell.model == "lif":
+        if verify and cell.export_mapping == "lif":
             from neuroinit.io.verify import check_verifiable
 
             check_verifiable(to_nir(cell, prof, target=nir_target)[0])   # refuse before anything is written
@@ -148,7 +148,7 @@ def _verify(report: ExportReport, cell: RecurrentCell, prof: HardwareProfile, ta
         from neuroinit.io.netx import find_lava_python, verify_netx
 
         lava_python, why = find_lava_python()
-        if lava_python is None or batch is None or cell.model != "lif":
+        if lava_python is None or batch is None or cell.export_mapping != "lif":
             report.verify = {"skipped": why if lava_python is None else "no task batch to run"}
         else:
             report.verify = verify_netx(report.out, cell, batch.inputs, task=task, batch=batch, profile=prof,
