@@ -1,0 +1,273 @@
+"""Fused BPTT: backpropagation through time without autograd's tape, for the rate and the plain LIF cells.
+
+Autograd BPTT (:class:`neuroinit.learning.autograd.BPTT`) records ~10 graph nodes per step and replays them one
+by one. Here one trial is three passes over explicit records (all tensors ``(T, B, N)``, time-major):
+
+1. **forward with records**: the network run step by step (one ``(B, N) x (N, N)`` product per step; the input
+   drive ``W_in u_t + b`` of all steps is one GEMM before the loop), keeping what the backward needs: the
+   presynaptic signal of every step and the local derivative of its nonlinearity;
+2. **backward recursion**, one step at a time from ``T - 1`` down to 0: the error ``e_t = d loss / d drive_t``
+   of every neuron (one ``(B, N) x (N, N)`` product per step; the readout's share ``g_t W_out`` of all steps is
+   one GEMM before the loop);
+3. **weight gradients as GEMMs over all steps at once**: ``dW_rec = E^T P`` with ``E``, ``P`` the ``(T B, N)``
+   errors and presynaptic records, ``dW_in = E^T U``, ``db = sum E``, ``dW_out = G^T R``, ``db_out = sum G``
+   with ``G = d loss / d y`` (from ``task.loss`` by autograd on the outputs alone) and ``R`` what the readout
+   sees.
+
+The recursions (``g_t``: the loss gradient reaching step t's output, ``a = alpha``, ``f`` the activation; a
+term with ``t + 1`` is 0 at ``t = T - 1``):
+
+voltage form  ``x_t = (1-a) x_{t-1} + a d_t``, ``d_t = W_rec f(x_{t-1}) + W_in u_t + b``, ``y_t = W_out f(x_t) + b_out``::
+
+    dx_t = f'(x_t) (g_t W_out + e_{t+1} W_rec) + (1-a) dx_{t+1},   e_t = a dx_t,   P_t = f(x_{t-1})
+
+rate form  ``h_t = (1-a) h_{t-1} + a f(d_t)``, ``d_t = W_rec h_{t-1} + W_in u_t + b``, ``y_t = W_out h_t + b_out``::
+
+    dh_t = g_t W_out + e_{t+1} W_rec + (1-a) dh_{t+1},   e_t = a f'(d_t) dh_t,   P_t = h_{t-1}
+
+LIF (:func:`neuroinit.cells.lif.lif_step`: ``v_t = alpha v_{t-1} + W_rec z_{t-1} + W_in u_t + b - reset``,
+``z_t = H(v_t - v_th)`` with pseudo-derivative ``psi_t`` (0 while refractory), ``y_t = kappa y_{t-1} + W_out z_t
++ b_out``; here ``e_t = dv_t``)::
+
+    gy_t = g_t + kappa gy_{t+1}                                  (the leaky readout, backwards)
+    dz_t = gy_t W_out + e_{t+1} W_rec - v_th e_{t+1}              (reset by subtraction)
+    dz_t = gy_t W_out + e_{t+1} W_rec - alpha v_t e_{t+1}         (reset to zero)
+    e_t  = psi_t dz_t + alpha e_{t+1}             (subtraction)   or   + alpha (1 - z_t) e_{t+1}   (to zero)
+    P_t  = z_{t-1};  dW_out = GY^T Z,  db_out = sum GY
+
+These are the chain rule through :func:`~neuroinit.cells.rate.rate_step` / ``lif_step`` exactly as autograd
+applies it (the straight-through chip grid passes gradients unchanged), so the gradients equal autograd BPTT's
+up to float rounding (sums in another order; ``tests/test_fused_bptt.py``). Memory: ``O(T B N)`` records, as
+autograd's tape. Only untruncated BPTT (``truncation=None``) is fused.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from neuroinit.cells.base import CellParams, RecurrentCell
+
+__all__ = ["supports", "Records", "Workspace", "forward_records", "backward_records", "backward"]
+
+
+def supports(cell: RecurrentCell, *, truncation: int | None = None) -> str | None:
+    """None when the fused BPTT runs ``cell``; otherwise the reason it does not."""
+    from neuroinit.cells.lif import LIFRNN
+    from neuroinit.cells.rate import RateRNN
+
+    if truncation is not None:
+        return f"truncation {truncation} (the fused BPTT is untruncated)"
+    if isinstance(cell, LIFRNN):
+        if cell.tau_syn is not None or cell.threshold_compare != ">" or cell.max_spikes != 1 or cell.reset_leaks:
+            return "LIF with chip neuron options (synaptic current, '>=', spike counts, leaking reset)"
+    elif not isinstance(cell, RateRNN):
+        return f"unsupported cell {type(cell).__name__}"
+    tensors = [getattr(cell, n) for n in ("w_in", "w_rec", "bias", "w_out", "b_out")]
+    if any(t.dtype != torch.float32 for t in tensors):
+        return "not float32 (the fused BPTT is single precision; float64 uses autograd)"
+    if any(t.device.type != "cpu" for t in tensors):
+        return "not on the CPU"
+    return None
+
+
+class Records(NamedTuple):
+    """What the forward pass keeps for the backward, all ``(T, B, N)`` unless said otherwise.
+
+    ``pre``: presynaptic signal of each step's recurrent product (``f(x_{t-1})``, ``h_{t-1}``, ``z_{t-1}``);
+    ``seen``: what the readout sees (``f(x_t)``, ``h_t``, ``z_t``); ``deriv``: the local derivative
+    (``f'(x_t)``; ``a f'(d_t)``; ``psi_t``); ``extra``: LIF with reset to zero: ``alpha v_t`` (else None)."""
+
+    pre: torch.Tensor
+    seen: torch.Tensor
+    deriv: torch.Tensor
+    extra: torch.Tensor | None
+
+
+class Workspace:
+    """Record buffers kept from one trial to the next: allocating (and first touching) ``O(T B N)`` fresh
+    memory at every trial cost as much as the arithmetic of a short one. Grows to the longest trial seen."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, n_steps: int, *shape: int, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised ``(n_steps, *shape)`` view of buffer ``name``."""
+        t = self._bufs.get(name)
+        if t is None or t.shape[0] < n_steps or tuple(t.shape[1:]) != shape or t.dtype != like.dtype:
+            t = like.new_empty(n_steps, *shape)
+            self._bufs[name] = t
+        return t[:n_steps]
+
+
+@torch.no_grad()
+def forward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, ws: Workspace | None = None
+                    ) -> tuple[torch.Tensor, Records]:
+    """Run ``inputs`` (T, B, I) from the zero state; returns the outputs (T, B, O) (in ``ws``'s buffers: valid
+    until its next use) and the :class:`Records`."""
+    from neuroinit.cells.lif import LIFRNN
+
+    ws = ws or Workspace()
+    n_steps, batch, n_in = inputs.shape
+    n = cell.n_hidden
+    drive_in = ws.get("drive_in", n_steps, batch, n, like=inputs)
+    torch.addmm(p.bias, inputs.reshape(-1, n_in), p.w_in.T, out=drive_in.view(-1, n))  # W_in u_t + b
+    w_rec_t = p.w_rec.T.contiguous()  # MKL's product with a transposed view of W_rec ran ~2x slower
+    # states[0]: the zero state's signal; states[t + 1]: step t's
+    states = ws.get("states", n_steps + 1, batch, n, like=inputs)
+    if isinstance(cell, LIFRNN):
+        out, rec = _forward_lif(cell, p, drive_in, w_rec_t, states, ws)
+        return out, rec
+    a = float(cell.alpha)
+    f = cell.activation.f
+    x = inputs.new_zeros(batch, n)
+    deriv = ws.get("deriv", n_steps, batch, n, like=inputs)
+    if cell.form == "voltage":
+        volt = deriv  # the voltages, replaced by f'(x) after the loop
+        states[0] = f(x)
+        for t in range(n_steps):
+            d = torch.addmm(drive_in[t], states[t], w_rec_t)
+            x = torch.mul(x, 1 - a, out=volt[t]).add_(d, alpha=a)
+            states[t + 1] = f(x)
+        seen = states[1:]
+        if cell.activation_name == "tanh":  # f'(x) = 1 - tanh(x)^2 from the recorded tanh(x)
+            torch.mul(seen, seen, out=deriv).neg_().add_(1.0)
+        else:
+            deriv.copy_(cell.activation.df(volt))
+    else:
+        pre_act = deriv  # each step's pre-activation d_t, replaced by a f'(d_t) after the loop
+        states[0] = x
+        for t in range(n_steps):
+            torch.addmm(drive_in[t], states[t], w_rec_t, out=pre_act[t])
+            torch.mul(states[t], 1 - a, out=states[t + 1]).add_(f(pre_act[t]), alpha=a)
+        seen = states[1:]
+        deriv.copy_(cell.activation.df(pre_act)).mul_(a)
+    outputs = ws.get("outputs", n_steps, batch, cell.n_out, like=inputs)
+    torch.addmm(p.b_out, seen.reshape(-1, n), p.w_out.T, out=outputs.view(-1, cell.n_out))
+    return outputs, Records(states[:-1], seen, deriv, None)
+
+
+def _forward_lif(cell, p: CellParams, drive_in: torch.Tensor, w_rec_t: torch.Tensor, spikes: torch.Tensor,
+                 ws: Workspace):
+    from neuroinit.cells.lif import pseudo_derivative
+
+    n_steps, batch, n = drive_in.shape
+    alpha, v_th, kappa = float(cell.alpha), float(cell.v_th), float(cell.kappa)
+    zero_reset, n_ref = cell.reset == "zero", cell.n_refractory
+    volts = ws.get("deriv", n_steps, batch, n, like=drive_in)  # replaced by psi after the loop
+    free = ws.get("free", n_steps, batch, n, like=drive_in) if n_ref > 0 else None
+    ref = drive_in.new_zeros(batch, n)
+    v = drive_in.new_zeros(batch, n)
+    spikes[0] = 0.0
+    for t in range(n_steps):
+        z = spikes[t]
+        av = v * alpha
+        # leak and reset first, as lif_step does (alpha v - alpha v is exactly 0)
+        v = torch.addcmul(av, z, av, value=-1.0, out=volts[t]) if zero_reset else \
+            torch.add(av, z, alpha=-v_th, out=volts[t])
+        v.add_(torch.addmm(drive_in[t], z, w_rec_t))
+        torch.gt(v, v_th, out=spikes[t + 1])
+        if n_ref > 0:
+            torch.le(ref, 0.0, out=free[t])
+            spikes[t + 1].mul_(free[t])
+            ref = torch.where(spikes[t + 1] > 0, float(n_ref), (ref - 1).clamp_(min=0))
+    seen = spikes[1:]
+    extra = None
+    if zero_reset:
+        extra = torch.mul(volts, alpha, out=ws.get("extra", n_steps, batch, n, like=drive_in))
+    psi = pseudo_derivative(volts, v_th, float(cell.gamma))
+    if free is not None:
+        psi.mul_(free)
+    volts.copy_(psi)
+    out = ws.get("outputs", n_steps, batch, cell.n_out, like=drive_in)
+    torch.addmm(p.b_out, seen.reshape(-1, n), p.w_out.T, out=out.view(-1, cell.n_out))
+    for t in range(1, n_steps):  # the leaky readout y_t = kappa y_{t-1} + W_out z_t + b_out
+        out[t].add_(out[t - 1], alpha=kappa)
+    return out, Records(spikes[:-1], seen, volts, extra)
+
+
+@torch.no_grad()
+def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, rec: Records,
+                     out_grad: torch.Tensor, ws: Workspace | None = None) -> dict[str, torch.Tensor]:
+    """The five gradients from the records and ``out_grad = d loss / d y`` (T, B, O) (module docstring)."""
+    from neuroinit.cells.lif import LIFRNN
+
+    ws = ws or Workspace()
+    n_steps, batch, n = rec.seen.shape
+    lif = isinstance(cell, LIFRNN)
+    if lif:  # the leaky readout: the gradient reaching y_t from every later output
+        out_grad = out_grad.clone()
+        kappa = float(cell.kappa)
+        for t in range(n_steps - 2, -1, -1):
+            out_grad[t].add_(out_grad[t + 1], alpha=kappa)
+    flat_g = out_grad.reshape(-1, out_grad.shape[-1])
+    direct = ws.get("direct", n_steps, batch, n, like=inputs)  # d loss / d (what the readout sees), directly
+    torch.mm(flat_g, p.w_out, out=direct.view(-1, n))
+    err = ws.get("err", n_steps, batch, n, like=inputs)
+    w_rec = p.w_rec.contiguous()
+    if lif:
+        _recursion_lif(cell, rec, direct, w_rec, err)
+    elif cell.form == "voltage":
+        a = float(cell.alpha)
+        dx = None
+        for t in range(n_steps - 1, -1, -1):
+            dr = direct[t] if t == n_steps - 1 else direct[t].addmm_(err[t + 1], w_rec)
+            dx = dr.mul_(rec.deriv[t]) if dx is None else dr.mul_(rec.deriv[t]).add_(dx, alpha=1 - a)
+            torch.mul(dx, a, out=err[t])
+    else:
+        a = float(cell.alpha)
+        dh = None
+        for t in range(n_steps - 1, -1, -1):
+            dh = direct[t] if t == n_steps - 1 else \
+                direct[t].addmm_(err[t + 1], w_rec).add_(dh, alpha=1 - a)
+            torch.mul(dh, rec.deriv[t], out=err[t])
+    flat_e = err.view(-1, n)
+    # inputs and a column of ones: the input weights' and the bias's gradients in one product, oriented
+    # (I + 1, N) (MKL ran E^T U ~8x slower than U^T E at these shapes: fused.py)
+    ones = ws.get("inputs1", n_steps, batch, inputs.shape[-1] + 1, like=inputs)
+    ones[..., :-1] = inputs
+    ones[..., -1] = 1.0
+    g_in_bias = ones.view(-1, ones.shape[-1]).T @ flat_e
+    return {"w_rec": flat_e.T @ rec.pre.reshape(-1, n), "w_in": g_in_bias[:-1].T, "bias": g_in_bias[-1],
+            "w_out": flat_g.T @ rec.seen.reshape(-1, n), "b_out": flat_g.sum(0)}
+
+
+def _recursion_lif(cell, rec: Records, direct: torch.Tensor, w_rec: torch.Tensor, err: torch.Tensor) -> None:
+    n_steps = direct.shape[0]
+    alpha, v_th = float(cell.alpha), float(cell.v_th)
+    zero_reset = rec.extra is not None
+    for t in range(n_steps - 1, -1, -1):
+        if t == n_steps - 1:
+            torch.mul(direct[t], rec.deriv[t], out=err[t])
+            continue
+        nxt = err[t + 1]
+        dz = direct[t].addmm_(nxt, w_rec)
+        if zero_reset:
+            dz.addcmul_(rec.extra[t], nxt, value=-1.0)
+            torch.mul(dz, rec.deriv[t], out=err[t])
+            err[t].addcmul_(nxt, 1.0 - rec.seen[t], value=alpha)
+        else:
+            dz.add_(nxt, alpha=-v_th)
+            torch.mul(dz, rec.deriv[t], out=err[t]).add_(nxt, alpha=alpha)
+
+
+def backward(rule, batch, task):
+    """``BPTT.backward`` through the fused passes, or None where they do not apply (the caller then runs
+    autograd). Accumulates ``.grad`` like autograd BPTT; returns the :class:`~neuroinit.learning.base.Trial`."""
+    from neuroinit.learning.base import Trial, accumulate_grads
+
+    cell = rule.cell
+    if supports(cell, truncation=rule.truncation) is not None or batch.inputs.device.type != "cpu":
+        return None
+    params = CellParams(*(t.detach() for t in cell.params()))
+    inputs = batch.inputs.detach().to(params.w_rec.dtype)
+    ws = rule.__dict__.setdefault("_workspace", Workspace())
+    outputs, rec = forward_records(cell, params, inputs, ws)
+    y = outputs.to(batch.inputs.dtype, copy=True).requires_grad_(True)  # a copy: the buffers are reused
+    with torch.enable_grad():
+        loss = task.loss(y, batch)
+        (out_grad,) = torch.autograd.grad(loss, y)
+    grads = backward_records(cell, params, inputs, rec, out_grad.to(params.w_rec.dtype), ws)
+    accumulate_grads(cell, grads)
+    return Trial(loss.detach(), y.detach())
