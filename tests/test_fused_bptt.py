@@ -140,3 +140,13 @@ def test_supports_names_the_reason_and_fast_is_validated():
     assert "truncation" in fused_bptt.supports(cell, truncation=1)
     with pytest.raises(ValueError, match="Invalid fast"):
         BPTT(cell, fast="yes")
+
+
+@pytest.mark.parametrize("fast,path", [(True, "fused-bptt"), (False, "torch")])
+def test_train_uses_the_fused_bptt_and_records_it(tmp_path, fast, path):
+    from neuroinit.experiments.train import TrainConfig, train
+    from neuroinit.io.runfile import read_run
+
+    cfg = TrainConfig(rule="bptt", hidden=16, batch=8, eval_batch=8, lyapunov=False, iters=3, seed=1, fast=fast)
+    train(cfg, tmp_path / "run.h5")
+    assert read_run(tmp_path / "run.h5").summary["step_path"] == path

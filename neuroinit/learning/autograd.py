@@ -53,6 +53,11 @@ class BPTT(LearningRule):
         self.uses_fast_path = False
         self.fast_path_reason: str | None = None
 
+    @property
+    def step_path(self) -> str:
+        """What a run file records (``/summary/step_path``): ``fused-bptt`` or ``torch`` (autograd)."""
+        return "fused-bptt" if self.uses_fast_path else "torch"
+
     def backward(self, batch: Batch, task: Task) -> Trial:
         self.uses_fast_path = False
         self.fast_path_reason = "fast=False" if not self.fast else None

@@ -49,7 +49,7 @@ import torch
 
 from neuroinit.cells.base import CellParams, RecurrentCell
 
-__all__ = ["supports", "Records", "Workspace", "forward_records", "backward_records", "backward"]
+__all__ = ["Records", "Workspace", "backward", "backward_records", "forward_records", "supports"]
 
 
 def supports(cell: RecurrentCell, *, truncation: int | None = None) -> str | None:
