@@ -121,26 +121,30 @@ def forward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, ws
         return out, rec
     a = float(cell.alpha)
     f = cell.activation.f
-    x = inputs.new_zeros(batch, n)
+    tanh = cell.activation_name == "tanh"
     deriv = ws.get("deriv", n_steps, batch, n, like=inputs)
     if cell.form == "voltage":
-        volt = deriv  # the voltages, replaced by f'(x) after the loop
-        states[0] = f(x)
-        for t in range(n_steps):
-            d = torch.addmm(drive_in[t], states[t], w_rec_t)
-            x = torch.mul(x, 1 - a, out=volt[t]).add_(d, alpha=a)
-            states[t + 1] = f(x)
+        volt = deriv  # the voltages x_t, replaced by f'(x_t) after the loop
+        drive_in.mul_(a)
+        states[0] = f(inputs.new_zeros(batch, n))
+        for t in range(n_steps):  # x_t = a (W_rec f(x_{t-1}) + W_in u_t + b) + (1 - a) x_{t-1}
+            x = torch.addmm(drive_in[t], states[t], w_rec_t, alpha=a, out=volt[t])
+            if t:
+                x.add_(volt[t - 1], alpha=1 - a)
+            torch.tanh(x, out=states[t + 1]) if tanh else states[t + 1].copy_(f(x))
         seen = states[1:]
-        if cell.activation_name == "tanh":  # f'(x) = 1 - tanh(x)^2 from the recorded tanh(x)
+        if tanh:  # f'(x) = 1 - tanh(x)^2 from the recorded tanh(x)
             torch.mul(seen, seen, out=deriv).neg_().add_(1.0)
         else:
             deriv.copy_(cell.activation.df(volt))
     else:
         pre_act = deriv  # each step's pre-activation d_t, replaced by a f'(d_t) after the loop
-        states[0] = x
-        for t in range(n_steps):
+        states[0] = 0.0
+        act = inputs.new_empty(batch, n)
+        for t in range(n_steps):  # h_t = h_{t-1} + a (f(d_t) - h_{t-1})
             torch.addmm(drive_in[t], states[t], w_rec_t, out=pre_act[t])
-            torch.mul(states[t], 1 - a, out=states[t + 1]).add_(f(pre_act[t]), alpha=a)
+            torch.tanh(pre_act[t], out=act) if tanh else act.copy_(f(pre_act[t]))
+            torch.lerp(states[t], act, a, out=states[t + 1])
         seen = states[1:]
         deriv.copy_(cell.activation.df(pre_act)).mul_(a)
     outputs = ws.get("outputs", n_steps, batch, cell.n_out, like=inputs)
@@ -208,20 +212,18 @@ def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, r
     w_rec = p.w_rec.contiguous()
     if lif:
         _recursion_lif(cell, rec, direct, w_rec, err)
-    elif cell.form == "voltage":
-        a = float(cell.alpha)
-        dx = None
-        for t in range(n_steps - 1, -1, -1):
-            dr = direct[t] if t == n_steps - 1 else direct[t].addmm_(err[t + 1], w_rec)
-            dx = dr.mul_(rec.deriv[t]) if dx is None else dr.mul_(rec.deriv[t]).add_(dx, alpha=1 - a)
-            torch.mul(dx, a, out=err[t])
     else:
         a = float(cell.alpha)
-        dh = None
+        voltage = cell.form == "voltage"
         for t in range(n_steps - 1, -1, -1):
-            dh = direct[t] if t == n_steps - 1 else \
-                direct[t].addmm_(err[t + 1], w_rec).add_(dh, alpha=1 - a)
-            torch.mul(dh, rec.deriv[t], out=err[t])
+            dr = direct[t]  # voltage form: err holds dx_t (e_t = a dx_t: the factor a goes into the products)
+            if t < n_steps - 1:
+                dr.addmm_(err[t + 1], w_rec, alpha=a if voltage else 1.0)
+                if not voltage:
+                    dr.add_(direct[t + 1], alpha=1 - a)  # dh_t
+            torch.mul(dr, rec.deriv[t], out=err[t])
+            if voltage and t < n_steps - 1:
+                err[t].add_(err[t + 1], alpha=1 - a)
     flat_e = err.view(-1, n)
     # inputs and a column of ones: the input weights' and the bias's gradients in one product, oriented
     # (I + 1, N) (MKL ran E^T U ~8x slower than U^T E at these shapes: fused.py)
@@ -229,7 +231,11 @@ def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, r
     ones[..., :-1] = inputs
     ones[..., -1] = 1.0
     g_in_bias = ones.view(-1, ones.shape[-1]).T @ flat_e
-    return {"w_rec": flat_e.T @ rec.pre.reshape(-1, n), "w_in": g_in_bias[:-1].T, "bias": g_in_bias[-1],
+    g_rec = flat_e.T @ rec.pre.reshape(-1, n)
+    if not lif and cell.form == "voltage":
+        g_in_bias.mul_(float(cell.alpha))
+        g_rec.mul_(float(cell.alpha))
+    return {"w_rec": g_rec, "w_in": g_in_bias[:-1].T, "bias": g_in_bias[-1],
             "w_out": flat_g.T @ rec.seen.reshape(-1, n), "b_out": flat_g.sum(0)}
 
 
