@@ -8,7 +8,7 @@ import torch
 from neuroinit.cells import make_cell
 from neuroinit.cells.base import CellParams
 from neuroinit.init import hardware_init
-from neuroinit.learning import BPTT, fused_bptt
+from neuroinit.learning import BPTT, fused_bptt, fused_bptt_native
 from neuroinit.tasks.base import Batch, Task
 
 PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
@@ -150,3 +150,42 @@ def test_train_uses_the_fused_bptt_and_records_it(tmp_path, fast, path):
     cfg = TrainConfig(rule="bptt", hidden=16, batch=8, eval_batch=8, lyapunov=False, iters=3, seed=1, fast=fast)
     train(cfg, tmp_path / "run.h5")
     assert read_run(tmp_path / "run.h5").summary["step_path"] == path
+
+
+_native_missing = not fused_bptt_native.available()
+
+
+@pytest.mark.skipif(_native_missing, reason=f"native loops unavailable: {fused_bptt_native.unavailable_reason()}")
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("t_len,b", [(1, 1), (30, 4)])
+def test_native_loops_equal_the_pytorch_loops(name, t_len, b):
+    """Both loops in C (forward and backward, whichever the default picks) equal the PyTorch loops to float32
+    rounding, N not a multiple of the kernel's 16 columns included."""
+    cell, batch, task = _setup(name, t_len=t_len, b=b, n=37)
+    params = CellParams(*(t.detach() for t in cell.params()))
+    got = {}
+    for native in (False, True):
+        outputs, rec = fused_bptt.forward_records(cell, params, batch.inputs, native=native)
+        y = outputs.clone().requires_grad_(True)
+        (out_grad,) = torch.autograd.grad(task.loss(y, batch), y)
+        got[native] = (outputs.clone(), fused_bptt.backward_records(cell, params, batch.inputs, rec, out_grad,
+                                                                    native=native))
+    assert float((got[True][0] - got[False][0]).abs().max()) <= 1e-5 * float(got[False][0].abs().max())
+    _assert_close(got[True][1], got[False][1], rtol=1e-5)
+    with pytest.raises(ValueError, match="Invalid native=True"):
+        fused_bptt.forward_records(cell.double(), CellParams(*(t.double() for t in params)), batch.inputs.double(),
+                                   native=True)
+
+
+def test_without_the_native_library_the_pytorch_loops_run(monkeypatch, tmp_path):
+    cell, batch, task = _setup("lif-zero", t_len=20)
+    _, ref = _run(cell, BPTT(cell), batch, task)
+    monkeypatch.setattr(fused_bptt_native, "_state", {})
+    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent")
+    assert not fused_bptt_native.available()
+    assert fused_bptt_native.unavailable_reason().startswith("CC='/nonexistent' is not an executable")
+    rule = BPTT(cell, fast=True)
+    _, got = _run(cell, rule, batch, task)
+    assert rule.uses_fast_path and rule.step_path == "fused-bptt"
+    _assert_close(got, ref, rtol=1e-4)

@@ -49,7 +49,7 @@ import torch
 
 from neuroinit.cells.base import CellParams, RecurrentCell
 
-__all__ = ["Records", "Workspace", "backward", "backward_records", "forward_records", "supports"]
+__all__ = ["NATIVE_BACKWARD", "NATIVE_FORWARD", "Records", "Workspace", "backward", "backward_records", "forward_records", "supports"]
 
 
 def supports(cell: RecurrentCell, *, truncation: int | None = None) -> str | None:
@@ -75,14 +75,23 @@ def supports(cell: RecurrentCell, *, truncation: int | None = None) -> str | Non
 class Records(NamedTuple):
     """What the forward pass keeps for the backward, all ``(T, B, N)`` unless said otherwise.
 
-    ``pre``: presynaptic signal of each step's recurrent product (``f(x_{t-1})``, ``h_{t-1}``, ``z_{t-1}``);
-    ``seen``: what the readout sees (``f(x_t)``, ``h_t``, ``z_t``); ``deriv``: the local derivative
-    (``f'(x_t)``; ``a f'(d_t)``; ``psi_t``); ``extra``: LIF with reset to zero: ``alpha v_t`` (else None)."""
+    ``states`` (T + 1, B, N): the signal each step sends on (``f(x_t)``, ``h_t``, ``z_t``), row 0 the zero
+    state's; ``deriv``: the local derivative (``f'(x_t)``; ``a f'(d_t)``; ``psi_t``); ``extra``: LIF with reset
+    to zero: ``alpha v_t`` (else None)."""
 
-    pre: torch.Tensor
-    seen: torch.Tensor
+    states: torch.Tensor
     deriv: torch.Tensor
     extra: torch.Tensor | None
+
+    @property
+    def pre(self) -> torch.Tensor:
+        """Presynaptic signal of each step's recurrent product (``f(x_{t-1})``, ``h_{t-1}``, ``z_{t-1}``)."""
+        return self.states[:-1]
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """What the readout sees at each step (``f(x_t)``, ``h_t``, ``z_t``)."""
+        return self.states[1:]
 
 
 class Workspace:
@@ -101,65 +110,103 @@ class Workspace:
         return t[:n_steps]
 
 
-@torch.no_grad()
-def forward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, ws: Workspace | None = None
-                    ) -> tuple[torch.Tensor, Records]:
-    """Run ``inputs`` (T, B, I) from the zero state; returns the outputs (T, B, O) (in ``ws``'s buffers: valid
-    until its next use) and the :class:`Records`."""
+# where the native loops beat the PyTorch loops (measured: benchmarks/experiment_speed.md): the LIF forward, whose
+# product skips the zero spikes (~4% of the entries on Romo); the rate loops' dense products run faster in
+# torch's BLAS (MKL: ~2x the native kernel's rate), and so does the LIF backward (errors ~30% non-zero)
+NATIVE_FORWARD = ("lif",)
+NATIVE_BACKWARD: tuple[str, ...] = ()
+
+
+def _native(cell, native: bool | None, like: torch.Tensor, models: tuple[str, ...]) -> bool:
+    """Whether a native loop (:mod:`~neuroinit.learning.fused_bptt_native`, float32 CPU) runs: ``native``
+    when given, else where it is faster than the PyTorch loop (``models``) and can be built."""
+    from neuroinit.learning import fused_bptt_native
+
+    fits = like.dtype == torch.float32 and like.device.type == "cpu"
+    if native and not fits:
+        raise ValueError(f"Invalid native=True for {like.dtype} on {like.device}: the native loops are float32, CPU")
+    if native is None:
+        native = fits and _model(cell) in models
+    return bool(native) and fused_bptt_native.available()
+
+
+def _model(cell) -> str:
     from neuroinit.cells.lif import LIFRNN
 
+    return "lif" if isinstance(cell, LIFRNN) else cell.form
+
+
+@torch.no_grad()
+def forward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, ws: Workspace | None = None, *,
+                    native: bool | None = None) -> tuple[torch.Tensor, Records]:
+    """Run ``inputs`` (T, B, I) from the zero state; returns the outputs (T, B, O) (in ``ws``'s buffers: valid
+    until its next use) and the :class:`Records`. ``native``: run the loop in C (None: where it is faster)."""
     ws = ws or Workspace()
     n_steps, batch, n_in = inputs.shape
-    n = cell.n_hidden
+    n, model = cell.n_hidden, _model(cell)
     drive_in = ws.get("drive_in", n_steps, batch, n, like=inputs)
     torch.addmm(p.bias, inputs.reshape(-1, n_in), p.w_in.T, out=drive_in.view(-1, n))  # W_in u_t + b
-    w_rec_t = p.w_rec.T.contiguous()  # MKL's product with a transposed view of W_rec ran ~2x slower
     # states[0]: the zero state's signal; states[t + 1]: step t's
     states = ws.get("states", n_steps + 1, batch, n, like=inputs)
-    if isinstance(cell, LIFRNN):
-        out, rec = _forward_lif(cell, p, drive_in, w_rec_t, states, ws)
-        return out, rec
+    deriv = ws.get("deriv", n_steps, batch, n, like=inputs)
+    extra = ws.get("extra", n_steps, batch, n, like=inputs) if model == "lif" and cell.reset == "zero" else None
+    if _native(cell, native, inputs, NATIVE_FORWARD):
+        from neuroinit.learning import fused_bptt_native
+
+        fused_bptt_native.forward(cell, p.w_rec, drive_in, states, deriv, extra)
+    elif model == "lif":
+        _forward_lif(cell, p.w_rec, drive_in, states, deriv, extra, ws)
+    else:
+        _forward_rate(cell, p.w_rec, drive_in, states, deriv)
+    seen = states[1:]
+    outputs = ws.get("outputs", n_steps, batch, cell.n_out, like=inputs)
+    torch.addmm(p.b_out, seen.reshape(-1, n), p.w_out.T, out=outputs.view(-1, cell.n_out))
+    if model == "lif":  # the leaky readout y_t = kappa y_{t-1} + W_out z_t + b_out
+        for t in range(1, n_steps):
+            outputs[t].add_(outputs[t - 1], alpha=float(cell.kappa))
+    return outputs, Records(states, deriv, extra)
+
+
+def _forward_rate(cell, w_rec: torch.Tensor, drive_in: torch.Tensor, states: torch.Tensor, deriv: torch.Tensor
+                  ) -> None:
+    n_steps, batch, n = drive_in.shape
+    w_rec_t = w_rec.T.contiguous()  # MKL's product with a transposed view of W_rec ran ~2x slower
     a = float(cell.alpha)
     f = cell.activation.f
     tanh = cell.activation_name == "tanh"
-    deriv = ws.get("deriv", n_steps, batch, n, like=inputs)
     if cell.form == "voltage":
         volt = deriv  # the voltages x_t, replaced by f'(x_t) after the loop
         drive_in.mul_(a)
-        states[0] = f(inputs.new_zeros(batch, n))
+        states[0] = f(drive_in.new_zeros(batch, n))
         for t in range(n_steps):  # x_t = a (W_rec f(x_{t-1}) + W_in u_t + b) + (1 - a) x_{t-1}
             x = torch.addmm(drive_in[t], states[t], w_rec_t, alpha=a, out=volt[t])
             if t:
                 x.add_(volt[t - 1], alpha=1 - a)
             torch.tanh(x, out=states[t + 1]) if tanh else states[t + 1].copy_(f(x))
-        seen = states[1:]
         if tanh:  # f'(x) = 1 - tanh(x)^2 from the recorded tanh(x)
-            torch.mul(seen, seen, out=deriv).neg_().add_(1.0)
+            torch.mul(states[1:], states[1:], out=deriv).neg_().add_(1.0)
         else:
             deriv.copy_(cell.activation.df(volt))
     else:
         pre_act = deriv  # each step's pre-activation d_t, replaced by a f'(d_t) after the loop
         states[0] = 0.0
-        act = inputs.new_empty(batch, n)
+        act = drive_in.new_empty(batch, n)
         for t in range(n_steps):  # h_t = h_{t-1} + a (f(d_t) - h_{t-1})
             torch.addmm(drive_in[t], states[t], w_rec_t, out=pre_act[t])
             torch.tanh(pre_act[t], out=act) if tanh else act.copy_(f(pre_act[t]))
             torch.lerp(states[t], act, a, out=states[t + 1])
-        seen = states[1:]
         deriv.copy_(cell.activation.df(pre_act)).mul_(a)
-    outputs = ws.get("outputs", n_steps, batch, cell.n_out, like=inputs)
-    torch.addmm(p.b_out, seen.reshape(-1, n), p.w_out.T, out=outputs.view(-1, cell.n_out))
-    return outputs, Records(states[:-1], seen, deriv, None)
 
 
-def _forward_lif(cell, p: CellParams, drive_in: torch.Tensor, w_rec_t: torch.Tensor, spikes: torch.Tensor,
-                 ws: Workspace):
+def _forward_lif(cell, w_rec: torch.Tensor, drive_in: torch.Tensor, spikes: torch.Tensor, deriv: torch.Tensor,
+                 extra: torch.Tensor | None, ws: Workspace) -> None:
     from neuroinit.cells.lif import pseudo_derivative
 
     n_steps, batch, n = drive_in.shape
-    alpha, v_th, kappa = float(cell.alpha), float(cell.v_th), float(cell.kappa)
-    zero_reset, n_ref = cell.reset == "zero", cell.n_refractory
-    volts = ws.get("deriv", n_steps, batch, n, like=drive_in)  # replaced by psi after the loop
+    w_rec_t = w_rec.T.contiguous()
+    alpha, v_th = float(cell.alpha), float(cell.v_th)
+    n_ref = cell.n_refractory
+    volts = deriv  # replaced by psi after the loop
     free = ws.get("free", n_steps, batch, n, like=drive_in) if n_ref > 0 else None
     ref = drive_in.new_zeros(batch, n)
     v = drive_in.new_zeros(batch, n)
@@ -168,7 +215,7 @@ def _forward_lif(cell, p: CellParams, drive_in: torch.Tensor, w_rec_t: torch.Ten
         z = spikes[t]
         av = v * alpha
         # leak and reset first, as lif_step does (alpha v - alpha v is exactly 0)
-        v = torch.addcmul(av, z, av, value=-1.0, out=volts[t]) if zero_reset else \
+        v = torch.addcmul(av, z, av, value=-1.0, out=volts[t]) if extra is not None else \
             torch.add(av, z, alpha=-v_th, out=volts[t])
         v.add_(torch.addmm(drive_in[t], z, w_rec_t))
         torch.gt(v, v_th, out=spikes[t + 1])
@@ -176,30 +223,23 @@ def _forward_lif(cell, p: CellParams, drive_in: torch.Tensor, w_rec_t: torch.Ten
             torch.le(ref, 0.0, out=free[t])
             spikes[t + 1].mul_(free[t])
             ref = torch.where(spikes[t + 1] > 0, float(n_ref), (ref - 1).clamp_(min=0))
-    seen = spikes[1:]
-    extra = None
-    if zero_reset:
-        extra = torch.mul(volts, alpha, out=ws.get("extra", n_steps, batch, n, like=drive_in))
+    if extra is not None:
+        torch.mul(volts, alpha, out=extra)
     psi = pseudo_derivative(volts, v_th, float(cell.gamma))
     if free is not None:
         psi.mul_(free)
     volts.copy_(psi)
-    out = ws.get("outputs", n_steps, batch, cell.n_out, like=drive_in)
-    torch.addmm(p.b_out, seen.reshape(-1, n), p.w_out.T, out=out.view(-1, cell.n_out))
-    for t in range(1, n_steps):  # the leaky readout y_t = kappa y_{t-1} + W_out z_t + b_out
-        out[t].add_(out[t - 1], alpha=kappa)
-    return out, Records(spikes[:-1], seen, volts, extra)
 
 
 @torch.no_grad()
 def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, rec: Records,
-                     out_grad: torch.Tensor, ws: Workspace | None = None) -> dict[str, torch.Tensor]:
-    """The five gradients from the records and ``out_grad = d loss / d y`` (T, B, O) (module docstring)."""
-    from neuroinit.cells.lif import LIFRNN
-
+                     out_grad: torch.Tensor, ws: Workspace | None = None, *, native: bool | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """The five gradients from the records and ``out_grad = d loss / d y`` (T, B, O) (module docstring).
+    ``native``: run the recursion in C (None: where it is faster)."""
     ws = ws or Workspace()
     n_steps, batch, n = rec.seen.shape
-    lif = isinstance(cell, LIFRNN)
+    lif = _model(cell) == "lif"
     if lif:  # the leaky readout: the gradient reaching y_t from every later output
         out_grad = out_grad.clone()
         kappa = float(cell.kappa)
@@ -210,7 +250,11 @@ def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, r
     torch.mm(flat_g, p.w_out, out=direct.view(-1, n))
     err = ws.get("err", n_steps, batch, n, like=inputs)
     w_rec = p.w_rec.contiguous()
-    if lif:
+    if _native(cell, native, inputs, NATIVE_BACKWARD):
+        from neuroinit.learning import fused_bptt_native
+
+        fused_bptt_native.backward(cell, w_rec, rec.states, rec.deriv, rec.extra, direct, err)
+    elif lif:
         _recursion_lif(cell, rec, direct, w_rec, err)
     else:
         a = float(cell.alpha)
