@@ -165,7 +165,9 @@ def main() -> None:
             print(f"{name} bare loop: not available ({row.get('reason')})")
     if "eprop" in rows and "bptt" in rows:
         result["bptt_over_eprop"] = rows["bptt"]["run_6000_s"] / rows["eprop"]["run_6000_s"]
-        print(f"BPTT / e-prop, 6000-iteration runs: {result['bptt_over_eprop']:.2f}x (target <= 2x)")
+        result["bptt_over_eprop_cpu"] = rows["bptt"]["run_6000_cpu_s"] / rows["eprop"]["run_6000_cpu_s"]
+        print(f"BPTT / e-prop, 6000-iteration runs: {result['bptt_over_eprop']:.2f}x wall, "
+              f"{result['bptt_over_eprop_cpu']:.2f}x at the CPU times (target <= 2x)")
     if all(r in rows for r in GRID_RUNS):
         grid = sum(rows[r]["run_6000_s"] for r in GRID_RUNS) * GAINS * SEEDS * LRS
         grid_cpu = sum(rows[r]["run_6000_cpu_s"] for r in GRID_RUNS) * GAINS * SEEDS * LRS

@@ -178,11 +178,13 @@ def _forward_rate(cell, w_rec: torch.Tensor, drive_in: torch.Tensor, states: tor
         volt = deriv  # the voltages x_t, replaced by f'(x_t) after the loop
         drive_in.mul_(a)
         states[0] = f(drive_in.new_zeros(batch, n))
+        # per-step views made once (unbind): indexing in the loop costs ~1 us per view
+        d_in, s, v = drive_in.unbind(0), states.unbind(0), volt.unbind(0)
         for t in range(n_steps):  # x_t = a (W_rec f(x_{t-1}) + W_in u_t + b) + (1 - a) x_{t-1}
-            x = torch.addmm(drive_in[t], states[t], w_rec_t, alpha=a, out=volt[t])
+            x = torch.addmm(d_in[t], s[t], w_rec_t, alpha=a, out=v[t])
             if t:
-                x.add_(volt[t - 1], alpha=1 - a)
-            torch.tanh(x, out=states[t + 1]) if tanh else states[t + 1].copy_(f(x))
+                x.add_(v[t - 1], alpha=1 - a)
+            torch.tanh(x, out=s[t + 1]) if tanh else s[t + 1].copy_(f(x))
         if tanh:  # f'(x) = 1 - tanh(x)^2 from the recorded tanh(x)
             torch.mul(states[1:], states[1:], out=deriv).neg_().add_(1.0)
         else:
@@ -191,10 +193,11 @@ def _forward_rate(cell, w_rec: torch.Tensor, drive_in: torch.Tensor, states: tor
         pre_act = deriv  # each step's pre-activation d_t, replaced by a f'(d_t) after the loop
         states[0] = 0.0
         act = drive_in.new_empty(batch, n)
+        d_in, s, d = drive_in.unbind(0), states.unbind(0), pre_act.unbind(0)
         for t in range(n_steps):  # h_t = h_{t-1} + a (f(d_t) - h_{t-1})
-            torch.addmm(drive_in[t], states[t], w_rec_t, out=pre_act[t])
-            torch.tanh(pre_act[t], out=act) if tanh else act.copy_(f(pre_act[t]))
-            torch.lerp(states[t], act, a, out=states[t + 1])
+            torch.addmm(d_in[t], s[t], w_rec_t, out=d[t])
+            torch.tanh(d[t], out=act) if tanh else act.copy_(f(d[t]))
+            torch.lerp(s[t], act, a, out=s[t + 1])
         deriv.copy_(cell.activation.df(pre_act)).mul_(a)
 
 
@@ -211,18 +214,19 @@ def _forward_lif(cell, w_rec: torch.Tensor, drive_in: torch.Tensor, spikes: torc
     ref = drive_in.new_zeros(batch, n)
     v = drive_in.new_zeros(batch, n)
     spikes[0] = 0.0
+    d_in, zs, vs = drive_in.unbind(0), spikes.unbind(0), volts.unbind(0)
     for t in range(n_steps):
-        z = spikes[t]
+        z = zs[t]
         av = v * alpha
         # leak and reset first, as lif_step does (alpha v - alpha v is exactly 0)
-        v = torch.addcmul(av, z, av, value=-1.0, out=volts[t]) if extra is not None else \
-            torch.add(av, z, alpha=-v_th, out=volts[t])
-        v.add_(torch.addmm(drive_in[t], z, w_rec_t))
-        torch.gt(v, v_th, out=spikes[t + 1])
+        v = torch.addcmul(av, z, av, value=-1.0, out=vs[t]) if extra is not None else \
+            torch.add(av, z, alpha=-v_th, out=vs[t])
+        v.add_(torch.addmm(d_in[t], z, w_rec_t))
+        torch.gt(v, v_th, out=zs[t + 1])
         if n_ref > 0:
             torch.le(ref, 0.0, out=free[t])
-            spikes[t + 1].mul_(free[t])
-            ref = torch.where(spikes[t + 1] > 0, float(n_ref), (ref - 1).clamp_(min=0))
+            zs[t + 1].mul_(free[t])
+            ref = torch.where(zs[t + 1] > 0, float(n_ref), (ref - 1).clamp_(min=0))
     if extra is not None:
         torch.mul(volts, alpha, out=extra)
     psi = pseudo_derivative(volts, v_th, float(cell.gamma))
@@ -259,15 +263,16 @@ def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, r
     else:
         a = float(cell.alpha)
         voltage = cell.form == "voltage"
+        dirs, errs, derivs = direct.unbind(0), err.unbind(0), rec.deriv.unbind(0)
         for t in range(n_steps - 1, -1, -1):
-            dr = direct[t]  # voltage form: err holds dx_t (e_t = a dx_t: the factor a goes into the products)
+            dr = dirs[t]  # voltage form: err holds dx_t (e_t = a dx_t: the factor a goes into the products)
             if t < n_steps - 1:
-                dr.addmm_(err[t + 1], w_rec, alpha=a if voltage else 1.0)
+                dr.addmm_(errs[t + 1], w_rec, alpha=a if voltage else 1.0)
                 if not voltage:
-                    dr.add_(direct[t + 1], alpha=1 - a)  # dh_t
-            torch.mul(dr, rec.deriv[t], out=err[t])
+                    dr.add_(dirs[t + 1], alpha=1 - a)  # dh_t
+            torch.mul(dr, derivs[t], out=errs[t])
             if voltage and t < n_steps - 1:
-                err[t].add_(err[t + 1], alpha=1 - a)
+                errs[t].add_(errs[t + 1], alpha=1 - a)
     flat_e = err.view(-1, n)
     # inputs and a column of ones: the input weights' and the bias's gradients in one product, oriented
     # (I + 1, N) (MKL ran E^T U ~8x slower than U^T E at these shapes: fused.py)
@@ -287,19 +292,21 @@ def _recursion_lif(cell, rec: Records, direct: torch.Tensor, w_rec: torch.Tensor
     n_steps = direct.shape[0]
     alpha, v_th = float(cell.alpha), float(cell.v_th)
     zero_reset = rec.extra is not None
+    dirs, errs, psi = direct.unbind(0), err.unbind(0), rec.deriv.unbind(0)
+    if zero_reset:  # the leak factor alpha (1 - z_t) of every step, and alpha v_t
+        leak, extra = torch.sub(1.0, rec.seen).mul_(alpha).unbind(0), rec.extra.unbind(0)
     for t in range(n_steps - 1, -1, -1):
         if t == n_steps - 1:
-            torch.mul(direct[t], rec.deriv[t], out=err[t])
+            torch.mul(dirs[t], psi[t], out=errs[t])
             continue
-        nxt = err[t + 1]
-        dz = direct[t].addmm_(nxt, w_rec)
+        nxt = errs[t + 1]
+        dz = dirs[t].addmm_(nxt, w_rec)
         if zero_reset:
-            dz.addcmul_(rec.extra[t], nxt, value=-1.0)
-            torch.mul(dz, rec.deriv[t], out=err[t])
-            err[t].addcmul_(nxt, 1.0 - rec.seen[t], value=alpha)
+            dz.addcmul_(extra[t], nxt, value=-1.0)
+            torch.mul(dz, psi[t], out=errs[t]).addcmul_(nxt, leak[t])
         else:
             dz.add_(nxt, alpha=-v_th)
-            torch.mul(dz, rec.deriv[t], out=err[t]).add_(nxt, alpha=alpha)
+            torch.mul(dz, psi[t], out=errs[t]).add_(nxt, alpha=alpha)
 
 
 def backward(rule, batch, task):
