@@ -157,10 +157,14 @@ _native_missing = not fused_bptt_native.available()
 
 @pytest.mark.skipif(_native_missing, reason=f"native loops unavailable: {fused_bptt_native.unavailable_reason()}")
 @pytest.mark.parametrize("name", list(CELLS))
-@pytest.mark.parametrize("t_len,b", [(1, 1), (30, 4)])
-def test_native_loops_equal_the_pytorch_loops(name, t_len, b):
-    """Both loops in C (forward and backward, whichever the default picks) equal the PyTorch loops to float32
-    rounding, N not a multiple of the kernel's 16 columns included."""
+@pytest.mark.parametrize("t_len,b,blas", [(1, 1, True), (30, 4, True), (30, 4, False)])
+def test_native_loops_equal_the_pytorch_loops(monkeypatch, name, t_len, b, blas):
+    """Both loops in C equal the PyTorch loops to float32 rounding, with the dense products through torch's BLAS
+    and through the native kernel (N not a multiple of its 16 columns)."""
+    if blas and not fused_bptt_native.has_blas():
+        pytest.skip("torch's BLAS is not reachable from the native loops here")
+    if not blas:
+        monkeypatch.setitem(fused_bptt_native._state, "sgemm", None)
     cell, batch, task = _setup(name, t_len=t_len, b=b, n=37)
     params = CellParams(*(t.detach() for t in cell.params()))
     got = {}
@@ -189,3 +193,22 @@ def test_without_the_native_library_the_pytorch_loops_run(monkeypatch, tmp_path)
     _, got = _run(cell, rule, batch, task)
     assert rule.uses_fast_path and rule.step_path == "fused-bptt"
     _assert_close(got, ref, rtol=1e-4)
+
+
+@pytest.mark.skipif(_native_missing, reason=f"native loops unavailable: {fused_bptt_native.unavailable_reason()}")
+def test_native_tanh_is_accurate_over_the_whole_range():
+    """The native loops' own tanh (no libm call) against torch's: a network that only applies tanh to its input
+    (alpha = 1, no recurrence), over [-12, 12] with fine steps near 0 and around its 0.3 switch-over."""
+    from neuroinit.cells import RateRNN
+
+    n = 64
+    x = torch.cat([torch.linspace(-12, 12, 2001), torch.linspace(-0.31, 0.31, 2001), torch.logspace(-30, 0, 999),
+                   torch.tensor([0.0])])
+    x = x[: x.numel() // n * n].view(-1, 1, n)  # (T, 1, N): one value per neuron and step
+    params = CellParams(w_in=torch.eye(n), w_rec=torch.zeros(n, n), bias=torch.zeros(n), w_out=torch.zeros(1, n),
+                        b_out=torch.zeros(1))
+    cell = RateRNN(params, alpha=1.0, form="voltage")
+    _, rec = fused_bptt.forward_records(cell, cell.params(), x, native=True)
+    expect = torch.tanh(x.double())
+    assert float(((rec.seen.double() - expect).abs() / expect.abs().clamp_min(1e-300)).max()) < 4e-7  # measured 1.6e-7
+    assert torch.equal(rec.seen.sign(), expect.sign().float())

@@ -49,7 +49,7 @@ import torch
 
 from neuroinit.cells.base import CellParams, RecurrentCell
 
-__all__ = ["NATIVE_BACKWARD", "NATIVE_FORWARD", "Records", "Workspace", "backward", "backward_records", "forward_records", "supports"]
+__all__ = ["Records", "Workspace", "backward", "backward_records", "forward_records", "supports"]
 
 
 def supports(cell: RecurrentCell, *, truncation: int | None = None) -> str | None:
@@ -110,23 +110,19 @@ class Workspace:
         return t[:n_steps]
 
 
-# where the native loops beat the PyTorch loops (measured: benchmarks/experiment_speed.md): the LIF forward, whose
-# product skips the zero spikes (~4% of the entries on Romo); the rate loops' dense products run faster in
-# torch's BLAS (MKL: ~2x the native kernel's rate), and so does the LIF backward (errors ~30% non-zero)
-NATIVE_FORWARD = ("lif",)
-NATIVE_BACKWARD: tuple[str, ...] = ()
-
-
-def _native(cell, native: bool | None, like: torch.Tensor, models: tuple[str, ...]) -> bool:
-    """Whether a native loop (:mod:`~neuroinit.learning.fused_bptt_native`, float32 CPU) runs: ``native``
-    when given, else where it is faster than the PyTorch loop (``models``) and can be built."""
+def _native(cell, native: bool | None, like: torch.Tensor, loop: str) -> bool:
+    """Whether the native ``loop`` ("forward" or "backward"; :mod:`~neuroinit.learning.fused_bptt_native`,
+    float32 CPU) runs: ``native`` when given, else where it is faster than the PyTorch loop (measured:
+    benchmarks/experiment_speed.md): both loops when the native code reaches torch's BLAS (MKL) for its dense
+    products, else only the LIF forward, whose product skips the zero spikes (~4% of the entries on Romo; the
+    native kernel's dense products run at about half MKL's rate)."""
     from neuroinit.learning import fused_bptt_native
 
     fits = like.dtype == torch.float32 and like.device.type == "cpu"
     if native and not fits:
         raise ValueError(f"Invalid native=True for {like.dtype} on {like.device}: the native loops are float32, CPU")
     if native is None:
-        native = fits and _model(cell) in models
+        native = fits and (fused_bptt_native.has_blas() or (loop == "forward" and _model(cell) == "lif"))
     return bool(native) and fused_bptt_native.available()
 
 
@@ -150,7 +146,7 @@ def forward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, ws
     states = ws.get("states", n_steps + 1, batch, n, like=inputs)
     deriv = ws.get("deriv", n_steps, batch, n, like=inputs)
     extra = ws.get("extra", n_steps, batch, n, like=inputs) if model == "lif" and cell.reset == "zero" else None
-    if _native(cell, native, inputs, NATIVE_FORWARD):
+    if _native(cell, native, inputs, "forward"):
         from neuroinit.learning import fused_bptt_native
 
         fused_bptt_native.forward(cell, p.w_rec, drive_in, states, deriv, extra)
@@ -254,7 +250,7 @@ def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, r
     torch.mm(flat_g, p.w_out, out=direct.view(-1, n))
     err = ws.get("err", n_steps, batch, n, like=inputs)
     w_rec = p.w_rec.contiguous()
-    if _native(cell, native, inputs, NATIVE_BACKWARD):
+    if _native(cell, native, inputs, "backward"):
         from neuroinit.learning import fused_bptt_native
 
         fused_bptt_native.backward(cell, w_rec, rec.states, rec.deriv, rec.extra, direct, err)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "backward", "forward", "unavailable_reason"]
+__all__ = ["available", "backward", "forward", "has_blas", "unavailable_reason"]
 
 SOURCE = (Path(__file__).parent / "native" / "bptt.c").read_text(encoding="utf-8")
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=gnu99"]
@@ -37,7 +37,7 @@ _PTRS = ("wp_fwd", "wt_fwd", "wp_bwd", "wt_bwd", "drive_in", "states", "deriv", 
 class _Run(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "T", "B", "N", "reset_zero", "n_ref")]
                 + [(n, ctypes.c_float) for n in ("alpha", "v_th", "gamma")]
-                + [(n, ctypes.c_void_p) for n in _PTRS])
+                + [(n, ctypes.c_void_p) for n in (*_PTRS, "sgemm")])
 
 
 _lock = threading.Lock()
@@ -101,13 +101,31 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if not _state:
             if os.environ.get("NEUROINIT_NO_FUSED"):
-                _state.update(lib=None, reason="disabled by NEUROINIT_NO_FUSED")
+                _state.update(lib=None, reason="disabled by NEUROINIT_NO_FUSED", sgemm=None)
             else:
                 try:
-                    _state.update(lib=_build(), reason=None)
+                    _state.update(lib=_build(), reason=None, sgemm=_find_sgemm())
                 except OSError as e:
-                    _state.update(lib=None, reason=str(e))
+                    _state.update(lib=None, reason=str(e), sgemm=None)
     return _state["lib"]
+
+
+def _find_sgemm() -> int | None:
+    """The address of the BLAS ``sgemm_`` torch itself uses (MKL's, exported by ``libtorch_cpu``; 32-bit integer
+    interface), or None: the native loops then use their own kernel for dense products too."""
+    if not torch.backends.mkl.is_available() or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        return ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def has_blas() -> bool:
+    """Whether the native loops' dense products go through torch's BLAS (MKL); without it they are slower than
+    the PyTorch loops."""
+    return available() and _state["sgemm"] is not None
 
 
 def available() -> bool:
@@ -134,6 +152,7 @@ def _run(cell, w_rec: torch.Tensor, bufs: dict[str, torch.Tensor | None]) -> tup
         r.alpha, r.v_th, r.gamma = float(cell.alpha), float(cell.v_th), float(cell.gamma)
     else:
         r.model, r.actfn, r.alpha = MODELS[cell.form], ACTIVATIONS[cell.activation_name], float(cell.alpha)
+    r.sgemm = _state["sgemm"]
     keep = [w_rec]
     for name, transpose in (("fwd", 1), ("bwd", 0)):
         wp = torch.empty(max(n // 16, 1), n, 16)

@@ -24,7 +24,12 @@ typedef struct {
     float *err;            /* (T, B, N): dx_t | e_t | e_t */
     float *scratch;        /* (3, B, N) */
     int64_t *events;       /* (B, N + 1) */
+    void *sgemm;           /* a BLAS sgemm_ (Fortran interface, 32-bit ints) for the dense products, or NULL */
 } BpttRun;
+
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *,
+                         const int *);
 
 typedef float v8f __attribute__((vector_size(32)));
 static inline v8f ld8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
@@ -71,9 +76,40 @@ static void product_add(const float *A, int64_t B, int64_t K, const float *Wp, c
         }
 }
 
+/* D (B, N) += A (B, K) M (K, N), all row-major, M packed as Mp for the own kernel: through the BLAS where one was
+   given (column-major: D^T = M^T A^T), else the event-driven kernel above. */
+static void product_dense(const BpttRun *r, const float *A, const float *Mp, const float *M, float *D) {
+    if (r->sgemm) {
+        const int n = (int)r->N, b = (int)r->B;
+        const float one = 1.0f;
+        ((sgemm_fn)r->sgemm)("N", "N", &n, &b, &n, &one, M, &n, A, &n, &one, D, &n);
+    } else {
+        product_add(A, r->B, r->N, Mp, M, r->N, D, r->events);
+    }
+}
+
+/* tanh x without libm calls (the loops over it vectorise), to a few float32 ulp: |x| < 0.3 by its odd series
+   through x^13 (the next term is below 2.2e-11), else (1 - e) / (1 + e) with e = exp(-2 |x|), exp by
+   2^k exp(r), |r| <= ln2 / 2, exp(r) by its Taylor polynomial of degree 7 (error below 6e-9 relative). |x| is
+   clamped to 9, where tanh rounds to 1. */
+static inline float tanh_f32(float x) {
+    const float ax = fabsf(x) > 9.0f ? 9.0f : fabsf(x), x2 = x * x;
+    const float series = x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835
+                         + x2 * (-1382.0f / 155925 + x2 * (21844.0f / 6081075)))))));
+    const float y = -2.0f * ax, k = floorf(y * 1.44269504f + 0.5f);
+    const float rr = (y - k * 0.693145751953125f) - k * 1.42860677e-06f;
+    const float p = 1.0f + rr * (1.0f + rr * (0.5f + rr * (1.0f / 6 + rr * (1.0f / 24 + rr * (1.0f / 120
+                    + rr * (1.0f / 720 + rr * (1.0f / 5040)))))));
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    const float e = two_k * p, big = copysignf((1.0f - e) / (1.0f + e), x);
+    return ax < 0.3f ? series : big;
+}
+
 static inline float act(int a, float x, float *df) {
     switch (a) {
-        case TANH: { const float t = tanhf(x); *df = 1.0f - t * t; return t; }
+        case TANH: { const float t = tanh_f32(x); *df = 1.0f - t * t; return t; }
         case LINEAR: *df = 1.0f; return x;
         case RELU: *df = x > 0.0f ? 1.0f : 0.0f; return x > 0.0f ? x : 0.0f;
         default: *df = 1.0f / (1.0f + expf(-x)); return x > 20.0f ? x : log1pf(expf(x));
@@ -94,11 +130,27 @@ void nb_forward(BpttRun *r) {
         const float *pre = r->states + t * BN;
         float *next = r->states + (t + 1) * BN, *dv = r->deriv + t * BN;
         memcpy(d, r->drive_in + t * BN, sizeof(float) * BN);
-        product_add(pre, B, N, r->wp_fwd, r->wt_fwd, N, d, r->events);
-        if (r->model == VOLTAGE) {
+        if (r->model == LIF) /* spikes: event-driven */
+            product_add(pre, B, N, r->wp_fwd, r->wt_fwd, N, d, r->events);
+        else
+            product_dense(r, pre, r->wp_fwd, r->wt_fwd, d);
+        if (r->model == VOLTAGE && r->actfn == TANH) { /* the common case, in a loop that vectorises */
+            for (int64_t k = 0; k < BN; k++) {
+                x[k] = (1.0f - a) * x[k] + a * d[k];
+                const float th_ = tanh_f32(x[k]);
+                next[k] = th_;
+                dv[k] = 1.0f - th_ * th_;
+            }
+        } else if (r->model == VOLTAGE) {
             for (int64_t k = 0; k < BN; k++) {
                 x[k] = (1.0f - a) * x[k] + a * d[k];
                 next[k] = act((int)r->actfn, x[k], &dv[k]);
+            }
+        } else if (r->model == RATE && r->actfn == TANH) {
+            for (int64_t k = 0; k < BN; k++) {
+                const float f = tanh_f32(d[k]);
+                dv[k] = a * (1.0f - f * f);
+                next[k] = pre[k] + a * (f - pre[k]);
             }
         } else if (r->model == RATE) {
             for (int64_t k = 0; k < BN; k++) {
@@ -140,9 +192,9 @@ void nb_backward(BpttRun *r) {
         if (!last) {
             if (r->model == VOLTAGE) {
                 for (int64_t k = 0; k < BN; k++) scaled[k] = a * en[k];
-                product_add(scaled, B, N, r->wp_bwd, r->wt_bwd, N, dr, r->events);
+                product_dense(r, scaled, r->wp_bwd, r->wt_bwd, dr);
             } else {
-                product_add(en, B, N, r->wp_bwd, r->wt_bwd, N, dr, r->events);
+                product_dense(r, en, r->wp_bwd, r->wt_bwd, dr);
             }
         }
         if (r->model == VOLTAGE) {
