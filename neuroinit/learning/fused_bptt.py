@@ -276,7 +276,12 @@ def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, r
     ones[..., :-1] = inputs
     ones[..., -1] = 1.0
     g_in_bias = ones.view(-1, ones.shape[-1]).T @ flat_e
-    g_rec = flat_e.T @ rec.pre.reshape(-1, n)
+    if lif and _native(cell, native, inputs, "backward"):  # the spikes are sparse: only their entries are summed
+        from neuroinit.learning import fused_bptt_native
+
+        g_rec = fused_bptt_native.grad_events(flat_e, rec.pre.reshape(-1, n))
+    else:
+        g_rec = flat_e.T @ rec.pre.reshape(-1, n)
     if not lif and cell.form == "voltage":
         g_in_bias.mul_(float(cell.alpha))
         g_rec.mul_(float(cell.alpha))

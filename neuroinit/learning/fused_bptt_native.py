@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "backward", "forward", "has_blas", "unavailable_reason"]
+__all__ = ["available", "backward", "forward", "grad_events", "has_blas", "unavailable_reason"]
 
 SOURCE = (Path(__file__).parent / "native" / "bptt.c").read_text(encoding="utf-8")
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=gnu99"]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu99"]
 MODELS = {"voltage": 0, "rate": 1, "lif": 2}
 ACTIVATIONS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
 _PTRS = ("wp_fwd", "wt_fwd", "wp_bwd", "wt_bwd", "drive_in", "states", "deriv", "extra", "direct", "err",
@@ -91,6 +91,9 @@ def _build() -> ctypes.CDLL:
         getattr(lib, name).argtypes = [ctypes.c_void_p]
     lib.nb_pack.restype = None
     lib.nb_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    lib.nb_grad_events.restype = None
+    lib.nb_grad_events.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_void_p]
     lib.nb_abi.restype = ctypes.c_int
     if lib.nb_abi() != ctypes.sizeof(_Run):
         raise OSError(f"fused BPTT ABI mismatch: C struct {lib.nb_abi()} bytes, ctypes {ctypes.sizeof(_Run)}")
@@ -185,3 +188,14 @@ def backward(cell, w_rec: torch.Tensor, states, deriv, extra, direct, err) -> No
             "scratch": deriv.new_empty(3, b, n), "events": torch.empty(b, n + 1, dtype=torch.int64)}
     r, _keep = _run(cell, w_rec.contiguous(), bufs)
     _load().nb_backward(ctypes.byref(r))
+
+
+def grad_events(err: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``err^T pre`` (N, K) for (R, N) errors and sparse (R, K) presynaptic rows (spikes), at the cost of the
+    non-zero entries of ``pre``."""
+    rows, n = err.shape
+    k = pre.shape[1]
+    g_t = err.new_zeros(k, n)
+    err, pre = err.contiguous(), pre.contiguous()
+    _load().nb_grad_events(err.data_ptr(), pre.data_ptr(), rows, n, k, g_t.data_ptr())
+    return g_t.T.contiguous()

@@ -116,10 +116,32 @@ static inline float act(int a, float x, float *df) {
     }
 }
 
+/* One LIF step over the n = B N neurons (lif_step): membrane x, refractory counters ref, spikes next, psi dv
+   (and alpha v in ex). Branch-free, the options loop-invariant: the loop vectorises. */
+static void lif_update(const BpttRun *r, int64_t n, const float *restrict pre, const float *restrict d,
+                       float *restrict x, float *restrict ref, float *restrict next, float *restrict dv,
+                       float *restrict ex) {
+    const float a = r->alpha, th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
+    const int zero = (int)r->reset_zero, refractory = r->n_ref > 0;
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) {
+        const float av = a * x[k], zp = pre[k];
+        /* leak and reset first, as lif_step does: alpha v - alpha v is exactly 0 */
+        const float v = (zero ? av - zp * av : av - zp * th) + d[k];
+        const float tri = 1.0f - fabsf(v - th) / th, free_ = refractory && ref[k] > 0.0f ? 0.0f : 1.0f;
+        const float z = v > th ? free_ : 0.0f;
+        if (refractory) ref[k] = z > 0.0f ? nref : (ref[k] > 1.0f ? ref[k] - 1.0f : 0.0f);
+        x[k] = v;
+        next[k] = z;
+        dv[k] = gs * (tri > 0.0f ? tri : 0.0f) * free_;
+        if (zero) ex[k] = a * v;
+    }
+}
+
 /* The forward loop (fused_bptt.py's module docstring), writing states, deriv (and extra). */
 void nb_forward(BpttRun *r) {
     const int64_t T = r->T, B = r->B, N = r->N, BN = B * N;
-    const float a = r->alpha, th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
+    const float a = r->alpha;
     float *x = r->scratch, *d = r->scratch + BN, *ref = r->scratch + 2 * BN;
     float df;
     for (int64_t k = 0; k < BN; k++) {
@@ -159,23 +181,7 @@ void nb_forward(BpttRun *r) {
                 next[k] = pre[k] + a * (f - pre[k]);
             }
         } else {
-            for (int64_t k = 0; k < BN; k++) {
-                const float av = a * x[k], zp = pre[k];
-                /* leak and reset first, as lif_step does: alpha v - alpha v is exactly 0 */
-                const float v = (r->reset_zero ? av - zp * av : av - zp * th) + d[k];
-                const float dist = v > th ? v - th : th - v, tri = 1.0f - dist / th;
-                float psi = gs * (tri > 0.0f ? tri : 0.0f), z = v > th ? 1.0f : 0.0f;
-                if (r->n_ref > 0) {
-                    const float free_ = ref[k] <= 0.0f ? 1.0f : 0.0f;
-                    psi *= free_;
-                    z *= free_;
-                    ref[k] = z > 0.0f ? nref : (ref[k] - 1.0f > 0.0f ? ref[k] - 1.0f : 0.0f);
-                }
-                x[k] = v;
-                next[k] = z;
-                dv[k] = psi;
-                if (r->reset_zero) r->extra[t * BN + k] = a * v;
-            }
+            lif_update(r, BN, pre, d, x, ref, next, dv, r->extra ? r->extra + t * BN : NULL);
         }
     }
 }
@@ -197,20 +203,35 @@ void nb_backward(BpttRun *r) {
                 product_dense(r, en, r->wp_bwd, r->wt_bwd, dr);
             }
         }
-        if (r->model == VOLTAGE) {
-            for (int64_t k = 0; k < BN; k++) e[k] = dr[k] * dv[k] + (last ? 0.0f : (1.0f - a) * en[k]);
+        if (last) { /* nothing flows back from beyond the last step */
+            for (int64_t k = 0; k < BN; k++) e[k] = dr[k] * dv[k];
+        } else if (r->model == VOLTAGE) {
+            for (int64_t k = 0; k < BN; k++) e[k] = dr[k] * dv[k] + (1.0f - a) * en[k];
         } else if (r->model == RATE) {
             for (int64_t k = 0; k < BN; k++) {
-                if (!last) dr[k] += (1.0f - a) * dn[k]; /* dh_t, kept in direct for the step before */
+                dr[k] += (1.0f - a) * dn[k]; /* dh_t, kept in direct for the step before */
                 e[k] = dr[k] * dv[k];
             }
+        } else if (r->extra) { /* reset to zero */
+            const float *zt = r->states + (t + 1) * BN, *ex = r->extra + t * BN;
+            for (int64_t k = 0; k < BN; k++) e[k] = (dr[k] - ex[k] * en[k]) * dv[k] + a * (1.0f - zt[k]) * en[k];
         } else {
-            const float *zt = r->states + (t + 1) * BN, *ex = r->extra ? r->extra + t * BN : NULL;
-            for (int64_t k = 0; k < BN; k++) {
-                if (last) { e[k] = dr[k] * dv[k]; continue; }
-                const float dz = dr[k] - (ex ? ex[k] : th) * en[k];
-                e[k] = dz * dv[k] + a * (ex ? 1.0f - zt[k] : 1.0f) * en[k];
-            }
+            for (int64_t k = 0; k < BN; k++) e[k] = (dr[k] - th * en[k]) * dv[k] + a * en[k];
+        }
+    }
+}
+
+/* The recurrent weights' gradient from sparse presynaptic rows (spikes): gT (K x N) += sum_r Z[r, k] E[r, :] over
+   the rows r < R of E (R x N) and Z (R x K), visiting only the non-zero Z[r, k] -- dW_rec^T = Z^T E at the cost of
+   the spikes, not of a dense GEMM. */
+void nb_grad_events(const float *E, const float *Z, int64_t R, int64_t N, int64_t K, float *gT) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *e = E + r * N, *z = Z + r * K;
+        for (int64_t k = 0; k < K; k++) {
+            if (z[k] == 0.0f) continue;
+            float *g = gT + k * N;
+            const float c = z[k];
+            for (int64_t j = 0; j < N; j++) g[j] += c * e[j];
         }
     }
 }
