@@ -39,6 +39,11 @@ These are the chain rule through :func:`~neuroinit.cells.rate.rate_step` / ``lif
 applies it (the straight-through chip grid passes gradients unchanged), so the gradients equal autograd BPTT's
 up to float rounding (sums in another order; ``tests/test_fused_bptt.py``). Memory: ``O(T B N)`` records, as
 autograd's tape. Only untruncated BPTT (``truncation=None``) is fused.
+
+The two loops run as PyTorch ops (any dtype; a few eager ops per step around the product) or in C
+(:mod:`neuroinit.learning.fused_bptt_native`, float32: one call per loop, dense products through torch's own
+BLAS, products with spikes over the spikes only); :func:`_native` picks the faster one
+(``benchmarks/experiment_speed.md``).
 """
 
 from __future__ import annotations
