@@ -52,6 +52,7 @@ class BPTT(LearningRule):
         self.fast = fast
         self.uses_fast_path = False
         self.fast_path_reason: str | None = None
+        self.workspace = None  # the fused BPTT's record buffers (fused_bptt.Workspace), kept across trials
 
     @property
     def step_path(self) -> str:

@@ -321,11 +321,13 @@ def backward(rule, batch, task):
     from neuroinit.learning.base import Trial, accumulate_grads
 
     cell = rule.cell
-    if supports(cell, truncation=rule.truncation) is not None or batch.inputs.device.type != "cpu":
+    if supports(cell, truncation=rule.truncation) is not None:
         return None
     params = CellParams(*(t.detach() for t in cell.params()))
     inputs = batch.inputs.detach().to(params.w_rec.dtype)
-    ws = rule.__dict__.setdefault("_workspace", Workspace())
+    if rule.workspace is None:
+        rule.workspace = Workspace()
+    ws = rule.workspace
     outputs, rec = forward_records(cell, params, inputs, ws)
     y = outputs.to(batch.inputs.dtype, copy=True).requires_grad_(True)  # a copy: the buffers are reused
     with torch.enable_grad():
