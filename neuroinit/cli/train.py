@@ -97,7 +97,8 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
               help="Input/readout init: Schuessler (normalised columns, readout O(1/N)) or PyTorch's nn.Linear "
                    "default U(+-1/sqrt(fan_in)).")
 @click.option("--fast/--no-fast", default=True, show_default=True,
-              help="Online e-prop / RFLO through the fused native step where it gives the same results.")
+              help="Online e-prop / RFLO through the fused native step, BPTT through the fused BPTT, where they "
+                   "give the same results (to float32 rounding).")
 @click.option("--align-every", type=int, default=0, show_default=True,
               help="Every K iterations store the cosine / relative error of the rule's gradient vs BPTT's on the "
                    "current batch in the run file (local rules; 0 = off; see 'neuroinit alignment').")
