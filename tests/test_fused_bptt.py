@@ -218,3 +218,11 @@ def test_native_tanh_is_accurate_over_the_whole_range():
     expect = torch.tanh(x.double())
     assert float(((rec.seen.double() - expect).abs() / expect.abs().clamp_min(1e-300)).max()) < 4e-7  # measured 1.6e-7
     assert torch.equal(rec.seen.sign(), expect.sign().float())
+
+
+def test_a_cell_without_the_kernel_falls_back_with_its_reason():
+    # dispatch reads the cell's declared kernel id (the registry contract), not its class: ALIF has none
+    gen = torch.Generator().manual_seed(0)
+    params, _ = hardware_init("alif", 2, 8, 1, 1.0, "ideal", generator=gen)
+    why = fused_bptt.supports(make_cell("alif", params))
+    assert why is not None and "no fused kernel for model 'alif'" in why

@@ -59,16 +59,13 @@ __all__ = ["Records", "Workspace", "backward", "backward_records", "forward_reco
 
 def supports(cell: RecurrentCell, *, truncation: int | None = None) -> str | None:
     """None when the fused BPTT runs ``cell``; otherwise the reason it does not."""
-    from neuroinit.cells.lif import LIFRNN
-    from neuroinit.cells.rate import RateRNN
-
     if truncation is not None:
         return f"truncation {truncation} (the fused BPTT is untruncated)"
-    if isinstance(cell, LIFRNN):
+    if cell.kernel_id == "lif":
         if cell.tau_syn is not None or cell.threshold_compare != ">" or cell.max_spikes != 1 or cell.reset_leaks:
             return "LIF with chip neuron options (synaptic current, '>=', spike counts, leaking reset)"
-    elif not isinstance(cell, RateRNN):
-        return f"unsupported cell {type(cell).__name__}"
+    elif cell.kernel_id != "rate":
+        return f"no fused kernel for model {cell.model!r} (kernel_id {cell.kernel_id!r})"
     tensors = [getattr(cell, n) for n in ("w_in", "w_rec", "bias", "w_out", "b_out")]
     if any(t.dtype != torch.float32 for t in tensors):
         return "not float32 (the fused BPTT is single precision; float64 uses autograd)"
@@ -132,9 +129,8 @@ def _native(cell, native: bool | None, like: torch.Tensor, loop: str) -> bool:
 
 
 def _model(cell) -> str:
-    from neuroinit.cells.lif import LIFRNN
 
-    return "lif" if isinstance(cell, LIFRNN) else cell.form
+    return "lif" if cell.kernel_id == "lif" else cell.form
 
 
 @torch.no_grad()
