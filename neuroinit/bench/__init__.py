@@ -38,12 +38,16 @@ from neuroinit.bench.config import (
     quick_config,
 )
 from neuroinit.bench.machine import (
+    CALIB_ATTEMPTS,
+    CALIB_TOLERANCE,
     CPUINFO,
+    MATMUL_GFLOPS_RANGE,
     SYS_CACHE,
     _best_time,
     _cache_sizes,
     _calib_key,
     _calib_path,
+    _cpu_identity,
     _cpu_model,
     _import_quietly,
     _loadavg,
@@ -54,9 +58,12 @@ from neuroinit.bench.machine import (
     _release_free_memory,
     _status_kb,
     _stream_bandwidth,
+    available_cpus,
     calibrate,
+    calibration_problems,
     environment,
     roofline,
+    using_threads,
     working_sets,
 )
 from neuroinit.bench.peers import (
@@ -90,7 +97,9 @@ from neuroinit.bench.report import (
 )
 from neuroinit.bench.timing import (
     Result,
+    _add_ratios,
     _jobs,
+    _measure,
     _sync,
     memory_scaling,
     run_bench,
@@ -106,6 +115,7 @@ __all__ = [
            "BenchConfig",
            "SyntheticTask",
            "calibrate",
+           "calibration_problems",
            "check_gradients",
            "environment",
            "format_table",

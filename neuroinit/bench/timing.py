@@ -10,7 +10,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from neuroinit.bench.config import N_IN, N_OUT, SCHEMA_VERSION, BenchConfig
-from neuroinit.bench.machine import _LoadMeter, _peak_memory, calibrate, environment, roofline
+from neuroinit.bench.machine import (
+    _LoadMeter,
+    _peak_memory,
+    available_cpus,
+    calibrate,
+    environment,
+    roofline,
+    using_threads,
+)
 from neuroinit.bench.peers import (
     SyntheticTask,
     _peer_available,
@@ -49,13 +57,46 @@ class Result:
     fast_path: bool | None = None
     chunk_steps: int | None = None              # steps per chunk where the chunked exact update ran
     skipped: str | None = None
+    threads: int | None = None                  # the thread count the row's numbers were measured at
+    threads_tried: dict | None = None           # "best" mode: per count tried, median and min us/step
+    background_load_window: float | None = None  # background cores busy over all of the row's timed repeats
 
 
 def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, profile: str) -> Result:
+def _measure(fn: Callable[[], None], sync: Callable[[], None], counts: tuple[int, ...], cfg: BenchConfig
+             ) -> tuple[dict[int, list[float]], dict[int, list[float | None]], float | None]:
+    """Times whole trials at each thread count, the counts interleaved within every repeat (a change in the
+    machine's load hits them alike). Returns us/step and background load per count, and the load over all."""
+    first = 0.0
+    for t in counts:  # warm-up at each count (builds the fused library on first use, allocator, caches)
+        with using_threads(t):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            first = max(first, time.perf_counter() - t0)
+    repeats = cfg.repeats
+    if first * repeats * len(counts) > cfg.max_seconds_per_method:
+        repeats = max(1, min(repeats, int(cfg.max_seconds_per_method / max(first * len(counts), 1e-9))))
+    times: dict[int, list[float]] = {t: [] for t in counts}
+    loads: dict[int, list[float | None]] = {t: [] for t in counts}
+    with _LoadMeter() as window:
+        for _ in range(repeats):
+            for t in counts:
+                with using_threads(t), _LoadMeter() as lm:
+                    fn()
+                    sync()
+                times[t].append(lm.wall / cfg.steps * 1e6)
+                loads[t].append(lm.load)
+    return times, loads, window.load
+
+
+def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, profile: str,
+                threads: tuple[int, ...] = (1,)) -> Result:
+    """One row: ``method`` on one configuration at each of ``threads``; with several counts the one with the
+    lowest median is reported (``threads``) and every count's median and min kept (``threads_tried``)."""
     res = Result(variant, n, b, cfg.steps, method, profile)
     why = _peer_available(method)
     if why is not None:
@@ -66,31 +107,22 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
                        device=cfg.device)
     task = SyntheticTask(N_IN, N_OUT)
     fn = trial_fn(method, cell, batch, task, seed=cfg.seed)
-    sync = _sync(cfg.device)
-    t0 = time.perf_counter()
-    fn()  # warm-up (builds the fused library on first use, allocator, caches)
-    sync()
-    first = time.perf_counter() - t0
-    repeats = cfg.repeats
-    if first * repeats > cfg.max_seconds_per_method:
-        repeats = max(1, min(repeats, int(cfg.max_seconds_per_method / max(first, 1e-9))))
-    times, loads = [], []
-    for _ in range(repeats):
-        with _LoadMeter() as lm:
-            fn()
-            sync()
-        times.append(lm.wall / cfg.steps * 1e6)
-        loads.append(lm.load)
-    res.repeats_us, res.background_load = times, loads
+    all_times, all_loads, res.background_load_window = _measure(fn, _sync(cfg.device), threads, cfg)
+    best = min(threads, key=lambda t: statistics.median(all_times[t]))
+    if len(threads) > 1:
+        res.threads_tried = {str(t): {"us_per_step": statistics.median(v), "us_per_step_min": min(v)}
+                             for t, v in all_times.items()}
+    times = all_times[best]
+    res.threads, res.repeats_us, res.background_load = best, times, all_loads[best]
     res.us_per_step = statistics.median(times)
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else [times[0]] * 3
     res.us_per_step_q1, res.us_per_step_q3 = q[0], q[2]
     res.us_per_step_min, res.us_per_step_max = min(times), max(times)
-    timed_rule = fn
     res.sample_steps_per_s = b / (res.us_per_step * 1e-6)
     res.synaptic_updates_per_s = b * n * (n + N_IN + N_OUT) / (res.us_per_step * 1e-6)
-    res.peak_memory_mib = trial_memory(method, variant, n, b, cfg.steps, profile, cfg)
-    rule = getattr(timed_rule, "rule", None)
+    with using_threads(best):
+        res.peak_memory_mib = trial_memory(method, variant, n, b, cfg.steps, profile, cfg)
+    rule = getattr(fn, "rule", None)
     if rule is not None:
         res.fast_path = rule.uses_fast_path
         if method == "neuroinit-fused" and not rule.uses_fast_path:
@@ -124,7 +156,11 @@ def memory_scaling(cfg: BenchConfig, variant: str = "lif", n: int = 256, b: int 
     return out
 
 
-def _jobs(cfg: BenchConfig) -> list[tuple[str, int, int, str, str]]:
+def _jobs(cfg: BenchConfig, cpus: int | None = None) -> list[tuple[str, int, int, str, str, tuple[int, ...]]]:
+    """(variant, N, B, method, profile, thread counts) of every row: in "best" mode one row per configuration
+    timed at every count, else one row per count."""
+    counts = cfg.thread_counts(available_cpus() if cpus is None else cpus)
+    per_row = [counts] if cfg.threads == "best" else [(t,) for t in counts]
     jobs = []
     for variant in cfg.variants():
         for n in cfg.hidden:
@@ -134,8 +170,23 @@ def _jobs(cfg: BenchConfig) -> list[tuple[str, int, int, str, str]]:
                         continue
                     profiles = [cfg.profile, "ideal"] if method == "neuroinit-fused" else ["ideal"]
                     for prof in dict.fromkeys(profiles):
-                        jobs.append((variant, n, b, method, prof))
+                        for row_counts in per_row:
+                            jobs.append((variant, n, b, method, prof, row_counts))
     return jobs
+
+
+def _add_ratios(results: list[Result]) -> None:
+    """``ratio_to_fused``: time over neuroinit-fused (ideal) of the same configuration (in "best" mode: best over
+    best; else at the same thread count)."""
+    def key(r: Result):
+        return r.variant, r.hidden, r.batch, "best" if r.threads_tried else r.threads
+
+    base = {key(r): r.us_per_step for r in results
+            if r.method == "neuroinit-fused" and r.profile == "ideal" and r.us_per_step}
+    for r in results:
+        ref = base.get(key(r))
+        if ref and r.us_per_step:
+            r.ratio_to_fused = r.us_per_step / ref
 
 
 def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None,
@@ -144,23 +195,26 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     cfg.validate()
     t_start = time.perf_counter()
     env = environment(cfg.device)
-    if progress:
-        progress("calibrating (memory bandwidth, matmul rate)")
-    calib = calibrate(cfg.device, quick=cfg.quick, use_cache=not cfg.recalibrate)
+    counts = cfg.thread_counts(available_cpus())
+    calibs = {}
+    for t in counts:
+        if progress:
+            progress(f"calibrating at {t} thread(s) (memory bandwidth, matmul rate)")
+        calibs[t] = calibrate(cfg.device, quick=cfg.quick, use_cache=not cfg.recalibrate, threads=t)
     if progress:
         progress("checking gradients of every method on a small case")
     checks = check_gradients(cfg.variants(), cfg.methods)
     failed = {(c["variant"], c["method"]) for c in checks if not c["ok"]}
     results: list[Result] = []
-    for variant, n, b, method, prof in _jobs(cfg):
+    for variant, n, b, method, prof, row_counts in _jobs(cfg):
         if progress:
-            progress(f"{variant} N={n} B={b} {method} [{prof}]")
+            progress(f"{variant} N={n} B={b} {method} [{prof}] threads {','.join(map(str, row_counts))}")
         if (variant, method) in failed:
             res = Result(variant, n, b, cfg.steps, method, prof, skipped="gradient check failed")
         else:
-            res = time_method(method, variant, n, b, cfg, prof)
+            res = time_method(method, variant, n, b, cfg, prof, row_counts)
         if method == "neuroinit-fused" and res.us_per_step is not None:
-            res.roofline = roofline(variant, n, b, N_IN, N_OUT, calib, cfg.device, steps=cfg.steps,
+            res.roofline = roofline(variant, n, b, N_IN, N_OUT, calibs[res.threads], cfg.device, steps=cfg.steps,
                                     chunk=res.chunk_steps)
             res.roofline_fraction = res.roofline["bound_us"] / res.us_per_step
             if "chunked" in res.roofline:
@@ -168,13 +222,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
         results.append(res)
         if on_result:
             on_result(res)
-    # ratios to neuroinit-fused (ideal) of the same configuration
-    base = {(r.variant, r.hidden, r.batch): r.us_per_step for r in results
-            if r.method == "neuroinit-fused" and r.profile == "ideal" and r.us_per_step}
-    for r in results:
-        ref = base.get((r.variant, r.hidden, r.batch))
-        if ref and r.us_per_step:
-            r.ratio_to_fused = r.us_per_step / ref
+    _add_ratios(results)
     mem = []
     if cfg.memory_scaling and "lif" in cfg.variants():
         if progress:
@@ -183,6 +231,9 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
         mem = memory_scaling(cfg, "lif", n_mem, b_mem, (cfg.steps, 10 * cfg.steps))
     cfg_d = asdict(cfg)
     cfg_d["hidden"], cfg_d["batch"], cfg_d["methods"] = list(cfg.hidden), list(cfg.batch), list(cfg.methods)
-    return {"schema_version": SCHEMA_VERSION, "config": cfg_d, "environment": env, "calibration": calib,
+    if cfg.threads != "best":
+        cfg_d["threads"] = list(cfg.threads)
+    return {"schema_version": SCHEMA_VERSION, "config": cfg_d, "environment": env,
+            "calibration": calibs[max(counts)], "calibrations": {str(t): c for t, c in calibs.items()},
             "gradient_checks": checks, "results": [asdict(r) for r in results], "memory_scaling": mem,
             "wall_seconds": time.perf_counter() - t_start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

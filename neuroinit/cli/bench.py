@@ -33,7 +33,9 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
 @click.option("--steps", type=int, default=None, help="Time steps T per trial [100; quick: 40].")
 @click.option("--repeats", type=int, default=None, help="Timed trials per method [5; quick: 3].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's).")
+@click.option("--threads", default="best", show_default=True,
+              help="'best': every method timed at one thread and at all available CPUs, the faster reported "
+              "with its count; or a comma-separated list of counts: every method at each, side by side.")
 # the bench's METHODS, written out so that --help does not import torch (tests/test_bench.py keeps them equal)
 @click.option("--methods", default=None, help="Comma-separated subset of: neuroinit-fused, neuroinit-torch, "
               "autograd-eprop, bptt, snntorch-bptt, norse-bptt.")
@@ -46,15 +48,10 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
                   json_out) -> None:
     """Online-update throughput of rate and LIF networks under a profile, next to autograd e-prop, BPTT,
     snntorch and norse, with the fraction of the machine's roofline reached."""
-    import torch
-
     from neuroinit import bench
 
-    if threads is not None:
-        if threads < 1:
-            raise click.BadParameter(f"{threads}: allowed integers >= 1", param_hint="--threads")
-        torch.set_num_threads(threads)
     overrides = dict(profile=profile, models=models, device=device, recalibrate=recalibrate,
+                     threads="best" if threads.strip() == "best" else _int_list(threads, "threads"),
                      hidden=_int_list(hidden, "hidden") if hidden else None,
                      batch=_int_list(batch, "batch") if batch else None, steps=steps, repeats=repeats,
                      methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None)
