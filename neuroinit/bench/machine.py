@@ -133,9 +133,13 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+LOAD_MIN_WALL_S = 0.25
+
+
 class _LoadMeter:
     """CPU time spent by everything else on the machine while a block runs, in cores (busy jiffies of all CPUs
-    minus this process's CPU time, over wall time)."""
+    minus this process's CPU time, over wall time). The kernel counts in clock ticks (10 ms), so a block
+    shorter than ``LOAD_MIN_WALL_S`` gets ``load = None``: its count would be off by more than 0.1 core."""
 
     @staticmethod
     def _busy() -> float | None:
@@ -155,7 +159,7 @@ class _LoadMeter:
         self.wall = time.perf_counter() - self.t0
         b1, p1 = self._busy(), _proc_cpu()
         self.load = None
-        if self.b0 is not None and b1 is not None and self.wall > 0:
+        if self.b0 is not None and b1 is not None and self.wall >= LOAD_MIN_WALL_S:
             self.load = max((b1 - self.b0) - (p1 - self.p0), 0.0) / self.wall
         return False
 

@@ -37,8 +37,9 @@ def _threads_cell(r: dict) -> str:
 
 
 def _load_cell(r: dict) -> str:
-    """Background cores busy over the row's timed repeats (per-repeat values are coarse: clock ticks of 10 ms)."""
-    if r.get("background_load_window") is not None:
+    """Background cores busy over the row's timed repeats ('-' where they took under 0.25 s: too short for the
+    kernel's 10 ms CPU clock); results of schema < 3 have only the per-repeat values."""
+    if "background_load_window" in r:
         return _fmt(r["background_load_window"], ".2f")
     loads = [v for v in r.get("background_load", []) if v is not None]
     return _fmt(statistics.median(loads), ".2f") if loads else "-"
@@ -110,7 +111,9 @@ def format_table(result: dict, *, markdown: bool = False) -> str:
               ("us/step: median over repeats (IQR: quartiles); x fused: time / neuroinit-fused (ideal) of the "
                "same configuration; roofline: bound of a rule that updates every trace at every step / measured "
                "(memory level or flop; over 100% where the chunked update moves less); own roofline: bound of the "
-               "chunked update's own work / measured; load: background CPU cores busy during the row's repeats"),
+               "chunked update's own work / measured; load: background CPU cores busy during the row's repeats "
+               "('-': under 0.25 s in all)" + (f"; over the whole run {result['background_load_run']:.2f}"
+                                              if result.get("background_load_run") is not None else "")),
               *_calibration_lines(result), _environment_line(result["environment"])]
     bad = [c for c in result["gradient_checks"] if not c["ok"]]
     lines.append(f"gradient checks: {len(result['gradient_checks']) - len(bad)}/{len(result['gradient_checks'])}"

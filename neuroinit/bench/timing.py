@@ -189,22 +189,8 @@ def _add_ratios(results: list[Result]) -> None:
             r.ratio_to_fused = r.us_per_step / ref
 
 
-def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None,
-              on_result: Callable[[Result], None] | None = None) -> dict:
-    """Run the benchmark; returns the JSON-able result (schema ``SCHEMA_VERSION``)."""
-    cfg.validate()
-    t_start = time.perf_counter()
-    env = environment(cfg.device)
-    counts = cfg.thread_counts(available_cpus())
-    calibs = {}
-    for t in counts:
-        if progress:
-            progress(f"calibrating at {t} thread(s) (memory bandwidth, matmul rate)")
-        calibs[t] = calibrate(cfg.device, quick=cfg.quick, use_cache=not cfg.recalibrate, threads=t)
-    if progress:
-        progress("checking gradients of every method on a small case")
-    checks = check_gradients(cfg.variants(), cfg.methods)
-    failed = {(c["variant"], c["method"]) for c in checks if not c["ok"]}
+def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress, on_result) -> list[Result]:
+    """Every row of :func:`_jobs`, with the roofline of neuroinit's rows at the calibration of their thread count."""
     results: list[Result] = []
     for variant, n, b, method, prof, row_counts in _jobs(cfg):
         if progress:
@@ -222,6 +208,27 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
         results.append(res)
         if on_result:
             on_result(res)
+    return results
+
+
+def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None,
+              on_result: Callable[[Result], None] | None = None) -> dict:
+    """Run the benchmark; returns the JSON-able result (schema ``SCHEMA_VERSION``)."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    env = environment(cfg.device)
+    counts = cfg.thread_counts(available_cpus())
+    calibs = {}
+    for t in counts:
+        if progress:
+            progress(f"calibrating at {t} thread(s) (memory bandwidth, matmul rate)")
+        calibs[t] = calibrate(cfg.device, quick=cfg.quick, use_cache=not cfg.recalibrate, threads=t)
+    if progress:
+        progress("checking gradients of every method on a small case")
+    checks = check_gradients(cfg.variants(), cfg.methods)
+    failed = {(c["variant"], c["method"]) for c in checks if not c["ok"]}
+    with _LoadMeter() as run_meter:
+        results = _time_rows(cfg, calibs, failed, progress, on_result)
     _add_ratios(results)
     mem = []
     if cfg.memory_scaling and "lif" in cfg.variants():
@@ -236,4 +243,5 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     return {"schema_version": SCHEMA_VERSION, "config": cfg_d, "environment": env,
             "calibration": calibs[max(counts)], "calibrations": {str(t): c for t, c in calibs.items()},
             "gradient_checks": checks, "results": [asdict(r) for r in results], "memory_scaling": mem,
+            "background_load_run": run_meter.load,
             "wall_seconds": time.perf_counter() - t_start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
