@@ -331,7 +331,7 @@ def test_thread_counts_are_interleaved_within_every_repeat():
 
     before = torch.get_num_threads()
     cfg = bench.BenchConfig(steps=10, repeats=3)
-    times, loads, _ = bench._measure(trial, lambda: None, (1, 2), cfg)
+    times, loads, _, _ = bench._measure(trial, lambda: None, (1, 2), cfg)
     assert seen == [1, 2] + [1, 2] * 3  # a warm-up at each count, then the counts alternate
     assert {t: len(v) for t, v in times.items()} == {1: 3, 2: 3} and set(loads) == {1, 2}
     assert torch.get_num_threads() == before

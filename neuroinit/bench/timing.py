@@ -67,14 +67,18 @@ def _sync(device: str) -> Callable[[], None]:
 
 
 def _measure(fn: Callable[[], None], sync: Callable[[], None], counts: tuple[int, ...], cfg: BenchConfig
-             ) -> tuple[dict[int, list[float]], dict[int, list[float | None]], float | None]:
+             ) -> tuple[dict[int, list[float]], dict[int, list[float | None]], float | None, float | None]:
     """Times whole trials at each thread count, the counts interleaved within every repeat (a change in the
-    machine's load hits them alike). Returns us/step and background load per count, and the load over all."""
-    first = 0.0
-    for t in counts:  # warm-up at each count (builds the fused library on first use, allocator, caches)
+    machine's load hits them alike). Returns us/step and background load per count, the load over all repeats,
+    and the peak memory (MiB) of the first trial (the warm-up at the first count: a freshly built network's)."""
+    first, peak = 0.0, None
+    for i, t in enumerate(counts):  # warm-up at each count (fused library, buffers, allocator, thread pool)
         with using_threads(t):
             t0 = time.perf_counter()
-            fn()
+            if i == 0:
+                peak = _peak_memory(fn, cfg.device)
+            else:
+                fn()
             sync()
             first = max(first, time.perf_counter() - t0)
     repeats = cfg.repeats
@@ -90,7 +94,7 @@ def _measure(fn: Callable[[], None], sync: Callable[[], None], counts: tuple[int
                     sync()
                 times[t].append(lm.wall / cfg.steps * 1e6)
                 loads[t].append(lm.load)
-    return times, loads, window.load
+    return times, loads, window.load, peak
 
 
 def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, profile: str,
@@ -107,7 +111,8 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
                        device=cfg.device)
     task = SyntheticTask(N_IN, N_OUT)
     fn = trial_fn(method, cell, batch, task, seed=cfg.seed)
-    all_times, all_loads, res.background_load_window = _measure(fn, _sync(cfg.device), threads, cfg)
+    all_times, all_loads, res.background_load_window, res.peak_memory_mib = _measure(fn, _sync(cfg.device),
+                                                                                       threads, cfg)
     best = min(threads, key=lambda t: statistics.median(all_times[t]))
     if len(threads) > 1:
         res.threads_tried = {str(t): {"us_per_step": statistics.median(v), "us_per_step_min": min(v)}
@@ -120,8 +125,6 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
     res.us_per_step_min, res.us_per_step_max = min(times), max(times)
     res.sample_steps_per_s = b / (res.us_per_step * 1e-6)
     res.synaptic_updates_per_s = b * n * (n + N_IN + N_OUT) / (res.us_per_step * 1e-6)
-    with using_threads(best):
-        res.peak_memory_mib = trial_memory(method, variant, n, b, cfg.steps, profile, cfg)
     rule = getattr(fn, "rule", None)
     if rule is not None:
         res.fast_path = rule.uses_fast_path

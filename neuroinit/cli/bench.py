@@ -41,16 +41,19 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
               "autograd-eprop, bptt, snntorch-bptt, norse-bptt.")
 @click.option("--quick", is_flag=True, help="A small configuration that finishes in under 2 minutes.")
 @click.option("--recalibrate", is_flag=True, help="Measure bandwidth and matmul rate again (else cached).")
+@click.option("--memory-scaling/--no-memory-scaling", default=True, show_default=True,
+              help="Peak memory of online rules vs BPTT at T and 10 T (LIF; one configuration).")
 @click.option("--json", "json_out", default=None, metavar="OUT",
               help="Write the results as JSON to OUT ('-': stdout, and no table).")
 @fail_cleanly
 def bench_command(profile, models, hidden, batch, steps, repeats, device, threads, methods, quick, recalibrate,
-                  json_out) -> None:
+                  memory_scaling, json_out) -> None:
     """Online-update throughput of rate and LIF networks under a profile, next to autograd e-prop, BPTT,
     snntorch and norse, with the fraction of the machine's roofline reached."""
     from neuroinit import bench
 
     overrides = dict(profile=profile, models=models, device=device, recalibrate=recalibrate,
+                     memory_scaling=memory_scaling,
                      threads="best" if threads.strip() == "best" else _int_list(threads, "threads"),
                      hidden=_int_list(hidden, "hidden") if hidden else None,
                      batch=_int_list(batch, "batch") if batch else None, steps=steps, repeats=repeats,
