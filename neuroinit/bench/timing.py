@@ -66,21 +66,25 @@ def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
+WARM_UP_OTHER_COUNTS_S = 1.0
+
+
 def _measure(fn: Callable[[], None], sync: Callable[[], None], counts: tuple[int, ...], cfg: BenchConfig
              ) -> tuple[dict[int, list[float]], dict[int, list[float | None]], float | None, float | None]:
     """Times whole trials at each thread count, the counts interleaved within every repeat (a change in the
     machine's load hits them alike). Returns us/step and background load per count, the load over all repeats,
-    and the peak memory (MiB) of the first trial (the warm-up at the first count: a freshly built network's)."""
-    first, peak = 0.0, None
-    for i, t in enumerate(counts):  # warm-up at each count (fused library, buffers, allocator, thread pool)
-        with using_threads(t):
-            t0 = time.perf_counter()
-            if i == 0:
-                peak = _peak_memory(fn, cfg.device)
-            else:
+    and the peak memory (MiB) of the first trial (the warm-up at the first count: a freshly built network's).
+    Other counts get a warm-up trial of their own where the first trial took under ``WARM_UP_OTHER_COUNTS_S``."""
+    with using_threads(counts[0]):  # warm-up (fused library, buffers, allocator) and peak memory
+        t0 = time.perf_counter()
+        peak = _peak_memory(fn, cfg.device)
+        sync()
+        first = time.perf_counter() - t0
+    if first < WARM_UP_OTHER_COUNTS_S:
+        for t in counts[1:]:  # the thread pool's start (a longer trial amortises it)
+            with using_threads(t):
                 fn()
-            sync()
-            first = max(first, time.perf_counter() - t0)
+                sync()
     repeats = cfg.repeats
     if first * repeats * len(counts) > cfg.max_seconds_per_method:
         repeats = max(1, min(repeats, int(cfg.max_seconds_per_method / max(first * len(counts), 1e-9))))
