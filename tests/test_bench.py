@@ -353,3 +353,16 @@ def test_best_mode_times_one_thread_and_all_cpus(threads, cpus, counts, jobs_per
 def test_bad_thread_counts_exit_with_one_clear_line(threads):
     res = CliRunner().invoke(main, ["bench", "--threads", threads])
     assert res.exit_code != 0 and "--threads" in res.output and "Traceback" not in res.output
+
+
+def test_results_of_schema_2_still_render():
+    """Stored results from before per-row thread counts (benchmarks/results/*-t1.json) render and are evaluated."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    old = json.loads((root / "cpu-lif-loihi-like-t1.json").read_text())
+    assert old["schema_version"] == 2
+    table = bench.format_table(old)
+    assert "results of schema < 3" in table and "calibration at 1 thread(s)" in table
+    margins = [t for t in bench.evaluate_targets([old]) if "snntorch" in t["target"]]
+    assert margins[0]["met"] is True and "thread(s)" not in margins[0]["measured"]

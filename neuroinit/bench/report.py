@@ -68,7 +68,8 @@ def table_row(r: dict) -> tuple[str, ...]:
 
 def _calibration_lines(result: dict) -> list[str]:
     """One line per thread count calibrated at; a suspect calibration (not cached) says what contradicts."""
-    calibs = result.get("calibrations") or {str(result["calibration"].get("threads", "?")): result["calibration"]}
+    cal = result["calibration"]
+    calibs = result.get("calibrations") or {str(cal.get("threads", result["environment"].get("torch_threads"))): cal}
     lines = []
     for t, cal in calibs.items():
         bw = ", ".join(f"{k} {v:.1f}" for k, v in cal["bandwidth_gbs"].items())
@@ -153,9 +154,11 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
         if fused and r:
             x = r["us_per_step"] / fused["us_per_step"]
             x_min = r["us_per_step_min"] / fused["us_per_step_min"]
+            at = (f" at {fused['threads']} vs {r['threads']} thread(s)"
+                  if fused.get("threads") and r.get("threads") else "")
             add(f"LIF online e-prop >= {need}x {peer} (N=256, B=16)",
-                f"{x:.1f}x ({fused['us_per_step']:.0f} vs {r['us_per_step']:.0f} us/step at {fused.get('threads')} "
-                f"vs {r.get('threads')} thread(s)); of the fastest repeats {x_min:.1f}x", x >= need)
+                f"{x:.1f}x ({fused['us_per_step']:.0f} vs {r['us_per_step']:.0f} us/step{at}); of the fastest "
+                f"repeats {x_min:.1f}x", x >= need)
         else:
             add(f"LIF online e-prop >= {need}x {peer} (N=256, B=16)", "not measured", None)
     r = _find(rows, "lif", "neuroinit-fused", 256, 1)
