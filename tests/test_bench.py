@@ -323,18 +323,36 @@ def test_calibrations_are_cached_per_thread_count(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ thread counts
-def test_thread_counts_are_interleaved_within_every_repeat():
+def test_methods_and_thread_counts_are_interleaved_within_every_repeat():
     seen = []
 
-    def trial():
-        seen.append(torch.get_num_threads())
+    def trial(name):
+        def run():
+            seen.append((name, torch.get_num_threads()))
+        return run
 
     before = torch.get_num_threads()
     cfg = bench.BenchConfig(steps=10, repeats=3)
-    times, loads, _, _ = bench._measure(trial, lambda: None, (1, 2), cfg)
-    assert seen == [1, 2] + [1, 2] * 3  # a warm-up at each count, then the counts alternate
-    assert {t: len(v) for t, v in times.items()} == {1: 3, 2: 3} and set(loads) == {1, 2}
+    entries = [bench.timing._Entry(bench.Result("lif", 8, 1, 10, m, "ideal"), trial(m), counts)
+               for m, counts in (("a", (1, 2)), ("b", (1, 2)), ("c", (1,)))]
+    bench._measure(entries, lambda: None, cfg)
+    warm_up = [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)]  # each row at each of its counts
+    assert seen == warm_up + [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)] * 3
+    for e in entries:
+        assert e.repeats == 3 and {t: len(v) for t, v in e.times.items()} == {t: 3 for t in e.counts}
+        assert e.res.peak_memory_mib is None or e.res.peak_memory_mib >= 0
     assert torch.get_num_threads() == before
+
+
+def test_best_thread_count_is_the_lower_median():
+    entry = bench.timing._Entry(bench.Result("lif", 8, 2, 10, "bptt", "ideal"), lambda: None, (1, 2),
+                                times={1: [30.0, 10.0, 11.0], 2: [5.0, 12.0, 13.0]}, loads={1: [0.0] * 3, 2: [0.1] * 3})
+    res = bench.timing._summarise(entry, 0.5)
+    # count 1: median 11 (min 10); count 2: median 12 (min 5): the median decides, both are kept
+    assert res.threads == 1 and res.us_per_step == 11.0 and res.us_per_step_min == 10.0
+    assert res.threads_tried == {"1": {"us_per_step": 11.0, "us_per_step_min": 10.0},
+                                 "2": {"us_per_step": 12.0, "us_per_step_min": 5.0}}
+    assert res.background_load_window == 0.5 and res.background_load == [0.0] * 3
 
 
 @pytest.mark.parametrize("threads,cpus,counts,jobs_per_config", [

@@ -69,75 +69,115 @@ def _sync(device: str) -> Callable[[], None]:
 WARM_UP_OTHER_COUNTS_S = 1.0
 
 
-def _measure(fn: Callable[[], None], sync: Callable[[], None], counts: tuple[int, ...], cfg: BenchConfig
-             ) -> tuple[dict[int, list[float]], dict[int, list[float | None]], float | None, float | None]:
-    """Times whole trials at each thread count, the counts interleaved within every repeat (a change in the
-    machine's load hits them alike). Returns us/step and background load per count, the load over all repeats,
-    and the peak memory (MiB) of the first trial (the warm-up at the first count: a freshly built network's).
-    Other counts get a warm-up trial of their own where the first trial took under ``WARM_UP_OTHER_COUNTS_S``."""
-    with using_threads(counts[0]):  # warm-up (fused library, buffers, allocator) and peak memory
+@dataclass
+class _Entry:
+    """One row being timed: its trial, the thread counts it runs at, its repeats and what they measured."""
+
+    res: Result
+    fn: Callable[[], None]
+    counts: tuple[int, ...]
+    repeats: int = 0
+    times: dict[int, list[float]] = field(default_factory=dict)
+    loads: dict[int, list[float | None]] = field(default_factory=dict)
+
+
+def _warm_up(entry: _Entry, sync: Callable[[], None], cfg: BenchConfig) -> None:
+    """First trial at the first count (builds the fused library and buffers; its peak memory is the row's:
+    a freshly built network's first trial), a warm-up at each other count where that took under
+    ``WARM_UP_OTHER_COUNTS_S`` (the thread pool's start; a longer trial amortises it), and the row's number of
+    repeats: ``cfg.repeats``, fewer where they would take longer than ``cfg.max_seconds_per_method``."""
+    counts = entry.counts
+    with using_threads(counts[0]):
         t0 = time.perf_counter()
-        peak = _peak_memory(fn, cfg.device)
+        entry.res.peak_memory_mib = _peak_memory(entry.fn, cfg.device)
         sync()
         first = time.perf_counter() - t0
     if first < WARM_UP_OTHER_COUNTS_S:
-        for t in counts[1:]:  # the thread pool's start (a longer trial amortises it)
+        for t in counts[1:]:
             with using_threads(t):
-                fn()
+                entry.fn()
                 sync()
-    repeats = cfg.repeats
-    if first * repeats * len(counts) > cfg.max_seconds_per_method:
-        repeats = max(1, min(repeats, int(cfg.max_seconds_per_method / max(first * len(counts), 1e-9))))
-    times: dict[int, list[float]] = {t: [] for t in counts}
-    loads: dict[int, list[float | None]] = {t: [] for t in counts}
+    entry.repeats = cfg.repeats
+    if first * cfg.repeats * len(counts) > cfg.max_seconds_per_method:
+        entry.repeats = max(1, min(cfg.repeats, int(cfg.max_seconds_per_method / max(first * len(counts), 1e-9))))
+    entry.times = {t: [] for t in counts}
+    entry.loads = {t: [] for t in counts}
+
+
+def _measure(entries: list[_Entry], sync: Callable[[], None], cfg: BenchConfig) -> float | None:
+    """Times whole trials of every entry at each of its thread counts, interleaved: repeat r runs every entry
+    (that has an r-th repeat) at every count before repeat r + 1 starts, so load that comes and goes hits all
+    methods and counts of a configuration alike. Returns the background load over all of it."""
+    for entry in entries:
+        _warm_up(entry, sync, cfg)
     with _LoadMeter() as window:
-        for _ in range(repeats):
-            for t in counts:
-                with using_threads(t), _LoadMeter() as lm:
-                    fn()
-                    sync()
-                times[t].append(lm.wall / cfg.steps * 1e6)
-                loads[t].append(lm.load)
-    return times, loads, window.load, peak
+        for r in range(max((e.repeats for e in entries), default=0)):
+            for entry in entries:
+                if r >= entry.repeats:
+                    continue
+                for t in entry.counts:
+                    with using_threads(t), _LoadMeter() as lm:
+                        entry.fn()
+                        sync()
+                    entry.times[t].append(lm.wall / cfg.steps * 1e6)
+                    entry.loads[t].append(lm.load)
+    return window.load
 
 
-def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, profile: str,
-                threads: tuple[int, ...] = (1,)) -> Result:
-    """One row: ``method`` on one configuration at each of ``threads``; with several counts the one with the
-    lowest median is reported (``threads``) and every count's median and min kept (``threads_tried``)."""
-    res = Result(variant, n, b, cfg.steps, method, profile)
-    why = _peer_available(method)
-    if why is not None:
-        res.skipped = why
-        return res
-    cell = make_bench_cell(variant, n, profile, seed=cfg.seed, device=cfg.device)
-    batch = make_batch(variant, cfg.steps, b, generator=torch.Generator().manual_seed(cfg.seed + 7),
-                       device=cfg.device)
-    task = SyntheticTask(N_IN, N_OUT)
-    fn = trial_fn(method, cell, batch, task, seed=cfg.seed)
-    all_times, all_loads, res.background_load_window, res.peak_memory_mib = _measure(fn, _sync(cfg.device),
-                                                                                       threads, cfg)
-    best = min(threads, key=lambda t: statistics.median(all_times[t]))
-    if len(threads) > 1:
+def _summarise(entry: _Entry, window_load: float | None) -> Result:
+    """The row from its repeats: the count with the lowest median (every count's median and min kept in
+    ``threads_tried`` where there were several), its median, quartiles and extremes, the rates, the fused path's
+    facts."""
+    res, b, n = entry.res, entry.res.batch, entry.res.hidden
+    best = min(entry.counts, key=lambda t: statistics.median(entry.times[t]))
+    if len(entry.counts) > 1:
         res.threads_tried = {str(t): {"us_per_step": statistics.median(v), "us_per_step_min": min(v)}
-                             for t, v in all_times.items()}
-    times = all_times[best]
-    res.threads, res.repeats_us, res.background_load = best, times, all_loads[best]
+                             for t, v in entry.times.items()}
+    times = entry.times[best]
+    res.threads, res.repeats_us, res.background_load = best, times, entry.loads[best]
+    res.background_load_window = window_load
     res.us_per_step = statistics.median(times)
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else [times[0]] * 3
     res.us_per_step_q1, res.us_per_step_q3 = q[0], q[2]
     res.us_per_step_min, res.us_per_step_max = min(times), max(times)
     res.sample_steps_per_s = b / (res.us_per_step * 1e-6)
     res.synaptic_updates_per_s = b * n * (n + N_IN + N_OUT) / (res.us_per_step * 1e-6)
-    rule = getattr(fn, "rule", None)
+    rule = getattr(entry.fn, "rule", None)
     if rule is not None:
         res.fast_path = rule.uses_fast_path
-        if method == "neuroinit-fused" and not rule.uses_fast_path:
+        if res.method == "neuroinit-fused" and not rule.uses_fast_path:
             res.method = "neuroinit-torch"  # the row names the path that ran (the fused step declined the cell)
         if rule._fused is not None:
             res.state_bytes = rule._fused.state_bytes()
             res.chunk_steps = rule._fused.chunk_capacity
     return res
+
+
+def time_configuration(variant: str, n: int, b: int, rows: list[tuple[str, str, tuple[int, ...]]],
+                       cfg: BenchConfig, failed: frozenset = frozenset()) -> list[Result]:
+    """The rows (method, profile, thread counts) of one configuration, timed together (:func:`_measure`); a
+    method that cannot run here, or whose gradient check failed, gets a skipped row."""
+    results, entries = [], []
+    batch = make_batch(variant, cfg.steps, b, generator=torch.Generator().manual_seed(cfg.seed + 7),
+                       device=cfg.device)
+    for method, profile, counts in rows:
+        res = Result(variant, n, b, cfg.steps, method, profile)
+        results.append(res)
+        res.skipped = ("gradient check failed" if (variant, method) in failed else _peer_available(method))
+        if res.skipped is None:
+            cell = make_bench_cell(variant, n, profile, seed=cfg.seed, device=cfg.device)
+            entries.append(_Entry(res, trial_fn(method, cell, batch, SyntheticTask(N_IN, N_OUT), seed=cfg.seed),
+                                  counts))
+    window_load = _measure(entries, _sync(cfg.device), cfg)
+    for entry in entries:
+        _summarise(entry, window_load)
+    return results
+
+
+def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, profile: str,
+                threads: tuple[int, ...] = (1,)) -> Result:
+    """One row on its own: ``method`` on one configuration at each of ``threads`` (the lowest median reported)."""
+    return time_configuration(variant, n, b, [(method, profile, threads)], cfg)[0]
 
 
 def trial_memory(method: str, variant: str, n: int, b: int, t_len: int, profile: str, cfg: BenchConfig
@@ -197,24 +237,25 @@ def _add_ratios(results: list[Result]) -> None:
 
 
 def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress, on_result) -> list[Result]:
-    """Every row of :func:`_jobs`, with the roofline of neuroinit's rows at the calibration of their thread count."""
-    results: list[Result] = []
+    """Every row of :func:`_jobs`, configuration by configuration (its methods interleaved), with the roofline of
+    neuroinit's rows at the calibration of their thread count."""
+    groups: dict[tuple[str, int, int], list] = {}
     for variant, n, b, method, prof, row_counts in _jobs(cfg):
+        groups.setdefault((variant, n, b), []).append((method, prof, row_counts))
+    results: list[Result] = []
+    for (variant, n, b), rows in groups.items():
         if progress:
-            progress(f"{variant} N={n} B={b} {method} [{prof}] threads {','.join(map(str, row_counts))}")
-        if (variant, method) in failed:
-            res = Result(variant, n, b, cfg.steps, method, prof, skipped="gradient check failed")
-        else:
-            res = time_method(method, variant, n, b, cfg, prof, row_counts)
-        if method == "neuroinit-fused" and res.us_per_step is not None:
-            res.roofline = roofline(variant, n, b, N_IN, N_OUT, calibs[res.threads], cfg.device, steps=cfg.steps,
-                                    chunk=res.chunk_steps)
-            res.roofline_fraction = res.roofline["bound_us"] / res.us_per_step
-            if "chunked" in res.roofline:
-                res.own_roofline_fraction = res.roofline["chunked"]["bound_us"] / res.us_per_step
-        results.append(res)
-        if on_result:
-            on_result(res)
+            progress(f"{variant} N={n} B={b}: {len(rows)} rows interleaved")
+        for res in time_configuration(variant, n, b, rows, cfg, frozenset(failed)):
+            if res.method == "neuroinit-fused" and res.us_per_step is not None:
+                res.roofline = roofline(variant, n, b, N_IN, N_OUT, calibs[res.threads], cfg.device,
+                                        steps=cfg.steps, chunk=res.chunk_steps)
+                res.roofline_fraction = res.roofline["bound_us"] / res.us_per_step
+                if "chunked" in res.roofline:
+                    res.own_roofline_fraction = res.roofline["chunked"]["bound_us"] / res.us_per_step
+            results.append(res)
+            if on_result:
+                on_result(res)
     return results
 
 
