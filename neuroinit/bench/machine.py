@@ -347,12 +347,7 @@ def calibrate(device: str = "cpu", *, quick: bool = False, use_cache: bool = Tru
                     break
         out.update(key=key, load=lm.load, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"), quick=quick,
                    threads=torch.get_num_threads(), attempts=attempt, suspect=bool(problems), problems=problems)
-    if problems:
-        import warnings
-
-        warnings.warn(f"calibration not cached, suspect after {attempt} measurements: {'; '.join(problems)}",
-                      RuntimeWarning, stacklevel=2)
-    else:
+    if not problems:  # a suspect one is reported (the table's WARNING line, the CLI's note), never cached
         _write_cache(path, {**{k: v for k, v in entries.items() if k != key}, key: out})
     return {**out, "cached": False}
 

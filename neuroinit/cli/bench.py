@@ -99,6 +99,11 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
     result = bench.run_bench(cfg, progress=progress, on_result=on_result)
     if bar is not None:
         bar.close()
+    for t, cal in result["calibrations"].items():
+        if cal.get("suspect"):
+            click.echo(f"warning: the calibration at {t} thread(s) contradicts the memory hierarchy after "
+                       f"{cal['attempts']} measurements ({'; '.join(cal['problems'])}); not cached, its rooflines "
+                       "are unreliable (a busy machine? try --recalibrate later)", err=True)
     if json_out == "-":
         echo_json(result)
         return
