@@ -11,6 +11,7 @@
 # Usage: bash benchmarks/run_cpu.sh [PROFILE] [THREADS] [REPEATS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p benchmarks/results
 profile="${1:-loihi-like}"
 threads="${2:-best}"
 repeats="${3:-5}"

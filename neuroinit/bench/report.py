@@ -72,7 +72,7 @@ def _calibration_lines(result: dict) -> list[str]:
     calibs = result.get("calibrations") or {str(cal.get("threads", result["environment"].get("torch_threads"))): cal}
     lines = []
     for t, cal in calibs.items():
-        bw = ", ".join(f"{k} {v:.1f}" for k, v in cal["bandwidth_gbs"].items())
+        bw = ", ".join(f"{k} {cal['bandwidth_gbs'][k]:.1f}" for k in ("L2", "L3", "DRAM") if k in cal["bandwidth_gbs"])
         how = " (cached)" if cal.get("cached") else ""
         lines.append(f"calibration at {t} thread(s){how}: bandwidth GB/s {bw}; matmul {cal['matmul_gflops']:.1f} "
                      "GFLOP/s")
