@@ -236,9 +236,18 @@ def _add_ratios(results: list[Result]) -> None:
             r.ratio_to_fused = r.us_per_step / ref
 
 
+def _calibration_at(threads: int, calibs: dict[int, dict], cfg: BenchConfig, progress) -> dict:
+    """The calibration at ``threads``, measured (or read from the cache) the first time a row needs it."""
+    if threads not in calibs:
+        if progress:
+            progress(f"calibrating at {threads} thread(s) (memory bandwidth, matmul rate)")
+        calibs[threads] = calibrate(cfg.device, quick=cfg.quick, use_cache=not cfg.recalibrate, threads=threads)
+    return calibs[threads]
+
+
 def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress, on_result) -> list[Result]:
     """Every row of :func:`_jobs`, configuration by configuration (its methods interleaved), with the roofline of
-    neuroinit's rows at the calibration of their thread count."""
+    neuroinit's rows at the calibration of their thread count (``calibs``, completed as rows need them)."""
     groups: dict[tuple[str, int, int], list] = {}
     for variant, n, b, method, prof, row_counts in _jobs(cfg):
         groups.setdefault((variant, n, b), []).append((method, prof, row_counts))
@@ -248,8 +257,9 @@ def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress,
             progress(f"{variant} N={n} B={b}: {len(rows)} rows interleaved")
         for res in time_configuration(variant, n, b, rows, cfg, frozenset(failed)):
             if res.method == "neuroinit-fused" and res.us_per_step is not None:
-                res.roofline = roofline(variant, n, b, N_IN, N_OUT, calibs[res.threads], cfg.device,
-                                        steps=cfg.steps, chunk=res.chunk_steps)
+                calib = _calibration_at(res.threads, calibs, cfg, progress)
+                res.roofline = roofline(variant, n, b, N_IN, N_OUT, calib, cfg.device, steps=cfg.steps,
+                                        chunk=res.chunk_steps)
                 res.roofline_fraction = res.roofline["bound_us"] / res.us_per_step
                 if "chunked" in res.roofline:
                     res.own_roofline_fraction = res.roofline["chunked"]["bound_us"] / res.us_per_step
@@ -265,12 +275,9 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     cfg.validate()
     t_start = time.perf_counter()
     env = environment(cfg.device)
-    counts = cfg.thread_counts(available_cpus())
-    calibs = {}
-    for t in counts:
-        if progress:
-            progress(f"calibrating at {t} thread(s) (memory bandwidth, matmul rate)")
-        calibs[t] = calibrate(cfg.device, quick=cfg.quick, use_cache=not cfg.recalibrate, threads=t)
+    top = max(cfg.thread_counts(available_cpus()))
+    calibs: dict[int, dict] = {}
+    _calibration_at(top, calibs, cfg, progress)  # the machine at all its threads; other counts where rows need them
     if progress:
         progress("checking gradients of every method on a small case")
     checks = check_gradients(cfg.variants(), cfg.methods)
@@ -289,7 +296,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     if cfg.threads != "best":
         cfg_d["threads"] = list(cfg.threads)
     return {"schema_version": SCHEMA_VERSION, "config": cfg_d, "environment": env,
-            "calibration": calibs[max(counts)], "calibrations": {str(t): c for t, c in calibs.items()},
+            "calibration": calibs[top], "calibrations": {str(t): calibs[t] for t in sorted(calibs)},
             "gradient_checks": checks, "results": [asdict(r) for r in results], "memory_scaling": mem,
             "background_load_run": run_meter.load,
             "wall_seconds": time.perf_counter() - t_start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
