@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -283,22 +284,17 @@ def _fastest_of(a: dict, b: dict) -> dict:
     return out
 
 
-class using_threads:
+@contextlib.contextmanager
+def using_threads(threads: int | None):
     """``with using_threads(t):`` torch (and the OpenMP runtime the fused step shares) at ``t`` threads inside the
     block, the previous count restored after; ``t=None`` leaves the count alone."""
-
-    def __init__(self, threads: int | None) -> None:
-        self.threads = threads
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        return self
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
-        return False
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
