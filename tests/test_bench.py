@@ -130,7 +130,7 @@ def test_every_timed_method_computes_its_reference_gradient():
 
     for variant in bench.MODEL_VARIANTS:
         for method in ("neuroinit-fused", "neuroinit-torch") if fused.available() else ("neuroinit-torch",):
-            assert (variant, method) in covered
+            assert (variant, method) in covered or not bench.method_applies(method, variant)
     for method in ("bptt", "snntorch-bptt", "norse-bptt"):
         assert ("lif", method) in covered
 
@@ -243,7 +243,7 @@ def test_chunked_roofline_counts_the_carried_traces_only_for_long_trials():
 def test_bench_help_lists_every_method():
     res = CliRunner().invoke(main, ["bench", "--help"])
     assert res.exit_code == 0
-    listed = " ".join(res.output.split())  # click wraps the help text
+    listed = " ".join(res.output.split()).replace("- ", "-")  # click wraps the help text (also at hyphens)
     for method in bench.METHODS:
         assert method in listed
 

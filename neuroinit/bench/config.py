@@ -11,8 +11,10 @@ from neuroinit.profiles import load_profile
 SCHEMA_VERSION = 3  # 2: chunk_steps, own_roofline_fraction, roofline.chunked; 3: threads per row, calibrations
 # per thread count, background_load_window
 METHODS = ("neuroinit-fused", "neuroinit-torch", "autograd-eprop", "bptt", "snntorch-bptt", "norse-bptt")
-# model variants: rate voltage form (factorised e-prop), rate form (RFLO, N x N traces), LIF (e-prop)
-MODEL_VARIANTS = {"rate-voltage": ("rate", "voltage"), "rate-rflo": ("rate", "rate"), "lif": ("lif", None)}
+# model variants: rate voltage form (factorised e-prop), rate form (RFLO, N x N traces), LIF (e-prop), adaptive LIF
+# (e-prop with two eligibility components; no fused kernel: PyTorch path; norse's LSNNRecurrent as peer)
+MODEL_VARIANTS = {"rate-voltage": ("rate", "voltage"), "rate-rflo": ("rate", "rate"), "lif": ("lif", None),
+                  "alif": ("alif", None)}
 N_IN, N_OUT = 8, 2
 
 
@@ -39,8 +41,8 @@ class BenchConfig:
     threads: str | tuple[int, ...] = "best"
 
     def validate(self) -> None:
-        if self.models not in ("rate", "lif", "both"):
-            raise ValueError(f"Invalid model {self.models!r}: allowed rate, lif, both")
+        if self.models not in ("rate", "lif", "alif", "both"):
+            raise ValueError(f"Invalid model {self.models!r}: allowed rate, lif, alif, both")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device {self.device!r}: allowed cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -68,7 +70,7 @@ class BenchConfig:
         return tuple(dict.fromkeys(self.threads))
 
     def variants(self) -> list[str]:
-        return {"rate": ["rate-voltage", "rate-rflo"], "lif": ["lif"],
+        return {"rate": ["rate-voltage", "rate-rflo"], "lif": ["lif"], "alif": ["alif"],
                 "both": ["rate-voltage", "rate-rflo", "lif"]}[self.models]
 
 

@@ -26,8 +26,9 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
 @main.command("bench")
 @click.option("--profile", default="ideal", show_default=True,
               help="Hardware profile (bundled name or TOML path) the online rule learns under.")
-@click.option("--model", "models", type=click.Choice(["rate", "lif", "both"]), default="both", show_default=True,
-              help="rate: voltage form (e-prop) and rate form (RFLO); lif: spiking e-prop.")
+@click.option("--model", "models", type=click.Choice(["rate", "lif", "alif", "both"]), default="both",
+              show_default=True, help="rate: voltage form (e-prop) and rate form (RFLO); lif: spiking e-prop; alif: "
+              "adaptive LIF (two eligibility components; peer: norse's LSNNRecurrent).")
 @click.option("--hidden", default=None, help="Hidden sizes, comma-separated [128,256,512,1024; quick: 64].")
 @click.option("--batch", default=None, help="Batch sizes, comma-separated [1,16,64; quick: 1,16].")
 @click.option("--steps", type=int, default=None, help="Time steps T per trial [100; quick: 40].")

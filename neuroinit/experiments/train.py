@@ -27,7 +27,6 @@ import torch
 
 from neuroinit.cells.base import PARAM_NAMES, RecurrentCell
 from neuroinit.experiments.train_config import (  # re-exported: other modules import these from train
-    _DEFAULTS,  # noqa: F401
     _STREAMS,  # noqa: F401
     DTYPES,
     FLOSS_MODES,
