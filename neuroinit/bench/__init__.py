@@ -14,6 +14,8 @@ Methods (``METHODS``):
                      chosen profile (chip-precision traces where it learns on chip) and under ``ideal``
     neuroinit-torch  the same rule through the plain PyTorch step (the fallback), ``ideal``
     autograd-eprop   the paper's method (detach where the state enters W_rec), autograd
+    neuroinit-bptt   backpropagation through time, fused (:mod:`neuroinit.learning.fused_bptt`: records, the backward
+                     recursion, weight gradients as GEMMs over all steps; what ``train`` runs for BPTT)
     bptt             backpropagation through time, autograd
     snntorch-bptt    snntorch ``RLeaky`` (all-to-all recurrent, reset by subtraction) + leaky readout, BPTT
     norse-bptt       norse ``LIFRecurrent`` (its recurrent LIF cell, reset to zero) + leaky readout, BPTT

@@ -10,7 +10,8 @@ from neuroinit.profiles import load_profile
 
 SCHEMA_VERSION = 3  # 2: chunk_steps, own_roofline_fraction, roofline.chunked; 3: threads per row, calibrations
 # per thread count, background_load_window
-METHODS = ("neuroinit-fused", "neuroinit-torch", "autograd-eprop", "bptt", "snntorch-bptt", "norse-bptt")
+METHODS = ("neuroinit-fused", "neuroinit-torch", "autograd-eprop", "neuroinit-bptt", "bptt", "snntorch-bptt",
+           "norse-bptt")
 # model variants: rate voltage form (factorised e-prop), rate form (RFLO, N x N traces), LIF (e-prop), adaptive LIF
 # (e-prop with two eligibility components; no fused kernel: PyTorch path; norse's LSNNRecurrent as peer)
 MODEL_VARIANTS = {"rate-voltage": ("rate", "voltage"), "rate-rflo": ("rate", "rate"), "lif": ("lif", None),

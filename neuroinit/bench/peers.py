@@ -276,8 +276,9 @@ def trial_fn(method: str, cell, batch: Batch, task: Task, *, seed: int = 0) -> C
             rule.backward(batch, task)
         run.rule = rule
         return run
-    if method in ("autograd-eprop", "bptt"):
-        rule = AutogradEprop(cell) if method == "autograd-eprop" else BPTT(cell)
+    if method in ("autograd-eprop", "bptt", "neuroinit-bptt"):
+        rule = {"autograd-eprop": AutogradEprop(cell), "bptt": BPTT(cell), "neuroinit-bptt": BPTT(cell, fast=True)
+                }[method]
 
         def run():
             _zero_grads(cell)
@@ -299,7 +300,7 @@ def method_applies(method: str, variant: str) -> bool:
         return variant == "lif"
     if method == "norse-bptt":
         return variant in ("lif", "alif")
-    if method == "neuroinit-fused":
+    if method in ("neuroinit-fused", "neuroinit-bptt"):
         return cell_class(MODEL_VARIANTS[variant][0]).kernel_id is not None
     return True
 
@@ -350,7 +351,8 @@ def check_gradients(variants=tuple(MODEL_VARIANTS), methods=METHODS, *, n: int =
             for method in methods:
                 if not method_applies(method, variant) or _peer_available(method) is not None:
                     continue
-                if dtype == torch.float64 and method in ("neuroinit-fused", "snntorch-bptt", "norse-bptt"):
+                if dtype == torch.float64 and method in ("neuroinit-fused", "neuroinit-bptt", "snntorch-bptt",
+                                                         "norse-bptt"):
                     continue
                 if dtype == torch.float32 and method in ("autograd-eprop", "bptt"):
                     continue
@@ -368,6 +370,10 @@ def check_gradients(variants=tuple(MODEL_VARIANTS), methods=METHODS, *, n: int =
                     ref, tol, what = got.get("neuroinit-torch"), 1e-5, "neuroinit-torch (plain PyTorch step)"
                 elif method == "neuroinit-torch" and dtype == torch.float64:
                     ref, tol, what = got.get("autograd-eprop"), 1e-9, "autograd-eprop"
+                elif method == "neuroinit-bptt":   # float32 only: against autograd BPTT on the same network
+                    _zero_grads(cell)
+                    BPTT(cell).backward(batch, task)
+                    ref, tol, what = {k: v.clone() for k, v in _grads_of(cell).items()}, 1e-4, "autograd BPTT (float32)"
                 elif method == "bptt" and variant == "lif":
                     ref = reference_lif_grads(p, batch, task, reset="subtract", detach_reset=False, **kw)
                     tol, what = 1e-9, "written-out LIF BPTT"

@@ -39,7 +39,7 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
               "with its count; or a comma-separated list of counts: every method at each, side by side.")
 # the bench's METHODS, written out so that --help does not import torch (tests/test_bench.py keeps them equal)
 @click.option("--methods", default=None, help="Comma-separated subset of: neuroinit-fused, neuroinit-torch, "
-              "autograd-eprop, bptt, snntorch-bptt, norse-bptt.")
+              "autograd-eprop, neuroinit-bptt, bptt, snntorch-bptt, norse-bptt.")
 @click.option("--quick", is_flag=True, help="A small configuration that finishes in under 2 minutes.")
 @click.option("--recalibrate", is_flag=True, help="Measure bandwidth and matmul rate again (else cached).")
 @click.option("--memory-scaling/--no-memory-scaling", default=True, show_default=True,
