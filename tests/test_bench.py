@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from neuroinit import bench
 from neuroinit.cli import main
 
-_MEASURE_DEVICE = bench._measure_device  # before the fixture below stubs it
+_MEASURE_DEVICE = bench.machine._measure_device  # before the fixture below stubs it
 
 RESULT_KEYS = {"variant", "hidden", "batch", "steps", "method", "profile", "us_per_step", "us_per_step_q1",
                "us_per_step_q3", "us_per_step_min", "us_per_step_max", "repeats_us", "background_load",
@@ -198,9 +198,9 @@ def test_host_readers_under_a_faked_host(tmp_path, monkeypatch, l2, l3, cpus, l3
     """The host readers report the faked machine, and nothing that is handed a calibration reads it: the
     roofline checks above give the same answers on every host."""
     _fake_host(tmp_path, monkeypatch, l2=l2, l3=l3, cpus=cpus)
-    caches = bench._cache_sizes()
+    caches = bench.machine._cache_sizes()
     assert caches["L3"] == l3_bytes and caches["L1"] == 48 * 1024  # the instruction cache is left out
-    assert bench._cpu_model() == f"Fake CPU with a {l3} L3"
+    assert bench.machine._cpu_model() == f"Fake CPU with a {l3} L3"
     env = bench.environment()
     assert env["logical_cpus"] == cpus and env["caches"] == caches and env["cpu_model"].startswith("Fake CPU")
     # the bandwidth working sets grow with the caches but stay bounded (a huge L3 does not allocate gigabytes)
@@ -295,7 +295,7 @@ def test_calibration_that_stays_contradicting_is_suspect_and_never_cached(monkey
     calib = bench.calibrate(use_cache=True)
     assert calib["suspect"] is True and calib["attempts"] == bench.CALIB_ATTEMPTS and calib["cached"] is False
     assert any("L2 bandwidth 2.7" in p for p in calib["problems"])
-    assert len(left) == 2 and not bench._calib_path().exists()
+    assert len(left) == 2 and not bench.machine._calib_path().exists()
     # the table carries the warning
     result = {"config": {"threads": "best"}, "results": [], "gradient_checks": [], "calibrations": {"1": calib},
               "calibration": calib, "environment": bench.environment()}
@@ -316,9 +316,9 @@ def test_the_cli_warns_of_a_suspect_calibration_and_still_runs(monkeypatch):
 
 def test_a_cached_contradicting_calibration_is_measured_again(monkeypatch):
     """A calibration cached by an earlier version (one entry with its key, before the check) is not trusted."""
-    path = bench._calib_path()
+    path = bench.machine._calib_path()
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({**_measurement(2.7, 50.0, 20.0), "key": bench._calib_key("cpu")}))
+    path.write_text(json.dumps({**_measurement(2.7, 50.0, 20.0), "key": bench.machine._calib_key("cpu")}))
     left = _inject(monkeypatch, [_measurement(100.0, 50.0, 20.0)])
     calib = bench.calibrate(use_cache=True)
     assert calib["cached"] is False and calib["bandwidth_gbs"]["L2"] == 100.0 and not left
@@ -346,7 +346,7 @@ def test_methods_and_thread_counts_are_interleaved_within_every_repeat():
     cfg = bench.BenchConfig(steps=10, repeats=3)
     entries = [bench.timing._Entry(bench.Result("lif", 8, 1, 10, m, "ideal"), trial(m), counts)
                for m, counts in (("a", (1, 2)), ("b", (1, 2)), ("c", (1,)))]
-    bench._measure(entries, lambda: None, cfg)
+    bench.timing._measure(entries, lambda: None, cfg)
     warm_up = [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)]  # each row at each of its counts
     assert seen == warm_up + [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)] * 3
     for e in entries:
@@ -373,7 +373,7 @@ def test_best_thread_count_is_the_lower_median():
 def test_best_mode_times_one_thread_and_all_cpus(threads, cpus, counts, jobs_per_config):
     cfg = bench.BenchConfig(models="lif", hidden=(8,), batch=(1,), methods=("bptt",), threads=threads)
     assert cfg.thread_counts(cpus) == counts
-    jobs = bench._jobs(cfg, cpus)
+    jobs = bench.timing.planned_rows(cfg, cpus)
     assert len(jobs) == jobs_per_config
     assert [j[-1] for j in jobs] == ([counts] if threads == "best" else [(t,) for t in counts])
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from neuroinit.cli import main
-from neuroinit.experiments import figstyle, plots
+from neuroinit.experiments import figstyle, plot_select, plots
 from neuroinit.experiments import sweep as sw
 from neuroinit.experiments.comparison import CONTROLLED, check_controlled, compare_models
 
@@ -87,7 +87,7 @@ def test_curvature_figure_and_cache(sweep_dir, tmp_path):
 def test_filters_and_errors(sweep_dir, tmp_path):
     assert plots.plot_figure(sweep_dir, "learning-curves", tmp_path / "a.png", model="lif", gains=[1.5]) == 1
     assert plots.plot_figure(sweep_dir, "learning-curves", tmp_path / "s.png", task="romo", smooth=2) == 8
-    np.testing.assert_allclose(plots._smooth(np.array([4.0, 2.0, 6.0, 0.0]), 2), [4.0, 3.0, 4.0, 3.0])
+    np.testing.assert_allclose(plot_select._smooth(np.array([4.0, 2.0, 6.0, 0.0]), 2), [4.0, 3.0, 4.0, 3.0])
     with pytest.raises(ValueError, match="Invalid smooth 0"):
         plots.plot_figure(sweep_dir, "learning-curves", tmp_path / "s.png", smooth=0)
     with pytest.raises(ValueError, match="both models"):

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from neuroinit.cli import main
 from neuroinit.experiments import sweep as sw
+from neuroinit.experiments import sweep_run
 
 # 2 gains x 2 rules x 2 seeds, a few iterations of an 8-neuron network: ~1 s a run on a loaded 2-core box.
 TINY = """
@@ -373,7 +374,7 @@ def test_corrupt_run_file_is_not_taken_as_finished(pool_sweep, tmp_path):
 def test_second_sweep_on_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    with sw._lock(out), pytest.raises(sw.SweepError, match="Another sweep is running"):
+    with sweep_run._lock(out), pytest.raises(sw.SweepError, match="Another sweep is running"):
         sw.run_sweep(write_spec(tmp_path), out, workers=0)
 
 

@@ -203,7 +203,7 @@ def memory_scaling(cfg: BenchConfig, variant: str = "lif", n: int = 256, b: int 
     return out
 
 
-def _jobs(cfg: BenchConfig, cpus: int | None = None) -> list[tuple[str, int, int, str, str, tuple[int, ...]]]:
+def planned_rows(cfg: BenchConfig, cpus: int | None = None) -> list[tuple[str, int, int, str, str, tuple[int, ...]]]:
     """(variant, N, B, method, profile, thread counts) of every row: in "best" mode one row per configuration
     timed at every count, else one row per count."""
     counts = cfg.thread_counts(available_cpus() if cpus is None else cpus)
@@ -246,10 +246,10 @@ def _calibration_at(threads: int, calibs: dict[int, dict], cfg: BenchConfig, pro
 
 
 def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress, on_result) -> list[Result]:
-    """Every row of :func:`_jobs`, configuration by configuration (its methods interleaved), with the roofline of
+    """Every row of :func:`planned_rows`, configuration by configuration (its methods interleaved), with the roofline of
     neuroinit's rows at the calibration of their thread count (``calibs``, completed as rows need them)."""
     groups: dict[tuple[str, int, int], list] = {}
-    for variant, n, b, method, prof, row_counts in _jobs(cfg):
+    for variant, n, b, method, prof, row_counts in planned_rows(cfg):
         groups.setdefault((variant, n, b), []).append((method, prof, row_counts))
     results: list[Result] = []
     for (variant, n, b), rows in groups.items():

@@ -98,11 +98,6 @@ def main() -> None:
 # the command modules register their commands on ``main``; their names stay reachable here
 from neuroinit.cli.bench import _int_list, bench_command  # noqa: F401
 from neuroinit.cli.dynamics import (  # noqa: F401
-    _DYN_DTYPES,
-    _alignment,
-    _pairs,
-    _print_init_report,
-    _str_list,
     alignment_command,
     curvature_command,
     init_command,
@@ -112,9 +107,6 @@ from neuroinit.cli.export import export_command  # noqa: F401
 from neuroinit.cli.profiles import _profile_summary, profiles_group, profiles_list, profiles_show  # noqa: F401
 from neuroinit.cli.sweep import _gain_list, plot_command, sweep_command  # noqa: F401
 from neuroinit.cli.train import (  # noqa: F401
-    _TRAIN_FIELDS,
-    _float_list,
-    _show_summary,
     compare_command,
     show_command,
     train_command,

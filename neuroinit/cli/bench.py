@@ -70,7 +70,7 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
         if not fused.available():
             _note_missing_fused(fused.unavailable_reason())
     quiet = json_out == "-"
-    jobs = len(bench._jobs(cfg))
+    jobs = len(bench.planned_rows(cfg))
     bar = None
     if not quiet:
         from tqdm import tqdm

@@ -36,13 +36,13 @@ FORMAT_VERSION = 1
 def _context(config):
     """Training's own setup (task, init, cell, generators, rule) for ``config``: the network and batches
     ``neuroinit train`` would start from."""
-    from neuroinit.experiments.train import _Context
+    from neuroinit.experiments.train_setup import _Context
 
     return _Context(config)
 
 
 def _align_with_context(ctx, cell: RecurrentCell, batches: int, truncation: int | None) -> NetworkAlignment:
-    from neuroinit.experiments.train import _generator
+    from neuroinit.experiments.train_setup import _generator
 
     gens = ctx.generators()
     rule = ctx.make_rule(cell, gens)

@@ -43,8 +43,8 @@ from neuroinit.experiments.train import (  # the solo run's pieces: an ensemble 
     _open_run,
     _result,
     _StopFlag,
-    _task_kind,
 )
+from neuroinit.experiments.train_config import _task_kind
 from neuroinit.io.runfile import remove_stale_temps, run_file_lock
 from neuroinit.learning.autograd import BPTT, AutogradEprop
 from neuroinit.learning.base import Trial, accumulate_grads

@@ -35,48 +35,15 @@ from neuroinit.experiments import figstyle
 
 # re-exported: the helpers and figures keep their old paths (alignment_plot, cli and tests import them here)
 from neuroinit.experiments.plot_curves import plot_flossing, plot_learning_curves
-from neuroinit.experiments.plot_draw import (  # noqa: F401
-    _RULE_COLORS,
-    _band,
-    _figure,
-    _gain_colors,
-    _loss_axes,
-    _save,
-    _suptitle,
-)
-from neuroinit.experiments.plot_dynamics import (  # noqa: F401
-    _CURVATURE_CACHE,
-    _curvature_cache,
-    _write_cache,
+from neuroinit.experiments.plot_draw import _figure, _loss_axes, _save
+from neuroinit.experiments.plot_dynamics import (
     curvature_of_run,
     plot_curvature,
     plot_lyapunov,
 )
 from neuroinit.experiments.plot_rate_spiking import _curve_of, _model_label, plot_rate_vs_spiking  # noqa: F401
 from neuroinit.experiments.plot_select import (  # noqa: F401
-    _FLOSS_FIELDS,
-    _IGNORE,
-    _MODEL_FIELDS,
-    _MODEL_ORDER,
-    _RULE_ORDER,
-    _STAT_LABEL,
-    _best_runs,
-    _curve,
-    _extras,
     _fmt_val,
-    _lr_text,
-    _mean_band,
-    _name_floss_variants,
-    _panel_key,
-    _panel_order,
-    _panels_by_network,
-    _Rate,
-    _rate,
-    _smooth,
-    _stat,
-    _stat_of,
-    _title,
-    _varying,
     load_for_plot,
     rule_of,
 )

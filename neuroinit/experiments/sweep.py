@@ -60,13 +60,6 @@ may not contain the best rate): ``BestChoice.edge``, ``edge`` in the summary row
 
 # The implementation lives in sibling modules (one responsibility each); this module re-exports every name.
 from neuroinit.experiments.sweep_ids import (  # noqa: F401
-    _ATTEMPTS,
-    _CLUSTER_STALE_S,
-    _FORMER_DEFAULTS,
-    _LOCAL_STALE_S,
-    _NOT_HASHED,
-    _NOT_IN_BASE,
-    _REPLICATE_FIELDS,
     ADDED_FIELDS,
     AXES,
     BLOCK_KEYS,
@@ -87,50 +80,25 @@ from neuroinit.experiments.sweep_ids import (  # noqa: F401
     PlannedRun,
     SpecError,
     SweepError,
-    _canonical,
-    _effective_lr,
-    _field_default,
-    _flosses,
-    _matched_tau_m,
-    _safe,
     comparable_config,
     condition_key,
     rule_label,
     run_id,
 )
-from neuroinit.experiments.sweep_run import (  # noqa: F401
+from neuroinit.experiments.sweep_run import (
     SweepEvent,
     SweepReport,
-    _lock,
-    _pool_context,
-    _record,
-    _remove_stale_temps,
-    _run_dask,
-    _run_local,
-    _sigterm_interrupts,
-    _stop_workers,
-    _write_manifest,
     read_manifest,
     run_sweep,
 )
-from neuroinit.experiments.sweep_spec import (  # noqa: F401
+from neuroinit.experiments.sweep_spec import (
     SweepSpec,
-    _as_list,
-    _fail,
-    _gains,
-    _is_num,
-    _resolve_profile,
-    _seeds,
     load_spec,
     parse_spec,
 )
-from neuroinit.experiments.sweep_summary import (  # noqa: F401
+from neuroinit.experiments.sweep_summary import (
     BestChoice,
     RunSummary,
-    _check_select,
-    _fmt_value,
-    _mean_sem,
-    _score,
     edge_mark,
     format_summary,
     learned_at,
@@ -138,12 +106,7 @@ from neuroinit.experiments.sweep_summary import (  # noqa: F401
     summaries_from_dir,
     summarize,
 )
-from neuroinit.experiments.sweep_worker import (  # noqa: F401
-    _exit_with,
-    _file_summary,
-    _init_worker,
-    _is_shared,
-    _pid_alive,
+from neuroinit.experiments.sweep_worker import (
     execute_run,
     run_state,
 )

@@ -27,7 +27,6 @@ import torch
 
 from neuroinit.cells.base import PARAM_NAMES, RecurrentCell
 from neuroinit.experiments.train_config import (  # re-exported: other modules import these from train
-    _STREAMS,  # noqa: F401
     DTYPES,
     FLOSS_MODES,
     LAST_LOGGED,
@@ -36,10 +35,6 @@ from neuroinit.experiments.train_config import (  # re-exported: other modules i
     RESUMABLE_CHANGES,  # noqa: F401
     TrainConfig,
     TrainingDiverged,
-    _check_task,  # noqa: F401
-    _is_int,  # noqa: F401
-    _is_number,  # noqa: F401
-    _task_kind,  # noqa: F401
     resolve_settings,
 )
 from neuroinit.experiments.train_setup import (  # re-exported likewise
@@ -48,19 +43,15 @@ from neuroinit.experiments.train_setup import (  # re-exported likewise
     _chance,
     _config_diff,
     _Context,
-    _dtype,  # noqa: F401
     _evaluate,
     _floss,
     _gen_states,
-    _generator,  # noqa: F401
     _inter_floss_generator,
     _last_logged_mean,
     _lyapunov,
     _new_run_file,
     _optimizer_from_np,
     _optimizer_np,
-    _profile_text,  # noqa: F401
-    _seed_for,  # noqa: F401
     _set_gen_states,
     _set_weights,
     _StopFlag,
