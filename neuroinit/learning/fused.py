@@ -49,8 +49,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "supports", "FusedOnline", "chunk_steps", "library_path",
-           "C_SOURCE"]
+__all__ = [
+    "C_SOURCE",
+    "FusedOnline",
+    "available",
+    "chunk_steps",
+    "code_dtype",
+    "library_path",
+    "supports",
+    "unavailable_reason",
+]
 
 # the C source of the native step; its text (with the compiler, flags and CPU) keys the cached library
 C_SOURCE = (Path(__file__).parent / "native" / "fused_step.c").read_text(encoding="utf-8")
@@ -72,7 +80,8 @@ PAR_WORK = 1 << 20
 
 class _Run(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "B", "N", "I", "O", "reset_zero", "n_ref",
-                                               "full", "quant", "par_work", "loss", "T", "rec_pos")]
+                                               "full", "quant", "par_work", "loss", "T", "rec_pos",
+                                               "code_bytes", "q_nearest", "portable")]
                 + [("seed", ctypes.c_uint64)]
                 + [(n, ctypes.c_float) for n in ("alpha", "kappa", "v_th", "gamma", "pd", "pg", "ed", "rd")]
                 + [(n, ctypes.c_float * 8) for n in ("q_scale", "q_min", "q_max")]
@@ -225,10 +234,30 @@ def supports(cell, *, feedback: torch.Tensor | None = None, quantiser=None) -> s
         return "not float32 (the fused step is single precision; float64 uses the PyTorch path)"
     if any(t.device.type != "cpu" for t in tensors):
         return "not on the CPU"
-    if quantiser is not None and getattr(quantiser, "grids", None) is None:
-        return "trace quantiser without grids"
+    if quantiser is not None:
+        why = _quantiser_problem(quantiser)
+        if why is not None:
+            return why
     if not available():
         return f"fused library unavailable: {unavailable_reason()}"
+    return None
+
+
+def code_dtype(quantiser) -> torch.dtype:
+    """The integer type the fused step stores a quantiser's eligibility-trace codes in: int8 where every code
+    fits 8 bits (Loihi's 7-bit traces), else int16 (ReckOn's 12-bit traces)."""
+    grids = [quantiser.grids[n] for n in ("elig_rec", "elig_in", "elig_bias")]
+    return torch.int8 if all(-128 <= g.code_min and g.code_max <= 127 for g in grids) else torch.int16
+
+
+def _quantiser_problem(quantiser) -> str | None:
+    grids = getattr(quantiser, "grids", None)
+    if grids is None:
+        return "trace quantiser without grids"
+    if any(not (-2 ** 15 <= g.code_min < g.code_max < 2 ** 15) for g in grids.values()):
+        return "trace grids wider than 16 bits"
+    if getattr(quantiser, "rounding", "stochastic") not in ("stochastic", "nearest"):
+        return f"trace rounding {quantiser.rounding!r}"
     return None
 
 
@@ -258,13 +287,16 @@ class FusedOnline:
         empty = lambda *s: torch.empty(*s, dtype=torch.float32)
         self.full = spec.elig_decay != 0.0
         self.model = model
+        # chip precision: the full traces as integer codes (int8 / int16, :func:`code_dtype`)
+        code = torch.float32 if quantiser is None else code_dtype(quantiser)
+        codes = lambda *s: torch.empty(*s, dtype=code)
         self.buf = {
             "x": empty(b, n), "z": empty(b, n), "ref": empty(b, n), "y": empty(b, o),
             "post": empty(b, n), "act": empty(b, n), "L": empty(b, n),
             "err": empty(b, o), "yout": empty(b, o), "drive": empty(b, n),
             "pre_rec": empty(b, n), "pre_in": empty(b, i), "pre_bias": empty(b, 1),
-            "elig_rec": empty(b, n, n) if self.full else None, "elig_in": empty(b, n, i) if self.full else None,
-            "elig_bias": empty(b, n) if self.full else None, "ro": empty(b, n), "ro_bias": empty(b, 1),
+            "elig_rec": codes(b, n, n) if self.full else None, "elig_in": codes(b, n, i) if self.full else None,
+            "elig_bias": codes(b, n) if self.full else None, "ro": empty(b, n), "ro_bias": empty(b, 1),
         }
         r = _Run()
         r.model, r.actfn, r.B, r.N, r.I, r.O = model, actfn, b, n, i, o
@@ -277,7 +309,8 @@ class FusedOnline:
         else:
             r.alpha = float(cell.alpha)
         if quantiser is not None:
-            r.quant = 1
+            r.quant, r.code_bytes = 1, code.itemsize
+            r.q_nearest = int(getattr(quantiser, "rounding", "stochastic") == "nearest")
             for k, name in enumerate(_QUANT_NAMES):
                 g = quantiser.grids[name]
                 r.q_scale[k], r.q_min[k], r.q_max[k] = g.scale, g.code_min, g.code_max
@@ -369,12 +402,15 @@ class FusedOnline:
         self._materialise()
         self._write_zero_traces()
         bf = self.buf
-        return Traces(bf["pre_rec"], bf["pre_in"], bf["pre_bias"], bf["elig_rec"], bf["elig_in"], bf["elig_bias"],
-                      bf["ro"], bf["ro_bias"])
+        full = [bf[n] for n in ("elig_rec", "elig_in", "elig_bias")]
+        if self.quantised and self.full:  # integer codes: their values, a copy
+            full = [c.to(torch.float32) * self._quantiser.grids[n].scale
+                    for c, n in zip(full, ("elig_rec", "elig_in", "elig_bias"))]
+        return Traces(bf["pre_rec"], bf["pre_in"], bf["pre_bias"], *full, bf["ro"], bf["ro_bias"])
 
     def state_bytes(self) -> int:
         """Bytes held across steps (state, traces, scratch, gradient accumulators): independent of T."""
-        return sum(t.numel() * 4 for t in self.buf.values() if t is not None) + \
+        return sum(t.numel() * t.element_size() for t in self.buf.values() if t is not None) + \
             sum(g.numel() * 4 for g in self.grads.values()) + \
             sum(t.numel() * 4 for t in (self._rec or {}).values())
 
@@ -385,15 +421,25 @@ class FusedOnline:
     # -------------------------------------------------------------- stepping
     def step(self, u: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One step driven by ``u`` (B, I); ``error(y)`` gives d loss / d y (B, O). Returns y (a new tensor)."""
+        y = self.forward(u)
+        self.update(error(y))
+        return y
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """The first half of :meth:`step`: the network step, presynaptic and readout traces and the
+        postsynaptic factor (``buf["post"]``). Returns y (a new tensor)."""
         u = u.detach().to(torch.float32).contiguous()
         self._materialise()
         self._write_zero_traces()
         self._reseed()
         self.lib.ni_forward(self._ref, u.data_ptr())
-        y = self.buf["yout"].clone()
-        self.buf["err"].copy_(error(y))
+        return self.buf["yout"].clone()
+
+    def update(self, err: torch.Tensor) -> None:
+        """The second half of :meth:`step`: learning signal, eligibility traces and gradients from the output
+        error ``err`` (B, O) and the factors in the buffers (``post``, the presynaptic and readout traces)."""
+        self.buf["err"].copy_(err)
         self.lib.ni_update(self._ref)
-        return y
 
     def run(self, inputs: torch.Tensor, scale: torch.Tensor, outputs: torch.Tensor, *, loss: str,
             targets: torch.Tensor | None = None, labels: torch.Tensor | None = None,
