@@ -188,3 +188,28 @@ def test_stochastic_rounding_matches_the_pytorch_path_in_distribution(profile, b
     mean = torch.stack(grad_draws).double().mean(0)
     tol = torch.einsum("bj->j", (lsig * gr.scale).abs())[:, None] * bias + 6 * (spread / draws).sqrt() + 1e-6
     assert bool(((mean - want).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_ties_round_half_to_even_from_the_same_float_sum(portable):
+    # x = fl(ed c) + fl(post pre) / s lands exactly on m + 1/2 (m odd and even), by cancellation (ed c ~ 30, x
+    # small): torch.round takes the even code. A fused multiply-add (ed c + post pre rounded once) keeps the
+    # bits of ed c that fl(ed c) dropped, moves x off the tie and rounds the other way in about half the rows:
+    # the kernel must round its products separately, as the PyTorch path does.
+    cell = _cell("loihi-like", 32)
+    k = _Kernel(cell, 1, "nearest", portable=portable)
+    gen = torch.Generator().manual_seed(7)
+    tr, post, err = k.factors(gen)
+    ed = torch.tensor(cell.trace_spec().elig_decay, dtype=torch.float32)
+    s_e, s_p = k.q.grids["elig_rec"].scale, k.q.grids["pre_rec"].scale
+    pre = s_p * 2.0 ** int(math.log2(k.q.grids["pre_rec"].code_max))  # a power of two on the pre grid
+    codes = torch.tensor([33.0, -35.0, 41.0, -47.0] * 8)  # one code per row
+    t1 = ed * codes  # float32 products, as the PyTorch path forms them
+    t2 = torch.tensor([-1.5, -0.5, 0.5, 1.5]).repeat_interleave(8) - t1  # exact: t1 + t2 = m + 1/2
+    post = (t2 * s_e / pre).reshape(1, 32)
+    tr = tr._replace(pre_rec=torch.full((1, 32), pre), elig_rec=(codes[:, None] * s_e).expand(32, 32)[None].clone())
+    k.load(tr, post)
+    k.fz.update(err)
+    want = _torch_codes(k, tr, post)["elig_rec"]
+    assert torch.equal((want % 2)[0], torch.zeros(32, 32, dtype=torch.int64))  # every x was a tie: even codes
+    assert torch.equal(k.codes()["elig_rec"], want)
