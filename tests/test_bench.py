@@ -25,9 +25,8 @@ def _own_cache(tmp_path, monkeypatch):
     """Calibration is cached per test (the machine's cache stays untouched); the fused library is shared."""
     from neuroinit.learning import fused
 
-    lib_dir = fused.library_path().parent
+    fused.available()  # loaded (or built) from the machine's cache before the cache moves
     monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fused, "_cache_dir", lambda: lib_dir)
     # a tiny calibration: the schema is under test, not the machine
     monkeypatch.setattr(bench.machine, "_measure_device", lambda device, quick: {
         "bandwidth_gbs": {"L2": 100.0, "L3": 50.0, "DRAM": 20.0}, "matmul_gflops": 50.0,

@@ -95,9 +95,9 @@ def time_method(method: str, variant: str, n: int, b: int, cfg: BenchConfig, pro
         res.fast_path = rule.uses_fast_path
         if method == "neuroinit-fused" and not rule.uses_fast_path:
             res.method = "neuroinit-torch"  # the row names the path that ran (the fused step declined the cell)
-        if rule._fused is not None:
-            res.state_bytes = rule._fused.state_bytes()
-            res.chunk_steps = rule._fused.chunk_capacity
+        if rule.native_backend is not None:
+            res.state_bytes = rule.native_backend.state_bytes()
+            res.chunk_steps = rule.native_backend.chunk_capacity
     return res
 
 

@@ -1,67 +1,53 @@
-"""Fused online e-prop / RFLO: one native call per step (or per whole trial) on the CPU, float32.
+"""The native backend of online e-prop / RFLO: one native call per step (or per trial) on the CPU, float32.
 
-The plain step (:meth:`neuroinit.learning.online.OnlineEprop.step`) costs ~15 eager PyTorch ops (2-3 us each) and
-passes over every ``B x N x N`` eligibility trace three times (decay, add, gradient einsum). Here a small C
-library does the network step (the forward product in registers, event-driven for spikes), the presynaptic and
-readout traces and the learning signal in one native call per step, and the weight gradient is summed in one
-of two ways:
+:class:`~neuroinit.learning.online.OnlineEprop` dispatches here (:func:`make_backend`) where ``fast`` asks for it
+and the cell allows it, else it takes its own PyTorch step; both run behind the same methods (``start``,
+``step``, ``backward``), as ``torch.optim.adam`` dispatches to its implementations. This module never imports
+the rule: it receives the cell, parameters, gradient buffers, feedback, trace quantiser and generator.
+
+The plain step costs ~15 eager PyTorch ops (2-3 us each) and passes over every ``B x N x N`` eligibility trace
+three times (decay, add, gradient einsum). Here a C kernel (``native/fused_step.c``, built by
+:class:`~neuroinit.learning.native.loader.NativeLibrary`) does the network step (the forward product in
+registers, event-driven for spikes), the presynaptic and readout traces and the learning signal in one call per
+step, and the weight gradient is summed in one of three ways:
 
 * **chunked exact update** (float traces, whole trials: :meth:`FusedOnline.run`). The steps of a chunk record
   their learning signal ``L``, postsynaptic factor and presynaptic traces; at the chunk's end the gradient of
   every step of the chunk is one GEMM over the chunk's ``K B`` rows (``ni_chunk_prepare`` has the equations:
   the eligibility trace's decay is moved onto the learning signal, filtered backwards inside the chunk), and
   full traces are carried to the next chunk by a GEMM per batch element, only when the trial is longer than a
-  chunk or the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums reordered), at
-  the matmul rate instead of the memory bandwidth of a per-step trace pass; memory stays independent of T
-  (the records hold :func:`chunk_steps` steps).
-* **per-step traces** (single :meth:`FusedOnline.step` calls, and chip-precision traces, which are rounded at
-  every step): each stored trace is updated and its gradient accumulated in one pass.
+  chunk or the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums
+  reordered), at the matmul rate instead of the memory bandwidth of a per-step trace pass; memory stays
+  independent of T (the records hold :func:`chunk_steps` steps).
+* **per-step float traces** (single :meth:`FusedOnline.step` calls): each stored trace is updated and its
+  gradient accumulated in one pass.
+* **chip-precision traces** (a ``make_trace_quantiser`` quantiser: rounded at every step): the full traces are
+  stored as integer codes of the profile's trace width (:func:`code_dtype`: int8 for <= 8 bits, int16 for
+  <= 16), updated and accumulated into the gradient (dequantised on the fly) in one vectorised pass, with
+  stochastic rounding from a counter-based generator that serves 4 (int8) or 2 (int16) elements per 32-bit
+  draw: ``|E[code] - x| <= 2^-9`` (int8) or ``2^-17`` (int16) of a code, against ``2^-24`` for the PyTorch
+  path (``chip_elig`` in the C source has the equations). The sum ``x`` is the PyTorch path's float value
+  bit for bit, so with ``rounding="nearest"`` the codes equal the PyTorch path's exactly. Random draws are
+  seeded from the rule's ``torch.Generator`` once per step and depend on the seed only (the vector kernel and
+  the portable loop draw the same bits): the same distribution as the PyTorch path, not the same draws.
 
-Route (measured on the project's 2-core machine; ``benchmarks/README.md``): a C file compiled at first use with
-the machine's C compiler (``cc -O3 -march=native -fopenmp``, ~1-3 s, cached per source/compiler/CPU under
-``$NEUROINIT_CACHE`` or ``~/.cache/neuroinit``) and called through :mod:`ctypes` with one pointer to a struct of
-buffers; the chunk GEMMs are torch's. No new Python dependency; torch's own OpenMP runtime is shared (same
-soname), so the two thread pools do not fight. Where no compiler is found, or for float64, CUDA tensors or cells
-it does not know, callers fall back to the PyTorch path (:func:`available`, :func:`supports`), which gives the
-same results.
-
-Semantics equal :func:`neuroinit.learning.online.trace_step` + the gradient accumulation of
-``OnlineEprop.step`` (tests: ``tests/test_fused.py``, to 1e-6 in float32). Traces held at chip precision
-(``make_trace_quantiser``) use stochastic rounding with an in-kernel counter-based generator seeded from the
-rule's ``torch.Generator`` once per step: the same distribution as the PyTorch path, not the same draws.
-The fused state is updated in place: a state handed to a step is consumed by it, and a new run reuses the
-previous run's buffers.
+Where no compiler is found, or for float64, CUDA tensors or cells it does not know, the rule takes the PyTorch
+path (:func:`available`, :func:`supports`), which gives the same results (tests: ``tests/test_fused.py``,
+``tests/test_fused_chip.py``). The fused state is updated in place: a state handed to a step is consumed by it,
+and a new run reuses the previous run's buffers.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-__all__ = [
-    "C_SOURCE",
-    "FusedOnline",
-    "available",
-    "chunk_steps",
-    "code_dtype",
-    "library_path",
-    "supports",
-    "unavailable_reason",
-]
+from neuroinit.learning.native.loader import NativeLibrary
 
-# the C source of the native step; its text (with the compiler, flags and CPU) keys the cached library
-C_SOURCE = (Path(__file__).parent / "native" / "fused_step.c").read_text(encoding="utf-8")
+__all__ = ["LIBRARY", "FusedOnline", "available", "chunk_steps", "code_dtype", "library_path", "make_backend",
+           "supports", "trial_supported", "unavailable_reason"]
 
 _MODELS = {"voltage": 0, "rate": 1, "lif": 2}
 _ACTS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
@@ -88,125 +74,47 @@ class _Run(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in _PTRS])
 
 
-# ------------------------------------------------------------------------------------------ building the library
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
+# ------------------------------------------------------------------------------------------ the library
+_FN = ctypes.c_void_p
+SYMBOLS = {
+    "ni_forward": (None, [_FN, _FN]), "ni_update": (None, [_FN]), "ni_run": (None, [_FN, ctypes.c_int64, ctypes.c_int64]),
+    "ni_chunk_prepare": (ctypes.c_int64, [_FN, _FN]), "ni_chunk_carry": (None, [_FN, _FN]),
+    "ni_pack": (None, [_FN, ctypes.c_int64, ctypes.c_int64, _FN, _FN]), "ni_abi": (ctypes.c_int, []),
+    "ni_stream": (None, [_FN, ctypes.c_int64, ctypes.c_int64]),
+    "ni_random_words": (ctypes.c_uint32, [ctypes.c_int64, ctypes.c_uint32]),
+}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                             or os.path.expanduser("~/.cache"), "neuroinit")
-    return Path(root) / "fused"
-
-
-def _compiler() -> list[str]:
-    """The C compiler command: ``$CC`` when set (split like a shell word list, so ``CC="ccache gcc"`` works),
-    else the first of cc, gcc, clang on PATH. A ``$CC`` that is not an executable is an error, never a silent
-    fall back to another compiler. Raises OSError with the reason."""
-    cc = os.environ.get("CC", "").strip()
-    if cc:
-        import shlex
-
-        words = shlex.split(cc)
-        exe = shutil.which(words[0])
-        if exe is None:
-            raise OSError(f"CC={cc!r} is not an executable on PATH (unset CC to use cc, gcc or clang)")
-        return [exe, *words[1:]]
-    for name in ("cc", "gcc", "clang"):
-        exe = shutil.which(name)
-        if exe:
-            return [exe]
-    raise OSError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-        return model + flags
-    except OSError:
-        return platform.processor()
-
-
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]
-
-
-def library_path() -> Path:
-    """Where the compiled library for this source, compiler and CPU is (or will be) cached."""
-    try:
-        cc = " ".join(_compiler())
-    except OSError:
-        cc = "none"
-    key = hashlib.sha256("\n".join([C_SOURCE, cc, " ".join(FLAGS), _cpu_id(), platform.machine()]).encode())
-    return _cache_dir() / f"neuroinit_fused_{key.hexdigest()[:16]}.so"
-
-
-def _build() -> ctypes.CDLL:
-    cc = _compiler()  # checked even when a library is cached: a broken CC is reported, not hidden
-    path = library_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src = Path(tmp) / "fused.c"
-            src.write_text(C_SOURCE)
-            out = Path(tmp) / path.name
-            proc = subprocess.run([*cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
-                                  check=False)  # the failure is reported below, with the compiler's first line
-            if proc.returncode != 0:
-                first = (proc.stderr.strip().splitlines() or ["no message"])[0]
-                raise OSError(f"compiling the fused step with {' '.join(cc)} failed: {first}")
-            os.replace(out, path)  # atomic: concurrent builders race harmlessly
-    # torch (imported above) has loaded its OpenMP runtime: the library binds to the same one
-    lib = ctypes.CDLL(str(path))
-    for name in ("ni_forward", "ni_update", "ni_run"):
-        getattr(lib, name).restype = None
-    lib.ni_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.ni_update.argtypes = [ctypes.c_void_p]
-    lib.ni_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    for name in ("ni_chunk_prepare", "ni_chunk_carry"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.ni_chunk_prepare.restype = ctypes.c_int64
-    lib.ni_pack.restype = None
-    lib.ni_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.ni_chunk_carry.restype = None
-    lib.ni_abi.restype = ctypes.c_int
-    lib.ni_stream.restype = None
-    lib.ni_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+def _check_abi(lib: ctypes.CDLL) -> None:
     if lib.ni_abi() != ctypes.sizeof(_Run):
         raise OSError(f"fused step ABI mismatch: C struct {lib.ni_abi()} bytes, ctypes {ctypes.sizeof(_Run)}")
-    return lib
+
+
+def new_library() -> NativeLibrary:
+    """A fresh, not yet loaded handle on the fused step's library (tests swap :data:`LIBRARY` for one)."""
+    return NativeLibrary("fused_step.c", SYMBOLS, check=_check_abi)
+
+
+LIBRARY = new_library()
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _reason is None:
-            if os.environ.get("NEUROINIT_NO_FUSED"):
-                _reason = "disabled by NEUROINIT_NO_FUSED"
-            elif not sys.platform.startswith("linux") and sys.platform != "darwin":
-                _reason = f"unsupported platform {sys.platform}"
-            else:
-                try:
-                    _lib = _build()
-                except OSError as e:
-                    _reason = str(e)
-    return _lib
+    return LIBRARY.load()
+
+
+def library_path():
+    """Where the compiled library for this source, compiler and CPU is (or will be) cached."""
+    return LIBRARY.path()
 
 
 def available() -> bool:
     """True when the fused library is (or can be) built and loaded on this machine."""
-    return _load() is not None
+    return LIBRARY.available()
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`available` is False (None when it is True)."""
-    _load()
-    return _reason
+    """Why :func:`available` is False (None when it is True); ``LIBRARY.diagnostics``: the compiler's output."""
+    return LIBRARY.unavailable_reason()
 
 
 # ------------------------------------------------------------------------------------------ what it supports
@@ -395,10 +303,9 @@ class FusedOnline:
             return LIFState(v=bf["x"], z=bf["z"], ref=bf["ref"], y=bf["y"])
         return RateState(bf["x"])
 
-    def traces(self):
-        """The traces as :class:`~neuroinit.learning.online.Traces`, viewing the fused buffers."""
-        from neuroinit.learning.online import Traces
-
+    def traces(self) -> tuple[torch.Tensor | None, ...]:
+        """The traces in the order of :class:`~neuroinit.learning.online.Traces`, viewing the fused buffers
+        (integer codes: their values, a copy)."""
         self._materialise()
         self._write_zero_traces()
         bf = self.buf
@@ -406,7 +313,12 @@ class FusedOnline:
         if self.quantised and self.full:  # integer codes: their values, a copy
             full = [c.to(torch.float32) * self._quantiser.grids[n].scale
                     for c, n in zip(full, ("elig_rec", "elig_in", "elig_bias"))]
-        return Traces(bf["pre_rec"], bf["pre_in"], bf["pre_bias"], *full, bf["ro"], bf["ro_bias"])
+        return (bf["pre_rec"], bf["pre_in"], bf["pre_bias"], *full, bf["ro"], bf["ro_bias"])
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes per stored eligibility-trace code at chip precision (1: int8, 2: int16); 0 for float traces."""
+        return int(self.run_struct.code_bytes)
 
     def state_bytes(self) -> int:
         """Bytes held across steps (state, traces, scratch, gradient accumulators): independent of T."""
@@ -474,6 +386,28 @@ class FusedOnline:
                 self._flush_chunk()
         finally:
             self._set_records(False)  # single steps update the traces themselves
+
+    def run_trial(self, batch, task, *, apply_every: int | None = None,
+                  on_epoch_end: Callable[[], None] | None = None) -> torch.Tensor:
+        """A whole trial of ``batch`` (``trial_supported``): one native call per learning epoch of
+        ``apply_every`` steps (default: the whole trial), ``on_epoch_end()`` after each (e.g. an optimizer step
+        and :meth:`set_params`); the gradient accumulates into ``grads``. Returns the outputs (T, B, O) in the
+        batch's dtype."""
+        from neuroinit.tasks.base import _mask_total
+
+        n_steps, batch_size = batch.inputs.shape[:2]
+        f32 = torch.float32
+        inputs = batch.inputs.detach().to(f32).contiguous()
+        scale = (batch.mask / _mask_total(batch.mask)).to(f32).contiguous()
+        outputs = torch.empty(n_steps, batch_size, self.cell.n_out, dtype=f32)
+        kw = {"targets": batch.targets.to(f32).contiguous()} if task.loss_kind == "mse" else \
+            {"labels": batch.targets.to(torch.int64).contiguous()}
+        every = apply_every or n_steps
+        for t0 in range(0, n_steps, every):
+            self.run(inputs, scale, outputs, loss=task.loss_kind, t0=t0, t1=min(t0 + every, n_steps), **kw)
+            if on_epoch_end is not None:
+                on_epoch_end()
+        return outputs.to(batch.inputs.dtype)
 
     # -------------------------------------------------------------- chunked exact update (float traces)
     @property
@@ -560,56 +494,25 @@ def chunk_steps(n_hidden: int, n_in: int, full: bool) -> int:
     return max(32, min(512, 2 * n_hidden * (n_hidden + n_in + 1) // (3 * n_hidden + n_in + 1)))
 
 
-def attach(rule, batch_size: int, *, reuse: FusedOnline | None = None) -> FusedOnline | None:
-    """A :class:`FusedOnline` for ``rule`` (an ``OnlineEprop`` just started), or None where the fused step does
-    not apply: ``rule.fast == "auto"`` also declines chip-precision traces (their random draws would differ).
-    ``reuse``: the rule's previous one, reset and returned where it fits."""
-    quantiser = rule.trace_quantiser
-    if rule.fast == "auto" and quantiser is not None:
+def make_backend(cell, batch_size: int, params, grads: dict[str, torch.Tensor], *, feedback=None,
+                 quantiser=None, generator: torch.Generator | None = None, same_results_only: bool = False,
+                 reuse: FusedOnline | None = None) -> FusedOnline | None:
+    """The native backend of one online run (:class:`~neuroinit.learning.online.OnlineEprop`), or None where it
+    does not apply (the rule then takes its PyTorch step): ``cell`` with ``params``, accumulating into ``grads``.
+    ``same_results_only`` (``fast="auto"``) also declines chip-precision traces (their random draws differ from
+    the PyTorch path's). ``reuse``: the rule's previous backend, reset and returned where it fits."""
+    if same_results_only and quantiser is not None:
         return None
-    if supports(rule.cell, feedback=rule.feedback, quantiser=quantiser) is not None:
+    if supports(cell, feedback=feedback, quantiser=quantiser) is not None:
         return None
-    if any(g.dtype != torch.float32 or not g.is_contiguous() for g in rule._grads.values()):
+    if any(g.dtype != torch.float32 or not g.is_contiguous() for g in grads.values()):
         return None
-    if reuse is not None and reuse.matches(rule.cell, batch_size, feedback=rule.feedback, quantiser=quantiser):
-        reuse.reset(rule._params, rule._grads)
+    if reuse is not None and reuse.matches(cell, batch_size, feedback=feedback, quantiser=quantiser):
+        reuse.reset(params, grads)
         return reuse
-    return FusedOnline(rule.cell, rule._params, batch_size, rule._grads, feedback=rule.feedback,
-                       quantiser=quantiser, generator=getattr(rule, "generator", None))
+    return FusedOnline(cell, params, batch_size, grads, feedback=feedback, quantiser=quantiser, generator=generator)
 
 
-def backward(rule, batch, task, *, optimizer=None, apply_every: int | None = None):
-    """``OnlineEprop.backward`` through one native call per learning epoch, or None where it does not apply
-    (the caller then runs the PyTorch loop). Same semantics: outputs, loss, gradients written with ``flush``."""
-    from neuroinit.learning.base import Trial
-    from neuroinit.tasks.base import _mask_total
-
-    if task.loss_kind not in _LOSSES:
-        return None
-    n_steps, batch_size = batch.inputs.shape[:2]
-    rule._begin(batch_size)  # start() without handing out the state (which would write the zero full traces)
-    fz = rule._fused
-    if fz is None or batch.inputs.device.type != "cpu":
-        return None
-    f32 = torch.float32
-    inputs = batch.inputs.detach().to(f32).contiguous()
-    mask = batch.mask
-    scale = (mask / _mask_total(mask)).to(f32).contiguous()
-    outputs = torch.empty(n_steps, batch_size, rule.cell.n_out, dtype=f32)
-    kw = {"targets": batch.targets.to(f32).contiguous()} if task.loss_kind == "mse" else \
-        {"labels": batch.targets.to(torch.int64).contiguous()}
-    every = apply_every or n_steps
-    for t0 in range(0, n_steps, every):
-        t1 = min(t0 + every, n_steps)
-        fz.run(inputs, scale, outputs, loss=task.loss_kind, t0=t0, t1=t1, **kw)
-        if apply_every is not None:
-            optimizer.zero_grad()
-            rule.flush()
-            optimizer.step()
-            rule.refresh_params()
-    if apply_every is None:
-        rule.flush()
-    outputs = outputs.to(batch.inputs.dtype)
-    with torch.no_grad():
-        loss = task.loss(outputs, batch)
-    return Trial(loss.detach(), outputs)
+def trial_supported(batch, task) -> bool:
+    """Whether :meth:`FusedOnline.run_trial` runs ``task``'s loss on ``batch`` (else the per-step path runs)."""
+    return task.loss_kind in _LOSSES and batch.inputs.device.type == "cpu"

@@ -761,4 +761,23 @@ void ni_stream(float *a, int64_t n, int64_t reps) {
     }
 }
 
+/* Random-word rate probe for the chip path's roofline (neuroinit.bench): n words of the counter-based generator
+   of the integer traces (mix32(GOLD w ^ key), 16 lanes at a time where the vector kernel runs), xor-folded. */
+uint32_t ni_random_words(int64_t n, uint32_t key) {
+    uint32_t acc = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512i k = _mm512_set1_epi32((int)key), step = _mm512_set1_epi32((int)(16 * GOLD));
+    __m512i c = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                   _mm512_set1_epi32((int)GOLD));
+    __m512i a = _mm512_setzero_si512();
+    int64_t w = 0;
+    for (; w + 16 <= n; w += 16, c = _mm512_add_epi32(c, step)) a = _mm512_xor_si512(a, mix32_v(_mm512_xor_si512(c, k)));
+    acc = (uint32_t)_mm512_reduce_or_epi32(a);
+    for (; w < n; w++) acc ^= mix32((uint32_t)w * GOLD ^ key);
+#else
+    for (int64_t w = 0; w < n; w++) acc ^= mix32((uint32_t)w * GOLD ^ key);
+#endif
+    return acc;
+}
+
 int ni_abi(void) { return (int)sizeof(Run); }
