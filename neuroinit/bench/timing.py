@@ -20,6 +20,7 @@ from neuroinit.bench.peers import (
     method_applies,
     trial_fn,
 )
+from neuroinit.bench.roofline import chip_code_bytes, chip_roofline
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -165,6 +166,11 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
             res.roofline_fraction = res.roofline["bound_us"] / res.us_per_step
             if "chunked" in res.roofline:
                 res.own_roofline_fraction = res.roofline["chunked"]["bound_us"] / res.us_per_step
+            code_bytes = chip_code_bytes(variant, n, prof) if res.fast_path and res.chunk_steps is None else None
+            chip = code_bytes and chip_roofline(n, b, N_IN, code_bytes, calib)
+            if chip:  # chip-precision traces: the bound of the integer trace pass (bench/roofline.py)
+                res.roofline["chip"] = chip
+                res.own_roofline_fraction = chip["bound_us"] / res.us_per_step
         results.append(res)
         if on_result:
             on_result(res)
