@@ -77,7 +77,11 @@ def test_quick_bench_end_to_end_writes_the_schema(tmp_path):
             # float traces run the chunked exact update (and get its own roofline); chip precision the per-step one
             chunked = r["profile"] == "ideal"
             assert (r["chunk_steps"] is not None) == chunked == ("chunked" in r["roofline"])
-            assert (r["own_roofline_fraction"] or 0) > 0 if chunked else r["own_roofline_fraction"] is None
+            # chip-precision full traces (RFLO, LIF) get the integer trace pass's roofline
+            chip = not chunked and r["variant"] != "rate-voltage"
+            assert ("chip" in r["roofline"]) == chip
+            own = chunked or chip
+            assert (r["own_roofline_fraction"] or 0) > 0 if own else r["own_roofline_fraction"] is None
         else:
             assert r["roofline_fraction"] is None
     assert {m["method"] for m in data["memory_scaling"]} == {"neuroinit-fused", "neuroinit-torch", "bptt"}
