@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from neuroinit.bench.chip import chip_code_bytes, chip_roofline
 from neuroinit.bench.config import N_IN, N_OUT, SCHEMA_VERSION, BenchConfig
 from neuroinit.bench.machine import _LoadMeter, _peak_memory, calibrate, environment, roofline
 from neuroinit.bench.peers import (
@@ -20,7 +21,6 @@ from neuroinit.bench.peers import (
     method_applies,
     trial_fn,
 )
-from neuroinit.bench.roofline import chip_code_bytes, chip_roofline
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -168,7 +168,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
                 res.own_roofline_fraction = res.roofline["chunked"]["bound_us"] / res.us_per_step
             code_bytes = chip_code_bytes(variant, n, prof) if res.fast_path and res.chunk_steps is None else None
             chip = code_bytes and chip_roofline(n, b, N_IN, code_bytes, calib)
-            if chip:  # chip-precision traces: the bound of the integer trace pass (bench/roofline.py)
+            if chip:  # chip-precision traces: the bound of the integer trace pass (bench/chip.py)
                 res.roofline["chip"] = chip
                 res.own_roofline_fraction = chip["bound_us"] / res.us_per_step
         results.append(res)
