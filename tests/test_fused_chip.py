@@ -52,7 +52,10 @@ class _Kernel:
                     on_grid("elig_rec", b, n, n), on_grid("elig_in", b, n, i), on_grid("elig_bias", b, n),
                     on_grid("readout", b, n), on_grid("readout_bias", b, 1))
         post = torch.rand(b, n, generator=gen) * 0.4
-        post[:, ::5] = 0.0  # rows without an increment
+        post[:, ::5] = 0.0  # rows without an increment: pure decay, or skipped where all their codes are zero
+        tr.elig_rec[:, ::5] = 0.0
+        tr.elig_in[:, ::10] = 0.0
+        tr.elig_bias[:, ::10] = 0.0  # rows 5, 15, ...: zero recurrent codes, non-zero input / bias codes
         err = torch.randn(b, cell.n_out, generator=gen)
         return tr, post, err
 

@@ -152,27 +152,29 @@ typedef struct {
 } RowV;
 
 /* 16 codes (as int32) from 16 stored codes c: the update above; r: their random bits (k of them) */
-static inline __attribute__((always_inline)) __m512i code16(__m512 c, __m512 pre, __m512i r, const RowV *v,
-                                                            const int k, const int nearest) {
-    const __m512 t1 = _mm512_mul_ps(c, v->ed), t2 = _mm512_mul_ps(pre, v->ps);
-    __m512 x = _mm512_add_round_ps(t1, t2, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* never fused */
+static inline __attribute__((always_inline)) __m512i code16(__m512 c, const float *pre, __mmask16 m, __m512i r,
+                                                            const RowV *v, const int k, const int nearest, const int inc) {
+    __m512 x = _mm512_mul_ps(c, v->ed);
+    if (inc) /* fl(ed c) + fl(ps pre), never fused; without an increment (post 0) x = fl(ed c) + 0, the same */
+        x = _mm512_add_round_ps(x, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), v->ps),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm512_min_ps(_mm512_max_ps(x, v->lo), v->hi);
     if (nearest) return _mm512_cvtps_epi32(_mm512_mul_ps(x, v->inv));
     return _mm512_srai_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), r), k);
 }
 /* 16 codes of one row at i0 (mask m): load, update, store, add to the gradient */
 static inline __attribute__((always_inline)) void group16(void *codes, const int bytes, const int nearest,
-        const float *pre, int64_t i0, __mmask16 m, __m512i r, const RowV *v, float *g) {
-    const __m512 p = _mm512_maskz_loadu_ps(m, pre + i0);
+        const int inc, const float *pre, int64_t i0, __mmask16 m, __m512i r, const RowV *v, float *g) {
     __m512i code;
     if (bytes == 1) {
         int8_t *e = (int8_t *)codes + i0;
-        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, e))), p, r, v, 8, nearest);
+        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, e))), pre + i0, m, r, v, 8,
+                      nearest, inc);
         _mm_mask_storeu_epi8(e, m, _mm512_cvtepi32_epi8(code));
     } else {
         int16_t *e = (int16_t *)codes + i0;
-        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, e))), p, r, v, 16,
-                      nearest);
+        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, e))), pre + i0, m, r, v,
+                      16, nearest, inc);
         _mm256_mask_storeu_epi16(e, m, _mm512_cvtepi32_epi16(code));
     }
     _mm512_mask_storeu_ps(g + i0, m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), v->ls,
@@ -186,7 +188,7 @@ static inline __attribute__((always_inline)) __m512i bits_of(__m512i w, const in
 }
 /* the same values as codes_scalar, 16 lanes at a time (the last block masked) */
 static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, const int bytes, const int nearest,
-                                                                 const float *pre, int64_t n, const RowQ *q, float *g) {
+        const int inc, const float *pre, int64_t n, const RowQ *q, float *g) {
     const int64_t G = bytes == 1 ? 64 : 32;
     const int S = (int)(G / 16);
     const RowV v = {_mm512_set1_ps(q->ed), _mm512_set1_ps(q->ps), _mm512_set1_ps(q->lo), _mm512_set1_ps(q->hi),
@@ -199,25 +201,30 @@ static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, co
     int64_t i = 0;
     for (; i + G <= n; i += G, c = _mm512_add_epi32(c, step)) {
         if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
-        for (int s = 0; s < S; s++) group16(codes, bytes, nearest, pre, i + 16 * s, 0xffff, bits_of(w, bytes, s), &v, g);
+        for (int s = 0; s < S; s++)
+            group16(codes, bytes, nearest, inc, pre, i + 16 * s, 0xffff, bits_of(w, bytes, s), &v, g);
     }
     if (i < n) {
         if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
         for (int s = 0; s < S && i + 16 * s < n; s++) {
             const int64_t left = n - i - 16 * s;
-            group16(codes, bytes, nearest, pre, i + 16 * s, left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1),
+            group16(codes, bytes, nearest, inc, pre, i + 16 * s, left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1),
                     bits_of(w, bytes, s), &v, g);
         }
     }
 }
 static void codes_avx512(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g) {
     /* constant widths and modes: the group loops unroll, shifts and masks are immediates */
+    const int inc = q->ps != 0.0f;
     if (q->nearest) {
-        if (bytes == 1) codes_avx512_w(codes, 1, 1, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 1, pre, n, q, g);
+        if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 1, 1, pre, n, q, g);
+    } else if (inc) {
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 1, pre, n, q, g);
     } else {
-        if (bytes == 1) codes_avx512_w(codes, 1, 0, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 0, pre, n, q, g);
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 0, pre, n, q, g);
     }
 }
 #endif
@@ -240,6 +247,14 @@ static inline uint32_t row_words(int64_t n, int k) {
     return (uint32_t)((n + G - 1) / G * 16);
 }
 
+static int zero_codes(const char *c, int64_t n) {
+    uint64_t any = 0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) { uint64_t w; memcpy(&w, c + i, 8); any |= w; }
+    for (; i < n; i++) any |= (uint64_t)(unsigned char)c[i];
+    return any == 0;
+}
+
 /* The integer eligibility traces of rows j0 <= j < j1 of batch element b (recurrent, input, bias), with their
    gradients: the chip branch of ni_update. */
 static void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
@@ -255,6 +270,11 @@ static void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uin
         const int64_t row = b * N + j;
         const float p = r->post[row], l = r->L[row];
         float *grad[3] = {r->g_rec + j * N, r->g_in + j * I, r->g_bias + j};
+        /* no increment and zero codes: every x is 0, the codes stay 0 and add nothing (LIF: a neuron away from
+           threshold whose traces have decayed away) */
+        if (p == 0.0f && zero_codes(base[0] + row * N * bytes, N * bytes) && zero_codes(base[1] + row * I * bytes,
+                I * bytes) && zero_codes(base[2] + row * bytes, bytes))
+            continue;
         for (int t = 0; t < 3; t++) {
             const float s = r->q_scale[which[t]];
             RowQ q = {two_k * r->ed, p * (two_k / s), two_k * r->q_min[which[t]], two_k * r->q_max[which[t]],
