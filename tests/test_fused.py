@@ -251,7 +251,7 @@ def test_reused_buffers_see_weights_changed_in_place():
 
 
 def test_buffers_are_not_reused_for_another_batch_size_or_quantiser():
-    cell, batch, task = _setup("rate", form="rate", profile="loihi-like", n=8, b=3, t_len=4)
+    cell, _batch, _task = _setup("rate", form="rate", profile="loihi-like", n=8, b=3, t_len=4)
     g = torch.Generator().manual_seed(0)
     rule = OnlineEprop(cell, fast=True, trace_quantiser=make_trace_quantiser(cell, generator=g))
     rule.start(3)

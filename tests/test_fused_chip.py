@@ -216,3 +216,10 @@ def test_ties_round_half_to_even_from_the_same_float_sum(portable):
     want = _torch_codes(k, tr, post)["elig_rec"]
     assert torch.equal((want % 2)[0], torch.zeros(32, 32, dtype=torch.int64))  # every x was a tie: even codes
     assert torch.equal(k.codes()["elig_rec"], want)
+
+
+def test_runs_too_large_for_the_random_counters_take_the_pytorch_path():
+    from neuroinit.learning.fused import _counters_fit
+
+    assert _counters_fit(64, 4096, torch.int8) and _counters_fit(64, 2048, torch.int16)
+    assert not _counters_fit(256, 8192, torch.int8) and not _counters_fit(128, 8192, torch.int16)
