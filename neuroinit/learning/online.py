@@ -127,12 +127,14 @@ class OnlineEprop(LearningRule):
 
     ``trace_quantiser`` (see :mod:`neuroinit.learning.chip`) holds traces at a chip's precision.
 
-    ``fast`` (:mod:`neuroinit.learning.fused`): ``True`` runs each step (and :meth:`backward` each trial) as one
-    native call where the cell allows it (float32, CPU), with the same results (chip-precision traces: the same
-    rounding distribution, other random draws); ``"auto"`` does so only where the results are the same
-    (float traces: equal to float32 rounding, ~1e-7 relative, not bit for bit); ``False`` (default) always runs
-    the PyTorch step. The fast path updates the state in place:
-    a state passed to :meth:`step` is consumed. ``uses_fast_path`` says which path the last :meth:`start` took.
+    ``fast`` selects the backend: ``True`` runs each step (and :meth:`backward` each trial) through the native
+    backend (:mod:`neuroinit.learning.fused`, one call per step or learning epoch) where the cell allows it
+    (float32, CPU), with the same results (chip-precision traces: integer codes, the same arithmetic and rounding
+    distribution, other random draws); ``"auto"`` does so only where the results are the same (float traces:
+    equal to float32 rounding, ~1e-7 relative, not bit for bit); ``False`` (default) always runs the PyTorch
+    step of this module. Both backends sit behind the same methods. The native backend updates the state in
+    place: a state passed to :meth:`step` is consumed. ``uses_fast_path`` says which backend the last
+    :meth:`start` took, ``native_backend`` gives it.
     """
 
     name = "eprop"
@@ -230,24 +232,21 @@ class OnlineEprop(LearningRule):
                                         or not (isinstance(apply_every, int) and apply_every >= 1)):
             raise ValueError(f"Invalid apply_every {apply_every!r}: needs an integer >= 1 and an optimizer")
         n_steps, batch_size = batch.inputs.shape[:2]
+        epoch_end = None if apply_every is None else lambda: self._apply(optimizer)
+        outputs = None
         if self.fast and fused.trial_supported(batch, task):  # --- native backend: a call per learning epoch ---
             self._begin(batch_size)
             if self._native is not None:
-                outputs = self._native.run_trial(batch, task, apply_every=apply_every, on_epoch_end=None
-                                                 if apply_every is None else lambda: self._apply(optimizer))
-                if apply_every is None:
-                    self.flush()
-                with torch.no_grad():
-                    loss = task.loss(outputs, batch)
-                return Trial(loss.detach(), outputs)
-        st = self.start(batch_size)
-        # preallocated: the outputs are the only thing kept per step (T * B * O numbers, no per-step objects)
-        outputs = self.cell.w_out.new_empty(n_steps, batch_size, self.cell.n_out)
-        for t in range(n_steps):
-            y, st = self.step(st, batch.inputs[t], lambda y_t, t=t: task.output_error(y_t, batch, t))
-            outputs[t] = y
-            if apply_every is not None and ((t + 1) % apply_every == 0 or t + 1 == n_steps):
-                self._apply(optimizer)
+                outputs = self._native.run_trial(batch, task, apply_every=apply_every, on_epoch_end=epoch_end)
+        if outputs is None:  # the PyTorch step
+            st = self.start(batch_size)
+            # preallocated: the outputs are the only thing kept per step (T * B * O numbers, no per-step objects)
+            outputs = self.cell.w_out.new_empty(n_steps, batch_size, self.cell.n_out)
+            for t in range(n_steps):
+                y, st = self.step(st, batch.inputs[t], lambda y_t, t=t: task.output_error(y_t, batch, t))
+                outputs[t] = y
+                if epoch_end is not None and ((t + 1) % apply_every == 0 or t + 1 == n_steps):
+                    epoch_end()
         if apply_every is None:
             self.flush()
         with torch.no_grad():
