@@ -44,58 +44,18 @@ from collections.abc import Callable
 
 import torch
 
-from neuroinit.learning.native.loader import NativeLibrary
+from neuroinit.learning.native.fused_step import ACTS, LOSSES, MODELS, QUANT_NAMES, RunStruct, new_library
 
 __all__ = ["LIBRARY", "FusedOnline", "available", "chunk_steps", "code_dtype", "library_path", "make_backend",
-           "supports", "trial_supported", "unavailable_reason"]
+           "new_library", "supports", "trial_supported", "unavailable_reason"]
 
-_MODELS = {"voltage": 0, "rate": 1, "lif": 2}
-_ACTS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
-_LOSSES = {"mse": 1, "ce": 2}
-_QUANT_NAMES = ("pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "readout", "readout_bias")
-_PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "wt_in", "wt_rec", "wp_in", "wp_rec",
-         "x", "z", "ref", "y", "post", "act", "L", "err", "yout", "drive",
-         "pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "ro", "ro_bias",
-         "g_in", "g_rec", "g_bias", "g_out", "g_bout", "inputs", "targets", "scale", "outputs", "labels",
-         "events", "rec_L", "rec_post", "rec_pre", "rec_pre_in", "pre_src")
 # below this many multiply-adds per loop a step stays on one thread: a parallel loop ends in a barrier, which costs
 # ~1-5 us on a quiet machine but up to a scheduler time slice (ms) when the other core is busy (measured: LIF
 # N=64, B=16 at 49 us/step on one thread, 2349 us on two threads next to other work)
 PAR_WORK = 1 << 20
 
-
-class _Run(ctypes.Structure):
-    _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "B", "N", "I", "O", "reset_zero", "n_ref",
-                                               "full", "quant", "par_work", "loss", "T", "rec_pos",
-                                               "code_bytes", "q_nearest", "portable")]
-                + [("seed", ctypes.c_uint64)]
-                + [(n, ctypes.c_float) for n in ("alpha", "kappa", "v_th", "gamma", "pd", "pg", "ed", "rd")]
-                + [(n, ctypes.c_float * 8) for n in ("q_scale", "q_min", "q_max")]
-                + [(n, ctypes.c_void_p) for n in _PTRS])
-
-
 # ------------------------------------------------------------------------------------------ the library
-_FN = ctypes.c_void_p
-SYMBOLS = {
-    "ni_forward": (None, [_FN, _FN]), "ni_update": (None, [_FN]), "ni_run": (None, [_FN, ctypes.c_int64, ctypes.c_int64]),
-    "ni_chunk_prepare": (ctypes.c_int64, [_FN, _FN]), "ni_chunk_carry": (None, [_FN, _FN]),
-    "ni_pack": (None, [_FN, ctypes.c_int64, ctypes.c_int64, _FN, _FN]), "ni_abi": (ctypes.c_int, []),
-    "ni_stream": (None, [_FN, ctypes.c_int64, ctypes.c_int64]),
-    "ni_random_words": (ctypes.c_uint32, [ctypes.c_int64, ctypes.c_uint32]),
-}
-
-
-def _check_abi(lib: ctypes.CDLL) -> None:
-    if lib.ni_abi() != ctypes.sizeof(_Run):
-        raise OSError(f"fused step ABI mismatch: C struct {lib.ni_abi()} bytes, ctypes {ctypes.sizeof(_Run)}")
-
-
-def new_library() -> NativeLibrary:
-    """A fresh, not yet loaded handle on the fused step's library (tests swap :data:`LIBRARY` for one)."""
-    return NativeLibrary("fused_step.c", SYMBOLS, check=_check_abi)
-
-
-LIBRARY = new_library()
+LIBRARY = new_library()  # tests swap it for a fresh one (``new_library()``)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -124,9 +84,9 @@ def _cell_code(cell) -> tuple[int, int] | None:
 
     if isinstance(cell, LIFRNN):   # the chip neuron options (synaptic current, >=) run unfused
         plain = cell.tau_syn is None and cell.threshold_compare == ">" and cell.max_spikes == 1 and not cell.reset_leaks
-        return (_MODELS["lif"], 0) if plain else None
-    if isinstance(cell, RateRNN) and cell.activation_name in _ACTS:
-        return _MODELS[cell.form], _ACTS[cell.activation_name]
+        return (MODELS["lif"], 0) if plain else None
+    if isinstance(cell, RateRNN) and cell.activation_name in ACTS:
+        return MODELS[cell.form], ACTS[cell.activation_name]
     return None
 
 
@@ -213,11 +173,11 @@ class FusedOnline:
             "elig_rec": codes(b, n, n) if self.full else None, "elig_in": codes(b, n, i) if self.full else None,
             "elig_bias": codes(b, n) if self.full else None, "ro": empty(b, n), "ro_bias": empty(b, 1),
         }
-        r = _Run()
+        r = RunStruct()
         r.model, r.actfn, r.B, r.N, r.I, r.O = model, actfn, b, n, i, o
         r.full, r.par_work = int(self.full), PAR_WORK
         r.pd, r.pg, r.ed, r.rd = (float(v) for v in spec)
-        if model == _MODELS["lif"]:
+        if model == MODELS["lif"]:
             r.alpha, r.kappa = float(cell.alpha), float(cell.kappa)
             r.v_th, r.gamma = float(cell.v_th), float(cell.gamma)
             r.reset_zero, r.n_ref = int(cell.reset == "zero"), int(cell.n_refractory)
@@ -226,7 +186,7 @@ class FusedOnline:
         if quantiser is not None:
             r.quant, r.code_bytes = 1, code.itemsize
             r.q_nearest = int(getattr(quantiser, "rounding", "stochastic") == "nearest")
-            for k, name in enumerate(_QUANT_NAMES):
+            for k, name in enumerate(QUANT_NAMES):
                 g = quantiser.grids[name]
                 r.q_scale[k], r.q_min[k], r.q_max[k] = g.scale, g.code_min, g.code_max
         self.quantised = quantiser is not None
@@ -266,7 +226,7 @@ class FusedOnline:
         for name, t in self.buf.items():
             if t is not None and not name.startswith("elig"):
                 t.zero_()
-        if self.model == _MODELS["voltage"]:  # the kernel keeps act = f(x) between steps
+        if self.model == MODELS["voltage"]:  # the kernel keeps act = f(x) between steps
             self.buf["act"].copy_(self.cell.activation.f(self.buf["x"]))
         self._elig_zero = True  # the full traces are zero; their buffers are written when first needed
         self._pending = 0
@@ -306,7 +266,7 @@ class FusedOnline:
         from neuroinit.cells.rate import RateState
 
         bf = self.buf
-        if self.model == _MODELS["lif"]:
+        if self.model == MODELS["lif"]:
             return LIFState(v=bf["x"], z=bf["z"], ref=bf["ref"], y=bf["y"])
         return RateState(bf["x"])
 
@@ -366,8 +326,8 @@ class FusedOnline:
         """Steps ``t0 <= t < t1`` of ``inputs`` (T, B, I) in one native call, with the output error of loss
         ``"mse"`` (``scale[t, b] * (y - targets[t, b])``) or ``"ce"`` (``scale * (softmax(y) - onehot(label))``),
         ``scale = mask / sum(mask)``; outputs go to ``outputs`` (T, B, O) (float32, contiguous)."""
-        if loss not in _LOSSES:
-            raise ValueError(f"Invalid loss {loss!r}: the fused run supports {', '.join(_LOSSES)}")
+        if loss not in LOSSES:
+            raise ValueError(f"Invalid loss {loss!r}: the fused run supports {', '.join(LOSSES)}")
         r = self.run_struct
         t_len = inputs.shape[0]
         t1 = t_len if t1 is None else t1
@@ -375,7 +335,7 @@ class FusedOnline:
         for t in keep[:3] + ([targets] if loss == "mse" else [labels]):
             if t is None or not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("Invalid fused run buffers: contiguous CPU tensors needed")
-        r.loss, r.T = _LOSSES[loss], t_len
+        r.loss, r.T = LOSSES[loss], t_len
         r.inputs, r.scale, r.outputs = inputs.data_ptr(), scale.data_ptr(), outputs.data_ptr()
         r.targets, r.labels = _ptr(targets), _ptr(labels)
         self._keep = keep  # keep the buffers alive while the struct points at them
@@ -524,4 +484,4 @@ def make_backend(cell, batch_size: int, params, grads: dict[str, torch.Tensor], 
 
 def trial_supported(batch, task) -> bool:
     """Whether :meth:`FusedOnline.run_trial` runs ``task``'s loss on ``batch`` (else the per-step path runs)."""
-    return task.loss_kind in _LOSSES and batch.inputs.device.type == "cpu"
+    return task.loss_kind in LOSSES and batch.inputs.device.type == "cpu"
