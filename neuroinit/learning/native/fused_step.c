@@ -111,29 +111,57 @@ typedef struct {
     int k, nearest;
 } RowQ;
 
-static NO_CONTRACT void codes_scalar(void *codes, int bytes, const float *pre, int64_t i0, int64_t n,
-                                     const RowQ *q, float *g) {
+/* The portable loop (any CPU; the same codes as the AVX-512 kernel below): per block of G elements its 16
+   random words, then 16 lanes at a time, written so that the compiler vectorises it (AVX2, NEON). */
+static inline __attribute__((always_inline)) NO_CONTRACT void lanes16(void *codes, const int bytes,
+        const int nearest, const float *pre, int64_t i0, int64_t m, const uint32_t *w, int shift, const RowQ *q,
+        float *g) {
     EXACT_FP
-    const int64_t G = 16 * (32 / q->k);
-    const uint32_t mask = (uint32_t)((1ull << q->k) - 1);
-    const float inv = 1.0f / (float)(1 << q->k);
-    int8_t *c8 = codes;
-    int16_t *c16 = codes;
-    for (int64_t i = i0; i < n; i++) {
-        const float c = bytes == 1 ? (float)c8[i] : (float)c16[i];
-        const float t1 = q->ed * c, t2 = q->ps * pre[i];
+    const int k = bytes == 1 ? 8 : 16;
+    const int32_t mask = (1 << k) - 1;
+    const float ed = q->ed, ps = q->ps, lo = q->lo, hi = q->hi, ls = q->ls, inv = 1.0f / (float)(1 << k);
+    int8_t *c8 = (int8_t *)codes + i0;
+    int16_t *c16 = (int16_t *)codes + i0;
+    const float *p = pre + i0;
+    float *gr = g + i0;
+#pragma omp simd
+    for (int64_t l = 0; l < m; l++) {
+        const float c = bytes == 1 ? (float)c8[l] : (float)c16[l];
+        const float t1 = ed * c, t2 = ps * p[l];
         float x = t1 + t2;
-        x = x > q->lo ? x : q->lo; /* NaN -> lo */
-        x = x < q->hi ? x : q->hi;
-        int32_t code;
-        if (q->nearest) {
-            code = (int32_t)rintf(x * inv);
-        } else {
-            const uint32_t w = mix32((q->ctr + (uint32_t)((i / G) * 16 + i % 16)) * GOLD ^ q->key);
-            code = ((int32_t)rintf(x) + (int32_t)((w >> (q->k * ((i % G) / 16))) & mask)) >> q->k;
+        x = x > lo ? x : lo; /* NaN -> lo */
+        x = x < hi ? x : hi;
+        const int32_t code = nearest ? (int32_t)rintf(x * inv)
+                                     : ((int32_t)rintf(x) + (int32_t)((w[l] >> shift) & (uint32_t)mask)) >> k;
+        if (bytes == 1) c8[l] = (int8_t)code; else c16[l] = (int16_t)code;
+        gr[l] += ls * (float)code;
+    }
+}
+static inline __attribute__((always_inline)) NO_CONTRACT void codes_scalar_w(void *codes, const int bytes,
+        const int nearest, const float *pre, int64_t n, const RowQ *q, float *g) {
+    EXACT_FP
+    const int k = bytes == 1 ? 8 : 16, S = 32 / k;
+    const int64_t G = 16 * S;
+    uint32_t w[16] = {0};
+    for (int64_t i = 0; i < n; i += G) {
+        if (!nearest) {
+            const uint32_t base = q->ctr + (uint32_t)(i / G) * 16;
+#pragma omp simd
+            for (int l = 0; l < 16; l++) w[l] = mix32((base + (uint32_t)l) * GOLD ^ q->key);
         }
-        if (bytes == 1) c8[i] = (int8_t)code; else c16[i] = (int16_t)code;
-        g[i] += q->ls * (float)code;
+        for (int s = 0; s < S && i + 16 * s < n; s++) {
+            const int64_t left = n - i - 16 * s;
+            lanes16(codes, bytes, nearest, pre, i + 16 * s, left < 16 ? left : 16, w, k * s, q, g);
+        }
+    }
+}
+static NO_CONTRACT void codes_scalar(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g) {
+    if (q->nearest) {
+        if (bytes == 1) codes_scalar_w(codes, 1, 1, pre, n, q, g);
+        else codes_scalar_w(codes, 2, 1, pre, n, q, g);
+    } else {
+        if (bytes == 1) codes_scalar_w(codes, 1, 0, pre, n, q, g);
+        else codes_scalar_w(codes, 2, 0, pre, n, q, g);
     }
 }
 
@@ -238,7 +266,7 @@ static void chip_row(void *codes, int bytes, const float *pre, int64_t n, const 
     }
 #endif
     (void)portable;
-    codes_scalar(codes, bytes, pre, 0, n, q, g);
+    codes_scalar(codes, bytes, pre, n, q, g);
 }
 
 /* random words per row of n codes (a whole number of 16-word blocks) */
