@@ -22,9 +22,9 @@ PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
 FULL = ("elig_rec", "elig_in", "elig_bias")
 
 
-def _cell(profile: str, n: int, *, model: str = "rate"):
+def _cell(profile: str, n: int, *, model: str = "rate", n_in: int = 3):
     g = torch.Generator().manual_seed(0)
-    p, _ = hardware_init(model, 3, n, 2, 1.3, profile, generator=g, out_of_range="clamp")
+    p, _ = hardware_init(model, n_in, n, 2, 1.3, profile, generator=g, out_of_range="clamp")
     kw = {"form": "rate", "alpha": 0.3} if model == "rate" else {"v_th": 0.5}
     return make_cell(model, p, profile=profile, **kw)
 
@@ -83,11 +83,13 @@ def _torch_codes(k: _Kernel, tr: Traces, post: torch.Tensor, quantise=None) -> d
     return {n: (v / k.q.grids[n].scale).round().to(torch.int64) for n, v in new.items()}
 
 
-@pytest.mark.parametrize("profile", ["loihi-like", "reckon-like"])
+@pytest.mark.parametrize("profile,n,n_in", [("loihi-like", 70, 3), ("reckon-like", 70, 3), ("loihi-like", 5, 1100)])
 @pytest.mark.parametrize("portable", [False, True])
-def test_integer_traces_equal_the_pytorch_chip_path_with_nearest_rounding(profile, portable):
-    # n = 70: whole vector blocks and masked tails; int8 codes (loihi, 7 bits) and int16 (reckon, 12 bits)
-    cell = _cell(profile, 70)
+def test_integer_traces_equal_the_pytorch_chip_path_with_nearest_rounding(profile, n, n_in, portable):
+    # n = 70: whole vector blocks and masked tails; int8 codes (loihi, 7 bits) and int16 (reckon, 12 bits); the
+    # input and bias traces of a block of rows go through the kernel together, input rows longer than a piece
+    # (1100 inputs) one at a time
+    cell = _cell(profile, n, n_in=n_in)
     k = _Kernel(cell, 3, "nearest", portable=portable)
     assert k.fz.buf["elig_rec"].dtype == (torch.int8 if profile == "loihi-like" else torch.int16)
     gen = torch.Generator().manual_seed(1)
@@ -102,12 +104,13 @@ def test_integer_traces_equal_the_pytorch_chip_path_with_nearest_rounding(profil
         for name in FULL:
             assert torch.equal(got[name], want[name]), name
         # the gradient of the rounded traces (accumulate_step on the PyTorch path's values)
-        values = {n: want[n].float() * k.q.grids[n].scale for n in FULL}
-        ref = {n: torch.zeros_like(g) for n, g in k.grads.items()}
+        values = {name: want[name].float() * k.q.grids[name].scale for name in FULL}
+        ref = {name: torch.zeros_like(g) for name, g in k.grads.items()}
         f = LocalFactors(tr.pre_rec, tr.pre_in, post, tr.readout)
         accumulate_step(ref, err, cell.w_out.detach(), f, tr._replace(**values))
-        for n in PARAMS:
-            assert float((k.grads[n] - ref[n]).abs().max()) <= 1e-5 * max(1.0, float(ref[n].abs().max())), n
+        for name in PARAMS:
+            scale = max(1.0, float(ref[name].abs().max()))
+            assert float((k.grads[name] - ref[name]).abs().max()) <= 1e-5 * scale, name
 
 
 def test_vector_and_scalar_kernels_draw_the_same_random_bits():

@@ -7,6 +7,10 @@ stay in cache across the batch) and draws ``k = 8 c`` random bits per element (`
 counter-based generator). The lower bound on a step is ``max(bytes / bandwidth, words / word rate)``, with the
 bandwidth of the level the working set (codes + weights + gradient) lives in (the calibration's) and the word
 rate of the generator measured on this machine (:func:`random_word_rate`, once per process).
+
+For comparison the result also holds ``in_cache_bound_us``: the same elements at the rate the kernel itself
+reaches on one row resident in L1 (:func:`in_cache_rate`): the ceiling of its per-element arithmetic (load,
+update, round, store, gradient), which is what bounds it on CPUs where codes and random bits are cheap.
 """
 
 from __future__ import annotations
@@ -36,6 +40,25 @@ def random_word_rate() -> float | None:
     return n / best
 
 
+@functools.lru_cache(maxsize=2)
+def in_cache_rate(code_bytes: int) -> float | None:
+    """Trace elements per second the chip kernel updates (stochastic rounding, gradient included) on one row of
+    1024 codes kept in L1 (best of 5 runs); None without the native library."""
+    from neuroinit.learning import fused
+
+    lib = fused.LIBRARY.load()
+    if lib is None:
+        return None
+    n, reps = 1024, 2000
+    lib.ni_chip_probe(reps // 10, n, code_bytes)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        lib.ni_chip_probe(reps, n, code_bytes)
+        best = min(best, time.perf_counter() - t0)
+    return n * reps / best
+
+
 def chip_roofline(n: int, b: int, n_in: int, code_bytes: int, calib: dict, *, word_rate: float | None = None
                   ) -> dict | None:
     """Lower bound (module docstring) on one chip-precision step with full traces stored in ``code_bytes``-byte
@@ -56,7 +79,8 @@ def chip_roofline(n: int, b: int, n_in: int, code_bytes: int, calib: dict, *, wo
     return {"code_bytes": code_bytes, "bytes_per_step": bytes_, "random_words_per_step": words,
             "working_set_bytes": working_set, "memory_level": level, "random_words_per_s": rate,
             "memory_bound_us": t_mem * 1e6, "random_bound_us": t_rng * 1e6, "bound_us": max(t_mem, t_rng) * 1e6,
-            "bound_by": "memory" if t_mem >= t_rng else "random"}
+            "bound_by": "memory" if t_mem >= t_rng else "random",
+            "in_cache_bound_us": None if (r := in_cache_rate(code_bytes)) is None else elements / r * 1e6}
 
 
 def chip_code_bytes(variant: str, n: int, profile: str) -> int | None:

@@ -119,10 +119,11 @@ def code_dtype(quantiser) -> torch.dtype:
 
 
 def _counters_fit(batch_size: int, n_hidden: int, code: torch.dtype) -> bool:
-    """Whether every random word of a step has its own 32-bit counter: B N rows of ceil(N / G) blocks of 16 words
-    (G = 64 int8 or 32 int16 codes per block; ``chip_elig``), below 2^32 (e.g. B = 64 up to N = 4096)."""
+    """Whether every random word of a step has its own 32-bit counter (``chip_elig``): B N rows of ceil(n / G)
+    blocks of 16 words (G = 64 int8 or 32 int16 codes per block; n = N for the recurrent trace, 1024 for a piece
+    of the input and bias traces), below 2^32 (e.g. B = 64 up to N = 4096)."""
     per_block = 64 if code == torch.int8 else 32
-    return batch_size * n_hidden * -(-n_hidden // per_block) * 16 < 2 ** 32
+    return batch_size * n_hidden * -(-max(n_hidden, 1024) // per_block) * 16 < 2 ** 32
 
 
 def _quantiser_problem(quantiser) -> str | None:

@@ -109,6 +109,7 @@ typedef struct {
     float ls;             /* L s */
     uint32_t key, ctr;    /* the row's random words: mix32(GOLD (ctr + w) ^ key), w = 0, 1, ... */
     int k, nearest;
+    const float *ps_v, *ls_v; /* per-element ps and ls instead of ps and ls (NULL: the scalars) */
 } RowQ;
 
 /* The portable loop (any CPU; the same codes as the AVX-512 kernel below): per block of G elements its 16
@@ -122,19 +123,19 @@ static inline __attribute__((always_inline)) NO_CONTRACT void lanes16(void *code
     const float ed = q->ed, ps = q->ps, lo = q->lo, hi = q->hi, ls = q->ls, inv = 1.0f / (float)(1 << k);
     int8_t *c8 = (int8_t *)codes + i0;
     int16_t *c16 = (int16_t *)codes + i0;
-    const float *p = pre + i0;
+    const float *p = pre + i0, *psv = q->ps_v ? q->ps_v + i0 : NULL, *lsv = q->ls_v ? q->ls_v + i0 : NULL;
     float *gr = g + i0;
 #pragma omp simd
     for (int64_t l = 0; l < m; l++) {
         const float c = bytes == 1 ? (float)c8[l] : (float)c16[l];
-        const float t1 = ed * c, t2 = ps * p[l];
+        const float t1 = ed * c, t2 = (psv ? psv[l] : ps) * p[l];
         float x = t1 + t2;
         x = x > lo ? x : lo; /* NaN -> lo */
         x = x < hi ? x : hi;
         const int32_t code = nearest ? (int32_t)rintf(x * inv)
                                      : ((int32_t)rintf(x) + (int32_t)((w[l] >> shift) & (uint32_t)mask)) >> k;
         if (bytes == 1) c8[l] = (int8_t)code; else c16[l] = (int16_t)code;
-        gr[l] += ls * (float)code;
+        gr[l] += (lsv ? lsv[l] : ls) * (float)code;
     }
 }
 static inline __attribute__((always_inline)) NO_CONTRACT void codes_scalar_w(void *codes, const int bytes,
@@ -181,10 +182,10 @@ typedef struct {
 
 /* 16 codes (as int32) from 16 stored codes c: the update above; r: their random bits (k of them) */
 static inline __attribute__((always_inline)) __m512i code16(__m512 c, const float *pre, __mmask16 m, __m512i r,
-                                                            const RowV *v, const int k, const int nearest, const int inc) {
+        __m512 ps, const RowV *v, const int k, const int nearest, const int inc) {
     __m512 x = _mm512_mul_ps(c, v->ed);
     if (inc) /* fl(ed c) + fl(ps pre), never fused; without an increment (post 0) x = fl(ed c) + 0, the same */
-        x = _mm512_add_round_ps(x, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), v->ps),
+        x = _mm512_add_round_ps(x, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), ps),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm512_min_ps(_mm512_max_ps(x, v->lo), v->hi);
     if (nearest) return _mm512_cvtps_epi32(_mm512_mul_ps(x, v->inv));
@@ -192,21 +193,23 @@ static inline __attribute__((always_inline)) __m512i code16(__m512 c, const floa
 }
 /* 16 codes of one row at i0 (mask m): load, update, store, add to the gradient */
 static inline __attribute__((always_inline)) void group16(void *codes, const int bytes, const int nearest,
-        const int inc, const float *pre, int64_t i0, __mmask16 m, __m512i r, const RowV *v, float *g) {
+        const int inc, const int vec, const float *pre, int64_t i0, __mmask16 m, __m512i r, const RowV *v,
+        const RowQ *q, float *g) {
+    const __m512 ps = vec ? _mm512_maskz_loadu_ps(m, q->ps_v + i0) : v->ps;
+    const __m512 ls = vec ? _mm512_maskz_loadu_ps(m, q->ls_v + i0) : v->ls;
     __m512i code;
     if (bytes == 1) {
         int8_t *e = (int8_t *)codes + i0;
-        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, e))), pre + i0, m, r, v, 8,
-                      nearest, inc);
+        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, e))), pre + i0, m, r, ps, v,
+                      8, nearest, inc);
         _mm_mask_storeu_epi8(e, m, _mm512_cvtepi32_epi8(code));
     } else {
         int16_t *e = (int16_t *)codes + i0;
-        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, e))), pre + i0, m, r, v,
-                      16, nearest, inc);
+        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, e))), pre + i0, m, r,
+                      ps, v, 16, nearest, inc);
         _mm256_mask_storeu_epi16(e, m, _mm512_cvtepi32_epi16(code));
     }
-    _mm512_mask_storeu_ps(g + i0, m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), v->ls,
-                                                     _mm512_maskz_loadu_ps(m, g + i0)));
+    _mm512_mask_storeu_ps(g + i0, m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), ls, _mm512_maskz_loadu_ps(m, g + i0)));
 }
 /* the random bits of group s (0 .. 32 / k - 1) of a block, from its 16 words */
 static inline __attribute__((always_inline)) __m512i bits_of(__m512i w, const int bytes, const int s) {
@@ -216,7 +219,7 @@ static inline __attribute__((always_inline)) __m512i bits_of(__m512i w, const in
 }
 /* the same values as codes_scalar, 16 lanes at a time (the last block masked) */
 static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, const int bytes, const int nearest,
-        const int inc, const float *pre, int64_t n, const RowQ *q, float *g) {
+        const int inc, const int vec, const float *pre, int64_t n, const RowQ *q, float *g) {
     const int64_t G = bytes == 1 ? 64 : 32;
     const int S = (int)(G / 16);
     const RowV v = {_mm512_set1_ps(q->ed), _mm512_set1_ps(q->ps), _mm512_set1_ps(q->lo), _mm512_set1_ps(q->hi),
@@ -230,29 +233,37 @@ static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, co
     for (; i + G <= n; i += G, c = _mm512_add_epi32(c, step)) {
         if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
         for (int s = 0; s < S; s++)
-            group16(codes, bytes, nearest, inc, pre, i + 16 * s, 0xffff, bits_of(w, bytes, s), &v, g);
+            group16(codes, bytes, nearest, inc, vec, pre, i + 16 * s, 0xffff, bits_of(w, bytes, s), &v, q, g);
     }
     if (i < n) {
         if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
         for (int s = 0; s < S && i + 16 * s < n; s++) {
             const int64_t left = n - i - 16 * s;
-            group16(codes, bytes, nearest, inc, pre, i + 16 * s, left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1),
-                    bits_of(w, bytes, s), &v, g);
+            group16(codes, bytes, nearest, inc, vec, pre, i + 16 * s,
+                    left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), bits_of(w, bytes, s), &v, q, g);
         }
     }
 }
 static void codes_avx512(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g) {
     /* constant widths and modes: the group loops unroll, shifts and masks are immediates */
-    const int inc = q->ps != 0.0f;
-    if (q->nearest) {
-        if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 1, 1, pre, n, q, g);
+    const int inc = q->ps_v || q->ps != 0.0f;
+    if (q->ps_v) { /* per-element factors: the input and bias traces of a block of rows */
+        if (q->nearest) {
+            if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 1, pre, n, q, g);
+            else codes_avx512_w(codes, 2, 1, 1, 1, pre, n, q, g);
+        } else {
+            if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 1, pre, n, q, g);
+            else codes_avx512_w(codes, 2, 0, 1, 1, pre, n, q, g);
+        }
+    } else if (q->nearest) {
+        if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 1, 1, 0, pre, n, q, g);
     } else if (inc) {
-        if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 0, 1, pre, n, q, g);
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 1, 0, pre, n, q, g);
     } else {
-        if (bytes == 1) codes_avx512_w(codes, 1, 0, 0, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 0, 0, pre, n, q, g);
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 0, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 0, 0, pre, n, q, g);
     }
 }
 #endif
@@ -283,31 +294,62 @@ static int zero_codes(const char *c, int64_t n) {
     return any == 0;
 }
 
-/* The integer eligibility traces of rows j0 <= j < j1 of batch element b (recurrent, input, bias), with their
-   gradients: the chip branch of ni_update. */
+/* The integer eligibility traces of rows j0 <= j < j1 of batch element b, with their gradients (the chip branch
+   of ni_update): the recurrent trace one row (N codes) at a time, the input and bias traces of the block's rows
+   together (contiguous: I codes per row, one per row), with the row's factors repeated per element. A row of
+   the recurrent trace takes words from ctr = row * row_words(N); a piece of up to CHIP_PIECE input or bias codes
+   starting at row j takes them from ctr = (b N + j) row_words(CHIP_PIECE). */
+#define CHIP_PIECE 1024
 static void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
     const int64_t N = r->N, I = r->I;
-    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16;
+    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
     const float two_k = (float)(1 << k);
-    const float *pr = r->pre_rec + b * N, *pi = r->pre_in + b * I, *pb = r->pre_bias + b;
-    const int which[3] = {Q_ELIG_REC, Q_ELIG_IN, Q_ELIG_BIAS};
-    const int64_t len[3] = {N, I, 1};
-    const float *pre[3] = {pr, pi, pb};
-    char *base[3] = {r->elig_rec, r->elig_in, r->elig_bias};
+    const float s_rec = r->q_scale[Q_ELIG_REC], f_rec = two_k / s_rec;
     for (int64_t j = j0; j < j1; j++) {
         const int64_t row = b * N + j;
-        const float p = r->post[row], l = r->L[row];
-        float *grad[3] = {r->g_rec + j * N, r->g_in + j * I, r->g_bias + j};
+        const float p = r->post[row];
+        char *codes = (char *)r->elig_rec + row * N * bytes;
         /* no increment and zero codes: every x is 0, the codes stay 0 and add nothing (LIF: a neuron away from
            threshold whose traces have decayed away) */
-        if (p == 0.0f && zero_codes(base[0] + row * N * bytes, N * bytes) && zero_codes(base[1] + row * I * bytes,
-                I * bytes) && zero_codes(base[2] + row * bytes, bytes))
+        if (p == 0.0f && zero_codes(codes, N * bytes))
             continue;
-        for (int t = 0; t < 3; t++) {
-            const float s = r->q_scale[which[t]];
-            RowQ q = {two_k * r->ed, p * (two_k / s), two_k * r->q_min[which[t]], two_k * r->q_max[which[t]],
-                      l * s, keys[t], (uint32_t)row * row_words(len[t], k), k, (int)r->q_nearest};
-            chip_row(base[t] + row * len[t] * bytes, bytes, pre[t], len[t], &q, grad[t], (int)r->portable);
+        RowQ q = {two_k * r->ed, p * f_rec, two_k * r->q_min[Q_ELIG_REC], two_k * r->q_max[Q_ELIG_REC],
+                  r->L[row] * s_rec, keys[0], (uint32_t)row * row_words(N, k), k, (int)r->q_nearest, NULL, NULL};
+        chip_row(codes, bytes, r->pre_rec + b * N, N, &q, r->g_rec + j * N, portable);
+    }
+    float pre[CHIP_PIECE], ps[CHIP_PIECE], ls[CHIP_PIECE];
+    for (int t = 1; t < 3; t++) { /* input, bias */
+        const int which = t == 1 ? Q_ELIG_IN : Q_ELIG_BIAS;
+        const int64_t len = t == 1 ? I : 1; /* codes per row */
+        if (len == 0) continue;
+        const float s = r->q_scale[which], f = two_k / s;
+        const float *src = t == 1 ? r->pre_in + b * I : r->pre_bias + b;
+        const int64_t rows = CHIP_PIECE / len > 0 ? CHIP_PIECE / len : 1;
+        for (int64_t ja = j0; ja < j1; ja += rows) {
+            const int64_t jz = ja + rows < j1 ? ja + rows : j1, n = (jz - ja) * len;
+            if (n > CHIP_PIECE) { /* an input row longer than a piece: one row at a time */
+                for (int64_t j = ja; j < jz; j++) {
+                    RowQ q = {two_k * r->ed, r->post[b * N + j] * f, two_k * r->q_min[which], two_k * r->q_max[which],
+                              r->L[b * N + j] * s, keys[t], (uint32_t)(b * N + j) * row_words(len, k), k,
+                              (int)r->q_nearest, NULL, NULL};
+                    chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q,
+                             r->g_in + j * len, portable);
+                }
+                continue;
+            }
+            for (int64_t j = ja, e = 0; j < jz; j++) {
+                const float pj = r->post[b * N + j] * f, lj = r->L[b * N + j] * s;
+                for (int64_t i = 0; i < len; i++, e++) {
+                    pre[e] = src[i];
+                    ps[e] = pj;
+                    ls[e] = lj;
+                }
+            }
+            char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
+            float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
+            RowQ q = {two_k * r->ed, 0.0f, two_k * r->q_min[which], two_k * r->q_max[which], 0.0f, keys[t],
+                      (uint32_t)(b * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls};
+            chip_row(codes, bytes, pre, n, &q, g, portable);
         }
     }
 }
@@ -826,6 +868,26 @@ uint32_t ni_random_words(int64_t n, uint32_t key) {
     for (int64_t w = 0; w < n; w++) acc ^= mix32((uint32_t)w * GOLD ^ key);
 #endif
     return acc;
+}
+
+/* In-cache rate probe for the chip path's roofline (neuroinit.bench): ``reps`` updates of one row of ``n`` codes
+   (``bytes`` each, n <= 4096: codes, presynaptic trace and gradient stay in L1/L2) through the same kernel as
+   chip_elig, stochastic rounding, a post factor that keeps the codes moving; returns a checksum. */
+float ni_chip_probe(int64_t reps, int64_t n, int64_t bytes) {
+    static int16_t codes[4096];
+    static float pre[4096], g[4096];
+    n = n > 4096 ? 4096 : n;
+    for (int64_t i = 0; i < n; i++) { codes[i] = 0; pre[i] = (float)(i % 13) * 0.25f; g[i] = 0.0f; }
+    const int k = bytes == 1 ? 8 : 16;
+    const float two_k = (float)(1 << k);
+    for (int64_t t = 0; t < reps; t++) {
+        RowQ q = {two_k * 0.9f, two_k * (t % 3 ? 0.7f : 0.0f) * 0.5f, two_k * -64.0f, two_k * 63.0f, 0.01f,
+                  mix32((uint32_t)t), (uint32_t)t * row_words(n, k), k, 0, NULL, NULL};
+        chip_row(codes, (int)bytes, pre, n, &q, g, 0);
+    }
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += g[i];
+    return sum;
 }
 
 int ni_abi(void) { return (int)sizeof(Run); }
