@@ -34,7 +34,9 @@ def main(paths: list[str]) -> None:
                   f"{c['max_rel_error']:.1e} | {c['tolerance']:.0e} | {'yes' if c['ok'] else 'NO'} |")
         print()
         print("Environment: `" + json.dumps(env, sort_keys=True) + "`\n")
-        print("Calibration: `" + json.dumps(res["calibration"], sort_keys=True) + "`\n")
+        for threads, cal in (res.get("calibrations") or {"": res["calibration"]}).items():
+            at = f" at {threads} thread(s)" if threads else ""
+            print(f"Calibration{at}: `" + json.dumps(cal, sort_keys=True) + "`\n")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# The CPU benchmark stored in benchmarks/results/ (see benchmarks/README.md): LIF first (its peers are snntorch
-# and norse), then the rate networks (voltage-form e-prop and RFLO), each into its own JSON, then the tables.
-# Usage: bash benchmarks/run_cpu.sh [PROFILE] [THREADS] [LIF_HIDDEN] [RATE_HIDDEN] [BATCH] [REPEATS]
+# The CPU benchmark stored in benchmarks/results/ (see benchmarks/README.md), ~5-8 min on 2 cores:
+#   1. LIF N=256, B=1,16,64, every method (the peer margins of issue 16; the plain-PyTorch fallback shown here
+#      only), recalibrating, with memory vs T;
+#   2. LIF N=512, B=64 (the roofline target at N >= 512, B = 64);
+#   3. rate networks (voltage-form e-prop and RFLO) at N=512,1024, B=16,64 (the RFLO roofline targets);
+# then renders the three JSON files into one page. Runs 2 and 3 leave out neuroinit-torch (the plain-PyTorch
+# fallback: 10-15 s per trial at N=512, B=64, no target depends on it).
+# THREADS: "best" (default: every method at one thread and at all CPUs, the faster reported with its count) or
+# a comma-separated list of counts (every method at each, side by side).
+# Usage: bash benchmarks/run_cpu.sh [PROFILE] [THREADS] [REPEATS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p benchmarks/results
 profile="${1:-loihi-like}"
-threads="${2:-2}"
-lif_hidden="${3:-256,512}"
-rate_hidden="${4:-512,1024}"
-batch="${5:-1,16,64}"
-repeats="${6:-5}"
-for model in lif rate; do
-    out="benchmarks/results/cpu-${model}-${profile}-t${threads}"
-    recal=""; [ "$model" = lif ] && recal="--recalibrate"
-    hvar="${model}_hidden"
-    python -m neuroinit.cli bench --profile "$profile" --model "$model" --threads "$threads" --hidden "${!hvar}" \
-        --batch "$batch" --repeats "$repeats" --steps 100 $recal --json "$out.json" > "$out.txt" 2> "$out.log"
-done
-python benchmarks/render.py benchmarks/results/cpu-*-"${profile}"-t"${threads}".json \
-    > "benchmarks/results/cpu-${profile}-t${threads}.md"
+threads="${2:-best}"
+repeats="${3:-5}"
+tag="cpu-${profile}-t${threads//,/-}"
+no_torch="neuroinit-fused,autograd-eprop,bptt,snntorch-bptt,norse-bptt"
+run() {  # NAME then bench options
+    local out="benchmarks/results/${tag}-$1"; shift
+    python -m neuroinit.cli bench --profile "$profile" --threads "$threads" --repeats "$repeats" --steps 100 \
+        "$@" --json "$out.json" > "$out.txt" 2> "$out.log"
+}
+run lif256 --model lif --hidden 256 --batch 1,16,64 --recalibrate
+run lif512 --model lif --hidden 512 --batch 64 --methods "$no_torch" --no-memory-scaling
+run rate --model rate --hidden 512,1024 --batch 16,64 --methods "$no_torch"
+python benchmarks/render.py "benchmarks/results/${tag}-lif256.json" "benchmarks/results/${tag}-lif512.json" \
+    "benchmarks/results/${tag}-rate.json" > "benchmarks/results/${tag}.md"

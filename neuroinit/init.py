@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from neuroinit.cells import cell_class
 from neuroinit.cells.base import QUANTISED_PARAMS, CellParams, chip_grids
 from neuroinit.profiles import HardwareProfile, load_profile
 from neuroinit.quantize import Grid, choose_grid, quantize
@@ -235,16 +236,16 @@ def hardware_init(model: str, n_in: int, n_hidden: int, n_out: int, gain: float,
     ``rounding``: ``"nearest"`` or ``"stochastic"`` (the latter draws from ``generator``).
     ``io_init``: how ``W_in`` and ``W_out`` are drawn (:data:`IO_INITS`, module docstring).
     """
-    if model not in ("rate", "lif"):
-        raise ValueError(f"Invalid model {model!r}: allowed 'rate', 'lif'")
+    spiking = cell_class(model).spiking  # ValueError naming the registered models
+
     if out_of_range not in ("error", "clamp"):
         raise ValueError(f"Invalid out_of_range {out_of_range!r}: allowed 'error', 'clamp'")
     if rounding not in ("nearest", "stochastic"):  # checked here too: float profiles never reach the rounding
         raise ValueError(f"Invalid rounding {rounding!r}: allowed 'nearest', 'stochastic'")
     profile = load_profile(profile)
     check_fits(profile, n_in, n_hidden, n_out)
-    scale = v_th if model == "lif" else 1.0
-    threshold = v_th if model == "lif" else None
+    scale = v_th if spiking else 1.0        # spiking cells: weights in units of the threshold
+    threshold = v_th if spiking else None
     interval = gain_interval(profile, n_hidden, threshold=threshold, scale=scale)
     used = gain
     if not profile.weights.is_float:

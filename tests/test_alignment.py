@@ -13,14 +13,8 @@ from click.testing import CliRunner
 
 from neuroinit.cells import PARAM_NAMES
 from neuroinit.cli import main
-from neuroinit.dynamics.alignment import (
-    KIND,
-    compare_grads,
-    fresh_alignment,
-    read_report,
-    rule_gradients,
-    summarise,
-)
+from neuroinit.dynamics.alignment import compare_grads, rule_gradients
+from neuroinit.experiments.alignment_report import KIND, fresh_alignment, read_report, summarise
 from neuroinit.experiments.train import TrainConfig, train
 from neuroinit.io.runfile import read_run
 
@@ -198,12 +192,12 @@ def test_added_fields_keep_existing_run_ids():
 # ------------------------------------------------------------------------------------------ figure
 
 def test_alignment_figure_has_a_curve_per_model_and_rule_with_labelled_ticks(tmp_path):
-    from neuroinit.dynamics.alignment import fresh_report
+    from neuroinit.experiments.alignment_report import fresh_report
     from neuroinit.experiments.alignment_plot import alignment_figure
 
     doc = fresh_report([("rate", "eprop"), ("rate", "rflo")], [0.0, 0.5, 2.0], [0, 1], batches=1, **SMALL)
     path = tmp_path / "a.json"
-    from neuroinit.dynamics.alignment import write_report
+    from neuroinit.experiments.alignment_report import write_report
 
     write_report(path, doc)
     fig, n = alignment_figure(doc)

@@ -84,7 +84,7 @@ def test_clamp_gain_reports_the_edge():
     (("--gain", "-1"), ("Invalid gain -1",)),
     (("--gain", "abc"), ("'--gain'", "'abc' is not a valid float")),
     (("--gain", "1.5", "--profile", "loihi-lik"), ("unknown profile 'loihi-lik'", "loihi-like")),
-    (("--gain", "1.5", "--model", "izhikevich"), ("'--model'", "'izhikevich' is not one of 'rate', 'lif'")),
+    (("--gain", "1.5", "--model", "izhikevich"), ("'--model'", "'izhikevich' is not one of 'alif', 'lif', 'rate'")),
     (("--gain", "1.5", "--hidden", "0"), ("'--hidden'",)),
     (("--gain", "1.5", "--hidden", "200000"), ("200000 hidden neurons exceed the limit",)),
     (("--gain", "1.5", "--rounding", "up"), ("'--rounding'", "nearest", "stochastic")),

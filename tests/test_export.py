@@ -351,3 +351,31 @@ def test_atomic_write_gives_the_finished_file_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "y.h5").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_export_run_returns_the_report_the_cli_prints(trained, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from neuroinit.cli import main
+    from neuroinit.io.export import export_run
+    from neuroinit.io.runfile import load_cell
+
+    cell, _ = trained
+    run = _run_file(tmp_path / "run.h5", cell)
+    stages = []
+    rep = export_run(str(run), "netx", str(tmp_path / "a.h5"), profile="loihi-like", trials=3,
+                     progress=stages.append)
+    assert stages == ["load", "write", "accuracy"] and rep.ok and rep.verify is None
+    assert rep.model == "lif" and rep.accuracy["arithmetic"] == "lava"
+    res = CliRunner().invoke(main, ["export", str(run), "--profile", "loihi-like", "--format", "netx", "--out",
+                                    str(tmp_path / "b.h5"), "--trials", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {**json.loads(json.dumps(rep.to_dict())), "out": str(tmp_path / "b.h5")}
+    assert load_cell(str(run), "final").grids == cell.grids      # the grids export uses: the run file's
+    with pytest.raises(ValueError, match="Invalid format 'onnx'"):
+        export_run(str(run), "onnx", str(tmp_path / "c.onnx"))
+    with pytest.raises(ValueError, match="--verify checks"):
+        export_run(str(run), "h5", str(tmp_path / "c.h5"), verify=True)
+    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "c.h5").exists()

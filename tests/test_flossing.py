@@ -177,3 +177,14 @@ def test_invalid_settings_are_rejected(kwargs, needle):
     cell = rate_cell(8, 1.0)
     with pytest.raises(ValueError, match=needle):
         floss(cell, **{"iters": 1, "generator": gen(0), **kwargs})
+
+
+def test_cli_floss_mode_choices_are_the_library_modes():
+    """Written out in the CLI so that --help does not import torch; kept equal here."""
+    from neuroinit.cli.dynamics import lyapunov_command
+    from neuroinit.cli.train import train_command
+    from neuroinit.dynamics.flossing import FLOSS_MODES
+
+    for command in (lyapunov_command, train_command):
+        param = next(p for p in command.params if p.name == "floss_mode")
+        assert tuple(param.type.choices) == FLOSS_MODES

@@ -296,3 +296,53 @@ def test_cli_text_output_and_flossing():
 ])
 def test_cli_bad_input_is_one_line(args, needles):
     _one_error_line(_lyap(*args), *needles)
+
+
+def test_cli_leaves_spectrum_and_flossing_defaults_to_the_library():
+    """The CLI passes on only what was given; the defaults its help shows in brackets are the library's."""
+    import dataclasses
+
+    from neuroinit.cli.dynamics import lyapunov_command
+    from neuroinit.experiments.lyapunov_report import FlossSettings, SpectrumSettings
+
+    params = {p.name: p for p in lyapunov_command.params}
+    options = [(f.name, getattr(SpectrumSettings(), f.name)) for f in dataclasses.fields(SpectrumSettings)]
+    options += [(f"floss_{f.name}", getattr(FlossSettings(), f.name)) for f in dataclasses.fields(FlossSettings)]
+    for name, default in options:
+        assert params[name].default is None, name
+        assert f"[{default}]" in params[name].help, (name, params[name].help)
+
+
+def test_the_library_report_is_what_the_cli_prints():
+    from neuroinit.cli import json_safe
+    from neuroinit.dynamics.flossing import DEFAULT_STEPS, DEFAULT_WARMUP
+    from neuroinit.experiments.lyapunov_report import FlossSettings, SpectrumSettings, analyse, fresh_network
+
+    result = _lyap("--model", "rate", "--hidden", "12", "--gain", "0.9", "--batch", "2", "--steps", "30",
+                   "--warmup", "5", "--k", "2", "--floss-iters", "2", "--json")
+    assert result.exit_code == 0, result.output
+    net = fresh_network("rate", 12, 0.9, seed=0)
+    report = analyse(net, SpectrumSettings(k=2, batch=2, steps=30, warmup=5), FlossSettings(iters=2), seed=0)
+    assert json.loads(json.dumps(json_safe(report.to_dict()), default=float)) == json.loads(result.stdout)
+    assert (report.floss["k"], report.floss["steps"], report.floss["warmup"]) == (1, DEFAULT_STEPS, DEFAULT_WARMUP)
+    plain = analyse(net, SpectrumSettings(k=1, batch=1, steps=10, warmup=2), seed=0)
+    assert plain.floss is None and plain.after is None and set(plain.to_dict()) == {"network", "drive", "lyapunov"}
+
+
+def test_fresh_network_refuses_the_other_models_options():
+    from neuroinit.experiments.lyapunov_report import fresh_network
+
+    with pytest.raises(ValueError, match="Invalid options alpha for model 'lif'"):
+        fresh_network("lif", 8, 1.0, alpha=0.5)
+    with pytest.raises(ValueError, match="Invalid options dt, tau_m for model 'rate'"):
+        fresh_network("rate", 8, 1.0, dt=1.0, tau_m=20.0)
+
+
+def test_cli_refuses_options_the_chosen_cell_does_not_take():
+    # the cell's own config section decides (the registry), for every registered model
+    _one_error_line(_lyap("--model", "lif", "--hidden", "8", "--gain", "1", "--alpha", "0.5"),
+                    "Invalid options --alpha for --model lif: allowed --dt, --tau-m")
+    _one_error_line(_lyap("--model", "alif", "--hidden", "8", "--gain", "1", "--form", "rate"),
+                    "Invalid options --form for --model alif")
+    _one_error_line(_lyap("--model", "rate", "--hidden", "8", "--gain", "1", "--tau-m", "20"),
+                    "allowed --alpha, --activation, --form")

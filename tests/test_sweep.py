@@ -147,6 +147,20 @@ def test_bad_spec_on_the_command_line_is_one_line(tmp_path):
     assert res.exit_code != 0 and "no such spec file" in res.output
 
 
+def test_dry_run_lists_the_planned_runs_and_writes_nothing(tmp_path):
+    spec = write_spec(tmp_path, TINY)
+    plan = sw.load_spec(spec)
+    res = CliRunner().invoke(main, ["sweep", str(spec), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert [ln.split()[:2] for ln in lines[:-1]] == [[r.run_id, "missing"] for r in plan.runs]
+    assert lines[-1] == f"{len(plan.runs)} runs in {plan.name!r}, 0 finished in {tmp_path / 'out'}"
+    res = CliRunner().invoke(main, ["sweep", str(spec), "--out", str(tmp_path / "out"), "--dry-run", "--json"])
+    doc = json.loads(res.stdout)
+    assert doc["total"] == len(plan.runs) and {r["state"] for r in doc["runs"]} == {"missing"}
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ executors
 
 def _stop(proc: subprocess.Popen) -> None:

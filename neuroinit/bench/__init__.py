@@ -1,17 +1,21 @@
 """Throughput of online learning (e-prop, RFLO) next to autograd e-prop, BPTT, snntorch and norse.
 
 For every configuration (model x hidden size N x batch B, T steps) each method runs whole trials of the same
-network, input and loss; the time per trial over T is the time per step. Reported per method: median and spread
+network, input and loss; the time per trial over T is the time per step. The methods of a configuration are timed
+together, their repeats interleaved, each at one thread and at all CPUs (``threads="best"``: the count with the
+lower median is reported) or at given counts. Reported per method: the thread count, median and spread
 (quartiles, min, max) of the time per step over ``repeats`` trials, sample-steps/s (B / step time), synaptic
 updates/s (B N (N + I + O) / step time: every weight's gradient advances once per sample-step), peak memory of
-one trial, the background CPU load during each repeat, and, for neuroinit's online rules, the fraction of the
-machine's roofline reached.
+the first trial, the background CPU load during the repeats, and, for neuroinit's online rules, the fraction of
+the machine's roofline reached.
 
 Methods (``METHODS``):
     neuroinit-fused  online e-prop / RFLO, one native call per trial (:mod:`neuroinit.learning.fused`), under the
                      chosen profile (chip-precision traces where it learns on chip) and under ``ideal``
     neuroinit-torch  the same rule through the plain PyTorch step (the fallback), ``ideal``
     autograd-eprop   the paper's method (detach where the state enters W_rec), autograd
+    neuroinit-bptt   backpropagation through time, fused (:mod:`neuroinit.learning.fused_bptt`: records, the backward
+                     recursion, weight gradients as GEMMs over all steps; what ``train`` runs for BPTT)
     bptt             backpropagation through time, autograd
     snntorch-bptt    snntorch ``RLeaky`` (all-to-all recurrent, reset by subtraction) + leaky readout, BPTT
     norse-bptt       norse ``LIFRecurrent`` (its recurrent LIF cell, reset to zero) + leaky readout, BPTT
@@ -24,7 +28,7 @@ every trace once, ``8 B N (N + I)`` bytes; a factorised one (voltage form) reads
 ``8 N (N + I)``. FLOPs: the network step ``2 B N (N + I + O)``, trace update ``3 B N (N + I)`` (stored traces),
 gradient ``2 B N (N + I)``. The lower bound is ``max(bytes / bandwidth, flops / matmul rate)`` with the
 bandwidth of the memory level the bytes live in (L2, L3 or DRAM, by working set), all measured at start-up
-(:func:`calibrate`, cached per machine).
+(:func:`calibrate`, per thread count, cached per machine where it passes :func:`calibration_problems`).
 """
 
 # ruff: noqa: F401  (re-exports: callers and tests reach every name as neuroinit.bench.<name>)
@@ -38,12 +42,16 @@ from neuroinit.bench.config import (
     quick_config,
 )
 from neuroinit.bench.machine import (
+    CALIB_ATTEMPTS,
+    CALIB_TOLERANCE,
     CPUINFO,
+    MATMUL_GFLOPS_RANGE,
     SYS_CACHE,
     _best_time,
     _cache_sizes,
     _calib_key,
     _calib_path,
+    _cpu_identity,
     _cpu_model,
     _import_quietly,
     _loadavg,
@@ -54,9 +62,12 @@ from neuroinit.bench.machine import (
     _release_free_memory,
     _status_kb,
     _stream_bandwidth,
+    available_cpus,
     calibrate,
+    calibration_problems,
     environment,
     roofline,
+    using_threads,
     working_sets,
 )
 from neuroinit.bench.peers import (
@@ -90,10 +101,14 @@ from neuroinit.bench.report import (
 )
 from neuroinit.bench.timing import (
     Result,
+    _add_ratios,
     _jobs,
+    _measure,
+    _summarise,
     _sync,
     memory_scaling,
     run_bench,
+    time_configuration,
     time_method,
     trial_memory,
 )
@@ -106,6 +121,7 @@ __all__ = [
            "BenchConfig",
            "SyntheticTask",
            "calibrate",
+           "calibration_problems",
            "check_gradients",
            "environment",
            "format_table",

@@ -8,10 +8,14 @@ import torch
 
 from neuroinit.profiles import load_profile
 
-SCHEMA_VERSION = 2  # 2: chunk_steps, own_roofline_fraction, roofline.chunked
-METHODS = ("neuroinit-fused", "neuroinit-torch", "autograd-eprop", "bptt", "snntorch-bptt", "norse-bptt")
-# model variants: rate voltage form (factorised e-prop), rate form (RFLO, N x N traces), LIF (e-prop)
-MODEL_VARIANTS = {"rate-voltage": ("rate", "voltage"), "rate-rflo": ("rate", "rate"), "lif": ("lif", None)}
+SCHEMA_VERSION = 3  # 2: chunk_steps, own_roofline_fraction, roofline.chunked; 3: threads per row, calibrations
+# per thread count, background_load_window
+METHODS = ("neuroinit-fused", "neuroinit-torch", "autograd-eprop", "neuroinit-bptt", "bptt", "snntorch-bptt",
+           "norse-bptt")
+# model variants: rate voltage form (factorised e-prop), rate form (RFLO, N x N traces), LIF (e-prop), adaptive LIF
+# (e-prop with two eligibility components; no fused kernel: PyTorch path; norse's LSNNRecurrent as peer)
+MODEL_VARIANTS = {"rate-voltage": ("rate", "voltage"), "rate-rflo": ("rate", "rate"), "lif": ("lif", None),
+                  "alif": ("alif", None)}
 N_IN, N_OUT = 8, 2
 
 
@@ -33,10 +37,13 @@ class BenchConfig:
     memory_scaling: bool = True       # peak memory of online vs BPTT at T and 10 T (one configuration)
     recalibrate: bool = False
     max_seconds_per_method: float = 30.0  # fewer repeats for a method whose first trial is slower than this / 3
+    # "best": every method timed at one thread and at all available CPUs (repeats interleaved), the faster
+    # reported with its count; a tuple of counts: every method at each count, one row per count
+    threads: str | tuple[int, ...] = "best"
 
     def validate(self) -> None:
-        if self.models not in ("rate", "lif", "both"):
-            raise ValueError(f"Invalid model {self.models!r}: allowed rate, lif, both")
+        if self.models not in ("rate", "lif", "alif", "both"):
+            raise ValueError(f"Invalid model {self.models!r}: allowed rate, lif, alif, both")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device {self.device!r}: allowed cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -48,13 +55,23 @@ class BenchConfig:
             raise ValueError(f"Invalid steps {self.steps!r}: allowed integers >= 2")
         if not (isinstance(self.repeats, int) and self.repeats >= 1):
             raise ValueError(f"Invalid repeats {self.repeats!r}: allowed integers >= 1")
+        if self.threads != "best" and (not isinstance(self.threads, tuple) or not self.threads or any(
+                not isinstance(t, int) or t < 1 for t in self.threads)):
+            raise ValueError(f"Invalid threads {self.threads!r}: allowed 'best' or a comma-separated list of "
+                             "integers >= 1")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"Invalid method {bad[0]!r}: allowed {', '.join(METHODS)}")
         load_profile(self.profile)
 
+    def thread_counts(self, cpus: int) -> tuple[int, ...]:
+        """The thread counts every method is timed at on a machine with ``cpus`` available CPUs."""
+        if self.threads == "best":
+            return tuple(sorted({1, cpus}))
+        return tuple(dict.fromkeys(self.threads))
+
     def variants(self) -> list[str]:
-        return {"rate": ["rate-voltage", "rate-rflo"], "lif": ["lif"],
+        return {"rate": ["rate-voltage", "rate-rflo"], "lif": ["lif"], "alif": ["alif"],
                 "both": ["rate-voltage", "rate-rflo", "lif"]}[self.models]
 
 

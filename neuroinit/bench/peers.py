@@ -8,7 +8,7 @@ import torch
 
 from neuroinit.bench.config import METHODS, MODEL_VARIANTS, N_IN, N_OUT
 from neuroinit.bench.machine import _import_quietly
-from neuroinit.cells import make_cell
+from neuroinit.cells import cell_class, make_cell
 from neuroinit.cells.base import CellParams
 from neuroinit.cells.lif import pseudo_derivative, spike
 from neuroinit.init import hardware_init
@@ -34,8 +34,8 @@ class SyntheticTask(Task):
 
 def make_batch(variant: str, t_len: int, b: int, *, generator: torch.Generator, n_in: int = N_IN,
                n_out: int = N_OUT, dtype=torch.float32, device="cpu") -> Batch:
-    """Inputs (spikes at 10% for LIF, N(0, 1) for rate nets), N(0, 0.25) targets, all steps masked in."""
-    if variant == "lif":
+    """Inputs (spikes at 10% for spiking nets, N(0, 1) for rate nets), N(0, 0.25) targets, all steps masked in."""
+    if cell_class(MODEL_VARIANTS[variant][0]).spiking:
         x = (torch.rand(t_len, b, n_in, generator=generator, dtype=torch.float64) < 0.1).to(torch.float64)
     else:
         x = torch.randn(t_len, b, n_in, generator=generator, dtype=torch.float64)
@@ -51,7 +51,7 @@ def make_bench_cell(variant: str, n: int, profile: str, *, seed: int, n_in: int 
     g = torch.Generator().manual_seed(seed)
     params, _ = hardware_init(model, n_in, n, n_out, gain, profile, generator=g, out_of_range="clamp",
                               dtype=dtype, device=device)
-    kwargs = {"form": form, "alpha": 0.2} if model == "rate" else {}
+    kwargs = {"rate": {"form": form, "alpha": 0.2}, "alif": {"reset": "zero"}}.get(model, {})  # alif: as norse
     return make_cell(model, params, profile=profile, **kwargs)
 
 
@@ -163,9 +163,66 @@ class NorseNet(torch.nn.Module):
                 "w_out": self.fc_out.weight.grad, "b_out": self.fc_out.bias.grad}
 
 
+class NorseLSNNNet(torch.nn.Module):
+    """norse ``LSNNRecurrent`` (norse's ALIF) mapped onto neuroinit's ALIF with reset to zero
+    (:mod:`neuroinit.cells.alif`). norse is current-based Euler; the mapping (checked by
+    ``tests/test_alif.py::test_norse_lsnn_equals_alif_without_recurrence``): ``dt * tau_syn_inv = 1`` (the current
+    holds one step's input), ``dt * tau_mem_inv = 1 - alpha`` and ``dt * tau_adapt_inv = 1 - rho`` (norse's Euler
+    factors equal neuroinit's), weights divided by ``1 - alpha``, ``beta_norse = beta / rho`` (norse raises the
+    threshold before its decay), ``v_reset = v_leak = 0``, norse's threshold ``b`` = ``v_th + beta a``; inputs
+    reach norse's membrane one step later, so norse reads ``u_{t+1}`` at step t (its initial current holds
+    ``W_in u_0``). Recurrent spikes reach norse's membrane one step later than neuroinit's (``z_{t-2}``): the two
+    networks are equal without recurrence only; with it, norse is the same neuron model timed at the same size.
+    Triangle surrogate as :class:`NorseNet`; no bias (norse has none); leaky readout as in neuroinit."""
+
+    def __init__(self, p: CellParams, *, alpha: float, rho: float, kappa: float, v_th: float, beta: float,
+                 gamma: float, dt: float = 1.0) -> None:
+        super().__init__()
+        norse_torch = _import_quietly("norse.torch")
+        dtype = p.w_in.dtype
+        t = lambda x: torch.as_tensor(x, dtype=dtype)
+        params = norse_torch.LSNNParameters(
+            tau_syn_inv=t(1.0 / dt), tau_mem_inv=t((1.0 - alpha) / dt), tau_adapt_inv=t((1.0 - rho) / dt),
+            v_leak=t(0.0), v_th=t(v_th), v_reset=t(0.0), beta=t(beta / rho), method="triangle", alpha=gamma)
+        self.scale = 1.0 - alpha
+        self.w_in = torch.nn.Parameter(p.w_in.detach() / self.scale)
+        self.w_rec = torch.nn.Parameter(p.w_rec.detach() / self.scale)
+        n, n_in = p.w_in.shape
+        self.lsnn = norse_torch.LSNNRecurrent(n_in, n, p=params, dt=dt, input_weights=self.w_in,
+                                              recurrent_weights=self.w_rec, autapses=False)
+        self.state_type, self.v_th = norse_torch.LSNNState, v_th
+        self.fc_out = torch.nn.Linear(n, p.w_out.shape[0]).to(dtype)
+        with torch.no_grad():
+            self.fc_out.weight.copy_(p.w_out)
+            self.fc_out.bias.copy_(p.b_out)
+        self.kappa = kappa
+
+    def spikes(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, B, N) spikes for neuroinit's inputs ``x`` (T, B, I)."""
+        b, n = x.shape[1], self.w_rec.shape[0]
+        zero = x.new_zeros(b, n)
+        state = self.state_type(z=zero, v=zero, i=x[0] @ self.w_in.T, b=torch.full_like(zero, self.v_th))
+        z, _ = self.lsnn(torch.cat([x[1:], torch.zeros_like(x[:1])]), state)
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_zeros(x.shape[1], self.fc_out.out_features)
+        ys = []
+        for zt in self.spikes(x):
+            y = self.kappa * y + self.fc_out(zt)
+            ys.append(y)
+        return torch.stack(ys)
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return {"w_in": self.w_in.grad / self.scale, "w_rec": self.w_rec.grad / self.scale,
+                "w_out": self.fc_out.weight.grad, "b_out": self.fc_out.bias.grad}
+
+
 def _peer_net(method: str, cell) -> torch.nn.Module:
     p = cell.params()
     kw = dict(alpha=float(cell.alpha), kappa=float(cell.kappa), v_th=float(cell.v_th), gamma=float(cell.gamma))
+    if cell.model == "alif":
+        return NorseLSNNNet(p, rho=float(cell.rho), beta=float(cell.beta), **kw).to(p.w_in.device)
     if method == "snntorch-bptt":
         return SnnTorchNet(p, **kw).to(p.w_in.device)
     return NorseNet(p, **kw).to(p.w_in.device)
@@ -219,8 +276,9 @@ def trial_fn(method: str, cell, batch: Batch, task: Task, *, seed: int = 0) -> C
             rule.backward(batch, task)
         run.rule = rule
         return run
-    if method in ("autograd-eprop", "bptt"):
-        rule = AutogradEprop(cell) if method == "autograd-eprop" else BPTT(cell)
+    if method in ("autograd-eprop", "bptt", "neuroinit-bptt"):
+        rule = {"autograd-eprop": AutogradEprop(cell), "bptt": BPTT(cell), "neuroinit-bptt": BPTT(cell, fast=True)
+                }[method]
 
         def run():
             _zero_grads(cell)
@@ -237,7 +295,14 @@ def trial_fn(method: str, cell, batch: Batch, task: Task, *, seed: int = 0) -> C
 
 
 def method_applies(method: str, variant: str) -> bool:
-    return variant == "lif" or method not in ("snntorch-bptt", "norse-bptt")
+    """snntorch: LIF; norse: LIF and ALIF (``LSNNRecurrent``); the fused step: cells with a kernel."""
+    if method == "snntorch-bptt":
+        return variant == "lif"
+    if method == "norse-bptt":
+        return variant in ("lif", "alif")
+    if method in ("neuroinit-fused", "neuroinit-bptt"):
+        return cell_class(MODEL_VARIANTS[variant][0]).kernel_id is not None
+    return True
 
 
 def _peer_available(method: str) -> str | None:
@@ -266,7 +331,7 @@ def _max_rel(a: dict, b: dict) -> float:
     return worst
 
 
-def check_gradients(variants=("rate-voltage", "rate-rflo", "lif"), methods=METHODS, *, n: int = 12, b: int = 2,
+def check_gradients(variants=tuple(MODEL_VARIANTS), methods=METHODS, *, n: int = 12, b: int = 2,
                     t_len: int = 12, seed: int = 3) -> list[dict]:
     """Every method on a small case against its reference gradient; returns one record per check with the
     worst relative error and ``ok``. References: neuroinit-fused vs neuroinit-torch (float32, tolerance 1e-5);
@@ -286,7 +351,8 @@ def check_gradients(variants=("rate-voltage", "rate-rflo", "lif"), methods=METHO
             for method in methods:
                 if not method_applies(method, variant) or _peer_available(method) is not None:
                     continue
-                if dtype == torch.float64 and method in ("neuroinit-fused", "snntorch-bptt", "norse-bptt"):
+                if dtype == torch.float64 and method in ("neuroinit-fused", "neuroinit-bptt", "snntorch-bptt",
+                                                         "norse-bptt"):
                     continue
                 if dtype == torch.float32 and method in ("autograd-eprop", "bptt"):
                     continue
@@ -304,13 +370,17 @@ def check_gradients(variants=("rate-voltage", "rate-rflo", "lif"), methods=METHO
                     ref, tol, what = got.get("neuroinit-torch"), 1e-5, "neuroinit-torch (plain PyTorch step)"
                 elif method == "neuroinit-torch" and dtype == torch.float64:
                     ref, tol, what = got.get("autograd-eprop"), 1e-9, "autograd-eprop"
+                elif method == "neuroinit-bptt":   # float32 only: against autograd BPTT on the same network
+                    _zero_grads(cell)
+                    BPTT(cell).backward(batch, task)
+                    ref, tol, what = {k: v.clone() for k, v in _grads_of(cell).items()}, 1e-4, "autograd BPTT (float32)"
                 elif method == "bptt" and variant == "lif":
                     ref = reference_lif_grads(p, batch, task, reset="subtract", detach_reset=False, **kw)
                     tol, what = 1e-9, "written-out LIF BPTT"
                 elif method == "snntorch-bptt":
                     ref = reference_lif_grads(p, batch, task, reset="subtract", detach_reset=True, **kw)
                     tol, what = 1e-4, "written-out LIF BPTT, reset subtract (detached)"
-                elif method == "norse-bptt":
+                elif method == "norse-bptt" and variant == "lif":   # ALIF: norse detaches its adaptation
                     ref = reference_lif_grads(p._replace(bias=torch.zeros_like(p.bias)), batch, task,
                                               reset="zero", detach_reset=True, **kw)
                     tol, what = 1e-4, "written-out LIF BPTT, reset to zero (detached)"

@@ -1,7 +1,15 @@
-"""The recurrent-cell contract shared by rate and LIF networks.
+"""The recurrent-cell contract shared by every neuron model (rate, LIF, adaptive LIF, ...).
 
-Everything that runs a network (learning rules, Lyapunov analysis, flossing, benchmarks, export) goes through
-:class:`RecurrentCell` only, so a new neuron model is one new file implementing it.
+Everything that runs a network (learning rules, Lyapunov analysis, flossing, benchmarks, export, the CLI) goes
+through :class:`RecurrentCell` and the registry (:mod:`neuroinit.cells.registry`) only, so a new neuron model is
+one new file implementing it. A cell class declares what callers would otherwise guess: its registry name
+(``model``), whether it spikes (``spiking``), its state type (``state_type``), its parameters and defaults (the
+keyword arguments of its constructor, :meth:`RecurrentCell.config_section`, validated by the constructor), its run
+settings per task (``task_defaults``, :meth:`RecurrentCell.train_kwargs`), its local derivatives
+(:meth:`RecurrentCell.local_derivatives`, defined once and used by the Lyapunov Jacobian, flossing and e-prop),
+its eligibility components (``eligibility_components``), the bounds of its traces for chip-precision learning
+(:meth:`RecurrentCell.trace_bounds`), its fused-kernel id (``kernel_id``, or None) and its export mapping
+(``export_mapping``, or None).
 
 Conventions: sequences are time-major ``(T, B, features)``; weights are ``(out, in)`` like ``nn.Linear``;
 a step is a pure function ``(params, state, u_t) -> (y_t, new_state)`` and always returns that pair.
@@ -10,7 +18,8 @@ a step is a pure function ``(params, state, u_t) -> (y_t, new_state)`` and alway
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+import inspect
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -18,8 +27,17 @@ from torch import nn
 from neuroinit.profiles import HardwareProfile, load_profile
 from neuroinit.quantize import Grid, choose_grid, fake_quantize
 
-__all__ = ["CellParams", "TraceSpec", "LocalFactors", "RecurrentCell", "PARAM_NAMES", "QUANTISED_PARAMS",
-           "readout", "chip_grids"]
+__all__ = [
+    "PARAM_NAMES",
+    "QUANTISED_PARAMS",
+    "CellParams",
+    "LocalDerivatives",
+    "LocalFactors",
+    "RecurrentCell",
+    "TraceSpec",
+    "chip_grids",
+    "readout",
+]
 
 PARAM_NAMES = ("w_in", "w_rec", "bias", "w_out", "b_out")
 QUANTISED_PARAMS = ("w_in", "w_rec", "w_out")  # matrices that live in a chip's synapse memory
@@ -80,12 +98,58 @@ class LocalFactors(NamedTuple):
     ``pre_rec`` (B, N): presynaptic signal of the recurrent weights entering the trace at this step;
     ``pre_in`` (B, I): the same for the input weights; ``post`` (B, N): postsynaptic factor;
     ``readout_in`` (B, N): what the readout weights see at this step.
+
+    Cells with more than one eligibility component (``eligibility_components = K > 1``, e.g. adaptive LIF) carry
+    the K - 1 further components ``eps^k`` (k >= 1) per synapse, with the first component the factorised
+    presynaptic trace ``eps^0 = pre`` (see :func:`neuroinit.learning.online.trace_step`)::
+
+        eps^k_t = from_pre[k] * pre_{t-1} + sum_m decay[k][m] * eps^m_{t-1}      (k, m >= 1)
+        e_t     = post * pre_t + sum_k hidden_post[k] * eps^k_t
+
+    ``from_pre``, ``decay`` and ``hidden_post`` hold (B, N) tensors (or numbers), indexed from the component 1.
     """
 
     pre_rec: torch.Tensor
     pre_in: torch.Tensor
     post: torch.Tensor
     readout_in: torch.Tensor
+    from_pre: tuple = ()
+    decay: tuple = ()
+    hidden_post: tuple = ()
+
+
+class LocalDerivatives(NamedTuple):
+    """Derivatives of one step ``h_{t-1} -> h_t`` of each neuron's own state ``h = (h^0, ..., h^{K-1})`` (the
+    observable's K blocks, ``h^0`` the membrane or voltage), taken at the state the step starts from. Entries are
+    (B, N) tensors or numbers; the nested ``decay[k][m]`` and ``reset[k][m]`` are K x K.
+
+    ``decay[k][m]``  d h_t^k / d h_{t-1}^m through the neuron's own dynamics with its spike ``z_{t-1}`` held
+                     (leak, adaptation decay), the reset excluded;
+    ``spike[m]``     d z_{t-1} / d h_{t-1}^m: the pseudo-derivative (rate cells: the activation's slope);
+    ``spike_to[k]``  d h_t^k / d z_{t-1} through the neuron's own dynamics other than the reset (adaptation);
+    ``reset[k][m]``  d h_t^k / d h_{t-1}^m through the reset (via the spike and via the state it scales);
+    ``current[k]``   d h_t^k / d I_t for the recurrent input ``I_t = W_rec z_{t-1}`` (how it enters h).
+
+    The step Jacobian (:meth:`RecurrentCell.jacobian_apply`; Lyapunov analysis and flossing) is all of it::
+
+        J^{km} = diag(decay[k][m] + spike_to[k] spike[m] + reset[k][m]) + diag(current[k]) W_rec diag(spike[m])
+
+    e-prop's eligibility (Bellec et al. 2020, Methods) keeps only the neuron's own dynamics and drops the reset:
+    ``D^{km} = decay[k][m] + spike_to[k] spike[m]`` (:meth:`RecurrentCell.eprop_transition`). That is an explicit
+    choice of the rule, not a second Jacobian: autograd e-prop realises it by detaching the spikes where they
+    enter ``W_rec`` and the reset (``eprop_detach``), so online and autograd e-prop agree to rounding.
+    """
+
+    decay: tuple
+    spike: tuple
+    spike_to: tuple
+    reset: tuple
+    current: tuple
+
+
+def _col(x):
+    """(B, N) -> (B, N, 1) so that it scales the rows of a (B, N, k) frame; numbers stay numbers."""
+    return x[..., None] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
 
 
 class RecurrentCell(nn.Module, abc.ABC):
@@ -97,7 +161,20 @@ class RecurrentCell(nn.Module, abc.ABC):
     values on the chip's grid with straight-through gradients.
     """
 
-    model: str = ""
+    model: ClassVar[str] = ""
+    #: whether the neuron emits spikes (a threshold sets the weight scale at init, see :mod:`neuroinit.init`)
+    spiking: ClassVar[bool] = False
+    #: the NamedTuple type of :meth:`init_state`
+    state_type: ClassVar[type] = tuple
+    #: K, the state variables per neuron that the observable, the Jacobian and e-prop's traces follow
+    eligibility_components: ClassVar[int] = 1
+    #: id of the fused native kernel that runs this cell (:mod:`neuroinit.learning.fused`), or None
+    kernel_id: ClassVar[str | None] = None
+    #: the neuron model the exporters write (``"lif"``: NIR LIF / CubaLIF, netx, Xylo), or None: not exportable
+    export_mapping: ClassVar[str | None] = None
+    #: run settings by task kind (``"romo"``, ``"neurogym"``): ``dt_ms``, ``tau_ms`` (the task's time unit or
+    #: the rate net's tau), ``input_scale`` and the model's own (e.g. ``tau_m_ms``); see :meth:`train_kwargs`
+    task_defaults: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, params: CellParams, *, profile: HardwareProfile | str | None = None,
                  quantised_forward: bool = True, remove_autapses: bool = True,
@@ -152,6 +229,28 @@ class RecurrentCell(nn.Module, abc.ABC):
             return None
         return 1.0 - torch.eye(self.n_hidden, dtype=self.w_rec.dtype, device=self.w_rec.device)
 
+    # ------------------------------------------------------------------ declarations (class level)
+    @classmethod
+    def config_section(cls) -> dict:
+        """The model's own parameters and their defaults: the keyword-only arguments of its constructor other
+        than the ones every cell takes (profile, quantised_forward, remove_autapses)."""
+        common = ("profile", "quantised_forward", "remove_autapses", "threshold")
+        return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in common}
+
+    @classmethod
+    def derived_settings(cls, settings: dict, config: Any) -> dict:
+        """Run settings computed from the picked ``task_defaults`` (e.g. a rate net's ``alpha = dt / tau``),
+        stored with them in the run file."""
+        return {}
+
+    @classmethod
+    def train_kwargs(cls, settings: dict, config: Any, profile: HardwareProfile) -> dict:
+        """Constructor keyword arguments for a training run from its resolved ``settings``
+        (:func:`neuroinit.experiments.train_config.resolve_settings`, which picks the keys of
+        ``task_defaults``) and its ``config`` (``config.cell_options`` overrides them)."""
+        return dict(config.cell_options)
+
     # ------------------------------------------------------------------ the contract
     @abc.abstractmethod
     def config(self) -> dict:
@@ -171,16 +270,65 @@ class RecurrentCell(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def observable(self, state: Any) -> torch.Tensor:
-        """The (B, N) state variable whose Jacobian the Lyapunov analysis follows."""
+        """The (B, K N) state whose Jacobian the Lyapunov analysis follows (K = ``eligibility_components``:
+        the K state variables per neuron, blocks of N)."""
+
+    def with_observable(self, state: Any, obs: torch.Tensor) -> Any:
+        """``state`` with its observable replaced by ``obs``. This default serves states whose observable is one
+        of their fields (rate: ``x``, LIF: ``v``); cells with K > 1 override it."""
+        current = self.observable(state)
+        for name in getattr(state, "_fields", ()):
+            if getattr(state, name) is current:
+                return state._replace(**{name: obs})
+        raise ValueError(f"Invalid state {type(state).__name__}: its observable is not one of its fields")
+
+    @property
+    def observable_size(self) -> int:
+        """K N, the size of :meth:`observable` per sequence."""
+        return self.eligibility_components * self.n_hidden
 
     @abc.abstractmethod
-    def jacobian(self, params: CellParams, state: Any, u: torch.Tensor) -> torch.Tensor:
-        """(B, N, N) Jacobian d observable_{t} / d observable_{t-1} of the step taken from ``state``."""
+    def dt_over_tau(self) -> float:
+        """The time step in units of the time constant Lyapunov exponents are reported in (rate cells:
+        ``alpha = dt / tau``; LIF cells: ``dt / tau_m``)."""
+
+    @abc.abstractmethod
+    def local_derivatives(self, params: CellParams, state: Any, u: torch.Tensor) -> LocalDerivatives:
+        """Derivatives of the step taken from ``state`` driven by ``u`` (:class:`LocalDerivatives`)."""
+
+    def eprop_transition(self, d: LocalDerivatives) -> tuple:
+        """e-prop's K x K per-neuron transition ``D^{km} = decay[k][m] + spike_to[k] spike[m]`` (the reset
+        and the recurrent weights dropped; :class:`LocalDerivatives`)."""
+        k = self.eligibility_components
+        return tuple(tuple(d.decay[i][m] + d.spike_to[i] * d.spike[m] for m in range(k)) for i in range(k))
 
     def jacobian_apply(self, params: CellParams, state: Any, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``jacobian(params, state, u) @ q`` for (B, N, k) vectors ``q``; cells override it to skip forming the
-        (B, N, N) matrix."""
-        return self.jacobian(params, state, u) @ q
+        """``J q`` for a (B, K N, k) frame ``q``, J the step Jacobian d observable_t / d observable_{t-1} taken
+        from ``state`` (:class:`LocalDerivatives`), without forming J."""
+        d = self.local_derivatives(params, state, u)
+        k = self.eligibility_components
+        blocks = q.split(self.n_hidden, dim=-2)
+        through_spikes = sum(_col(d.spike[m]) * blocks[m] for m in range(k))
+        recurrent = params.w_rec @ through_spikes
+        out = []
+        for i in range(k):
+            own = sum(_col(d.decay[i][m] + d.spike_to[i] * d.spike[m] + d.reset[i][m]) * blocks[m]
+                      for m in range(k))
+            out.append(own + _col(d.current[i]) * recurrent)
+        return torch.cat(out, dim=-2) if k > 1 else out[0]
+
+    def jacobian(self, params: CellParams, state: Any, u: torch.Tensor) -> torch.Tensor:
+        """(B, K N, K N) step Jacobian d observable_t / d observable_{t-1} (:meth:`jacobian_apply` applied to
+        the identity)."""
+        obs = self.observable(state)
+        eye = torch.eye(obs.shape[-1], dtype=obs.dtype, device=obs.device).expand(obs.shape[0], -1, -1)
+        return self.jacobian_apply(params, state, u, eye)
+
+    def trace_bounds(self) -> dict[str, float]:
+        """Bounds for traces held at chip precision (:func:`neuroinit.learning.chip.make_trace_quantiser`):
+        ``post``, the largest postsynaptic factor, and ``pre_rec``, the largest presynaptic signal of the
+        recurrent weights. This default: both 1 (tanh rates, spikes, slopes <= 1)."""
+        return {"post": 1.0, "pre_rec": 1.0}
 
     @abc.abstractmethod
     def trace_spec(self) -> TraceSpec:

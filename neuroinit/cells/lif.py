@@ -7,11 +7,12 @@ online e-prop rule both call it.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from neuroinit.cells.base import CellParams, LocalFactors, RecurrentCell, TraceSpec, readout
+from neuroinit.cells.base import CellParams, LocalDerivatives, LocalFactors, RecurrentCell, TraceSpec, readout
+from neuroinit.cells.registry import register
 from neuroinit.profiles import HardwareProfile
 
 __all__ = ["COMPARES", "LIFRNN", "RESETS", "LIFState", "LIFSynState", "lif_step", "pseudo_derivative", "spike"]
@@ -147,6 +148,19 @@ class LIFRNN(RecurrentCell):
     """
 
     model = "lif"
+    spiking = True
+    state_type = LIFState
+    kernel_id = "lif"
+    export_mapping = "lif"
+    # Romo: the task's tau = 20 ms, dt = 5 ms = 0.25 tau, membrane tau_m = 100 ms = 5 tau, readout tau_out = 20 ms,
+    #   inputs x 2. With tau_m = tau the LIF net (no adaptation) cannot hold f1 through the gap and e-prop's
+    #   eligibility trace (which decays with tau_m) cannot bridge it: it learned nothing but the mean output (N = 64,
+    #   200 iterations, accuracy 0.49); tau_m = 5 tau learned (0.96 e-prop, 0.99 BPTT). docs/training.md.
+    # neurogym: dt = 20 ms (neurogym's periods are multiples of dt), tau_m = tau_out = 100 ms.
+    task_defaults: ClassVar[dict[str, dict]] = {"romo": {"dt_ms": 5.0, "tau_ms": 20.0, "tau_m_ms": 100.0, "tau_out_ms": 20.0,
+                              "input_scale": 2.0},
+                     "neurogym": {"dt_ms": 20.0, "tau_ms": None, "tau_m_ms": 100.0, "tau_out_ms": 100.0,
+                                  "input_scale": 2.0}}
 
     def __init__(self, params: CellParams, *, dt: float = 1.0, tau_m: float = 20.0, tau_out: float = 20.0,
                  v_th: float = 1.0, gamma: float = 0.3, reset: str = "subtract", n_refractory: int = 0,
@@ -259,8 +273,20 @@ class LIFRNN(RecurrentCell):
                         beta_syn=self.beta_syn if self.tau_syn is not None else None,
                         compare=self.threshold_compare, max_spikes=self.max_spikes, reset_leaks=self.reset_leaks)
 
+    @classmethod
+    def train_kwargs(cls, settings, config, profile):
+        out = {"dt": settings["dt_ms"], "tau_m": settings["tau_m_ms"], "tau_out": settings["tau_out_ms"],
+               "v_th": config.v_th, "reset": config.reset, "n_refractory": config.n_refractory}
+        if config.chip_neuron:   # what is trained is what deploys: the profile's neuron options
+            out.update(cls.neuron_options(profile, settings["dt_ms"], config.tau_syn_ms,
+                                          tau_m=settings["tau_m_ms"], tau_out=settings["tau_out_ms"]))
+        return {**out, **config.cell_options}
+
     def observable(self, state: LIFState) -> torch.Tensor:
         return state.v
+
+    def dt_over_tau(self) -> float:
+        return self.dt / self.tau_m
 
     def _post(self, v: torch.Tensor, ref_before: torch.Tensor) -> torch.Tensor:
         psi = pseudo_derivative(v, self.v_th, self.gamma)
@@ -268,21 +294,28 @@ class LIFRNN(RecurrentCell):
             psi = psi * (ref_before <= 0).to(psi.dtype)
         return psi
 
-    def jacobian(self, params, state, u):
-        """Surrogate Jacobian ``d v_t / d v_{t-1} = alpha I + (W_rec - v_th I) diag(psi_{t-1})`` (subtractive
-        reset; reset to zero uses ``alpha (1 - z_{t-1})`` on the diagonal and ``- alpha v_{t-1} psi_{t-1}``).
-        ``psi`` replaces the Heaviside's zero derivative: this is the "surrogate" spectrum, not the true one.
-        With a synaptic current this is the membrane block of the (v, I) Jacobian, ``W_rec`` scaled by
-        ``beta_syn`` (a spike reaches v through one step of the current); the current's own memory is left out."""
-        n = self.n_hidden
-        eye = torch.eye(n, dtype=state.v.dtype, device=state.v.device)
-        # psi of the previous step: the spike z_{t-1} was emitted from v_{t-1}; refractoriness is ignored here
+    def local_derivatives(self, params, state, u):
+        """Surrogate derivatives of :func:`lif_step` taken from ``state``: ``spike = psi(v_{t-1})`` (the
+        pseudo-derivative replaces the Heaviside's zero derivative: the "surrogate" spectrum, not the true one;
+        refractoriness is ignored), ``decay = alpha``; the reset: ``-v_th psi`` by subtraction (``-alpha v_th psi``
+        with ``reset_leaks``), ``-alpha z_{t-1} - alpha v_{t-1} psi`` to zero (the true derivative of
+        ``alpha v (1 - z)``). So the Jacobian is ``alpha I + (W_rec - v_th I) diag(psi)`` (subtract) or
+        ``diag(alpha (1 - z) - alpha v psi) + W_rec diag(psi)`` (zero), and e-prop's leak is ``alpha`` in both
+        modes (its choice: the reset is dropped, as in Bellec et al.'s code). With a synaptic current this is the
+        membrane block of the (v, I) Jacobian: a spike reaches v through one step of the current (``current =
+        beta_syn``); the current's own memory is left out."""
         psi = pseudo_derivative(state.v, self.v_th, self.gamma)
-        w_rec = params.w_rec if self.tau_syn is None else self.beta_syn * params.w_rec
         if self.reset == "subtract":
-            return self.alpha * eye + (w_rec - self.v_th * eye) * psi[:, None, :]
-        diag = self.alpha * (1 - state.z) - self.alpha * state.v * psi
-        return torch.diag_embed(diag) + w_rec * psi[:, None, :]
+            reset = -(self.alpha if self.reset_leaks else 1.0) * self.v_th * psi
+        else:
+            z = state.z if self.max_spikes == 1 else torch.clamp(state.z, max=1.0)
+            reset = -self.alpha * z - self.alpha * state.v * psi
+        current = 1.0 if self.tau_syn is None else self.beta_syn
+        return LocalDerivatives(decay=((self.alpha,),), spike=(psi,), spike_to=(0.0,), reset=((reset,),),
+                                current=(current,))
+
+    def trace_bounds(self) -> dict[str, float]:
+        return {"post": float(self.gamma / self.v_th), "pre_rec": 1.0}
 
     def trace_spec(self) -> TraceSpec:
         a, k = float(self.alpha), float(self.kappa)
@@ -293,3 +326,6 @@ class LIFRNN(RecurrentCell):
         if self.tau_syn is not None:   # v sees the synaptically filtered spikes and inputs
             return LocalFactors(pre_rec=new.sz, pre_in=new.su, post=self._post(new.v, prev.ref), readout_in=new.z)
         return LocalFactors(pre_rec=prev.z, pre_in=u, post=self._post(new.v, prev.ref), readout_in=new.z)
+
+
+register(LIFRNN)

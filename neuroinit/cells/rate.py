@@ -7,12 +7,13 @@ Pure step functions over :class:`~neuroinit.cells.base.CellParams` and :class:`R
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from neuroinit.cells.base import CellParams, LocalFactors, RecurrentCell, TraceSpec, readout
+from neuroinit.cells.base import CellParams, LocalDerivatives, LocalFactors, RecurrentCell, TraceSpec, readout
+from neuroinit.cells.registry import register
 from neuroinit.profiles import HardwareProfile
 
 __all__ = ["RateState", "Activation", "ACTIVATIONS", "rate_step", "RateRNN"]
@@ -78,6 +79,13 @@ class RateRNN(RecurrentCell):
     """
 
     model = "rate"
+    spiking = False
+    state_type = RateState
+    kernel_id = "rate"
+    # rate:     tau = 100 ms (ours; Romo is defined in units of tau), dt = 0.5 tau (Schuessler et al. 2020).
+    # neurogym: dt = 20 ms, tau = 100 ms (alpha = 0.2 < 1, so e-prop is not one-step BPTT; science.md 6.2).
+    task_defaults: ClassVar[dict[str, dict]] = {"romo": {"dt_ms": 50.0, "tau_ms": 100.0, "input_scale": 1.0},
+                     "neurogym": {"dt_ms": 20.0, "tau_ms": 100.0, "input_scale": 1.0}}
 
     def __init__(self, params: CellParams, *, alpha: float = 0.5, activation: str = "tanh",
                  form: str = "voltage", profile: HardwareProfile | str | None = None,
@@ -112,30 +120,38 @@ class RateRNN(RecurrentCell):
         return rate_step(params, state, u, alpha=self.alpha, activation=self.activation, form=self.form,
                          eprop_detach=eprop_detach, feedback=feedback)
 
+    @classmethod
+    def derived_settings(cls, settings, config):
+        return {"alpha": settings["dt_ms"] / settings["tau_ms"],
+                "form": config.form or ("rate" if config.rule == "rflo" else "voltage")}
+
+    @classmethod
+    def train_kwargs(cls, settings, config, profile):
+        return {"alpha": settings["alpha"], "activation": config.activation, "form": settings["form"],
+                **config.cell_options}
+
     def observable(self, state: RateState) -> torch.Tensor:
         return state.x
+
+    def dt_over_tau(self) -> float:
+        return float(self.alpha)
 
     def _pre_activation(self, p: CellParams, prev: RateState, u: torch.Tensor) -> torch.Tensor:
         return prev.x @ p.w_rec.mT + u @ p.w_in.mT + p.bias
 
-    def jacobian(self, params, state, u):
-        """voltage form: ``(1-alpha) I + alpha W_rec diag(f'(x_{t-1}))``;
-        rate form: ``(1-alpha) I + alpha diag(f'(a_t)) W_rec`` with ``a_t`` the pre-activation."""
-        eye = torch.eye(self.n_hidden, dtype=state.x.dtype, device=state.x.device)
+    def local_derivatives(self, params, state, u):
+        """Exact derivatives (no spikes; the "spike" is the rate that enters ``W_rec``). voltage form: ``r =
+        f(x_{t-1})``, so ``spike = f'(x_{t-1})``, ``current = alpha``; rate form: ``r = h_{t-1}`` (``spike = 1``)
+        and ``current = alpha f'(a_t)``, ``a_t`` the pre-activation. Both: ``decay = 1 - alpha``. The Jacobian
+        is ``(1-alpha) I + alpha W_rec diag(f'(x_{t-1}))`` (voltage) or ``(1-alpha) I + alpha diag(f'(a_t))
+        W_rec`` (rate)."""
         a = self.alpha
         if self.form == "voltage":
-            return (1 - a) * eye + a * params.w_rec * self.activation.df(state.x)[:, None, :]
-        d = self.activation.df(self._pre_activation(params, state, u))
-        return (1 - a) * eye + a * d[:, :, None] * params.w_rec
-
-    def jacobian_apply(self, params, state, u, q):
-        """The Jacobian (:meth:`jacobian`) applied to ``q`` (B, N, k) without forming it: one (N x N) by (N x k)
-        product per sequence instead of building B N x N matrices."""
-        a = self.alpha
-        if self.form == "voltage":
-            return (1 - a) * q + a * (params.w_rec @ (self.activation.df(state.x)[:, :, None] * q))
-        d = self.activation.df(self._pre_activation(params, state, u))
-        return (1 - a) * q + a * d[:, :, None] * (params.w_rec @ q)
+            return LocalDerivatives(decay=((1 - a,),), spike=(self.activation.df(state.x),), spike_to=(0.0,),
+                                    reset=((0.0,),), current=(a,))
+        slope = self.activation.df(self._pre_activation(params, state, u))
+        return LocalDerivatives(decay=((1 - a,),), spike=(1.0,), spike_to=(0.0,), reset=((0.0,),),
+                                current=(a * slope,))
 
     def trace_spec(self) -> TraceSpec:
         a = float(self.alpha)
@@ -151,3 +167,6 @@ class RateRNN(RecurrentCell):
             return LocalFactors(pre_rec=f.f(prev.x), pre_in=u, post=f.df(new.x), readout_in=f.f(new.x))
         post = self.alpha * f.df(self._pre_activation(params, prev, u))
         return LocalFactors(pre_rec=prev.x, pre_in=u, post=post, readout_in=new.x)
+
+
+register(RateRNN)

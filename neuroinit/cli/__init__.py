@@ -53,7 +53,7 @@ def _check_out_dir(out: str, option: str = "--out") -> None:
 def _note_missing_fused(reason: str | None) -> None:
     """One line on stderr when the fused native step cannot run here (no compiler, a broken CC, ...)."""
     click.echo(f"note: the fused native step is unavailable ({reason}); the PyTorch step runs instead (the "
-               "same results to float32 rounding, 30-50x slower for LIF at N = 256)", err=True)
+               "same results to float32 rounding, several times slower; benchmarks/ has the measured ratio)", err=True)
 
 
 def json_safe(obj):
@@ -100,10 +100,6 @@ from neuroinit.cli.bench import _int_list, bench_command  # noqa: F401
 from neuroinit.cli.dynamics import (  # noqa: F401
     _DYN_DTYPES,
     _alignment,
-    _dyn_print_spectrum,
-    _dyn_spectrum,
-    _dyn_task,
-    _fmt,
     _pairs,
     _print_init_report,
     _str_list,
@@ -112,7 +108,7 @@ from neuroinit.cli.dynamics import (  # noqa: F401
     init_command,
     lyapunov_command,
 )
-from neuroinit.cli.export import _export_cell, _export_task, export_command  # noqa: F401
+from neuroinit.cli.export import export_command  # noqa: F401
 from neuroinit.cli.profiles import _profile_summary, profiles_group, profiles_list, profiles_show  # noqa: F401
 from neuroinit.cli.sweep import _gain_list, plot_command, sweep_command  # noqa: F401
 from neuroinit.cli.train import (  # noqa: F401

@@ -26,35 +26,36 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
 @main.command("bench")
 @click.option("--profile", default="ideal", show_default=True,
               help="Hardware profile (bundled name or TOML path) the online rule learns under.")
-@click.option("--model", "models", type=click.Choice(["rate", "lif", "both"]), default="both", show_default=True,
-              help="rate: voltage form (e-prop) and rate form (RFLO); lif: spiking e-prop.")
+@click.option("--model", "models", type=click.Choice(["rate", "lif", "alif", "both"]), default="both",
+              show_default=True, help="rate: voltage form (e-prop) and rate form (RFLO); lif: spiking e-prop; alif: "
+              "adaptive LIF (two eligibility components; peer: norse's LSNNRecurrent).")
 @click.option("--hidden", default=None, help="Hidden sizes, comma-separated [128,256,512,1024; quick: 64].")
 @click.option("--batch", default=None, help="Batch sizes, comma-separated [1,16,64; quick: 1,16].")
 @click.option("--steps", type=int, default=None, help="Time steps T per trial [100; quick: 40].")
 @click.option("--repeats", type=int, default=None, help="Timed trials per method [5; quick: 3].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's).")
+@click.option("--threads", default="best", show_default=True,
+              help="'best': every method timed at one thread and at all available CPUs, the faster reported "
+              "with its count; or a comma-separated list of counts: every method at each, side by side.")
 # the bench's METHODS, written out so that --help does not import torch (tests/test_bench.py keeps them equal)
 @click.option("--methods", default=None, help="Comma-separated subset of: neuroinit-fused, neuroinit-torch, "
-              "autograd-eprop, bptt, snntorch-bptt, norse-bptt.")
+              "autograd-eprop, neuroinit-bptt, bptt, snntorch-bptt, norse-bptt.")
 @click.option("--quick", is_flag=True, help="A small configuration that finishes in under 2 minutes.")
 @click.option("--recalibrate", is_flag=True, help="Measure bandwidth and matmul rate again (else cached).")
+@click.option("--memory-scaling/--no-memory-scaling", default=True, show_default=True,
+              help="Peak memory of online rules vs BPTT at T and 10 T (LIF; one configuration).")
 @click.option("--json", "json_out", default=None, metavar="OUT",
               help="Write the results as JSON to OUT ('-': stdout, and no table).")
 @fail_cleanly
 def bench_command(profile, models, hidden, batch, steps, repeats, device, threads, methods, quick, recalibrate,
-                  json_out) -> None:
+                  memory_scaling, json_out) -> None:
     """Online-update throughput of rate and LIF networks under a profile, next to autograd e-prop, BPTT,
     snntorch and norse, with the fraction of the machine's roofline reached."""
-    import torch
-
     from neuroinit import bench
 
-    if threads is not None:
-        if threads < 1:
-            raise click.BadParameter(f"{threads}: allowed integers >= 1", param_hint="--threads")
-        torch.set_num_threads(threads)
     overrides = dict(profile=profile, models=models, device=device, recalibrate=recalibrate,
+                     memory_scaling=memory_scaling,
+                     threads="best" if threads.strip() == "best" else _int_list(threads, "threads"),
                      hidden=_int_list(hidden, "hidden") if hidden else None,
                      batch=_int_list(batch, "batch") if batch else None, steps=steps, repeats=repeats,
                      methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None)
@@ -99,6 +100,11 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
     result = bench.run_bench(cfg, progress=progress, on_result=on_result)
     if bar is not None:
         bar.close()
+    for t, cal in result["calibrations"].items():
+        if cal.get("suspect"):
+            click.echo(f"warning: the calibration at {t} thread(s) contradicts the memory hierarchy after "
+                       f"{cal['attempts']} measurements ({'; '.join(cal['problems'])}); not cached, its rooflines "
+                       "are unreliable (a busy machine? try --recalibrate later)", err=True)
     if json_out == "-":
         echo_json(result)
         return

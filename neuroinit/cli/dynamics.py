@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
 
+from neuroinit._util import fmt
 from neuroinit.cli import OneLineErrorsCommand, echo_json, fail_cleanly, main
+from neuroinit.cli.choices import ModelChoice
 from neuroinit.cli.sweep import _gain_list
 
 
 # --- init ---
-def _fmt(x: float | None, spec: str = ".4g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def _print_init_report(report) -> None:
     lo, hi = report.gain_interval
     rel = (report.realised_gain_std / report.used_gain - 1) if report.used_gain else 0.0
     rows = [
-        ("requested gain", _fmt(report.requested_gain)),
-        ("used gain", _fmt(report.used_gain) + ("  (clamped)" if report.used_gain != report.requested_gain
+        ("requested gain", fmt(report.requested_gain)),
+        ("used gain", fmt(report.used_gain) + ("  (clamped)" if report.used_gain != report.requested_gain
                                                   else "")),
-        ("realisable gains", f"[{_fmt(lo)}, {_fmt(hi)}]  (realised within 2%)"),
+        ("realisable gains", f"[{fmt(lo)}, {fmt(hi)}]  (realised within 2%)"),
         ("realised gain", f"{report.realised_gain_std:.4f}  ({rel:+.2%} vs used; std(W_rec) sqrt(N))"),
         ("spectral radius", (f"{report.float_spectral_radius:.4f} float, "
                              f"{report.realised_spectral_radius:.4f} quantised")),
@@ -38,12 +37,12 @@ def _print_init_report(report) -> None:
     click.echo(f"  {'matrix'.ljust(8)}  {'scale'.rjust(10)}  {'exponent'.rjust(8)}  {'rmse'.rjust(10)}")
     for name in report.rmse:
         exp = report.exponent.get(name)
-        click.echo(f"  {name.ljust(8)}  {_fmt(report.scale.get(name)).rjust(10)}  "
-                   f"{('-' if exp is None else str(exp)).rjust(8)}  {_fmt(report.rmse[name]).rjust(10)}")
+        click.echo(f"  {name.ljust(8)}  {fmt(report.scale.get(name)).rjust(10)}  "
+                   f"{('-' if exp is None else str(exp)).rjust(8)}  {fmt(report.rmse[name]).rjust(10)}")
 
 
 @main.command("init", cls=OneLineErrorsCommand)
-@click.option("--model", type=click.Choice(["rate", "lif"]), required=True, help="Rate or LIF network.")
+@click.option("--model", type=ModelChoice(), required=True, help="Neuron model (registered cells).")
 @click.option("--hidden", type=click.IntRange(min=1), required=True, help="Number of hidden neurons N.")
 @click.option("--gain", type=float, required=True, help="Recurrent gain g: W_rec ~ g N(0, 1/N).")
 @click.option("--profile", required=True, help="Bundled profile name (see 'profiles list') or a .toml path.")
@@ -77,40 +76,7 @@ def init_command(model: str, hidden: int, gain: float, profile: str, inputs: int
 _DYN_DTYPES = ("float32", "float64")
 
 
-def _dyn_task(name: str, settings: dict):
-    """The task whose inputs drive the network (None: autonomous), at the time step training uses
-    (``settings``: :func:`neuroinit.experiments.train.resolve_settings`' dt_ms and tau_ms)."""
-    from neuroinit.tasks import make_task
-
-    if name.lower() == "none":
-        return None
-    if name.lower() == "romo":
-        return make_task("romo", dt_ms=settings["dt_ms"], tau_ms=settings["tau_ms"])
-    return make_task(name, dt_ms=settings["dt_ms"])
-
-
-def _dyn_spectrum(cell, task, *, k: int, batch: int, steps: int, warmup: int, qr_every: int, seed: int,
-                  input_scale: float = 1.0):
-    """Lyapunov spectrum with inputs (task trials times ``input_scale``, as training feeds them) and initial states
-    drawn from ``seed`` (the same for every call)."""
-    import torch
-
-    from neuroinit.dynamics import lyapunov_spectrum, task_inputs
-
-    gen = torch.Generator().manual_seed(seed)
-    if task is None:
-        return lyapunov_spectrum(cell, None, k=k, steps=steps, batch=batch, warmup=warmup, qr_every=qr_every,
-                                 generator=gen)
-    if task.n_in != cell.n_in:
-        raise ValueError(f"Invalid task {task.name!r} for this network: it has {task.n_in} input channels, the "
-                         f"network {cell.n_in}")
-    inputs = input_scale * task_inputs(task, batch=batch, length=warmup + steps, generator=gen,
-                                       dtype=cell.w_rec.dtype)
-    with torch.no_grad():
-        return lyapunov_spectrum(cell, inputs, k=k, warmup=warmup, qr_every=qr_every, generator=gen)
-
-
-def _dyn_print_spectrum(res, title: str) -> None:
+def _print_spectrum(res, title: str) -> None:
     import torch
 
     s = res.summary()
@@ -125,11 +91,82 @@ def _dyn_print_spectrum(res, title: str) -> None:
             click.echo(f"  {i:>4}  {m:>+10.4f}  {sd:>8.4f}  {pt:>+10.4f}")
 
 
+def _print_lyapunov(report) -> None:
+    net, d = report.network, report.drive
+    click.echo(f"{net.title}; {net.cell.extra_repr()}")
+    click.echo(f"driven by {d['task']} (dt {d['dt_ms']:g} ms, input x {d['input_scale']:g}): {d['batch']} sequences "
+               f"x {d['steps']} steps after {d['warmup']} warm-up steps, QR every {d['qr_every']}, {d['dtype']}")
+    _print_spectrum(report.before, "initial" if report.floss else "exponents")
+    if report.floss:
+        f = report.floss
+        _print_spectrum(report.after, f"after {f['iters']} {f['mode']} flossing iterations (k = {f['k']})")
+
+
+def _check_network_options(run, which, fresh: dict) -> None:
+    """RUN or a fresh init (--model --hidden --gain), not both; the rate and LIF options for their model only."""
+    if run is not None:
+        given = [name for name, val in fresh.items() if val is not None]
+        if given:
+            raise ValueError(f"Invalid options {', '.join(given)} with a run file: they describe a fresh init; "
+                             "give either RUN or --model/--hidden/--gain")
+        return
+    missing = [name for name in ("--model", "--hidden", "--gain") if fresh[name] is None]
+    if missing:
+        raise ValueError(f"Missing {', '.join(missing)}: give a RUN file, or a fresh init with --model, "
+                         "--hidden and --gain")
+    if which is not None:
+        raise ValueError("Invalid option --which without a RUN file: it selects a stored network")
+    from neuroinit.cells import cell_class
+
+    section = cell_class(fresh["--model"]).config_section()
+    options = {"--alpha": "alpha", "--activation": "activation", "--form": "form", "--dt": "dt", "--tau-m": "tau_m"}
+    wrong = [n for n, key in options.items() if fresh[n] is not None and key not in section]
+    if wrong:
+        allowed = [n for n, key in options.items() if key in section]
+        raise ValueError(f"Invalid options {', '.join(wrong)} for --model {fresh['--model']}: allowed "
+                         f"{', '.join(allowed) or 'none of the cell options'}")
+
+
+def _floss_k_value(text: str | None):
+    """--floss-k as the library takes it: "auto" or an integer (None: the library's default)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"Invalid --floss-k {text}: allowed auto (max(1, N // 8)) or an integer 1..N") from None
+
+
+def _given(**values) -> dict:
+    """The options given on the command line (None: not given, the library's default applies)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@contextlib.contextmanager
+def _floss_progress(total: int, desc: str, quiet: bool):
+    """A progress bar on stderr for flossing (none in --json mode or without iterations); yields the callback."""
+    if quiet or not total:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="it", file=sys.stderr, leave=False, disable=None)
+
+    def progress(it, loss, exps):
+        bar.update(1)
+        bar.set_postfix_str(f"lambda_1 {exps[0]:+.4f}", refresh=False)
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 @main.command("lyapunov", cls=OneLineErrorsCommand)
 @click.argument("run", required=False)
 @click.option("--which", type=click.Choice(["initial", "floss", "final"]), default=None,
               help="Run-file form: which stored network [final].")
-@click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Fresh init: rate or LIF.")
+@click.option("--model", type=ModelChoice(), default=None, help="Fresh init: the neuron model.")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Fresh init: hidden neurons N.")
 @click.option("--gain", type=float, default=None, help="Fresh init: recurrent gain g.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=None,
@@ -147,27 +184,26 @@ def _dyn_print_spectrum(res, title: str) -> None:
 @click.option("--task", default=None,
               help="Inputs that drive the network: romo, a neurogym id, or none (autonomous), at the network's "
                    "time step [fresh: romo; run file: the run's task].")
-@click.option("--k", type=click.IntRange(min=1), default=1, show_default=True, help="How many top exponents.")
-@click.option("--batch", type=click.IntRange(min=1), default=10, show_default=True, help="Sequences.")
-@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Accumulated steps per sequence (task trials are concatenated back to back).")
-@click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Re-orthonormalised warm-up steps (discarded).")
-@click.option("--qr-every", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Re-orthonormalise every this many steps.")
+@click.option("--k", type=click.IntRange(min=1), default=None, help="How many top exponents [1].")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Sequences [10].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Accumulated steps per sequence (task trials are concatenated back to back) [500].")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Re-orthonormalised warm-up steps (discarded) [50].")
+@click.option("--qr-every", type=click.IntRange(min=1), default=None,
+              help="Re-orthonormalise every this many steps [1].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the fresh init (inputs and initial states use seed + 1, flossing seed + 2).")
 @click.option("--dtype", type=click.Choice(_DYN_DTYPES), default="float32", show_default=True)
-@click.option("--floss-iters", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Floss the network this many iterations, then report the exponents again.")
-@click.option("--floss-mode", type=click.Choice(["local", "full", "detached"]), default="local", show_default=True)
-@click.option("--floss-k", default="auto", show_default=True,
-              help="Exponents flossed: an integer 1..N, or auto = max(1, N // 8).")
-@click.option("--floss-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--floss-steps", type=click.IntRange(min=1), default=55, show_default=True,
-              help="Flossing window: steps over which each iteration's exponents are estimated.")
-@click.option("--floss-warmup", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Flossing transient before the window (re-orthonormalised, not differentiated).")
+@click.option("--floss-iters", type=click.IntRange(min=0), default=None,
+              help="Floss the network this many iterations, then report the exponents again [0].")
+@click.option("--floss-mode", type=click.Choice(["local", "full", "detached"]), default=None, help="[local]")
+@click.option("--floss-k", default=None, help="Exponents flossed: an integer 1..N, or auto = max(1, N // 8) [auto].")
+@click.option("--floss-lr", type=click.FloatRange(0, min_open=True), default=None, help="[0.001]")
+@click.option("--floss-steps", type=click.IntRange(min=1), default=None,
+              help="Flossing window: steps over which each iteration's exponents are estimated [55].")
+@click.option("--floss-warmup", type=click.IntRange(min=0), default=None,
+              help="Flossing transient before the window (re-orthonormalised, not differentiated) [20].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (no progress bar).")
 @fail_cleanly
 def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, dt, tau_m, input_scale, profile, task,
@@ -176,128 +212,37 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
     """Top-K Lyapunov exponents (QR method; natural log, per step and per tau) of the network stored in RUN
     (--which initial|floss|final), or of a fresh init (--model --hidden --gain [--alpha --profile]), driven by
     task inputs as training feeds them (time step and input scale: the run's settings, or training's defaults).
-    LIF networks get the surrogate (pseudo-derivative) spectrum."""
+    LIF networks get the surrogate (pseudo-derivative) spectrum. Defaults in brackets are the library's
+    (neuroinit.experiments.lyapunov_report)."""
     import torch
 
-    from neuroinit.cells import make_cell
+    from neuroinit.experiments import lyapunov_report as lyap
 
-    torch_dtype = getattr(torch, dtype)
     fresh = {"--model": model, "--hidden": hidden, "--gain": gain, "--alpha": alpha, "--activation": activation,
              "--form": form, "--dt": dt, "--tau-m": tau_m, "--input-scale": input_scale, "--profile": profile}
+    _check_network_options(run, which, fresh)
     if run is not None:
-        given = [name for name, val in fresh.items() if val is not None]
-        if given:
-            raise ValueError(f"Invalid options {', '.join(given)} with a run file: they describe a fresh init; "
-                             "give either RUN or --model/--hidden/--gain")
-        from neuroinit.experiments.train import TrainConfig, resolve_settings
-        from neuroinit.io.runfile import load_cell, read_run
-
-        which = which or "final"
-        cell = load_cell(run, which, dtype=torch_dtype)
-        cfg = TrainConfig.from_dict(read_run(run).config)
-        settings = resolve_settings(cfg)
-        task_name = task or cfg.task
-        network = {"run": str(run), "which": which, "model": cell.model, "n_hidden": cell.n_hidden,
-                   "gain": cfg.gain, "seed": cfg.seed, "config": cell.config()}
+        net = lyap.network_from_run(run, which or "final", task=task, dtype=getattr(torch, dtype))
     else:
-        missing = [name for name, val in (("--model", model), ("--hidden", hidden), ("--gain", gain)) if val is None]
-        if missing:
-            raise ValueError(f"Missing {', '.join(missing)}: give a RUN file, or a fresh init with --model, "
-                             "--hidden and --gain")
-        if which is not None:
-            raise ValueError("Invalid option --which without a RUN file: it selects a stored network")
-        rate_only = [n for n in ("--alpha", "--activation", "--form") if fresh[n] is not None]
-        lif_only = [n for n in ("--dt", "--tau-m") if fresh[n] is not None]
-        if model == "lif" and rate_only:
-            raise ValueError(f"Invalid options {', '.join(rate_only)} for --model lif: allowed --dt, --tau-m")
-        if model == "rate" and lif_only:
-            raise ValueError(f"Invalid options {', '.join(lif_only)} for --model rate: allowed --alpha, "
-                             "--activation, --form")
-        from neuroinit.experiments.train import TrainConfig, resolve_settings
-        from neuroinit.init import hardware_init
-
-        profile = profile or "ideal"
-        task_name = task or "romo"
-        # training's defaults for this task and model (time step, tau, input scale), overridden by the options
-        settings = resolve_settings(TrainConfig(task="romo" if task_name.lower() == "none" else task_name,
-                                                model=model, hidden=hidden, gain=gain, profile=profile, seed=seed))
-        if model == "rate":
-            if alpha is not None:
-                settings["dt_ms"] = alpha * settings["tau_ms"]
-            kwargs = {"alpha": settings["dt_ms"] / settings["tau_ms"], "activation": activation or "tanh",
-                      "form": form or "voltage"}
-        else:
-            settings["dt_ms"] = settings["dt_ms"] if dt is None else dt
-            settings["tau_ms"] = settings["tau_ms"] if tau_m is None else tau_m
-            kwargs = {"dt": settings["dt_ms"], "tau_m": settings["tau_ms"], "tau_out": settings["tau_out_ms"]}
-        if input_scale is not None:
-            settings["input_scale"] = input_scale
-        task_obj = _dyn_task(task_name, settings)
-        n_in, n_out = (1, 2) if task_obj is None else (task_obj.n_in, task_obj.n_out)
-        params, report = hardware_init(model, n_in, hidden, n_out, gain, profile,
-                                       generator=torch.Generator().manual_seed(seed), dtype=torch_dtype)
-        cell = make_cell(model, params, profile=profile, **kwargs)
-        network = {"model": model, "n_hidden": hidden, "gain": gain, "used_gain": report.used_gain,
-                   "seed": seed, "config": cell.config()}
-    if run is not None:
-        task_obj = _dyn_task(task_name, settings)
-    if k > cell.n_hidden:
-        raise ValueError(f"Invalid --k {k}: must be between 1 and N = {cell.n_hidden}")
-    scale = float(settings["input_scale"])
-    spec = {"k": k, "batch": batch, "steps": steps, "warmup": warmup, "qr_every": qr_every, "seed": seed + 1,
-            "input_scale": scale}
-    drive = {"task": task_name if task_obj is not None else "none", "batch": batch, "steps": steps,
-             "warmup": warmup, "qr_every": qr_every, "dtype": dtype, "input_scale": scale,
-             "dt_ms": settings["dt_ms"]}
-    before = _dyn_spectrum(cell, task_obj, **spec)
-    out = {"network": network, "drive": drive, "lyapunov": before.summary()}
-    if not as_json:
-        what = f"{run} ({which})" if run is not None else (
-            f"fresh {model} network, N = {hidden}, gain {gain:g}, profile {profile}")
-        click.echo(what + f"; {cell.extra_repr()}")
-        click.echo(f"driven by {drive['task']} (dt {settings['dt_ms']:g} ms, input x {scale:g}): {batch} sequences x "
-                   f"{steps} steps after {warmup} warm-up steps, QR every {qr_every}, {dtype}")
-        _dyn_print_spectrum(before, "initial" if floss_iters else "exponents")
-    if floss_iters:
-        from neuroinit.dynamics import floss, task_inputs
-        from neuroinit.dynamics.flossing import resolve_floss_k
-
-        try:
-            floss_k = resolve_floss_k(floss_k if floss_k == "auto" else int(floss_k), cell.n_hidden)
-        except ValueError:
-            raise ValueError(f"Invalid --floss-k {floss_k}: allowed auto (max(1, N // 8)) or an integer between 1 "
-                             f"and N = {cell.n_hidden}") from None
-        input_fn = None
-        if task_obj is not None:
-            def input_fn(g):
-                return scale * task_inputs(task_obj, batch=1, length=floss_warmup + floss_steps, generator=g,
-                                           dtype=cell.w_rec.dtype)
-        bar = None
-        if not as_json:
-            from tqdm import tqdm
-
-            bar = tqdm(total=floss_iters, desc=f"{floss_mode} flossing", unit="it", file=sys.stderr, leave=False,
-                       disable=None)
-
-        def progress(it, loss, exps):
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"lambda_1 {exps[0]:+.4f}", refresh=False)
-
-        fr = floss(cell, iters=floss_iters, k=floss_k, mode=floss_mode, lr=floss_lr, input_fn=input_fn,
-                   steps=floss_steps, warmup=floss_warmup, generator=torch.Generator().manual_seed(seed + 2),
-                   callback=progress)
-        if bar is not None:
-            bar.close()
-        after = _dyn_spectrum(cell, task_obj, **spec)
-        out["floss"] = {"iters": floss_iters, "mode": floss_mode, "k": floss_k, "lr": floss_lr,
-                        "steps": floss_steps, "warmup": floss_warmup,
-                        "losses": fr.losses, "exponents": fr.exponents}
-        out["lyapunov_after_floss"] = after.summary()
-        if not as_json:
-            _dyn_print_spectrum(after, f"after {floss_iters} {floss_mode} flossing iterations (k = {floss_k})")
+        net = lyap.fresh_network(model, hidden, gain, profile=profile or "ideal", task=task or "romo", seed=seed,
+                                 dtype=getattr(torch, dtype), input_scale=input_scale,
+                                 **_given(alpha=alpha, activation=activation, form=form, dt=dt, tau_m=tau_m))
+    n = net.cell.n_hidden
+    if k is not None and k > n:
+        raise ValueError(f"Invalid --k {k}: must be between 1 and N = {n}")
+    floss_k = _floss_k_value(floss_k)
+    if isinstance(floss_k, int) and not 1 <= floss_k <= n:
+        raise ValueError(f"Invalid --floss-k {floss_k}: allowed auto (max(1, N // 8)) or an integer between 1 and "
+                         f"N = {n}")
+    spec = lyap.SpectrumSettings(**_given(k=k, batch=batch, steps=steps, warmup=warmup, qr_every=qr_every))
+    floss = lyap.FlossSettings(**_given(iters=floss_iters, mode=floss_mode, k=floss_k, lr=floss_lr,
+                                        steps=floss_steps, warmup=floss_warmup))
+    with _floss_progress(floss.iters, f"{floss.mode} flossing", as_json) as progress:
+        report = lyap.analyse(net, spec, floss, seed=seed, progress=progress)
     if as_json:
-        echo_json(out)
+        echo_json(report.to_dict())
+    else:
+        _print_lyapunov(report)
 
 
 @main.command("curvature", cls=OneLineErrorsCommand)
@@ -359,6 +304,7 @@ def _str_list(value: str | None, name: str, allowed: tuple[str, ...]) -> tuple[s
 
 
 def _pairs(value: str | None) -> tuple[tuple[str, str], ...] | None:
+    from neuroinit.cells import model_names
     from neuroinit.dynamics.alignment import ALIGN_RULES
 
     if value is None:
@@ -366,8 +312,8 @@ def _pairs(value: str | None) -> tuple[tuple[str, str], ...] | None:
     out = []
     for item in (v.strip() for v in value.split(",") if v.strip()):
         model, _, rule = item.partition(":")
-        if model not in ("rate", "lif") or rule not in ALIGN_RULES:
-            raise click.BadParameter(f"{item!r}: allowed MODEL:RULE with MODEL rate or lif and RULE "
+        if model not in model_names() or rule not in ALIGN_RULES:
+            raise click.BadParameter(f"{item!r}: allowed MODEL:RULE with MODEL {' or '.join(model_names())} and RULE "
                                      f"{', '.join(ALIGN_RULES)}, e.g. rate:eprop,rate:rflo,lif:eprop",
                                      param_hint="--pairs")
         out.append((model, rule))
@@ -410,7 +356,7 @@ def alignment_command(runs, which, model, rule, pairs, gains, hidden, batch, bat
     """Truncation error of local learning rules: cosine similarity and relative error between a local rule's
     gradient (e-prop, RFLO, LIF e-prop) and the BPTT gradient, per weight matrix, averaged over batches and
     seeds; for fresh inits (--pairs or --model x --rule, --gain list) or stored networks (RUNS)."""
-    from neuroinit.dynamics import alignment as al
+    from neuroinit.experiments import alignment_report as al
 
     bar = None
     if not as_json:
@@ -461,16 +407,21 @@ def _alignment(ctx, src, al, runs, which, model, rule, pairs, gains, hidden, bat
         if pairs is not None:
             pair_list = _pairs(pairs)
         else:
-            models = _str_list(model, "model", ("rate", "lif")) or ("rate",)
+            from neuroinit.cells import model_names
+
+            models = _str_list(model, "model", model_names()) or ("rate",)
             rules = _str_list(rule, "rule", al.ALIGN_RULES) or ("eprop",)
             pair_list = tuple((m, r) for m in models for r in rules)
         config = {"task": task, "hidden": hidden, "batch": batch, "profile": profile}
         if alpha is not None:
-            if any(m != "rate" for m, _ in pair_list):
-                raise ValueError("Invalid --alpha for a LIF network: it sets the rate network's dt / tau")
+            from neuroinit.cells import cell_class
             from neuroinit.experiments.train import TrainConfig, resolve_settings
 
-            tau = resolve_settings(TrainConfig(task=task, model="rate", lyapunov_k=1))["tau_ms"]
+            spiking = sorted({m for m, _ in pair_list if "alpha" not in cell_class(m).config_section()})
+            if spiking:
+                raise ValueError(f"Invalid --alpha for --model {', '.join(spiking)}: it sets a rate network's "
+                                 "dt / tau")
+            tau = resolve_settings(TrainConfig(task=task, model=pair_list[0][0], lyapunov_k=1))["tau_ms"]
             config["dt_ms"] = alpha * tau
         doc = al.fresh_report(pair_list, gain_list, list(range(seed, seed + seeds)), batches=batches,
                               truncation=truncation, dtype=dtype, progress=progress, **config)

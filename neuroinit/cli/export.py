@@ -8,44 +8,49 @@ import click
 
 from neuroinit.cli import OneLineErrorsCommand, echo_json, fail_cleanly, main
 
+_VERIFY_FAILED = {"netx": "verification failed: Lava differs from the integer emulation",
+                  "xylo": "verification failed: xylosim differs from the package's emulation",
+                  "nir": "verification failed: an importer's spikes differ from neuroinit's"}
+
 
 # --- export ---
-def _export_task(run, seed: int, trials: int):
-    """The run's task (Romo: its deterministic test variant), one float64 batch scaled as in training, or
-    ``(None, None)`` when the task cannot be rebuilt."""
-    import torch
+def _print_export(report) -> None:
+    d, fmt = report.to_dict(), report.format
+    click.echo(f"wrote {report.out} ({fmt}, profile {report.profile}, {report.model} network)")
+    if "conformance" in d:
+        click.echo(f"conformance vectors: {d['conformance']} ({d['conformance_trials']} trials x "
+                   f"{d['conformance_steps']} steps, {d['conformance_spikes']} spikes; "
+                   f"{d['conformance_dropped_trials']} near-tie trials dropped)")
+    for w in d.get("warnings", []) + d.get("notes", []):
+        click.echo(f"warning: {w}")
+    acc = report.accuracy
+    if acc:
+        click.echo(f"task accuracy: float {acc['float_accuracy']:.3f} -> chip {acc['chip_accuracy']:.3f} "
+                   f"({acc['accuracy_change']:+.3f}); loss {acc['float_loss']:.4g} -> {acc['chip_loss']:.4g} "
+                   f"({acc['arithmetic']} arithmetic, {acc['spike_mismatches']} spike mismatches of "
+                   f"{acc['spikes_float']} float spikes)")
+    if report.verify is not None:
+        _print_verify(report.verify, fmt)
 
-    from neuroinit.tasks import make_task
 
-    name = str(run.config.get("task", "romo"))
-    s = run.settings or {}
-    if "dt_ms" not in s:
-        return None, None
-    if name.lower() == "romo":
-        task = make_task("romo", dt_ms=s["dt_ms"], tau_ms=s.get("tau_ms", 100.0), variant="test")
+def _print_verify(v: dict, fmt: str) -> None:
+    if "skipped" in v:
+        click.echo(f"verify in Lava skipped: {v['skipped']}")
+    elif fmt == "xylo":
+        for name, b in v.items():   # a 0/1 raster and the task input, as Xylo's input counts
+            click.echo(f"verify xylosim, {name} input ({b['trials']} trials x {b['steps']} steps, "
+                       f"{b['spikes']} spikes): {b['spike_mismatches']} spike, {b['i_mismatches']} current, "
+                       f"{b['v_mismatches']} membrane, {b['v_out_mismatches']} readout mismatches")
+    elif fmt == "netx":
+        click.echo(f"verify in Lava ({v['trials']} trials x {v['steps']} steps, {v['spikes_lava']} spikes): "
+                   f"{v['spike_mismatches']} spike, {v['v_mismatches']} voltage, {v['readout_v_mismatches']} "
+                   f"readout mismatches vs the integer emulation"
+                   + (f"; accuracy Lava {v['lava_accuracy']:.3f}, emulation {v['emulation_accuracy']:.3f}"
+                      if "lava_accuracy" in v else ""))
     else:
-        task = make_task(name, dt_ms=s["dt_ms"])
-    batch = task.batch(trials, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    scale = float(s.get("input_scale", 1.0))
-    return task, batch._replace(inputs=batch.inputs * scale)
-
-
-def _export_cell(path: str, which: str):
-    """The stored network with the weight grids it was trained on (the run file's codes and scales)."""
-    try:
-        from neuroinit.io.runfile import load_cell, read_run
-    except ImportError as e:  # pragma: no cover - run files ship with neuroinit
-        raise click.ClickException(f"cannot read run files: {e}") from None
-    from neuroinit.quantize import Grid
-
-    run = read_run(path)
-    cell = load_cell(path, which)
-    ws = run.weights[which]
-    for name, g in (ws.grids or {}).items():
-        if name in cell.grids and g is not None:
-            cell.grids[name] = Grid(float(g["scale"]), int(g["code_min"]), int(g["code_max"]),
-                                    None if g.get("exponent") is None else int(g["exponent"]))
-    return run, cell
+        for name, b in v["by_input"].items():   # the conformance (task) input and a 0/1 raster
+            click.echo(f"verify {name} ({b['trials']} trials x {b['steps']} steps, {b['spikes_float']} spikes): "
+                       + ", ".join(f"{k} {n} mismatches" for k, n in b["mismatches"].items()))
 
 
 @main.command("export", cls=OneLineErrorsCommand)
@@ -76,124 +81,27 @@ def export_command(run_file: str, profile: str | None, fmt: str, out: str, verif
     """Quantise RUN_FILE's trained network onto a chip profile and write it as NIR, lava-dl netx or neuroinit
     HDF5; report the float-vs-chip task accuracy (integer emulation) and, with --verify, spike mismatches of
     snntorch, norse and the emulation against neuroinit's float simulation."""
-    import torch
     from tqdm import tqdm
 
-    from neuroinit.profiles import load_profile
+    from neuroinit.io.export import export_run
 
-    if verify and fmt == "h5":
-        raise click.ClickException("--verify checks NIR, netx and Xylo exports; allowed with --format nir or netx, "
-                                   "or xylo (got --format h5)")
-    stages = ["load", "write", "accuracy"] + (["verify"] if verify else [])
-    bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr, leave=False,
+    bar = tqdm(total=4 if verify else 3, desc="export", unit="stage", file=sys.stderr, leave=False,
                disable=True if as_json else None)
-    bar.set_postfix_str("load")
-    run, cell = _export_cell(run_file, which)
-    prof = load_profile(profile) if profile else cell.profile
-    task, batch = _export_task(run, seed, trials)
-    bar.update(1)
-    report: dict = {"run": run_file, "which": which, "format": fmt, "out": out, "profile": prof.name,
-                    "model": cell.model}
-    bar.set_postfix_str("write")
-    if fmt == "nir":
-        from neuroinit.io.nir import to_nir, write_nir
 
-        if verify and cell.model == "lif":
-            from neuroinit.io.verify import check_verifiable
+    def progress(stage: str) -> None:
+        if stage != "load":
+            bar.update(1)
+        bar.set_postfix_str(stage)
 
-            check_verifiable(to_nir(cell, prof, target=nir_target)[0])   # refuse before anything is written
-        ex = write_nir(out, cell, prof, inputs=batch.inputs if batch is not None else None, target=nir_target)
-        report.update(nir_target=nir_target, conformance=str(ex.conformance), exact=ex.exact,
-                      warnings=list(ex.warnings),
-                      conformance_steps=ex.steps, conformance_trials=ex.trials, conformance_spikes=ex.spikes,
-                      conformance_dropped_trials=ex.dropped_trials,
-                      v_threshold=float(ex.graph.nodes["lif"].v_threshold[0]))
-    elif fmt == "netx":
-        from neuroinit.io.netx import write_netx
-
-        integer_inputs = batch is not None and bool(torch.equal(batch.inputs, batch.inputs.round()))
-        nx = write_netx(out, cell, prof, integer_inputs=integer_inputs)
-        report.update(input_scale=nx.input_scale, a_in_unit=nx.a_in_unit, notes=list(nx.notes))
-    elif fmt == "xylo":
-        from neuroinit.io.xylo import export_xylo
-
-        xy = export_xylo(out, cell, prof, batch.inputs if batch is not None else None, verify=verify, seed=seed)
-        report.update(input_frac_bits=xy["input_frac_bits"], notes=xy["notes"])
-    else:
-        from neuroinit.io.nir import write_weights_h5
-
-        write_weights_h5(out, cell, prof)
-    bar.update(1)
-    bar.set_postfix_str("accuracy")
-    if cell.model == "lif" and task is not None:
-        from neuroinit.emulate.integer import compare_on_task
-
-        # netx: the deployment the file describes (graded input at input_scale, bias in a_in units)
-        dep_kw = {"input_frac_bits": nx.input_frac_bits, "bias_exp": 6} if fmt == "netx" else {}
-        if fmt == "xylo":   # the input counts the file describes
-            dep_kw = {"input_frac_bits": xy["input_frac_bits"]}
-        report["accuracy"] = compare_on_task(cell, task, prof, batch=batch, generator=torch.Generator(), **dep_kw)
-    bar.update(1)
-    ok = True
-    if verify and fmt == "xylo":
-        report["verify"], ok = xy["verify"], xy["ok"]
-    elif verify and fmt == "netx":
-        bar.set_postfix_str("verify")
-        from neuroinit.io.netx import find_lava_python, verify_netx
-
-        lava_python, why = find_lava_python()
-        if lava_python is None or batch is None or cell.model != "lif":
-            report["verify"] = {"skipped": why if lava_python is None else "no task batch to run"}
-        else:
-            report["verify"] = verify_netx(out, cell, batch.inputs, task=task, batch=batch, profile=prof,
-                                           integer_inputs=integer_inputs, python=lava_python)
-            ok = report["verify"]["ok"]
-        bar.update(1)
-    elif verify:
-        bar.set_postfix_str("verify")
-        from neuroinit.io.verify import verify_nir
-
-        rep = verify_nir(out)
-        report["verify"] = rep.to_dict()
-        ok = rep.ok
-        bar.update(1)
-    bar.close()
+    try:
+        report = export_run(run_file, fmt, out, profile=profile, which=which, verify=verify, nir_target=nir_target,
+                            trials=trials, seed=seed, progress=progress)
+    finally:
+        bar.close()
     if as_json:
-        echo_json(report)
+        echo_json(report.to_dict())
     else:
-        click.echo(f"wrote {out} ({fmt}, profile {prof.name}, {cell.model} network)")
-        if "conformance" in report:
-            click.echo(f"conformance vectors: {report['conformance']} ({report['conformance_trials']} trials x "
-                       f"{report['conformance_steps']} steps, {report['conformance_spikes']} spikes; "
-                       f"{report['conformance_dropped_trials']} near-tie trials dropped)")
-        for w in report.get("warnings", []) + report.get("notes", []):
-            click.echo(f"warning: {w}")
-        acc = report.get("accuracy")
-        if acc:
-            click.echo(f"task accuracy: float {acc['float_accuracy']:.3f} -> chip {acc['chip_accuracy']:.3f} "
-                       f"({acc['accuracy_change']:+.3f}); loss {acc['float_loss']:.4g} -> {acc['chip_loss']:.4g} "
-                       f"({acc['arithmetic']} arithmetic, {acc['spike_mismatches']} spike mismatches of "
-                       f"{acc['spikes_float']} float spikes)")
-        v = report.get("verify", {})
-        if "skipped" in v:
-            click.echo(f"verify in Lava skipped: {v['skipped']}")
-        elif fmt == "xylo" and verify:
-            for name, b in v.items():   # a 0/1 raster and the task input, as Xylo's input counts
-                click.echo(f"verify xylosim, {name} input ({b['trials']} trials x {b['steps']} steps, "
-                           f"{b['spikes']} spikes): {b['spike_mismatches']} spike, {b['i_mismatches']} current, "
-                           f"{b['v_mismatches']} membrane, {b['v_out_mismatches']} readout mismatches")
-        elif fmt == "netx" and verify:
-            click.echo(f"verify in Lava ({v['trials']} trials x {v['steps']} steps, {v['spikes_lava']} spikes): "
-                       f"{v['spike_mismatches']} spike, {v['v_mismatches']} voltage, {v['readout_v_mismatches']} "
-                       f"readout mismatches vs the integer emulation"
-                       + (f"; accuracy Lava {v['lava_accuracy']:.3f}, emulation {v['emulation_accuracy']:.3f}"
-                          if "lava_accuracy" in v else ""))
-        elif verify:
-            for name, b in v["by_input"].items():   # the conformance (task) input and a 0/1 raster
-                click.echo(f"verify {name} ({b['trials']} trials x {b['steps']} steps, {b['spikes_float']} spikes): "
-                           + ", ".join(f"{k} {n} mismatches" for k, n in b["mismatches"].items()))
-    if not ok:
-        raise click.ClickException({"netx": "verification failed: Lava differs from the integer emulation",
-                                    "xylo": "verification failed: xylosim differs from the package's emulation"}
-                                   .get(fmt, "verification failed: an importer's spikes differ from neuroinit's"))
+        _print_export(report)
+    if not report.ok:
+        raise click.ClickException(_VERIFY_FAILED[fmt])
 # --- end export ---

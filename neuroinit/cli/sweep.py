@@ -7,6 +7,7 @@ import sys
 import click
 
 from neuroinit.cli import OneLineErrorsCommand, _check_out_dir, echo_json, fail_cleanly, main
+from neuroinit.cli.choices import ModelChoice
 
 
 # --- experiments ---
@@ -53,16 +54,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, ensem
     plan = sw.load_spec(spec)
     out_dir = Path(out) if out else Path("sweeps") / plan.name
     if dry_run:
-        states = [(r, sw.run_state(out_dir / r.file, r.config)[0]) for r in plan.runs]
-        if as_json:
-            echo_json({"name": plan.name, "sweep_dir": str(out_dir), "total": len(plan.runs),
-                       "runs": [{"id": r.run_id, "file": r.file, "run": r.describe(), "state": s}
-                                for r, s in states]})
-            return
-        for r, s in states:
-            click.echo(f"{r.run_id}  {s:<9} {r.describe()}")
-        done = sum(s in sw.FINISHED for _, s in states)
-        click.echo(f"{len(plan.runs)} runs in {plan.name!r}, {done} finished in {out_dir}")
+        _print_plan(plan, out_dir, as_json)
         return
     from tqdm import tqdm
 
@@ -96,16 +88,39 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, ensem
         echo_json({"report": report.to_dict(), "summary": rows})
     else:
         click.echo(sw.format_summary(rows))
-        c = report.counts
-        click.echo(f"{report.total} runs ({report.skipped} already finished, {report.ran} run now on "
-                   f"{report.executor}): {c.get('complete', 0)} complete, {c.get('diverged', 0)} diverged, "
-                   f"{c.get('failed', 0)} failed, {c.get('pending', 0)} pending; {report.wall_time:.1f} s; "
-                   f"ledger {Path(report.sweep_dir) / sw.MANIFEST}")
+        _print_sweep_report(report)
     if report.failed:
         first = report.failed[0]
         raise click.ClickException(f"{len(report.failed)} run(s) failed (errors in the ledger "
                                    f"{Path(report.sweep_dir) / sw.MANIFEST}); first: {first['run']}: "
                                    f"{first['error']}; rerun the command to retry them")
+
+
+def _print_plan(plan, out_dir, as_json: bool) -> None:
+    """--dry-run: every planned run with the state of its file in ``out_dir``."""
+    from neuroinit.experiments import sweep as sw
+
+    states = [(r, sw.run_state(out_dir / r.file, r.config)[0]) for r in plan.runs]
+    if as_json:
+        echo_json({"name": plan.name, "sweep_dir": str(out_dir), "total": len(plan.runs),
+                   "runs": [{"id": r.run_id, "file": r.file, "run": r.describe(), "state": s} for r, s in states]})
+        return
+    for r, s in states:
+        click.echo(f"{r.run_id}  {s:<9} {r.describe()}")
+    done = sum(s in sw.FINISHED for _, s in states)
+    click.echo(f"{len(plan.runs)} runs in {plan.name!r}, {done} finished in {out_dir}")
+
+
+def _print_sweep_report(report) -> None:
+    from pathlib import Path
+
+    from neuroinit.experiments.sweep import MANIFEST
+
+    c = report.counts
+    click.echo(f"{report.total} runs ({report.skipped} already finished, {report.ran} run now on "
+               f"{report.executor}): {c.get('complete', 0)} complete, {c.get('diverged', 0)} diverged, "
+               f"{c.get('failed', 0)} failed, {c.get('pending', 0)} pending; {report.wall_time:.1f} s; "
+               f"ledger {Path(report.sweep_dir) / MANIFEST}")
 
 
 @main.command("plot", cls=OneLineErrorsCommand)
@@ -115,7 +130,7 @@ def sweep_command(spec, out, workers, threads, scheduler, dry_run, select, ensem
               help="alignment: SWEEP_DIR is a 'neuroinit alignment --out' JSON file.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Image file (.png/.pdf/.svg).")
 @click.option("--task", default=None, help="Only this task.")
-@click.option("--model", type=click.Choice(["rate", "lif"]), default=None, help="Only this model.")
+@click.option("--model", type=ModelChoice(), default=None, help="Only this model.")
 @click.option("--gains", default=None, help="Only these gains, comma-separated.")
 @click.option("--spec", "spec_name", default=None, help="Only the runs of this spec (by name) [every spec run in "
               "SWEEP_DIR].")

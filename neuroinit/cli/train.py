@@ -14,6 +14,7 @@ from neuroinit.cli import (
     fail_cleanly,
     main,
 )
+from neuroinit.cli.choices import ModelChoice
 
 
 # --- train ---
@@ -42,7 +43,7 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
 @main.command("train", cls=OneLineErrorsCommand)
 @click.option("--task", default="romo", show_default=True,
               help="'romo', a neurogym id (e.g. PerceptualDecisionMaking-v0) or an alias (2af, dms).")
-@click.option("--model", type=click.Choice(["rate", "lif"]), default="rate", show_default=True)
+@click.option("--model", type=ModelChoice(), default="rate", show_default=True)
 @click.option("--rule", type=click.Choice(["bptt", "eprop", "eprop-autograd", "rflo"]), default="eprop",
               show_default=True, help="Learning rule (rflo on a rate net uses Murray's rate form).")
 @click.option("--gain", type=float, default=1.0, show_default=True, help="Initial recurrent gain g.")
@@ -96,7 +97,8 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
               help="Input/readout init: Schuessler (normalised columns, readout O(1/N)) or PyTorch's nn.Linear "
                    "default U(+-1/sqrt(fan_in)).")
 @click.option("--fast/--no-fast", default=True, show_default=True,
-              help="Online e-prop / RFLO through the fused native step where it gives the same results.")
+              help="Online e-prop / RFLO through the fused native step, BPTT through the fused BPTT, where they "
+                   "give the same results (to float32 rounding).")
 @click.option("--align-every", type=int, default=0, show_default=True,
               help="Every K iterations store the cosine / relative error of the rule's gradient vs BPTT's on the "
                    "current batch in the run file (local rules; 0 = off; see 'neuroinit alignment').")
@@ -113,39 +115,13 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
 def train_command(out: str, resume: bool, resume_or_start: bool, overwrite: bool, threads: int, as_json: bool,
                   **options) -> None:
     """Train a rate or LIF RNN from a hardware-aware init and write a run file (see docs/training.md)."""
-    import os
-
     import torch
 
-    from neuroinit.experiments.train import TrainConfig, TrainingDiverged, train
+    from neuroinit.experiments.train import TrainingDiverged, train
 
     torch.set_num_threads(threads)
-    if resume and resume_or_start:
-        raise click.ClickException("Invalid options: --resume and --resume-or-start exclude each other")
-    if resume and not os.path.exists(out):
-        raise click.ClickException(f"Cannot resume {out!r}: the file does not exist (check the path; "
-                                   "--resume-or-start starts a new run when it is missing)")
+    config = _train_config(out, resume, resume_or_start, options)
     resume = resume or resume_or_start
-
-    options["lr_grid"] = _float_list(options["lr_grid"])
-    if options["floss_k"] != "auto":
-        try:
-            options["floss_k"] = int(options["floss_k"])
-        except ValueError:
-            raise click.BadParameter(f"{options['floss_k']!r}: allowed auto or an integer 1..N",
-                                     param_hint="--floss-k") from None
-    ctx = click.get_current_context()
-    if resume and os.path.exists(out):
-        from neuroinit.io.runfile import read_run
-
-        values = dict(read_run(out).config)
-        for name in _TRAIN_FIELDS:  # options given on the command line must match (train() checks)
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
-                values[name] = options[name]
-        config = TrainConfig.from_dict(values)
-    else:
-        config = TrainConfig(**{name: options[name] for name in _TRAIN_FIELDS})
-
     if config.fast and config.rule in ("eprop", "rflo") and config.device == "cpu":
         from neuroinit.learning import fused
 
@@ -156,6 +132,56 @@ def train_command(out: str, resume: bool, resume_or_start: bool, overwrite: bool
     # a progress bar on a terminal only; without one (nohup, CI, SLURM, --json) nothing but the resume line
     bar = tqdm(total=config.iters * len(config.lrs), file=sys.stderr, unit="it", dynamic_ncols=True,
                disable=as_json or not sys.stderr.isatty())
+    try:
+        result = train(config, out, resume=resume, overwrite=overwrite, start_if_missing=resume_or_start,
+                       progress=_train_progress(bar, out))
+    except TrainingDiverged as e:
+        bar.close()
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    except KeyboardInterrupt as e:
+        bar.close()
+        click.echo(f"{str(e) or 'interrupted'}; the run file {out} keeps the last checkpoint", err=True)
+        sys.exit(130)
+    bar.close()
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        _print_train_result(result)
+
+
+def _train_config(out: str, resume: bool, resume_or_start: bool, options: dict):
+    """The TrainConfig of the options; resuming, the run file's config with the options given on the command
+    line (train() checks that they match)."""
+    import os
+
+    from neuroinit.experiments.train import TrainConfig
+
+    if resume and resume_or_start:
+        raise click.ClickException("Invalid options: --resume and --resume-or-start exclude each other")
+    if resume and not os.path.exists(out):
+        raise click.ClickException(f"Cannot resume {out!r}: the file does not exist (check the path; "
+                                   "--resume-or-start starts a new run when it is missing)")
+    options["lr_grid"] = _float_list(options["lr_grid"])
+    if options["floss_k"] != "auto":
+        try:
+            options["floss_k"] = int(options["floss_k"])
+        except ValueError:
+            raise click.BadParameter(f"{options['floss_k']!r}: allowed auto or an integer 1..N",
+                                     param_hint="--floss-k") from None
+    if (resume or resume_or_start) and os.path.exists(out):
+        from neuroinit.io.runfile import read_run
+
+        ctx = click.get_current_context()
+        values = dict(read_run(out).config)
+        for name in _TRAIN_FIELDS:
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                values[name] = options[name]
+        return TrainConfig.from_dict(values)
+    return TrainConfig(**{name: options[name] for name in _TRAIN_FIELDS})
+
+
+def _train_progress(bar, out: str):
+    """train()'s progress callback: the resume line, phase names and the iteration count on ``bar``."""
 
     def progress(ev) -> None:
         if ev.phase == "resume":
@@ -172,22 +198,10 @@ def train_command(out: str, resume: bool, resume_or_start: bool, overwrite: bool
         bar.update(ev.done - bar.n)
         bar.set_postfix(loss=f"{ev.loss:.4g}", refresh=False)
 
-    try:
-        result = train(config, out, resume=resume, overwrite=overwrite, start_if_missing=resume_or_start,
-                       progress=progress)
-    except TrainingDiverged as e:
-        bar.close()
-        raise click.ClickException(str(e).splitlines()[0]) from None
-    except KeyboardInterrupt as e:
-        bar.close()
-        msg = str(e) or "interrupted"
-        click.echo(f"{msg}; the run file {out} keeps the last checkpoint", err=True)
-        sys.exit(130)
-    bar.close()
-    summary = result.to_dict()
-    if as_json:
-        echo_json(summary)
-        return
+    return progress
+
+
+def _print_train_result(result) -> None:
     lt = result.learning_time
     click.echo(f"run file: {result.out_path} ({result.status})")
     click.echo(f"loss: initial {result.initial_loss:.4g}, final {result.final_loss:.4g} (mean of the last 20 "

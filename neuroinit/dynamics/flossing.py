@@ -118,35 +118,15 @@ def floss(cell: RecurrentCell, *, iters: int, k: int | str = "auto", mode: str =
             calls); default a fresh ``Adam(lr=lr)``.
         callback: called after each iteration as ``callback(iteration, loss, exponents)`` (progress bars).
     """
-    if not isinstance(cell, RecurrentCell):
-        raise ValueError(f"Invalid cell {type(cell).__name__}: expected a RecurrentCell")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"Invalid iters {iters!r}: must be an integer >= 0")
-    if mode not in FLOSS_MODES:
-        raise ValueError(f"Invalid floss mode {mode!r}: allowed {', '.join(FLOSS_MODES)}")
+    _check_settings(cell, iters, mode, lr, target, steps, warmup)
     k = resolve_floss_k(k, cell.n_hidden)
-    for name, val in (("lr", lr), ("target", target)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-            raise ValueError(f"Invalid {name} {val!r}: must be a finite number")
-    if lr <= 0:
-        raise ValueError(f"Invalid lr {lr!r}: must be > 0")
-    for name, val, lo in (("steps", steps, 1), ("warmup", warmup, 0)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-            raise ValueError(f"Invalid {name} {val!r}: must be an integer >= {lo}")
     params = [getattr(cell, n) for n in FLOSSED_PARAMS]
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=lr)
     mask = cell.recurrent_mask()
     losses: list[float] = []
     exponents: list[list[float]] = []
     for it in range(iters):
-        inputs = None
-        if input_fn is not None:
-            inputs = input_fn(generator)
-            if not isinstance(inputs, Tensor) or inputs.dim() != 3 or inputs.shape[1] != 1 \
-                    or inputs.shape[0] < warmup + steps:
-                shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-                raise ValueError(f"Invalid flossing input {shape}: input_fn must return (T, 1, {cell.n_in}) "
-                                 f"with T >= warmup + steps = {warmup + steps}")
+        inputs = None if input_fn is None else _checked_inputs(input_fn(generator), cell.n_in, warmup + steps)
         res = lyapunov_spectrum(cell, inputs, k=k, steps=steps, batch=1, warmup=warmup, generator=generator,
                                 differentiable=True, detach_state=(mode == "detached"),
                                 eprop_detach=(mode == "local"))
@@ -170,3 +150,30 @@ def floss(cell: RecurrentCell, *, iters: int, k: int | str = "auto", mode: str =
             callback(it, losses[-1], exponents[-1])
     opt.zero_grad()
     return FlossResult(losses, exponents)
+
+
+def _check_settings(cell, iters, mode, lr, target, steps, warmup) -> None:
+    """:func:`floss`'s arguments, each a ValueError naming what is allowed (k: :func:`resolve_floss_k`)."""
+    if not isinstance(cell, RecurrentCell):
+        raise ValueError(f"Invalid cell {type(cell).__name__}: expected a RecurrentCell")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"Invalid iters {iters!r}: must be an integer >= 0")
+    if mode not in FLOSS_MODES:
+        raise ValueError(f"Invalid floss mode {mode!r}: allowed {', '.join(FLOSS_MODES)}")
+    for name, val in (("lr", lr), ("target", target)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise ValueError(f"Invalid {name} {val!r}: must be a finite number")
+    if lr <= 0:
+        raise ValueError(f"Invalid lr {lr!r}: must be > 0")
+    for name, val, lo in (("steps", steps, 1), ("warmup", warmup, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+            raise ValueError(f"Invalid {name} {val!r}: must be an integer >= {lo}")
+
+
+def _checked_inputs(inputs, n_in: int, length: int) -> Tensor:
+    """``input_fn``'s sequence, which must be ``(T, 1, n_in)`` with ``T >= length`` (warmup + steps)."""
+    if not isinstance(inputs, Tensor) or inputs.dim() != 3 or inputs.shape[1] != 1 or inputs.shape[0] < length:
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ValueError(f"Invalid flossing input {shape}: input_fn must return (T, 1, {n_in}) with T >= warmup + "
+                         f"steps = {length}")
+    return inputs

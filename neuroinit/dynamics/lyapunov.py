@@ -2,7 +2,8 @@
 
 For any :class:`~neuroinit.cells.base.RecurrentCell`, through the cell contract only: ``cell.step`` advances the
 state and ``cell.jacobian`` gives the step Jacobian ``D_t = d obs_t / d obs_{t-1}`` of the observable
-(``cell.observable``). An orthonormal ``N x k`` frame ``Q`` is carried along the trajectory::
+(``cell.observable``, K N numbers: the K state variables of each of the N neurons; K = 1 for rate and LIF
+cells, 2 for adaptive LIF). An orthonormal ``K N x k`` frame ``Q`` is carried along the trajectory::
 
     Q <- D_t Q                         every step
     Q, R = qr(Q)                       every ``qr_every`` steps (and after the last step)
@@ -86,26 +87,14 @@ class LyapunovResult(NamedTuple):
 
 
 def dt_over_tau(cell: RecurrentCell) -> float:
-    """The cell's time step in units of its time constant: ``alpha`` for rate cells (``alpha = dt / tau``),
-    ``dt / tau_m`` for LIF cells (whose ``alpha`` is ``exp(-dt / tau_m)``)."""
-    if hasattr(cell, "dt") and hasattr(cell, "tau_m"):
-        return float(cell.dt) / float(cell.tau_m)
-    if cell.model == "rate" and hasattr(cell, "alpha"):
-        return float(cell.alpha)
-    raise ValueError(f"Invalid cell {type(cell).__name__}: cannot tell its dt / tau (expected a rate cell with "
-                     "alpha or a cell with dt and tau_m)")
+    """The cell's time step in units of its time constant (:meth:`RecurrentCell.dt_over_tau`: ``alpha`` for
+    rate cells, ``dt / tau_m`` for LIF cells, whose ``alpha`` is ``exp(-dt / tau_m)``)."""
+    return float(cell.dt_over_tau())
 
 
 def with_observable(cell: RecurrentCell, state: Any, obs: Tensor) -> Any:
-    """``state`` with its observable (the field :meth:`RecurrentCell.observable` returns) replaced by ``obs``.
-
-    Works for NamedTuple states whose observable is one of their fields (rate: ``x``, LIF: ``v``)."""
-    current = cell.observable(state)
-    if hasattr(state, "_replace") and hasattr(state, "_fields"):
-        for name in state._fields:
-            if getattr(state, name) is current:
-                return state._replace(**{name: obs})
-    raise ValueError(f"Invalid state {type(state).__name__}: its observable is not one of its fields")
+    """``state`` with its observable replaced by ``obs`` (:meth:`RecurrentCell.with_observable`)."""
+    return cell.with_observable(state, obs)
 
 
 def _random_state(cell: RecurrentCell, batch: int, generator: torch.Generator, dtype, device,
@@ -174,10 +163,10 @@ def lyapunov_spectrum(cell: RecurrentCell, inputs: Tensor | None = None, *, k: i
     """
     if not isinstance(cell, RecurrentCell):
         raise ValueError(f"Invalid cell {type(cell).__name__}: expected a RecurrentCell")
-    n = cell.n_hidden
+    n = cell.observable_size
     _check_int("k", k, 1)
     if k > n:
-        raise ValueError(f"Invalid k {k}: must be between 1 and the number of neurons N = {n}")
+        raise ValueError(f"Invalid k {k}: must be between 1 and the size of the state K N = {n}")
     _check_int("warmup", warmup, 0)
     _check_int("qr_every", qr_every, 1)
     if detach_state and eprop_detach:
@@ -285,7 +274,7 @@ def two_trajectory_exponent(cell: RecurrentCell, inputs: Tensor | None = None, *
         ref = _random_state(cell, batch, generator, dtype, device, float(init_scale))
         for u in inputs[:warmup]:
             ref = cell.step(params, ref, u)[1]
-        direction = torch.randn(batch, cell.n_hidden, generator=generator, dtype=torch.float64)
+        direction = torch.randn(batch, cell.observable_size, generator=generator, dtype=torch.float64)
         direction = (direction / direction.norm(dim=1, keepdim=True)).to(dtype=dtype, device=device)
         pert = with_observable(cell, ref, cell.observable(ref) + eps * direction)
         log_sum = torch.zeros(batch, dtype=dtype, device=device)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from neuroinit.emulate.deployment import Deployment
+from neuroinit.emulate.deployed import Deployment
 
 __all__ = [
     "LAVA_ACT_SHIFT",

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from neuroinit.experiments.plots import _RULE_COLORS, _band, _figure, _save
+from neuroinit.experiments.plot_draw import _RULE_COLORS, _band, _figure, _save
 
 __all__ = ["alignment_figure", "plot_alignment"]
 
@@ -91,7 +91,7 @@ def plot_alignment(source, out, *, model: str | None = None, gains: Iterable[flo
                    params: Sequence[str] = ("w_in", "w_rec")) -> int:
     """Draw the figure from an alignment document (a dict or a ``.json`` path) into ``out``; returns the number
     of curves."""
-    from neuroinit.dynamics.alignment import read_report
+    from neuroinit.experiments.alignment_report import read_report
 
     doc = source if isinstance(source, dict) else read_report(source)
     fig, n = alignment_figure(doc, params=params, model=model, gains=gains)

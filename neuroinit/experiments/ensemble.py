@@ -52,7 +52,7 @@ from neuroinit.learning.online import OnlineEprop, accumulate_step, init_traces,
 from neuroinit.tasks.base import Batch
 
 __all__ = ["MEMBER_FIELDS", "SUPPORTED", "ensemble_backward", "ensemble_groups", "ensemble_key",
-           "ensemble_support", "execute_ensemble", "runs_fused_alone", "train_ensemble"]
+           "ensemble_support", "runs_fused_alone", "train_ensemble"]
 
 MEMBER_FIELDS = ("seed", "gain", "lr")   # what may differ between the members of one ensemble
 SUPPORTED = "rate networks, rules bptt / eprop / eprop-autograd / rflo, the Romo task, profiles without " \
@@ -297,65 +297,3 @@ def ensemble_groups(runs: Sequence, size: int) -> list[list]:
             groups.append(group)
         group.append(run)
     return groups
-
-
-def execute_ensemble(payload: dict) -> dict:
-    """Train an ensemble of planned sweep runs (what :func:`~neuroinit.experiments.sweep.execute_run` calls for
-    a payload with ``"ensemble"``: a list of run payloads). Returns ``{"run_id", "ensemble": [result per
-    member]}``, each result as ``execute_run``'s; never raises for failing runs."""
-    import platform
-    import shutil
-    import tempfile
-    import time
-    import traceback
-
-    from neuroinit.experiments import sweep as sw
-
-    t0 = time.monotonic()
-    members = payload["ensemble"]
-    results = [{"run_id": m.get("run_id", ""), "status": "failed", "error": "", "traceback": "", "summary": {},
-                "wall_time": 0.0, "host": platform.node(), "file_bytes": None} for m in members]
-    tmpdir = None
-    targets: list[Path] = []
-    shared: list[bool] = []
-    try:
-        if payload.get("threads"):
-            torch.set_num_threads(int(payload["threads"]))
-        configs = [TrainConfig.from_dict(m["config"]) for m in members]
-        todo = []
-        for j, m in enumerate(members):
-            path = Path(m["path"])
-            shared.append(sw._is_shared(path.parent.parent, m.get("token", "")))
-            if not shared[-1] and tmpdir is None:
-                tmpdir = Path(tempfile.mkdtemp(prefix="neuroinit-ensemble-"))
-            targets.append(path if shared[-1] else tmpdir / path.name)
-            state, _ = sw.run_state(targets[j], configs[j])
-            if state in ("corrupt", "mismatch"):
-                targets[j].unlink()
-            if state not in sw.FINISHED:
-                todo.append(j)
-        if todo:
-            train_ensemble([configs[j] for j in todo], [targets[j] for j in todo], resume=True,
-                           start_if_missing=True)
-        for j, res in enumerate(results):
-            state, detail = sw.run_state(targets[j], configs[j])
-            res["status"] = state if state in sw.FINISHED else "failed"
-            res["error"] = "" if state == "complete" else detail or state
-            res["summary"] = sw._file_summary(targets[j])
-            if not shared[j]:
-                res["file_bytes"] = targets[j].read_bytes()
-    except Exception as e:  # noqa: BLE001  failing runs are recorded with their error; the sweep goes on
-        for j, res in enumerate(results):
-            with contextlib.suppress(Exception):   # members finished before the failure keep their result
-                if j < len(targets) and shared[j] and sw.run_state(targets[j], configs[j])[0] in sw.FINISHED:
-                    res["status"] = sw.run_state(targets[j], configs[j])[0]
-                    res["summary"] = sw._file_summary(targets[j])
-            if res["status"] == "failed":
-                res["error"] = f"in an ensemble: {sw._one_line(e)}"
-                res["traceback"] = "".join(traceback.format_exception(e)[-6:])[-4000:]
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        for res in results:
-            res["wall_time"] = time.monotonic() - t0
-    return {"run_id": payload.get("run_id", ""), "ensemble": results}

@@ -92,8 +92,6 @@ from neuroinit.experiments.sweep_ids import (  # noqa: F401
     _field_default,
     _flosses,
     _matched_tau_m,
-    _now,
-    _one_line,
     _safe,
     comparable_config,
     condition_key,

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
+
+from neuroinit.experiments.run_identity import (  # noqa: F401  (re-exported: sweep's names for run identity)
+    _FORMER_DEFAULTS,
+    _NOT_HASHED,
+    ADDED_FIELDS,
+    _canonical,
+    _field_default,
+    _flosses,
+    comparable_config,
+    run_id,
+)
 
 MANIFEST = "sweep.json"
 RUNS_DIR = "runs"
@@ -29,24 +38,6 @@ _NOT_IN_BASE = {"task": "grid", "model": "grid", "rule": "grid", "gain": "grid",
                 "profile": "grid", "lr": "grid", "lr_grid": "grid", "floss_iters": "flossing",
                 "floss_mode": "flossing", "floss_k": "flossing", "floss_lr": "flossing",
                 "floss_inter_every": "flossing", "floss_inter_iters": "flossing"}
-# Config fields that do not change a run's result (train() lets them differ on resume): not in the run id.
-_NOT_HASHED = ("checkpoint_every", "checkpoint_seconds")
-# Run-id stability. TrainConfig fields added after the first sweeps (commit 6cbe674): left out of the run id (and
-# of the comparison with a stored run file) while they hold their default, so runs made before a field existed
-# keep their ids and files and are still found, resumed and summarised. One name per line (easy to merge).
-ADDED_FIELDS = (
-    "floss_inter_every",
-    "floss_inter_iters",
-    "io_init",
-    "align_every",
-    "chip_neuron",
-    "tau_syn_ms",
-)
-# Fields whose default changed, with the default they had before: where the field has no effect on the run
-# (floss_k when the run does not floss) the id uses that old value, so the ids of runs that never flossed do not
-# change. (floss_k was 1 before "auto"; a flossing run that set k = 1 explicitly keeps its id, one that uses "auto"
-# gets the id of its resolved k, e.g. k = 32 at N = 256.)
-_FORMER_DEFAULTS = {"floss_k": 1}
 # Fields that make two runs the same condition when they are all that differ.
 _REPLICATE_FIELDS = ("seed", "lr", "lr_grid")
 # How the learning rate of a condition is chosen (and what the summaries and figures report): the mean over seeds
@@ -69,59 +60,6 @@ class SweepError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# TrainConfig fields added after run files and sweeps existed: left out of run ids, condition keys and stored-config
-# comparisons while they hold their default, so existing runs keep their ids and stay complete.
-def _canonical(config: dict) -> dict:
-    """The config as stored in a run file (JSON round trip: tuples become lists)."""
-    return json.loads(json.dumps(config, sort_keys=True))
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-def _flosses(config: dict) -> bool:
-    return int(config.get("floss_iters", 0) or 0) > 0 or int(config.get("floss_inter_every", 0) or 0) > 0
-
-
-def _field_default(name: str):
-    from neuroinit.experiments.train import TrainConfig
-
-    return TrainConfig.__dataclass_fields__[name].default
-
-
-def comparable_config(config) -> dict:
-    """``config`` (a TrainConfig or its dict, possibly from an older run file) as run ids and run-file checks
-    compare it: JSON-canonical, without the fields that do not change the result (checkpoint frequency), without
-    :data:`ADDED_FIELDS` that hold their default, and with ``floss_k`` at its former default 1 when the run does
-    not floss (it has no effect there)."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    d = {k: v for k, v in _canonical(d).items() if k not in _NOT_HASHED}
-    if d.get("floss_k") == "auto" and isinstance(d.get("hidden"), int):   # a raw dict: as TrainConfig stores it
-        from neuroinit.dynamics.flossing import resolve_floss_k
-
-        d["floss_k"] = resolve_floss_k("auto", d["hidden"])
-    for name in ADDED_FIELDS:
-        if name in d and d[name] == _field_default(name):
-            del d[name]
-    if not _flosses(d):
-        for name, former in _FORMER_DEFAULTS.items():
-            if name in d:
-                d[name] = former
-    return d
-
-
-def run_id(config) -> str:
-    """A 16-hex-digit id from the content of ``config`` (a TrainConfig or its dict): the hash of
-    :func:`comparable_config` (stable across versions: see :data:`ADDED_FIELDS`)."""
-    return hashlib.sha256(json.dumps(comparable_config(config), sort_keys=True).encode()).hexdigest()[:16]
-
 
 def rule_label(config: dict) -> str:
     """``"eprop"``, or ``"eprop+flossing"`` when the run flosses (pre-flossing ``floss_iters > 0`` or

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neuroinit._util import one_line, utc_now
 from neuroinit.experiments.sweep_ids import (
     _ATTEMPTS,
     _CLUSTER_STALE_S,
@@ -26,8 +27,6 @@ from neuroinit.experiments.sweep_ids import (
     PlannedRun,
     SweepError,
     _effective_lr,
-    _now,
-    _one_line,
     condition_key,
 )
 from neuroinit.experiments.sweep_spec import SweepSpec, load_spec
@@ -43,7 +42,7 @@ def read_manifest(sweep_dir: str | os.PathLike) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: not a readable sweep ledger ({_one_line(e)})") from None
+        raise ValueError(f"{p}: not a readable sweep ledger ({one_line(e, with_type=True)})") from None
     if not isinstance(data, dict) or data.get("kind") != MANIFEST_KIND:
         raise ValueError(f"{p}: not a neuroinit sweep ledger (kind {data.get('kind') if isinstance(data, dict) else None!r})")
     return data
@@ -52,7 +51,7 @@ def read_manifest(sweep_dir: str | os.PathLike) -> dict:
 def _write_manifest(sweep_dir: Path, data: dict) -> None:
     from neuroinit.io.atomic import atomic_write_path
 
-    data["updated"] = _now()
+    data["updated"] = utc_now()
     with atomic_write_path(sweep_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=float), encoding="utf-8")
 
@@ -157,9 +156,50 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, sweep_dir: str | os.PathLike,
     rate; rate networks, see :mod:`neuroinit.experiments.ensemble`) train K at a time as one batched model, each
     into its own run file with the content it has when trained alone; the others train alone.
     """
+    from neuroinit.experiments.ensemble import ensemble_groups
+
     t0 = time.monotonic()
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec)
+    workers = _check_run_args(workers, threads, ensemble)
+    root = Path(sweep_dir).resolve()
+    if root.exists() and not root.is_dir():
+        raise SweepError(f"Invalid sweep directory {str(root)!r}: it is a file")
+    (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    with _lock(root), _sigterm_interrupts():
+        token = _token(root)
+        _remove_stale_temps(root / RUNS_DIR, _CLUSTER_STALE_S if scheduler is not None else _LOCAL_STALE_S)
+        manifest, pending, skipped = _open_ledger(root, spec)
+        if on_start is not None:
+            on_start(len(spec.runs), skipped)
+        groups = {g[0].run_id: g for g in ensemble_groups(pending, ensemble)}
+        recorder = _Recorder(root, manifest, groups, len(spec.runs), skipped, progress or (lambda _e: None))
+        executor = "in-process" if workers == 0 and scheduler is None else (
+            "dask" if scheduler is not None else f"local pool ({workers} workers)")
+        payload = _payload(pending, groups, root, token, threads)
+        heads = [g[0] for g in groups.values()]
+        try:
+            if not heads:
+                pass
+            elif scheduler is not None:
+                executor = _run_dask(heads, payload, scheduler, recorder.finish, connect_timeout)
+            elif workers == 0:
+                _run_here(heads, payload, threads, recorder.finish)
+            else:
+                _run_local(heads, payload, workers, threads, recorder.finish)
+        finally:
+            _write_manifest(root, manifest)
+    records = manifest["runs"]
+    failed = [{"id": r.run_id, "run": r.describe(), "error": records[r.run_id]["error"]} for r in spec.runs
+              if records[r.run_id]["status"] == "failed"]
+    final_counts = Counter(records[r.run_id]["status"] for r in spec.runs)
+    return SweepReport(sweep_dir=str(root), name=spec.name, total=len(spec.runs), skipped=skipped,
+                       ran=sum(recorder.counts.values()), counts=dict(final_counts),
+                       wall_time=time.monotonic() - t0, executor=executor, failed=failed)
+
+
+def _check_run_args(workers: int | None, threads: int, ensemble: int) -> int:
+    """Check ``threads`` and ``ensemble``; returns ``workers`` (default: usable CPUs // threads), checked."""
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise SweepError(f"Invalid threads {threads!r}: an integer >= 1")
     if not isinstance(ensemble, int) or isinstance(ensemble, bool) or ensemble < 0:
@@ -172,116 +212,115 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, sweep_dir: str | os.PathLike,
         workers = max(1, ncpu // threads)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise SweepError(f"Invalid workers {workers!r}: an integer >= 0 (0 runs in this process)")
-    root = Path(sweep_dir).resolve()
-    if root.exists() and not root.is_dir():
-        raise SweepError(f"Invalid sweep directory {str(root)!r}: it is a file")
-    (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)
-    notify = progress or (lambda _e: None)
-    with _lock(root), _sigterm_interrupts():
-        token_path = root / TOKEN_FILE
-        if not token_path.exists():
-            with contextlib.suppress(FileExistsError), open(token_path, "x") as fh:
-                fh.write(secrets.token_hex(16) + "\n")
-        token = token_path.read_text().strip()
-        _remove_stale_temps(root / RUNS_DIR, _CLUSTER_STALE_S if scheduler is not None else _LOCAL_STALE_S)
-        try:
-            manifest = read_manifest(root)
-        except ValueError:
-            manifest = {}  # rebuilt from the run files below
-        old = manifest.get("runs", {}) if isinstance(manifest.get("runs"), dict) else {}
-        records: dict[str, dict] = dict(old)
-        pending: list[PlannedRun] = []
-        skipped = 0
-        for run in spec.runs:
-            rec = {**_record(run), **{k: v for k, v in old.get(run.run_id, {}).items()
-                                      if k in ("attempts", "host", "finished", "wall_time")}}
-            state, detail = run_state(root / run.file, run.config)
-            if state in FINISHED:
-                rec["status"], rec["error"] = state, detail if state == "diverged" else ""
-                rec["summary"] = _file_summary(root / run.file)
-                skipped += 1
-            else:
-                prev = old.get(run.run_id, {})
-                if prev.get("status") == "failed":  # keep the last error until the retry reports
-                    rec["status"], rec["error"], rec["traceback"] = "failed", prev.get("error", ""), \
-                        prev.get("traceback", "")
-                pending.append(run)
-            records[run.run_id] = rec
-        specs = manifest.get("specs", {}) if isinstance(manifest.get("specs"), dict) else {}
-        specs[spec.name] = {"path": spec.path, "description": spec.description, "text": spec.text,
-                            "runs": [r.run_id for r in spec.runs], "updated": _now()}
-        manifest = {"kind": MANIFEST_KIND, "format_version": MANIFEST_VERSION,
-                    "created": manifest.get("created") or _now(), "specs": specs, "runs": records}
-        _write_manifest(root, manifest)
-        total = len(spec.runs)
-        if on_start is not None:
-            on_start(total, skipped)
-        done = skipped
-        counts: Counter = Counter()
-        by_id = {r.run_id: r for r in spec.runs}
+    return workers
 
-        from neuroinit.experiments.ensemble import ensemble_groups
 
-        groups = {g[0].run_id: g for g in ensemble_groups(pending, ensemble)}
-        heads = [by_id[h] for h in groups]
+def _token(root: Path) -> str:
+    """The sweep directory's secret (made once): workers write run files only where it matches."""
+    token_path = root / TOKEN_FILE
+    if not token_path.exists():
+        with contextlib.suppress(FileExistsError), open(token_path, "x") as fh:
+            fh.write(secrets.token_hex(16) + "\n")
+    return token_path.read_text().strip()
 
-        def finish(run: PlannedRun, res: dict) -> None:
-            """Record a job's result: one run's, or an ensemble's (per member; an executor's failure of the
-            whole job applies to every member)."""
-            members = groups.get(run.run_id, [run])
-            for j, member in enumerate(members):
-                one = res["ensemble"][j] if "ensemble" in res else {**res, "run_id": member.run_id}
-                finish_one(member, one)
 
-        def finish_one(run: PlannedRun, res: dict) -> None:
-            nonlocal done
-            rec = records[run.run_id]
-            if res.get("file_bytes") is not None:
-                from neuroinit.io.atomic import atomic_write_path
+def _open_ledger(root: Path, spec: SweepSpec) -> tuple[dict, list[PlannedRun], int]:
+    """The ledger with ``spec``'s runs recorded (finished ones checked by content, a failed one keeps its last
+    error until the retry reports), written; returns it, the runs still to do and how many are finished."""
+    try:
+        manifest = read_manifest(root)
+    except ValueError:
+        manifest = {}  # rebuilt from the run files below
+    old = manifest.get("runs", {}) if isinstance(manifest.get("runs"), dict) else {}
+    records: dict[str, dict] = dict(old)
+    pending: list[PlannedRun] = []
+    skipped = 0
+    for run in spec.runs:
+        rec = {**_record(run), **{k: v for k, v in old.get(run.run_id, {}).items()
+                                  if k in ("attempts", "host", "finished", "wall_time")}}
+        state, detail = run_state(root / run.file, run.config)
+        if state in FINISHED:
+            rec["status"], rec["error"] = state, detail if state == "diverged" else ""
+            rec["summary"] = _file_summary(root / run.file)
+            skipped += 1
+        else:
+            prev = old.get(run.run_id, {})
+            if prev.get("status") == "failed":
+                rec["status"], rec["error"], rec["traceback"] = "failed", prev.get("error", ""), \
+                    prev.get("traceback", "")
+            pending.append(run)
+        records[run.run_id] = rec
+    specs = manifest.get("specs", {}) if isinstance(manifest.get("specs"), dict) else {}
+    specs[spec.name] = {"path": spec.path, "description": spec.description, "text": spec.text,
+                        "runs": [r.run_id for r in spec.runs], "updated": utc_now()}
+    manifest = {"kind": MANIFEST_KIND, "format_version": MANIFEST_VERSION,
+                "created": manifest.get("created") or utc_now(), "specs": specs, "runs": records}
+    _write_manifest(root, manifest)
+    return manifest, pending, skipped
 
-                try:
-                    with atomic_write_path(root / run.file) as tmp:
-                        tmp.write_bytes(res["file_bytes"])
-                except OSError as e:
-                    res = {**res, "status": "failed", "error": f"cannot write the returned run file: {_one_line(e)}"}
-            rec.update(status=res["status"], error=res.get("error", ""), traceback=res.get("traceback", ""),
-                       wall_time=res.get("wall_time"), host=res.get("host", ""), finished=_now(),
-                       summary=res.get("summary", {}), attempts=int(rec.get("attempts", 0)) + 1)
-            counts[res["status"]] += 1
-            done += 1
-            _write_manifest(root, manifest)
-            notify(SweepEvent(run.run_id, res["status"], done, total, run.describe(), res.get("error", "")))
 
-        executor = "in-process" if workers == 0 and scheduler is None else (
-            "dask" if scheduler is not None else f"local pool ({workers} workers)")
-        payload = {r.run_id: {"run_id": r.run_id, "config": r.config.to_dict(), "path": str(root / r.file),
-                              "token": token, "threads": threads} for r in pending}
-        for head, group in groups.items():
-            if len(group) > 1:
-                payload[head] = {"run_id": head, "threads": threads, "ensemble": [payload[r.run_id] for r in group]}
-        try:
-            if not heads:
-                pass
-            elif scheduler is not None:
-                executor = _run_dask(heads, payload, scheduler, finish, connect_timeout)
-            elif workers == 0:
-                import torch
+def _payload(pending: list[PlannedRun], groups: dict, root: Path, token: str, threads: int) -> dict:
+    """What each job sends a worker: one run's config and path, or an ensemble's (under its first run's id)."""
+    payload = {r.run_id: {"run_id": r.run_id, "config": r.config.to_dict(), "path": str(root / r.file),
+                          "token": token, "threads": threads} for r in pending}
+    for head, group in groups.items():
+        if len(group) > 1:
+            payload[head] = {"run_id": head, "threads": threads, "ensemble": [payload[r.run_id] for r in group]}
+    return payload
 
-                old_threads = torch.get_num_threads()
-                try:
-                    for run in heads:
-                        finish(run, execute_run({**payload[run.run_id], "threads": threads}))
-                finally:
-                    torch.set_num_threads(old_threads)
-            else:
-                _run_local(heads, payload, workers, threads, finish)
-        finally:
-            _write_manifest(root, manifest)
-    failed = [{"id": r, "run": by_id[r].describe(), "error": records[r]["error"]} for r in by_id
-              if records[r]["status"] == "failed"]
-    final_counts = Counter(records[r]["status"] for r in by_id)
-    return SweepReport(sweep_dir=str(root), name=spec.name, total=total, skipped=skipped, ran=sum(counts.values()),
-                       counts=dict(final_counts), wall_time=time.monotonic() - t0, executor=executor, failed=failed)
+
+class _Recorder:
+    """Records finished jobs in the ledger (written after each) and reports them to ``notify``."""
+
+    def __init__(self, root: Path, manifest: dict, groups: dict, total: int, done: int, notify) -> None:
+        self.root, self.manifest, self.groups, self.total, self.done = root, manifest, groups, total, done
+        self.notify = notify
+        self.counts: Counter = Counter()
+
+    def finish(self, run: PlannedRun, res: dict) -> None:
+        """Record a job's result: one run's, or an ensemble's (per member; an executor's failure of the whole
+        job applies to every member)."""
+        members = self.groups.get(run.run_id, [run])
+        for j, member in enumerate(members):
+            self._finish_one(member, res["ensemble"][j] if "ensemble" in res else {**res, "run_id": member.run_id})
+
+    def _finish_one(self, run: PlannedRun, res: dict) -> None:
+        rec = self.manifest["runs"][run.run_id]
+        if res.get("file_bytes") is not None:
+            from neuroinit.io.atomic import atomic_write_path
+
+            try:
+                with atomic_write_path(self.root / run.file) as tmp:
+                    tmp.write_bytes(res["file_bytes"])
+            except OSError as e:
+                res = {**res, "status": "failed",
+                       "error": f"cannot write the returned run file: {one_line(e, with_type=True)}"}
+        rec.update(status=res["status"], error=res.get("error", ""), traceback=res.get("traceback", ""),
+                   wall_time=res.get("wall_time"), host=res.get("host", ""), finished=utc_now(),
+                   summary=res.get("summary", {}), attempts=int(rec.get("attempts", 0)) + 1)
+        self.counts[res["status"]] += 1
+        self.done += 1
+        _write_manifest(self.root, self.manifest)
+        self.notify(SweepEvent(run.run_id, res["status"], self.done, self.total, run.describe(),
+                               res.get("error", "")))
+
+
+def _failed(run: PlannedRun, error: str) -> dict:
+    """The result of a job that failed outside the training code (its worker, the cluster)."""
+    return {"run_id": run.run_id, "status": "failed", "error": error, "traceback": "", "summary": {},
+            "wall_time": None, "host": "", "file_bytes": None}
+
+
+def _run_here(heads: list[PlannedRun], payload: dict, threads: int, finish) -> None:
+    """Run the jobs one after another in this process (``workers = 0``)."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    try:
+        for run in heads:
+            finish(run, execute_run({**payload[run.run_id], "threads": threads}))
+    finally:
+        torch.set_num_threads(old_threads)
 
 
 def _pool_context():
@@ -340,8 +379,7 @@ def _run_local(pending: list[PlannedRun], payload: dict, workers: int, threads: 
                         lost.append(run)
                         continue
                     except Exception as e:  # noqa: BLE001  recorded as a failed run, the sweep goes on
-                        res = {"run_id": run.run_id, "status": "failed", "error": _one_line(e), "traceback": "",
-                               "summary": {}, "wall_time": None, "host": "", "file_bytes": None}
+                        res = _failed(run, one_line(e, with_type=True))
                     finish(run, res)
                 if lost:
                     lost += list(inflight.values())
@@ -355,10 +393,8 @@ def _run_local(pending: list[PlannedRun], payload: dict, workers: int, threads: 
         for run in reversed(lost):
             deaths[run.run_id] += 1
             if deaths[run.run_id] >= _ATTEMPTS:
-                finish(run, {"run_id": run.run_id, "status": "failed", "traceback": "", "summary": {},
-                             "error": f"the worker process died {deaths[run.run_id]} times while this run was "
-                                      "in flight (killed or out of memory?)", "wall_time": None, "host": "",
-                             "file_bytes": None})
+                finish(run, _failed(run, f"the worker process died {deaths[run.run_id]} times while this run "
+                                         "was in flight (killed or out of memory?)"))
             else:
                 queue.appendleft(run)
 
@@ -375,7 +411,7 @@ def _run_dask(pending: list[PlannedRun], payload: dict, scheduler, finish, conne
         try:
             client = Client(scheduler, timeout=f"{connect_timeout}s", set_as_default=False)
         except (OSError, TimeoutError, ValueError) as e:
-            raise SweepError(f"Cannot reach the Dask scheduler at {scheduler}: {_one_line(e)}") from None
+            raise SweepError(f"Cannot reach the Dask scheduler at {scheduler}: {one_line(e, with_type=True)}") from None
     else:
         client = scheduler
     where = f"dask ({client.scheduler.address})"
@@ -392,11 +428,9 @@ def _run_dask(pending: list[PlannedRun], payload: dict, scheduler, finish, conne
             run = by_key[fut.key]
             if fut.status == "error":
                 exc = fut.exception()
-                res = {"run_id": run.run_id, "status": "failed", "error": f"on the cluster: {_one_line(exc)}",
-                       "traceback": "", "summary": {}, "wall_time": None, "host": "", "file_bytes": None}
+                res = _failed(run, f"on the cluster: {one_line(exc, with_type=True)}")
             elif fut.status == "cancelled":
-                res = {"run_id": run.run_id, "status": "failed", "error": "cancelled on the cluster",
-                       "traceback": "", "summary": {}, "wall_time": None, "host": "", "file_bytes": None}
+                res = _failed(run, "cancelled on the cluster")
             else:
                 res = fut.result()
             fut.release()

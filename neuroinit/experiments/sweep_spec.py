@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neuroinit._util import one_line
 from neuroinit.experiments.sweep_ids import (
     _NOT_IN_BASE,
     AXES,
@@ -116,9 +117,6 @@ def _resolve_profile(name: str, base_dir: Path | None) -> str:
 
 def parse_spec(data: dict, *, where: str = "<spec>", text: str = "", base_dir: Path | None = None) -> SweepSpec:
     """Validate a parsed spec (see the module docstring) and expand it into planned runs."""
-    from neuroinit.experiments.train import TrainConfig, resolve_settings
-    from neuroinit.learning import RULES
-
     if not isinstance(data, dict):
         raise _fail(where, "a spec is a TOML table")
     unknown = sorted(set(data) - set(SPEC_KEYS))
@@ -130,23 +128,41 @@ def parse_spec(data: dict, *, where: str = "<spec>", text: str = "", base_dir: P
     description = data.get("description", "")
     if not isinstance(description, str):
         raise _fail(where, "invalid description: a string")
+    base = _check_base(data.get("base", {}), "[base]", where)
+    flossing = _flossing(data.get("flossing", {}), where)
+    grid = data.get("grid")
+    if grid is None:
+        raise _fail(where, "missing [grid]: at least one block of axes (" + ", ".join(AXES) + ")")
+    blocks = grid if isinstance(grid, list) else [grid]
+    if not blocks or not all(isinstance(b, dict) for b in blocks):
+        raise _fail(where, "[grid] must be a table or an array of tables ([[grid]])")
+    runs: dict[str, PlannedRun] = {}
+    for bi, block in enumerate(blocks):
+        at = "[grid]" if len(blocks) == 1 else f"[[grid]] #{bi + 1}"
+        _plan_block(block, at, where, base, flossing, base_dir, runs)
+    return SweepSpec(name=name, description=description, path=where, text=text, runs=tuple(runs.values()))
+
+
+def _check_base(base, at: str, where: str) -> dict:
+    """A ``[base]`` table: TrainConfig fields other than those the grid or [flossing] set."""
+    from neuroinit.experiments.train import TrainConfig
+
     fields = set(TrainConfig.__dataclass_fields__)
+    if not isinstance(base, dict):
+        raise _fail(where, f"{at} must be a table of TrainConfig fields")
+    for key in base:
+        if key in _NOT_IN_BASE:
+            target = "[grid] (a value or a list)" if _NOT_IN_BASE[key] == "grid" else \
+                "[flossing] (rule 'X+flossing' turns it on)"
+            raise _fail(where, f"{at}.{key}: {key!r} is set by {target}, not in {at}")
+        if key not in fields:
+            allowed = ", ".join(sorted(fields - set(_NOT_IN_BASE)))
+            raise _fail(where, f"unknown key {at}.{key}; allowed TrainConfig fields: {allowed}")
+    return dict(base)
 
-    def check_base(base, at: str) -> dict:
-        if not isinstance(base, dict):
-            raise _fail(where, f"{at} must be a table of TrainConfig fields")
-        for key in base:
-            if key in _NOT_IN_BASE:
-                target = "[grid] (a value or a list)" if _NOT_IN_BASE[key] == "grid" else \
-                    "[flossing] (rule 'X+flossing' turns it on)"
-                raise _fail(where, f"{at}.{key}: {key!r} is set by {target}, not in {at}")
-            if key not in fields:
-                allowed = ", ".join(sorted(fields - set(_NOT_IN_BASE)))
-                raise _fail(where, f"unknown key {at}.{key}; allowed TrainConfig fields: {allowed}")
-        return dict(base)
 
-    base = check_base(data.get("base", {}), "[base]")
-    floss_raw = data.get("flossing", {})
+def _flossing(floss_raw, where: str) -> dict:
+    """The ``[flossing]`` table as TrainConfig fields (defaults filled in), which rule 'X+flossing' adds."""
     if not isinstance(floss_raw, dict):
         raise _fail(where, "[flossing] must be a table")
     unknown = sorted(set(floss_raw) - set(FLOSSING_KEYS))
@@ -160,75 +176,77 @@ def parse_spec(data: dict, *, where: str = "<spec>", text: str = "", base_dir: P
     if flossing["floss_iters"] == 0 and not flossing.get("floss_inter_every"):
         raise _fail(where, "flossing.iters = 0 without inter-flossing (flossing.inter_every, inter_iters): "
                            "rule 'X+flossing' would not floss")
+    return flossing
 
-    grid = data.get("grid")
-    if grid is None:
-        raise _fail(where, "missing [grid]: at least one block of axes (" + ", ".join(AXES) + ")")
-    blocks = grid if isinstance(grid, list) else [grid]
-    if not blocks or not all(isinstance(b, dict) for b in blocks):
-        raise _fail(where, "[grid] must be a table or an array of tables ([[grid]])")
 
-    runs: dict[str, PlannedRun] = {}
-    for bi, block in enumerate(blocks):
-        at = "[grid]" if len(blocks) == 1 else f"[[grid]] #{bi + 1}"
-        bwhere = f"{where}: {at}"
-        unknown = sorted(set(block) - set(BLOCK_KEYS))
-        if unknown:
-            raise _fail(where, f"unknown key(s) {unknown} in {at}; allowed: {', '.join(BLOCK_KEYS)}")
-        if "lr" in block and "lr_scale" in block:
-            raise _fail(where, f"{at}: give lr or lr_scale, not both")
-        bbase = {**base, **check_base(block.get("base", {}), f"{at}.base")}
-        match = block.get("match_eligibility", False)
-        if not isinstance(match, bool):
-            raise _fail(where, f"{at}: invalid match_eligibility {match!r}: true or false")
-        if match and "tau_m_ms" in bbase:
-            raise _fail(where, f"{at}: match_eligibility sets tau_m_ms; do not set it in base too")
-        tasks = _as_list(bwhere, "task", block.get("task", "romo"), "str")
-        models = _as_list(bwhere, "model", block.get("model", "rate"), "str")
-        rules = _as_list(bwhere, "rule", block.get("rule", "eprop"), "str")
-        for r in rules:
-            plain = r.removesuffix(FLOSS_SUFFIX)
-            if plain not in RULES:
-                allowed = ", ".join(list(RULES) + [x + FLOSS_SUFFIX for x in RULES])
-                raise _fail(where, f"{at}: invalid rule {r!r}; allowed: {allowed}")
-        profiles = [_resolve_profile(p, base_dir) for p in _as_list(bwhere, "profile",
-                                                                    block.get("profile", "ideal"), "str")]
-        gains = _gains(bwhere, block.get("gain", 1.0))
-        seeds = _seeds(bwhere, block.get("seed", 0))
-        lrs: list[float | None]
-        scales: list[float | None]
-        if "lr" in block:
-            lrs, scales = [float(x) for x in _as_list(bwhere, "lr", block["lr"], "num")], [None]
-        elif "lr_scale" in block:
-            lrs, scales = [None], [float(x) for x in _as_list(bwhere, "lr_scale", block["lr_scale"], "num")]
-        else:
-            lrs, scales = [None], [None]
-        for x in [v for v in lrs + scales if v is not None]:
-            if x <= 0:
-                raise _fail(where, f"{at}: invalid learning rate {x!r}: must be > 0")
-        for task, model, rule, profile, gain, lr, scale, seed in product(tasks, models, rules, profiles, gains,
-                                                                         lrs, scales, seeds):
-            plain = rule.removesuffix(FLOSS_SUFFIX)
-            d = {**bbase, "task": task, "model": model, "rule": plain, "profile": profile, "gain": gain,
-                 "seed": seed}
-            if rule.endswith(FLOSS_SUFFIX):
-                d.update(flossing)
-            label = f"{task} {model} {rule} gain {gain:g} seed {seed}"
-            try:
-                if match and model == "lif":
-                    d["tau_m_ms"] = _matched_tau_m(d)
-                if scale is not None:
-                    default = resolve_settings(TrainConfig.from_dict(d))["lr"]
-                    d["lr"] = float(f"{scale * default:.12g}")
-                elif lr is not None:
-                    d["lr"] = lr
-                config = TrainConfig.from_dict(d)
-            except (ValueError, TypeError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise _fail(where, f"{at}: run ({label}): {msg}") from None
-            rid = run_id(config)
-            if rid in runs:
-                continue
-            fname = _safe(f"{config.task}_{model}_{rule}_g{gain:g}_lr{_effective_lr(config.to_dict()):.3g}_s{seed}")
-            runs[rid] = PlannedRun(rid, config, f"{RUNS_DIR}/{fname}_{rid}.h5", scale)
-    return SweepSpec(name=name, description=description, path=where, text=text, runs=tuple(runs.values()))
+def _block_axes(block: dict, at: str, where: str, base_dir: Path | None) -> dict:
+    """One grid block's axes in the order runs are planned, each a checked list of values (lr and lr_scale:
+    ``[None]`` when not given)."""
+    from neuroinit.learning import RULES
+
+    bwhere = f"{where}: {at}"
+    tasks = _as_list(bwhere, "task", block.get("task", "romo"), "str")
+    models = _as_list(bwhere, "model", block.get("model", "rate"), "str")
+    rules = _as_list(bwhere, "rule", block.get("rule", "eprop"), "str")
+    for r in rules:
+        if r.removesuffix(FLOSS_SUFFIX) not in RULES:
+            allowed = ", ".join(list(RULES) + [x + FLOSS_SUFFIX for x in RULES])
+            raise _fail(where, f"{at}: invalid rule {r!r}; allowed: {allowed}")
+    profiles = [_resolve_profile(p, base_dir) for p in _as_list(bwhere, "profile", block.get("profile", "ideal"),
+                                                                "str")]
+    gains = _gains(bwhere, block.get("gain", 1.0))
+    seeds = _seeds(bwhere, block.get("seed", 0))
+    lrs: list[float | None] = [None]
+    scales: list[float | None] = [None]
+    if "lr" in block:
+        lrs = [float(x) for x in _as_list(bwhere, "lr", block["lr"], "num")]
+    elif "lr_scale" in block:
+        scales = [float(x) for x in _as_list(bwhere, "lr_scale", block["lr_scale"], "num")]
+    for x in [v for v in lrs + scales if v is not None]:
+        if x <= 0:
+            raise _fail(where, f"{at}: invalid learning rate {x!r}: must be > 0")
+    return {"task": tasks, "model": models, "rule": rules, "profile": profiles, "gain": gains, "lr": lrs,
+            "lr_scale": scales, "seed": seeds}
+
+
+def _plan_block(block: dict, at: str, where: str, base: dict, flossing: dict, base_dir: Path | None,
+                runs: dict[str, PlannedRun]) -> None:
+    """Add one grid block's runs (every combination of its axes) to ``runs``, keyed by run id (a run planned
+    twice is kept once)."""
+    from neuroinit.experiments.train import TrainConfig, resolve_settings
+
+    unknown = sorted(set(block) - set(BLOCK_KEYS))
+    if unknown:
+        raise _fail(where, f"unknown key(s) {unknown} in {at}; allowed: {', '.join(BLOCK_KEYS)}")
+    if "lr" in block and "lr_scale" in block:
+        raise _fail(where, f"{at}: give lr or lr_scale, not both")
+    bbase = {**base, **_check_base(block.get("base", {}), f"{at}.base", where)}
+    match = block.get("match_eligibility", False)
+    if not isinstance(match, bool):
+        raise _fail(where, f"{at}: invalid match_eligibility {match!r}: true or false")
+    if match and "tau_m_ms" in bbase:
+        raise _fail(where, f"{at}: match_eligibility sets tau_m_ms; do not set it in base too")
+    axes = _block_axes(block, at, where, base_dir)
+    for task, model, rule, profile, gain, lr, scale, seed in product(*axes.values()):
+        plain = rule.removesuffix(FLOSS_SUFFIX)
+        d = {**bbase, "task": task, "model": model, "rule": plain, "profile": profile, "gain": gain,
+             "seed": seed}
+        if rule.endswith(FLOSS_SUFFIX):
+            d.update(flossing)
+        label = f"{task} {model} {rule} gain {gain:g} seed {seed}"
+        try:
+            if match and model == "lif":
+                d["tau_m_ms"] = _matched_tau_m(d)
+            if scale is not None:
+                default = resolve_settings(TrainConfig.from_dict(d))["lr"]
+                d["lr"] = float(f"{scale * default:.12g}")
+            elif lr is not None:
+                d["lr"] = lr
+            config = TrainConfig.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise _fail(where, f"{at}: run ({label}): {one_line(e)}") from None
+        rid = run_id(config)
+        if rid in runs:
+            continue
+        fname = _safe(f"{config.task}_{model}_{rule}_g{gain:g}_lr{_effective_lr(config.to_dict()):.3g}_s{seed}")
+        runs[rid] = PlannedRun(rid, config, f"{RUNS_DIR}/{fname}_{rid}.h5", scale)

@@ -10,7 +10,8 @@ import time
 import traceback
 from pathlib import Path
 
-from neuroinit.experiments.sweep_ids import FINISHED, TOKEN_FILE, _one_line, comparable_config
+from neuroinit._util import one_line
+from neuroinit.experiments.sweep_ids import FINISHED, TOKEN_FILE, comparable_config
 
 # ------------------------------------------------------------------------------------------ run state
 
@@ -77,8 +78,6 @@ def execute_run(payload: dict) -> dict:
     import platform
 
     if "ensemble" in payload:  # several runs trained as one batched model (neuroinit.experiments.ensemble)
-        from neuroinit.experiments.ensemble import execute_ensemble
-
         return execute_ensemble(payload)
     t0 = time.monotonic()
     path = Path(payload["path"])
@@ -115,7 +114,7 @@ def execute_run(payload: dict) -> dict:
             result["file_bytes"] = target.read_bytes()
     except Exception as e:  # noqa: BLE001  a failing run is recorded with its error; the others go on
         result["status"] = "failed"
-        result["error"] = _one_line(e)
+        result["error"] = one_line(e, with_type=True)
         result["traceback"] = "".join(traceback.format_exception(e)[-6:])[-4000:]
     finally:
         if tmpdir is not None:
@@ -169,3 +168,63 @@ def _init_worker(threads: int, sweep_pid: int) -> None:
 
     torch.set_num_threads(threads)
 
+
+def execute_ensemble(payload: dict) -> dict:
+    """Train an ensemble of planned sweep runs (what :func:`execute_run` calls for
+    a payload with ``"ensemble"``: a list of run payloads). Returns ``{"run_id", "ensemble": [result per
+    member]}``, each result as ``execute_run``'s; never raises for failing runs."""
+    import platform
+
+    import torch
+
+    from neuroinit.experiments.ensemble import train_ensemble
+    from neuroinit.experiments.train_config import TrainConfig
+
+    t0 = time.monotonic()
+    members = payload["ensemble"]
+    results = [{"run_id": m.get("run_id", ""), "status": "failed", "error": "", "traceback": "", "summary": {},
+                "wall_time": 0.0, "host": platform.node(), "file_bytes": None} for m in members]
+    tmpdir = None
+    targets: list[Path] = []
+    shared: list[bool] = []
+    try:
+        if payload.get("threads"):
+            torch.set_num_threads(int(payload["threads"]))
+        configs = [TrainConfig.from_dict(m["config"]) for m in members]
+        todo = []
+        for j, m in enumerate(members):
+            path = Path(m["path"])
+            shared.append(_is_shared(path.parent.parent, m.get("token", "")))
+            if not shared[-1] and tmpdir is None:
+                tmpdir = Path(tempfile.mkdtemp(prefix="neuroinit-ensemble-"))
+            targets.append(path if shared[-1] else tmpdir / path.name)
+            state, _ = run_state(targets[j], configs[j])
+            if state in ("corrupt", "mismatch"):
+                targets[j].unlink()
+            if state not in FINISHED:
+                todo.append(j)
+        if todo:
+            train_ensemble([configs[j] for j in todo], [targets[j] for j in todo], resume=True,
+                           start_if_missing=True)
+        for j, res in enumerate(results):
+            state, detail = run_state(targets[j], configs[j])
+            res["status"] = state if state in FINISHED else "failed"
+            res["error"] = "" if state == "complete" else detail or state
+            res["summary"] = _file_summary(targets[j])
+            if not shared[j]:
+                res["file_bytes"] = targets[j].read_bytes()
+    except Exception as e:  # noqa: BLE001  failing runs are recorded with their error; the sweep goes on
+        for j, res in enumerate(results):
+            with contextlib.suppress(Exception):   # members finished before the failure keep their result
+                if j < len(targets) and shared[j] and run_state(targets[j], configs[j])[0] in FINISHED:
+                    res["status"] = run_state(targets[j], configs[j])[0]
+                    res["summary"] = _file_summary(targets[j])
+            if res["status"] == "failed":
+                res["error"] = f"in an ensemble: {one_line(e, with_type=True)}"
+                res["traceback"] = "".join(traceback.format_exception(e)[-6:])[-4000:]
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        for res in results:
+            res["wall_time"] = time.monotonic() - t0
+    return {"run_id": payload.get("run_id", ""), "ensemble": results}

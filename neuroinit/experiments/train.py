@@ -27,7 +27,6 @@ import torch
 
 from neuroinit.cells.base import PARAM_NAMES, RecurrentCell
 from neuroinit.experiments.train_config import (  # re-exported: other modules import these from train
-    _DEFAULTS,  # noqa: F401
     _STREAMS,  # noqa: F401
     DTYPES,
     FLOSS_MODES,
@@ -337,7 +336,7 @@ class _LrRun:
         loss = float(trial.loss)
         if c.align_every and i % c.align_every == 0 and math.isfinite(loss):
             _log_alignment(rec, i, cell, batch, job.ctx.task)
-        run.summary["step_path"] = self.step_path or (
+        run.summary["step_path"] = self.step_path or getattr(self.rule, "step_path", None) or (
             "fused-native" if getattr(self.rule, "uses_fast_path", False) else "torch")
         bad = None
         if not math.isfinite(loss):

@@ -9,15 +9,16 @@ from typing import Any
 
 import torch
 
-from neuroinit.cells import MODELS
+from neuroinit.cells import cell_class
+from neuroinit.cells.base import CellParams
 from neuroinit.cells.lif import RESETS
 from neuroinit.cells.rate import ACTIVATIONS, FORMS
+from neuroinit.dynamics.flossing import FLOSS_MODES
 from neuroinit.learning import RULES
 from neuroinit.profiles import load_profile
 
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "float64")
-FLOSS_MODES = ("local", "full", "detached")
 LAST_LOGGED = 20           # lr-grid choice and final_loss: mean of the last 20 logged losses (science.md 6.2)
 LEARNED_FRACTION = 0.05    # Schuessler's learning time: first iteration with loss < 5% of the initial loss
 # Generator streams, numbered for numpy.random.SeedSequence([seed, stream]) (the init uses the seed itself).
@@ -25,22 +26,9 @@ _STREAMS = {"batch": 1, "rule": 2, "round": 3, "lyapunov": 4, "floss": 5, "eval"
 # Fields that may change when a run is resumed (they do not change the result).
 RESUMABLE_CHANGES = ("checkpoint_every", "checkpoint_seconds")
 
-# Defaults by (task kind, model); docs/training.md says why.
-#   rate, Romo: tau = 100 ms (ours; the task is defined in units of tau), dt = 0.5 tau (Schuessler et al. 2020).
-#   LIF, Romo: the task's tau = 20 ms, dt = 5 ms = 0.25 tau (finer than the rate net's 0.5 tau), membrane
-#       tau_m = 100 ms = 5 tau, readout tau_out = tau = 20 ms, inputs x 2. With tau_m = tau the LIF net (no
-#       adaptation) cannot hold f1 through the gap and e-prop's eligibility trace (which decays with tau_m) cannot
-#       bridge it: it learned nothing but the mean output (N = 64, 200 iterations, accuracy 0.49); tau_m = 5 tau
-#       learned (accuracy 0.96 e-prop, 0.99 BPTT). Measurements in docs/training.md.
-#   rate, neurogym: dt = 20 ms, tau = 100 ms (alpha = 0.2 < 1 so e-prop is not one-step BPTT; science.md 6.2).
-#   LIF, neurogym: dt = 20 ms (as the rate net: neurogym's periods are multiples of dt), tau_m = tau_out = 100 ms.
-_DEFAULTS = {
-    ("romo", "rate"): {"dt_ms": 50.0, "tau_ms": 100.0, "input_scale": 1.0},
-    ("romo", "lif"): {"dt_ms": 5.0, "tau_ms": 20.0, "tau_m_ms": 100.0, "tau_out_ms": 20.0, "input_scale": 2.0},
-    ("neurogym", "rate"): {"dt_ms": 20.0, "tau_ms": 100.0, "input_scale": 1.0},
-    ("neurogym", "lif"): {"dt_ms": 20.0, "tau_ms": None, "tau_m_ms": 100.0, "tau_out_ms": 100.0,
-                          "input_scale": 2.0},
-}
+# Run-setting defaults by task kind are declared by each cell class (``task_defaults``; docs/training.md says why).
+# Settings every model has; the others (e.g. tau_m_ms) are the model's own.
+_COMMON_SETTINGS = ("dt_ms", "tau_ms", "input_scale")
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,8 +71,10 @@ class TrainConfig:
     ``None`` means "the default for this task and model" (see :func:`resolve_settings` and
     ``docs/training.md``): ``lr`` 0.05 / N on Romo (Schuessler et al.) and 3e-3 on neurogym tasks;
     ``form`` "rate" for RFLO (Murray's rate form), "voltage" otherwise; ``dt_ms`` / ``tau_ms`` (the rate net's tau,
-    or Romo's time unit) / ``tau_m_ms`` and ``tau_out_ms`` (LIF) / ``input_scale`` from the per-(task, model)
-    table. ``lr_grid`` trains once per rate (same seed) and keeps
+    or Romo's time unit) / ``tau_m_ms`` and ``tau_out_ms`` (LIF) / ``input_scale`` from the cell class's
+    ``task_defaults``. ``cell_options``: the model's own constructor arguments (its config section,
+    :meth:`~neuroinit.cells.base.RecurrentCell.config_section`, e.g. ``{"tau_a": 500.0, "beta": 0.2}`` for ALIF),
+    validated by its constructor. ``lr_grid`` trains once per rate (same seed) and keeps
     the one with the lowest mean of the last 20 logged losses. ``align_every = K > 0`` (local rules only) compares
     the rule's gradient with BPTT's on the current batch every K iterations (iteration 0 included) and stores the
     cosine and relative error per parameter in the run file (:mod:`neuroinit.dynamics.alignment`); it does not
@@ -139,11 +129,16 @@ class TrainConfig:
     floss_inter_every: int = 0
     floss_inter_iters: int = 0
     io_init: str = "schuessler"
+    cell_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_grid, list):
             object.__setattr__(self, "lr_grid", tuple(self.lr_grid))
         self._validate()
+
+    def __hash__(self) -> int:   # cell_options is a dict: hash its items
+        return hash(tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                          for k, v in dataclasses.asdict(self).items()))
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -157,6 +152,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lr_grid"] = list(self.lr_grid)
+        d["cell_options"] = dict(self.cell_options)
         return d
 
     @property
@@ -170,8 +166,7 @@ class TrainConfig:
         if not isinstance(self.task, str) or not self.task:
             raise ValueError(f"Invalid task {self.task!r}: must be a non-empty string")
         object.__setattr__(self, "task", _check_task(self.task))
-        if self.model not in MODELS:
-            raise ValueError(f"Invalid model {self.model!r}: allowed {', '.join(MODELS)}")
+        cell_class(self.model)  # ValueError naming the registered models
         if self.rule not in RULES:
             raise ValueError(f"Invalid rule {self.rule!r}: allowed {', '.join(RULES)}")
         if not _is_number(self.gain) or self.gain < 0:
@@ -185,6 +180,21 @@ class TrainConfig:
                 raise ValueError(f"Invalid {name} {val!r}: must be an integer >= 1")
         if self.lyapunov_k > self.hidden:
             raise ValueError(f"Invalid lyapunov_k {self.lyapunov_k}: at most hidden = {self.hidden}")
+        self._validate_flossing()
+        self._validate_learning()
+        self._validate_device()
+        self._validate_flags()
+        self._validate_cell()
+        s = resolve_settings(self)
+        if "alpha" in s and not 0 < s["alpha"] <= 1:
+            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g}: the {self.model} network "
+                             "needs 0 < alpha = dt / tau <= 1")
+        _check_cell_kwargs(self, s)
+        if _task_kind(self.task) == "romo" and not 0 < s["dt_tau"] <= 1:
+            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g} for Romo: the task's "
+                             "step dt / tau must be in (0, 1]")
+
+    def _validate_flossing(self) -> None:
         from neuroinit.dynamics.flossing import resolve_floss_k
 
         try:
@@ -197,6 +207,14 @@ class TrainConfig:
         if (self.floss_inter_every > 0) != (self.floss_inter_iters > 0):
             raise ValueError(f"Invalid inter-flossing floss_inter_every = {self.floss_inter_every}, "
                              f"floss_inter_iters = {self.floss_inter_iters}: give both > 0 (on) or both 0 (off)")
+        if not _is_int(self.floss_iters) or self.floss_iters < 0:
+            raise ValueError(f"Invalid floss_iters {self.floss_iters!r}: must be an integer >= 0")
+        if self.floss_mode not in FLOSS_MODES:
+            raise ValueError(f"Invalid floss_mode {self.floss_mode!r}: allowed {', '.join(FLOSS_MODES)}")
+        if not _is_number(self.floss_lr) or self.floss_lr <= 0:
+            raise ValueError(f"Invalid floss_lr {self.floss_lr!r}: must be a finite number > 0")
+
+    def _validate_learning(self) -> None:
         from neuroinit.init import IO_INITS
 
         if self.io_init not in IO_INITS:
@@ -211,6 +229,8 @@ class TrainConfig:
             raise ValueError("Invalid learning rate: give lr or lr_grid, not both")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer {self.optimizer!r}: allowed {', '.join(OPTIMIZERS)}")
+
+    def _validate_device(self) -> None:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"Invalid seed {self.seed!r}: must be an integer in 0..2^63-1")
         if not isinstance(self.device, str):
@@ -225,8 +245,21 @@ class TrainConfig:
             raise ValueError(f"Invalid device {self.device!r}: allowed 'cpu' or 'cuda[:N]'")
         if self.dtype not in DTYPES:
             raise ValueError(f"Invalid dtype {self.dtype!r}: allowed {', '.join(DTYPES)}")
+
+    def _validate_flags(self) -> None:
+        for name in ("clamp_gain", "lyapunov", "fast", "chip_neuron"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be true or false")
+        if not _is_int(self.align_every) or self.align_every < 0:
+            raise ValueError(f"Invalid align_every {self.align_every!r}: must be an integer >= 0 (0 = off)")
+        if self.align_every and self.rule == "bptt":
+            raise ValueError("Invalid align_every with rule 'bptt': it compares a local rule's gradient with "
+                             "BPTT's; use eprop, eprop-autograd or rflo")
+
+    def _validate_cell(self) -> None:
+        section = cell_class(self.model).config_section()
         if self.form is not None:
-            if self.model != "rate":
+            if "form" not in section:
                 raise ValueError(f"Invalid form {self.form!r} for model {self.model!r}: form is for rate networks")
             if self.form not in FORMS:
                 raise ValueError(f"Invalid form {self.form!r}: allowed {', '.join(FORMS)}")
@@ -236,14 +269,14 @@ class TrainConfig:
             val = getattr(self, name)
             if val is not None and (not _is_number(val) or val <= 0):
                 raise ValueError(f"Invalid {name} {val!r}: must be a finite number > 0")
-        if self.model != "lif":
-            for name in ("tau_m_ms", "tau_out_ms"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"Invalid {name} for a rate network: it sets a LIF time constant (the rate "
-                                     "network's is tau_ms)")
-        elif _task_kind(self.task) != "romo" and self.tau_ms is not None:
-            raise ValueError("Invalid tau_ms for a LIF network on a neurogym task: it is the Romo task's time unit; "
-                             "set the membrane with tau_m_ms")
+        defaults = _task_defaults(self)
+        for name in ("tau_m_ms", "tau_out_ms"):
+            if getattr(self, name) is not None and name not in defaults:
+                raise ValueError(f"Invalid {name} for a {self.model} network: it sets a LIF time constant (the "
+                                 f"{self.model} network's settings: {', '.join(defaults)})")
+        if "tau_m_ms" in defaults and _task_kind(self.task) != "romo" and self.tau_ms is not None:
+            raise ValueError(f"Invalid tau_ms for a {self.model} network on a neurogym task: it is the Romo task's "
+                             "time unit; set the membrane with tau_m_ms")
         if not _is_number(self.v_th) or self.v_th <= 0:
             raise ValueError(f"Invalid v_th {self.v_th!r}: must be a finite number > 0")
         if self.reset not in RESETS:
@@ -254,48 +287,60 @@ class TrainConfig:
             raise ValueError(f"Invalid checkpoint_seconds {self.checkpoint_seconds!r}: a number >= 0 (0 = off)")
         if self.tau_syn_ms is not None and (not _is_number(self.tau_syn_ms) or self.tau_syn_ms <= 0):
             raise ValueError(f"Invalid tau_syn_ms {self.tau_syn_ms!r}: must be a finite number > 0")
-        if (self.chip_neuron is True or self.tau_syn_ms is not None) and self.model != "lif":
-            raise ValueError("Invalid chip_neuron / tau_syn_ms for a rate network: they set LIF neuron options")
-        for name in ("clamp_gain", "lyapunov", "fast", "chip_neuron"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Invalid {name} {getattr(self, name)!r}: must be true or false")
-        if not _is_int(self.align_every) or self.align_every < 0:
-            raise ValueError(f"Invalid align_every {self.align_every!r}: must be an integer >= 0 (0 = off)")
-        if self.align_every and self.rule == "bptt":
-            raise ValueError("Invalid align_every with rule 'bptt': it compares a local rule's gradient with "
-                             "BPTT's; use eprop, eprop-autograd or rflo")
-        if not _is_int(self.floss_iters) or self.floss_iters < 0:
-            raise ValueError(f"Invalid floss_iters {self.floss_iters!r}: must be an integer >= 0")
-        if self.floss_mode not in FLOSS_MODES:
-            raise ValueError(f"Invalid floss_mode {self.floss_mode!r}: allowed {', '.join(FLOSS_MODES)}")
-        if not _is_number(self.floss_lr) or self.floss_lr <= 0:
-            raise ValueError(f"Invalid floss_lr {self.floss_lr!r}: must be a finite number > 0")
-        s = resolve_settings(self)
-        if self.model == "rate" and not 0 < s["alpha"] <= 1:
-            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g}: the rate network needs "
-                             "0 < alpha = dt / tau <= 1")
-        if _task_kind(self.task) == "romo" and not 0 < s["dt_tau"] <= 1:
-            raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g} for Romo: the task's "
-                             "step dt / tau must be in (0, 1]")
+        if (self.chip_neuron is True or self.tau_syn_ms is not None) and "tau_syn" not in section:
+            raise ValueError(f"Invalid chip_neuron / tau_syn_ms for a {self.model} network: they set LIF neuron "
+                             "options")
+        self._validate_cell_options(section)
+
+    def _validate_cell_options(self, section: dict) -> None:
+        if not isinstance(self.cell_options, dict):
+            raise ValueError(  # noqa: TRY004  (the project's one error type for bad input)
+                f"Invalid cell_options {self.cell_options!r}: a mapping of {self.model} options")
+        unknown = sorted(set(self.cell_options) - set(section))
+        if unknown:
+            raise ValueError(f"Invalid cell_options {unknown} for model {self.model!r}: allowed "
+                             f"{', '.join(section)}")
+
+
+def _task_defaults(config: TrainConfig) -> dict:
+    """The cell class's run-setting defaults for the config's task kind."""
+    cls = cell_class(config.model)
+    kind = _task_kind(config.task)
+    if kind not in cls.task_defaults:
+        raise ValueError(f"Invalid model {config.model!r} for task kind {kind!r}: its class declares run settings "
+                         f"for {', '.join(cls.task_defaults) or 'no task'} (task_defaults)")
+    return cls.task_defaults[kind]
+
+
+def _check_cell_kwargs(config: TrainConfig, settings: dict) -> None:
+    """Build the model's cell once on a 1-neuron network: its constructor validates the run's options."""
+    cls = cell_class(config.model)
+    profile = load_profile(config.profile)
+    one = torch.zeros(1, 1, dtype=torch.float64)
+    tiny = CellParams(one, one.clone(), one[0].clone(), one.clone(), one[0].clone())
+    try:
+        cls(tiny, profile=profile, **cls.train_kwargs(settings, config, profile))
+    except TypeError as e:   # an option the constructor does not take
+        raise ValueError(f"Invalid options for model {config.model!r}: {e}") from None
 
 
 def resolve_settings(config: TrainConfig) -> dict[str, Any]:
-    """The concrete values behind every ``None`` in ``config`` (stored in the run file as ``/settings``)."""
-    d = _DEFAULTS[(_task_kind(config.task), config.model)]
+    """The concrete values behind every ``None`` in ``config`` (stored in the run file as ``/settings``): the
+    cell class's ``task_defaults`` for the task kind, then its ``derived_settings`` (a rate net's ``alpha`` and
+    ``form``)."""
+    d = _task_defaults(config)
 
     def pick(name):
-        val = getattr(config, name)
+        val = getattr(config, name, None)
         val = d.get(name) if val is None else val
         return None if val is None else float(val)
 
     dt, tau = pick("dt_ms"), pick("tau_ms")
     out: dict[str, Any] = {"dt_ms": dt, "tau_ms": tau}
-    if config.model == "rate":
-        out["alpha"] = dt / tau
-        out["form"] = config.form or ("rate" if config.rule == "rflo" else "voltage")
-    else:
-        out["tau_m_ms"] = pick("tau_m_ms")
-        out["tau_out_ms"] = pick("tau_out_ms")
+    for name in d:
+        if name not in _COMMON_SETTINGS:
+            out[name] = pick(name)
+    out.update(cell_class(config.model).derived_settings(out, config))
     # the step in units of the time constant the task and the analysis windows are measured in: the rate net's
     # tau, Romo's tau for a LIF net, tau_m for a LIF net on a neurogym task
     out["dt_tau"] = dt / (tau if tau is not None else out["tau_m_ms"])

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Self
 import numpy as np
 import torch
 
-from neuroinit.cells import make_cell
+from neuroinit.cells import cell_class, make_cell
 from neuroinit.cells.base import PARAM_NAMES, RecurrentCell
 from neuroinit.experiments.train_config import (
     _STREAMS,
@@ -20,7 +20,6 @@ from neuroinit.experiments.train_config import (
     LEARNED_FRACTION,
     RESUMABLE_CHANGES,
     TrainConfig,
-    _task_kind,
     resolve_settings,
 )
 from neuroinit.io.runfile import (
@@ -111,7 +110,7 @@ class _Context:
     """Objects a run needs, built deterministically from the config (and the stored initial weights)."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from neuroinit.tasks import make_task
+        from neuroinit.tasks import task_from_settings
 
         self.config = config
         self.settings = resolve_settings(config)
@@ -119,19 +118,8 @@ class _Context:
         self.dtype = _dtype(config.dtype)
         self.profile = load_profile(config.profile)
         s = self.settings
-        if _task_kind(config.task) == "romo":
-            self.task = make_task("romo", dt_ms=s["dt_ms"], tau_ms=s["tau_ms"])
-        else:
-            self.task = make_task(config.task, dt_ms=s["dt_ms"])
-        if config.model == "rate":
-            self.cell_kwargs = {"alpha": s["alpha"], "activation": config.activation, "form": s["form"]}
-        else:
-            self.cell_kwargs = {"dt": s["dt_ms"], "tau_m": s["tau_m_ms"], "tau_out": s["tau_out_ms"],
-                                "v_th": config.v_th, "reset": config.reset, "n_refractory": config.n_refractory}
-            if config.chip_neuron:   # what is trained is what deploys: the profile's neuron options
-                from neuroinit.cells.lif import LIFRNN
-                self.cell_kwargs.update(LIFRNN.neuron_options(self.profile, s["dt_ms"], config.tau_syn_ms,
-                                                              tau_m=s["tau_m_ms"], tau_out=s["tau_out_ms"]))
+        self.task = task_from_settings(config.task, s)
+        self.cell_kwargs = cell_class(config.model).train_kwargs(s, config, self.profile)
         # Quantised profiles: weights go back onto the grid after each optimizer step. Chips that learn on chip
         # use their own update rounding (stochastic on Loihi / ReckOn); the others round to nearest (off-chip
         # training with a projected forward pass).
@@ -145,7 +133,7 @@ class _Context:
         gen = torch.Generator().manual_seed(c.seed)
         return hardware_init(c.model, self.task.n_in, c.hidden, self.task.n_out, c.gain, self.profile,
                              generator=gen, out_of_range="clamp" if c.clamp_gain else "error",
-                             v_th=c.v_th if c.model == "lif" else 1.0, dtype=self.dtype, device=self.device,
+                             v_th=c.v_th if cell_class(c.model).spiking else 1.0, dtype=self.dtype, device=self.device,
                              io_init=c.io_init)
 
     def make_cell(self, params) -> RecurrentCell:
@@ -199,7 +187,7 @@ class _Context:
         from neuroinit.learning import attach_chip_constraints
 
         params = [getattr(cell, n) for n in PARAM_NAMES]
-        # torch's fused (single-kernel) update: the same rule, ~3x less time than the per-tensor loop at 5 tensors
+        # torch's fused (single-kernel) update: the same rule in one kernel instead of a loop over the tensors
         fused = self.device.type in ("cpu", "cuda")
         if self.config.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=lr, fused=fused)
@@ -284,9 +272,9 @@ class _StopFlag:
 
 def _config_diff(stored: dict, config: TrainConfig) -> list[str]:
     """Fields whose stored and current values differ in what they do (compared as run ids compare them:
-    :func:`neuroinit.experiments.sweep.comparable_config`, so a file written before a field was added, or
+    :func:`neuroinit.experiments.run_identity.comparable_config`, so a file written before a field was added, or
     with a setting that has no effect, still resumes)."""
-    from neuroinit.experiments.sweep import comparable_config
+    from neuroinit.experiments.run_identity import comparable_config
 
     stored = comparable_config(stored)
     now = comparable_config(config.to_dict())

@@ -36,7 +36,7 @@ rockpool ``rockpool.nn.modules.torch.nir.from_nir``
     which is ``kappa y``). ``>=`` against neuroinit's ``>`` does not matter on the tie-proof threshold.
 
 For the generic graph (``--nir-target generic``), :func:`load_snntorch` and :func:`load_norse` use
-:func:`neuroinit.io.verify.import_snntorch` / :func:`~neuroinit.io.verify.import_norse` (the same libraries'
+:func:`neuroinit.io.generic_import.import_snntorch` / :func:`~neuroinit.io.generic_import.import_norse` (the same libraries'
 node mappings through ``nirtorch.nir_to_torch``, with the workarounds in that module's docstring).
 """
 
@@ -60,7 +60,7 @@ __all__ = ["graph_target", "leaky_readout", "load_norse", "load_rockpool", "load
 def _graph(source: str | Path | nir.NIRGraph) -> nir.NIRGraph:
     if isinstance(source, nir.NIRGraph):
         return source
-    from neuroinit.io.verify import _Quiet
+    from neuroinit.io.generic_import import _Quiet
 
     with _Quiet():
         return nir.read(str(source))
@@ -89,36 +89,36 @@ def leaky_readout(currents: torch.Tensor, kappa: float) -> torch.Tensor:
 
 def load_snntorch(source: str | Path | nir.NIRGraph, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """snntorch module of a neuroinit NIR file: stock graphs through snntorch's own ``import_from_nir`` (its
-    stdout chatter captured; float32), generic graphs through :func:`neuroinit.io.verify.import_snntorch`. Call
+    stdout chatter captured; float32), generic graphs through :func:`neuroinit.io.generic_import.import_snntorch`. Call
     it step by step, ``out, state = module(x_t, state)``; snntorch keeps the LIF membrane inside its ``Leaky``
     (``init_hidden``): build a new module (or ``snntorch.utils.reset``) for each new sequence."""
     graph = _graph(source)
     if graph_target(graph) == "stock":
-        from neuroinit.io.verify import _Quiet
+        from neuroinit.io.generic_import import _Quiet
 
         with _Quiet(), contextlib.redirect_stdout(io.StringIO()):
             from snntorch.import_nir import import_from_nir
 
             return import_from_nir(copy.deepcopy(graph))
-    from neuroinit.io.verify import import_snntorch
+    from neuroinit.io.generic_import import import_snntorch
 
     return import_snntorch(graph, dtype=dtype)
 
 
 def load_norse(source: str | Path | nir.NIRGraph, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """norse module of a neuroinit NIR file: stock graphs through norse's own ``from_nir`` with the graph's
-    ``dt`` (float32), generic graphs through :func:`neuroinit.io.verify.import_norse`. ``out, state =
+    ``dt`` (float32), generic graphs through :func:`neuroinit.io.generic_import.import_norse`. ``out, state =
     module(x_t, state)`` step by step."""
     graph = _graph(source)
     if graph_target(graph) == "stock":
-        from neuroinit.io.verify import _Quiet
+        from neuroinit.io.generic_import import _Quiet
 
         with _Quiet():
             import norse.torch
 
             return norse.torch.from_nir(copy.deepcopy(graph), ignore_warnings=True,
                                         dt=float(_meta(graph, "dt")))
-    from neuroinit.io.verify import import_norse
+    from neuroinit.io.generic_import import import_norse
 
     return import_norse(graph, dtype=dtype)
 

@@ -39,6 +39,7 @@ import os
 
 import numpy as np
 
+from neuroinit._util import utc_now
 from neuroinit.io.runfile_lock import (  # noqa: F401  (every old name stays importable from here)
     RunFileLocked,
     _holder_text,
@@ -48,7 +49,6 @@ from neuroinit.io.runfile_lock import (  # noqa: F401  (every old name stays imp
     run_file_lock,
 )
 from neuroinit.io.runfile_read import (  # noqa: F401
-    _one_line,
     _read_checkpoint,
     _read_run_record,
     _read_weights,
@@ -70,7 +70,6 @@ from neuroinit.io.runfile_records import (  # noqa: F401
     RunFile,
     RunRecord,
     WeightSet,
-    _now,
 )
 
 __all__ = [
@@ -234,7 +233,7 @@ def write_run(path: str | os.PathLike, run: RunFile) -> None:
 
     if run.status not in STATUSES:
         raise ValueError(f"Invalid run status {run.status!r}: allowed {', '.join(STATUSES)}")
-    run.updated = _now()
+    run.updated = utc_now()
     if not run.created:
         run.created = run.updated
     with atomic_write_path(path) as tmp, h5py.File(tmp, "w") as f:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from neuroinit.io.runfile_records import _now
+from neuroinit._util import utc_now
 
 
 # ------------------------------------------------------------------------------------------ one writer at a time
@@ -77,7 +77,7 @@ def run_file_lock(path: str | os.PathLike, *, wait: float = 1.0) -> Iterator[Non
         yield
         return
     try:
-        info = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         yield

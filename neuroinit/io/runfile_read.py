@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from neuroinit._util import one_line
 from neuroinit.io.runfile_records import (
     _CURVE_KEYS,
     _H5_ERRORS,
@@ -43,21 +44,21 @@ class _Reader:
             where = parent.name.rstrip("/") + "/" + name
             raise self.fail(f"missing {where}") from None
         except _H5_ERRORS as e:  # h5py raises OSError / RuntimeError on damaged objects
-            raise self.fail(f"cannot read {name}: {_one_line(e)}") from None
+            raise self.fail(f"cannot read {name}: {one_line(e)}") from None
 
     def array(self, name: str, parent=None) -> np.ndarray:
         d = self.node(name, parent)
         try:
             return d[()]
         except _H5_ERRORS as e:
-            raise self.fail(f"cannot read {d.name}: {_one_line(e)}") from None
+            raise self.fail(f"cannot read {d.name}: {one_line(e)}") from None
 
     def text(self, name: str, parent=None) -> str:
         d = self.node(name, parent)
         try:
             raw = d[()]
         except _H5_ERRORS as e:
-            raise self.fail(f"cannot read {d.name}: {_one_line(e)}") from None
+            raise self.fail(f"cannot read {d.name}: {one_line(e)}") from None
         return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
 
     def json(self, name: str, parent=None):
@@ -75,17 +76,12 @@ class _Reader:
                 return default
             raise self.fail(f"missing attribute {key!r} on {obj.name}") from None
         except _H5_ERRORS as e:
-            raise self.fail(f"cannot read attribute {key!r} on {obj.name}: {_one_line(e)}") from None
+            raise self.fail(f"cannot read attribute {key!r} on {obj.name}: {one_line(e)}") from None
         if isinstance(val, bytes):
             return val.decode("utf-8")
         if isinstance(val, np.generic):
             return val.item()
         return val
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _read_weights(rd: _Reader, group) -> WeightSet:
@@ -173,7 +169,7 @@ def read_run(path: str | os.PathLike) -> RunFile:
         f = h5py.File(p, "r")
     except _H5_ERRORS as e:
         size = p.stat().st_size
-        why = "empty file" if size == 0 else f"not an HDF5 file or truncated/corrupt ({size} bytes; {_one_line(e)})"
+        why = "empty file" if size == 0 else f"not an HDF5 file or truncated/corrupt ({size} bytes; {one_line(e)})"
         raise ValueError(f"{p}: not a readable neuroinit run file: {why}") from None
     with f:
         rd = _Reader(p, f)
@@ -268,7 +264,7 @@ def load_cell(path: str | os.PathLike, which: str = "final", *, dtype=None, devi
     try:
         cell = make_cell(run.model, params, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: cannot rebuild the {run.model!r} cell from /cell_config: {_one_line(e)}") from None
+        raise ValueError(f"{path}: cannot rebuild the {run.model!r} cell from /cell_config: {one_line(e)}") from None
     from neuroinit.quantize import Grid
 
     for name, g in ws.grids.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -119,14 +118,7 @@ class RunFile:
     def make_task(self):
         """The task as this run trained on it (same time step); multiply its inputs by :attr:`input_scale`
         to drive the network as training did."""
-        from neuroinit.tasks import make_task
+        from neuroinit.tasks import task_from_settings
 
-        name, s = str(self.config.get("task", "romo")), self.settings
-        if name.lower() == "romo":
-            return make_task("romo", dt_ms=s["dt_ms"], tau_ms=s["tau_ms"])
-        return make_task(name, dt_ms=s["dt_ms"])
+        return task_from_settings(str(self.config.get("task", "romo")), self.settings)
 
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -12,23 +12,7 @@ Which module runs each importer depends on the graph's target (``neuroinit.io.ni
 - rockpool always through :func:`neuroinit.io.importers.load_rockpool` (an adapter of rockpool's classes:
   rockpool 3.1's ``from_nir`` cannot read a NIR ``LIF``).
 
-Workarounds for generic graphs, in neuroinit's code without patching the libraries (hardware.md section 2.1):
-
-snntorch (1.0)
-    ``import_from_nir`` maps no ``LI`` and miswires the two-node recurrent cycle, so we call
-    ``nirtorch.nir_to_torch`` with snntorch's own node mapping (``_nir_to_snntorch_module(node,
-    init_hidden=True)``, as ``import_from_nir`` builds it). The readout uses ``snn.Leaky(reset_mechanism=
-    "none")``, whose membrane ``beta mem + x`` is the Euler LI. snntorch hard-codes ``dt = 1e-4``: a graph
-    written with another ``dt`` is rescaled (``tau`` and ``r`` by ``1e-4 / dt``, the same dynamics per step).
-    ``snn.Leaky`` returns float32 spikes whatever the module dtype: a forward hook casts them (0/1, exact) so a
-    float64 run stays float64; and the mapping builds weights with ``torch.Tensor(...)`` (float32): with
-    ``dtype=float64`` they are restored from the graph.
-norse (1.1)
-    ``norse.torch.from_nir`` ignores ``LIF.r``/``LI.r`` and ``v_reset`` and maps no ``LI``: ``r`` is folded into
-    the weights and bias feeding each LIF/LI node (``r W``, ``r b``; then ``r = 1``), the node mapping is norse's
-    ``_import_norse_module`` with the graph's ``dt``, and the readout is norse's ``LIBoxCell``. norse's mapping
-    casts parameters to float32 (``.float()``); with ``dtype=float64`` the parameters are restored from the graph
-    in float64 so that the check measures the graph, not float32 rounding.
+Workarounds for generic graphs: :mod:`neuroinit.io.generic_import`.
 
 The generic comparison runs in float64 by default (``dtype``); float32 works too. The importers' different
 operation order (``v + dt/tau (r I - v)`` in norse vs ``alpha v + I``) cannot flip a spike on the conformance
@@ -37,9 +21,7 @@ trials, whose membranes all keep a margin from the graph's threshold (tie-proofi
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +30,7 @@ import numpy as np
 import torch
 
 from neuroinit.emulate.integer import deploy, emulate, run_cell, spike_mismatches
+from neuroinit.io.generic_import import SNNTORCH_DT, _Quiet, import_norse, import_snntorch
 from neuroinit.io.nir import (
     NODE_NAMES,
     STOCK_NODE_NAMES,
@@ -70,30 +53,6 @@ __all__ = [
     "simulate_imported",
     "verify_nir",
 ]
-
-SNNTORCH_DT = 1e-4  # snntorch.import_nir hard-codes this step
-
-
-def _quiet():
-    """Suppress the import-time and deprecation warnings snntorch, norse and nirtorch emit (torch.jit.script
-    FutureWarning at norse import, deprecation notices), and nothing else."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(norse|snntorch|nirtorch|torch).*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(norse|snntorch|nirtorch).*")
-    return ctx
-
-
-class _Quiet:
-    def __enter__(self):
-        self._ctx = _quiet()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-        return False
-
 
 def check_verifiable(graph: nir.NIRGraph) -> None:
     """Raise ``ValueError`` unless ``graph`` is a neuroinit LIF export the importers can reproduce exactly."""
@@ -121,121 +80,6 @@ def check_verifiable(graph: nir.NIRGraph) -> None:
                          "expressed in NIR's LIF; allowed: networks without tau_syn")
     if not (np.allclose(lif.v_leak, 0) and np.allclose(lif.v_reset, 0)):
         raise ValueError("Invalid NIR graph for verification: v_leak and v_reset must be 0")
-
-
-def _graph_dt(graph: nir.NIRGraph) -> float:
-    dt = graph.metadata.get("dt", SNNTORCH_DT)
-    return float(np.asarray(dt))
-
-
-# ------------------------------------------------------------------------------------------ snntorch
-
-class _SnnLI(torch.nn.Module):
-    """NIR ``LI`` with snntorch's ``Leaky`` (no reset): ``mem <- (1 - dt/tau) mem + (r dt/tau) x``."""
-
-    def __init__(self, node: nir.LI, dt: float):
-        super().__init__()
-        import snntorch as snn
-
-        self.register_buffer("scale", torch.as_tensor(np.asarray(node.r) * dt / np.asarray(node.tau)))
-        self.leaky = snn.Leaky(beta=torch.as_tensor(1.0 - dt / np.asarray(node.tau)), reset_mechanism="none",
-                               init_hidden=True, output=True, reset_delay=False)
-
-    def forward(self, x):
-        _, mem = self.leaky(x * self.scale)
-        return mem
-
-
-def _cast_spikes(module, _inputs, output):
-    return output.to(module._neuroinit_dtype)
-
-
-def import_snntorch(graph: nir.NIRGraph, *, dtype: torch.dtype = torch.float64) -> torch.fx.GraphModule:
-    """snntorch module of a neuroinit NIR graph (module docstring for the workarounds)."""
-    with _Quiet():
-        import nirtorch
-        from snntorch.import_nir import _nir_to_snntorch_module
-
-        g = copy.deepcopy(graph)
-        dt = _graph_dt(g)
-        if dt != SNNTORCH_DT:  # snntorch assumes dt = 1e-4: same per-step dynamics in its time base
-            f = SNNTORCH_DT / dt
-            for node in g.nodes.values():
-                if isinstance(node, (nir.LIF, nir.LI)):
-                    node.tau = np.asarray(node.tau) * f
-                    node.r = np.asarray(node.r) * f
-        def snn_node(n: nir.NIRNode) -> torch.nn.Module:
-            m = _nir_to_snntorch_module(n, init_hidden=True)
-            if dtype == torch.float64 and isinstance(n, (nir.Linear, nir.Affine)):
-                # snntorch builds weights with torch.Tensor(...) (float32); restore the graph's values
-                m.weight.data = torch.as_tensor(np.asarray(n.weight, dtype=np.float64), dtype=dtype)
-                if isinstance(n, nir.Affine):
-                    m.bias.data = torch.as_tensor(np.asarray(n.bias, dtype=np.float64), dtype=dtype)
-            return m
-
-        node_map = {t: snn_node for t in (nir.Affine, nir.Linear, nir.LIF)}
-        node_map[nir.LI] = lambda n: _SnnLI(n, SNNTORCH_DT)
-        module = nirtorch.nir_to_torch(g, node_map, dtype=dtype)
-    lif = module.get_submodule("lif")
-    lif._neuroinit_dtype = dtype
-    lif.register_forward_hook(_cast_spikes)
-    return module
-
-
-# ------------------------------------------------------------------------------------------ norse
-
-def _fold_r(graph: nir.NIRGraph) -> nir.NIRGraph:
-    """Copy of ``graph`` with each LIF/LI node's ``r`` folded into the Linear/Affine nodes feeding it."""
-    g = copy.deepcopy(graph)
-    for src, dst in g.edges:
-        a, b = g.nodes[src], g.nodes[dst]
-        if isinstance(b, (nir.LIF, nir.LI)) and isinstance(a, (nir.Linear, nir.Affine)):
-            r = np.asarray(b.r, dtype=np.float64)
-            a.weight = np.asarray(a.weight, dtype=np.float64) * r[:, None]
-            if isinstance(a, nir.Affine):
-                a.bias = np.asarray(a.bias, dtype=np.float64) * r
-    for node in g.nodes.values():
-        if isinstance(node, (nir.LIF, nir.LI)):
-            node.r = np.ones_like(np.asarray(node.r, dtype=np.float64))
-    return g
-
-
-def import_norse(graph: nir.NIRGraph, *, dtype: torch.dtype = torch.float64) -> torch.fx.GraphModule:
-    """norse module of a neuroinit NIR graph (module docstring for the workarounds)."""
-    with _Quiet():
-        import nirtorch
-        import norse.torch.module.leaky_integrator_box as li_box
-        from norse.torch.utils.import_nir import _import_norse_module
-
-        g = _fold_r(graph)
-        dt = _graph_dt(g)
-
-        def as_t(x) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dtype)
-
-        def norse_node(n: nir.NIRNode) -> torch.nn.Module:
-            m = _import_norse_module(n, ignore_warnings=True, dt=dt)
-            if dtype == torch.float64:  # norse casts to float32; restore the graph's values
-                if isinstance(n, (nir.Linear, nir.Affine)):
-                    m.weight.data = as_t(n.weight)
-                    if isinstance(n, nir.Affine):
-                        m.bias.data = as_t(n.bias)
-                elif isinstance(n, nir.LIF):
-                    m.p = m.p._replace(tau_mem_inv=1.0 / as_t(n.tau), v_th=as_t(n.v_threshold),
-                                       v_leak=as_t(n.v_leak))
-            return m
-
-        def norse_li(n: nir.LI) -> torch.nn.Module:
-            return li_box.LIBoxCell(li_box.LIBoxParameters(tau_mem_inv=1.0 / as_t(n.tau), v_leak=as_t(n.v_leak)),
-                                    dt=dt)
-
-        node_map = {t: norse_node for t in (nir.Affine, nir.Linear, nir.LIF)}
-        node_map[nir.LI] = norse_li
-        module = nirtorch.nir_to_torch(g, node_map, dtype=dtype)
-    lif = module.get_submodule("lif")
-    lif._neuroinit_dtype = dtype
-    lif.register_forward_hook(lambda m, i, o: (o[0].to(dtype), o[1]))
-    return module
 
 
 # ------------------------------------------------------------------------------------------ running

@@ -28,9 +28,9 @@ def make_rule(name: str, cell: RecurrentCell, *, generator: torch.Generator | No
     and a profile that learns on chip, the online rules hold their traces at the profile's trace precision
     (the weight grid is enforced by :func:`attach_chip_constraints` on the optimizer). ``fast`` selects the
     online rules' fused native step (see :class:`OnlineEprop`; ``"auto"``: wherever it gives the same
-    results)."""
+    results) and BPTT's fused passes (:mod:`neuroinit.learning.fused_bptt`)."""
     if name == "bptt":
-        return BPTT(cell)
+        return BPTT(cell, fast=fast)
     if name == "eprop-autograd":
         return AutogradEprop(cell)
     if name in ("eprop", "rflo"):

@@ -32,17 +32,44 @@ def _run_and_differentiate(rule: LearningRule, batch: Batch, task: Task, *, epro
 
 class BPTT(LearningRule):
     """Backpropagation through time through the unrolled cell; ``truncation=k`` detaches the state every
-    k steps (k = 1: one-step truncated BPTT)."""
+    k steps (k = 1: one-step truncated BPTT).
+
+    ``fast`` (:mod:`neuroinit.learning.fused_bptt`): ``True`` or ``"auto"`` compute untruncated BPTT without
+    autograd's tape (forward with records, backward recursion, weight gradients as GEMMs over all steps) where
+    the cell allows it (rate cells, plain LIF; float32, CPU), equal to autograd's gradients up to float32
+    rounding; elsewhere, and with ``False`` (default), autograd. ``uses_fast_path`` says which path the last
+    :meth:`backward` took, ``fast_path_reason`` why it was not the fused one."""
 
     name = "bptt"
 
-    def __init__(self, cell: RecurrentCell, *, truncation: int | None = None) -> None:
+    def __init__(self, cell: RecurrentCell, *, truncation: int | None = None, fast: bool | str = False) -> None:
         super().__init__(cell)
         if truncation is not None and not (isinstance(truncation, int) and truncation >= 1):
             raise ValueError(f"Invalid truncation {truncation!r}: allowed None or an integer >= 1")
+        if fast not in (True, False, "auto"):
+            raise ValueError(f"Invalid fast {fast!r}: allowed True, False, 'auto'")
         self.truncation = truncation
+        self.fast = fast
+        self.uses_fast_path = False
+        self.fast_path_reason: str | None = None
+        self.workspace = None  # the fused BPTT's record buffers (fused_bptt.Workspace), kept across trials
+
+    @property
+    def step_path(self) -> str:
+        """What a run file records (``/summary/step_path``): ``fused-bptt`` or ``torch`` (autograd)."""
+        return "fused-bptt" if self.uses_fast_path else "torch"
 
     def backward(self, batch: Batch, task: Task) -> Trial:
+        self.uses_fast_path = False
+        self.fast_path_reason = "fast=False" if not self.fast else None
+        if self.fast:
+            from neuroinit.learning import fused_bptt
+
+            self.fast_path_reason = fused_bptt.supports(self.cell, truncation=self.truncation)
+            trial = fused_bptt.backward(self, batch, task) if self.fast_path_reason is None else None
+            if trial is not None:
+                self.uses_fast_path = True
+                return trial
         return _run_and_differentiate(self, batch, task, eprop_detach=False, feedback=None,
                                       truncation=self.truncation)
 

@@ -73,10 +73,12 @@ def make_trace_quantiser(cell: RecurrentCell, *, generator: torch.Generator, inp
     on signed ``trace_bits`` grids with stochastic rounding, or None when the profile has no on-chip learning
     or float traces.
 
-    Each trace's grid is a power of two sized from the trace's bound: a presynaptic trace of a signal bounded
-    by ``b`` stays below ``b * pre_gain / (1 - pre_decay)``; spikes and tanh rates are bounded by 1, inputs by
-    ``input_bound``; eligibility traces add the factor ``post_max / (1 - elig_decay)``. ``rounding="nearest"``
-    rounds deterministically (the chip rounds stochastically; nearest is for checking arithmetic exactly)."""
+    Each trace's grid is a power of two sized from the trace's bound (the cell's :meth:`trace_bounds`): a
+    presynaptic trace of a signal bounded by ``b`` stays below ``b * pre_gain / (1 - pre_decay)``; spikes and
+    tanh rates are bounded by ``pre_rec`` (1), inputs by ``input_bound``; eligibility traces add the factor
+    ``post / (1 - elig_decay)``; further eligibility components (``hidden``: their bound relative to the
+    presynaptic trace) scale the presynaptic bound. ``rounding="nearest"`` rounds deterministically (the chip
+    rounds stochastically; nearest is for checking arithmetic exactly)."""
     if rounding not in ("stochastic", "nearest"):
         raise ValueError(f"Invalid rounding {rounding!r}: allowed 'stochastic', 'nearest'")
     profile = cell.profile
@@ -85,12 +87,15 @@ def make_trace_quantiser(cell: RecurrentCell, *, generator: torch.Generator, inp
     bits = profile.learning.trace_bits
     qmax = 2 ** (bits - 1) - 1
     pd, pg, ed, rd = cell.trace_spec()
-    post_max = float(cell.gamma / cell.v_th) if hasattr(cell, "gamma") else 1.0
-    pre_bound = {"pre_rec": 1.0, "pre_in": input_bound, "pre_bias": 1.0}
+    cell_bounds = cell.trace_bounds()
+    post_max = cell_bounds["post"]
+    pre_bound = {"pre_rec": cell_bounds["pre_rec"], "pre_in": input_bound, "pre_bias": 1.0}
     pre_bound = {k: v * pg / (1 - pd) for k, v in pre_bound.items()}
     bounds = dict(pre_bound)
     for pre, elig in (("pre_rec", "elig_rec"), ("pre_in", "elig_in"), ("pre_bias", "elig_bias")):
         bounds[elig] = pre_bound[pre] * post_max / (1 - ed)
+        for k, rel in enumerate(cell_bounds.get("hidden", ()), start=1):
+            bounds[f"{pre.replace('pre', 'hidden')}{k}"] = pre_bound[pre] * rel
     bounds["readout"] = bounds["readout_bias"] = 1.0 / (1 - rd)
     grids = {k: Grid(2.0 ** math.ceil(math.log2(b / qmax)), -qmax - 1, qmax) for k, b in bounds.items()}
 

@@ -33,7 +33,7 @@ from neuroinit.learning import fused
 from neuroinit.learning.base import LearningRule, Trial, accumulate_grads, feedback_matrix
 from neuroinit.tasks.base import Batch, Task
 
-__all__ = ["OnlineEprop", "OnlineState", "Traces", "accumulate_step", "init_traces", "trace_step"]
+__all__ = ["ComponentTraces", "OnlineEprop", "OnlineState", "Traces", "accumulate_step", "init_traces", "trace_step"]
 
 
 class Traces(NamedTuple):
@@ -50,43 +50,94 @@ class Traces(NamedTuple):
     readout_bias: torch.Tensor
 
 
+class ComponentTraces(NamedTuple):
+    """:class:`Traces` of a cell with ``eligibility_components = K > 1``, plus its K - 1 further eligibility
+    components per synapse (tuples of (B, N, N) / (B, N, I) / (B, N); see
+    :class:`~neuroinit.cells.base.LocalFactors`). The full eligibility traces are always held."""
+
+    pre_rec: torch.Tensor
+    pre_in: torch.Tensor
+    pre_bias: torch.Tensor
+    elig_rec: torch.Tensor
+    elig_in: torch.Tensor
+    elig_bias: torch.Tensor
+    readout: torch.Tensor
+    readout_bias: torch.Tensor
+    hidden_rec: tuple[torch.Tensor, ...]
+    hidden_in: tuple[torch.Tensor, ...]
+    hidden_bias: tuple[torch.Tensor, ...]
+
+
 def init_traces(spec: TraceSpec, batch_size: int | tuple[int, ...], n_in: int, n_hidden: int, *,
-                like: torch.Tensor) -> Traces:
-    """Zero traces; ``batch_size`` may be a tuple of leading dimensions (an ensemble's ``(K, B)``)."""
+                like: torch.Tensor, components: int = 1) -> Traces | ComponentTraces:
+    """Zero traces for a cell with ``components`` eligibility components (its ``eligibility_components``:
+    :class:`ComponentTraces` when > 1); ``batch_size`` may be a tuple of leading dimensions (an ensemble's
+    ``(K, B)``)."""
     lead = tuple(batch_size) if isinstance(batch_size, tuple) else (batch_size,)
     z = lambda *shape: like.new_zeros((*lead, *shape))
-    full = spec.elig_decay != 0.0
-    return Traces(
+    full = spec.elig_decay != 0.0 or components > 1
+    traces = Traces(
         pre_rec=z(n_hidden), pre_in=z(n_in), pre_bias=z(1),
         elig_rec=z(n_hidden, n_hidden) if full else None,
         elig_in=z(n_hidden, n_in) if full else None,
         elig_bias=z(n_hidden) if full else None,
         readout=z(n_hidden), readout_bias=z(1),
     )
+    if components == 1:
+        return traces
+    extra = range(components - 1)
+    return ComponentTraces(*traces, hidden_rec=tuple(z(n_hidden, n_hidden) for _ in extra),
+                           hidden_in=tuple(z(n_hidden, n_in) for _ in extra), hidden_bias=tuple(z(n_hidden) for _ in extra))
 
 
-def trace_step(spec: TraceSpec, tr: Traces, f: LocalFactors,
-               quantise: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Traces:
-    """Advance all traces by one step (module docstring). ``quantise(name, tensor)`` holds each stored trace
-    at a chip's precision (identity when None). Leading member dimensions (an ensemble's K) work too."""
+def _hidden_step(old: tuple, pre: torch.Tensor, f: LocalFactors) -> tuple:
+    """``eps^k_t = from_pre[k] pre_{t-1} + sum_m decay[k][m] eps^m_{t-1}`` for the components k >= 1 (per
+    synapse, ``pre`` the presynaptic trace of the previous step: (B, P), or (B, 1) for the bias)."""
+    per_synapse = old[0].dim() == pre.dim() + 1
+    lift = lambda x: x[..., :, None] if per_synapse and isinstance(x, torch.Tensor) and x.dim() > 0 else x
+    pre_row = pre[..., None, :] if per_synapse else pre
+    return tuple(lift(f.from_pre[k]) * pre_row + sum(lift(f.decay[k][m]) * old[m] for m in range(len(old)))
+                 for k in range(len(old)))
+
+
+def trace_step(spec: TraceSpec, tr: Traces | ComponentTraces, f: LocalFactors,
+               quantise: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Traces | ComponentTraces:
+    """Advance all traces by one step (module docstring; cells with several eligibility components:
+    :class:`~neuroinit.cells.base.LocalFactors`). ``quantise(name, tensor)`` holds each stored trace at a
+    chip's precision (identity when None). Leading member dimensions (an ensemble's K) work too."""
     q = quantise or (lambda _name, x: x)
     pd, pg, ed, rd = spec
+    if len(f.from_pre) != len(getattr(tr, "hidden_rec", ())):
+        raise ValueError(f"Invalid traces: the cell has {len(f.from_pre) + 1} eligibility components, the traces "
+                         f"{len(getattr(tr, 'hidden_rec', ())) + 1} (init_traces(..., "
+                         "components=cell.eligibility_components))")
+    hidden = [tuple(q(f"{name}{k + 1}", h) for k, h in enumerate(_hidden_step(old, pre, f)))
+              for name, old, pre in (("hidden_rec", tr.hidden_rec, tr.pre_rec), ("hidden_in", tr.hidden_in, tr.pre_in),
+                                     ("hidden_bias", tr.hidden_bias, tr.pre_bias))] if f.from_pre else [(), (), ()]
     pre_rec = q("pre_rec", pd * tr.pre_rec + pg * f.pre_rec)
     pre_in = q("pre_in", pd * tr.pre_in + pg * f.pre_in)
     pre_bias = q("pre_bias", pd * tr.pre_bias + pg)
     elig_rec = elig_in = elig_bias = None
     if tr.elig_rec is not None:
         post = f.post
-        elig_rec = q("elig_rec", ed * tr.elig_rec + post[..., :, None] * pre_rec[..., None, :])
-        elig_in = q("elig_in", ed * tr.elig_in + post[..., :, None] * pre_in[..., None, :])
-        elig_bias = q("elig_bias", ed * tr.elig_bias + post * pre_bias)
+        e_rec = post[..., :, None] * pre_rec[..., None, :]
+        e_in = post[..., :, None] * pre_in[..., None, :]
+        e_bias = post * pre_bias
+        for hp, h_rec, h_in, h_bias in zip(f.hidden_post, *hidden):
+            e_rec = e_rec + hp[..., :, None] * h_rec
+            e_in = e_in + hp[..., :, None] * h_in
+            e_bias = e_bias + hp * h_bias
+        elig_rec = q("elig_rec", ed * tr.elig_rec + e_rec)
+        elig_in = q("elig_in", ed * tr.elig_in + e_in)
+        elig_bias = q("elig_bias", ed * tr.elig_bias + e_bias)
     readout = q("readout", rd * tr.readout + f.readout_in)
     readout_bias = q("readout_bias", rd * tr.readout_bias + 1.0)
-    return Traces(pre_rec, pre_in, pre_bias, elig_rec, elig_in, elig_bias, readout, readout_bias)
+    traces = Traces(pre_rec, pre_in, pre_bias, elig_rec, elig_in, elig_bias, readout, readout_bias)
+    return ComponentTraces(*traces, *hidden) if f.from_pre else traces
 
 
 def accumulate_step(g: dict[str, torch.Tensor], err: torch.Tensor, feedback: torch.Tensor, f: LocalFactors,
-                    tr: Traces) -> None:
+                    tr: Traces | ComponentTraces) -> None:
     """Add one step's gradient (module docstring) to ``g`` in place: learning signal ``L = err B``
     (``feedback`` is ``B``, (O, N): ``W_out`` for symmetric feedback), ``sum_b L_j post_j pre_i`` for the
     factorised rule or ``sum_b L_j e_ji`` with full traces, and the readout's ``sum_b err_k readout_i``.
@@ -165,7 +216,8 @@ class OnlineEprop(LearningRule):
             return self._native_state()
         cell = self.cell
         return OnlineState(cell.init_state(batch_size),
-                           init_traces(self.spec, batch_size, cell.n_in, cell.n_hidden, like=cell.w_rec.detach()))
+                           init_traces(self.spec, batch_size, cell.n_in, cell.n_hidden, like=cell.w_rec.detach(),
+                                       components=cell.eligibility_components))
 
     def _begin(self, batch_size: int) -> None:
         """Everything :meth:`start` does except building the state to hand out."""
@@ -192,6 +244,17 @@ class OnlineEprop(LearningRule):
         """The native backend of the run begun by the last :meth:`start` (None: the PyTorch step runs); e.g.
         ``state_bytes()``, ``chunk_capacity``, ``code_bytes``."""
         return self._native
+
+    @property
+    def fast_path_reason(self) -> str | None:
+        """Why a rule asked for the fast path runs the PyTorch step (None when ``fast=False`` or the last
+        :meth:`start` took the fused step): e.g. a cell without a fused kernel (``kernel_id = None``)."""
+        if not self.fast or self._native is not None:
+            return None
+        if self.cell.kernel_id is None:
+            return f"no fused kernel for model {self.cell.model!r}: the PyTorch step runs"
+        why = fused.supports(self.cell, feedback=self.feedback, quantiser=self.trace_quantiser)
+        return why or ("chip-precision traces with fast='auto'" if self.trace_quantiser is not None else None)
 
     @torch.no_grad()
     def step(self, st: OnlineState, u: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor]

@@ -25,6 +25,7 @@ __all__ = [
     "make_task",
     "masked_cross_entropy",
     "masked_mse",
+    "task_from_settings",
     "unknown_task_error",
 ]
 
@@ -65,3 +66,14 @@ def make_task(name: str, *, dt_ms: float | None = None, **kwargs: Any) -> Task:
             kwargs["dt_tau"] = dt_ms / tau_ms
         return RomoTask(**kwargs)
     return NeurogymTask(name, dt_ms=100 if dt_ms is None else dt_ms, **kwargs)
+
+
+def task_from_settings(name: str, settings: dict, **kwargs: Any) -> Task:
+    """The task ``name`` at a run's time step: ``settings`` are a run's resolved settings
+    (:func:`neuroinit.experiments.train.resolve_settings`, a run file's ``/settings``) with ``dt_ms`` and, for
+    Romo, its time unit ``tau_ms`` (default 100 ms); ``kwargs`` go to :func:`make_task` (Romo's ``variant``).
+    Every place that rebuilds a run's task (training, run files, export, the dynamics commands) goes through
+    here, so they all see the task training saw."""
+    if name.lower() == "romo":
+        return make_task("romo", dt_ms=settings["dt_ms"], tau_ms=settings.get("tau_ms", 100.0), **kwargs)
+    return make_task(name, dt_ms=settings["dt_ms"], **kwargs)

@@ -78,11 +78,12 @@ class NativeLibrary:
     """A C source file (``source``: a file name in this package, e.g. ``"fused_step.c"``, or a path), compiled
     and loaded at first use. ``symbols`` maps each function to bind to its ``(restype, argtypes)``;
     ``check(lib)`` may raise OSError after binding (e.g. an ABI mismatch between a C struct and its ctypes
-    mirror)."""
+    mirror); ``flags``: the compiler flags (default :data:`FLAGS`)."""
 
     def __init__(self, source: str | Path, symbols: Mapping[str, Signature], *,
-                 check: Callable[[ctypes.CDLL], None] | None = None) -> None:
+                 check: Callable[[ctypes.CDLL], None] | None = None, flags: Sequence[str] = FLAGS) -> None:
         self.source_path = Path(__file__).parent / source  # an absolute path stays as it is
+        self.flags = list(flags)
         self.source = self.source_path.read_text(encoding="utf-8")
         self.symbols = dict(symbols)
         self.check = check
@@ -97,7 +98,7 @@ class NativeLibrary:
             cc = " ".join(compiler())
         except OSError:
             cc = "none"
-        key = hashlib.sha256("\n".join([self.source, cc, " ".join(FLAGS), _cpu_id(), platform.machine()]).encode())
+        key = hashlib.sha256("\n".join([self.source, cc, " ".join(self.flags), _cpu_id(), platform.machine()]).encode())
         return cache_dir() / f"{self.source_path.stem}_{key.hexdigest()[:16]}.so"
 
     def _build(self) -> ctypes.CDLL:
@@ -109,7 +110,7 @@ class NativeLibrary:
                 src = Path(tmp) / self.source_path.name
                 src.write_text(self.source)
                 out = Path(tmp) / path.name
-                proc = subprocess.run([*cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True,
+                proc = subprocess.run([*cc, *self.flags, "-o", str(out), str(src), "-lm"], capture_output=True,
                                       text=True, check=False)  # a failure is reported below
                 if proc.returncode != 0:
                     self.diagnostics = proc.stderr

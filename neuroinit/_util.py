@@ -1,0 +1,69 @@
+"""Small helpers used across the package, defined once: timestamps, one-line error text, number formatting,
+the cache directory and the CPU's identity. Nothing here imports torch (the CLI imports it at start-up)."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC timestamp to the second (run files, sweep ledgers, locks)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def one_line(e: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type's name when the message is empty); with
+    ``with_type`` prefixed by the type's name (``"ValueError: ..."``)."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0]}" if with_type else lines[0]
+
+
+def fmt(x, spec: str = ".4g") -> str:
+    """A number for a table: ``"-"`` for None or NaN, else ``format(x, spec)``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def cache_dir(*parts: str) -> Path:
+    """neuroinit's cache directory (``$NEUROINIT_CACHE``, else ``$XDG_CACHE_HOME/neuroinit``, else
+    ``~/.cache/neuroinit``), joined with ``parts``; not created here."""
+    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                                             or os.path.expanduser("~/.cache"), "neuroinit")
+    return Path(root).joinpath(*parts)
+
+
+def _cpuinfo_lines(cpuinfo: Path) -> list[str] | None:
+    try:
+        return cpuinfo.read_text().splitlines()
+    except OSError:
+        return None
+
+
+def _first(lines: list[str], key: str) -> str:
+    return next((ln for ln in lines if ln.startswith(key)), "")
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
+    line = _first(_cpuinfo_lines(cpuinfo) or [], "model name")
+    if line:
+        return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_id(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's model and instruction-set flags lines (``/proc/cpuinfo``; else what :mod:`platform` says):
+    what code compiled with ``-march=native`` depends on, so part of the cache key of native builds."""
+    lines = _cpuinfo_lines(cpuinfo)
+    if lines is None:
+        return platform.processor()
+    return _first(lines, "model name") + _first(lines, "flags")
