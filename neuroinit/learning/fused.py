@@ -79,13 +79,12 @@ def unavailable_reason() -> str | None:
 
 # ------------------------------------------------------------------------------------------ what it supports
 def _cell_code(cell) -> tuple[int, int] | None:
-    from neuroinit.cells.lif import LIFRNN
-    from neuroinit.cells.rate import RateRNN
-
-    if isinstance(cell, LIFRNN):   # the chip neuron options (synaptic current, >=) run unfused
+    """The kernel's model and activation codes for ``cell``, by its ``kernel_id`` (the cell contract)."""
+    kernel = getattr(cell, "kernel_id", None)
+    if kernel == "lif":  # the chip neuron options (synaptic current, >=) run unfused
         plain = cell.tau_syn is None and cell.threshold_compare == ">" and cell.max_spikes == 1 and not cell.reset_leaks
         return (MODELS["lif"], 0) if plain else None
-    if isinstance(cell, RateRNN) and cell.activation_name in ACTS:
+    if kernel == "rate" and cell.activation_name in ACTS:
         return MODELS[cell.form], ACTS[cell.activation_name]
     return None
 
