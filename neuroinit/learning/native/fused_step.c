@@ -287,11 +287,22 @@ static inline uint32_t row_words(int64_t n, int k) {
 }
 
 static int zero_codes(const char *c, int64_t n) {
-    uint64_t any = 0;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) { uint64_t w; memcpy(&w, c + i, 8); any |= w; }
-    for (; i < n; i++) any |= (uint64_t)(unsigned char)c[i];
-    return any == 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    for (; i + 64 <= n; i += 64) { /* a cache line at a time, stopping at the first non-zero one */
+        const __m512i v = _mm512_loadu_si512((const void *)(c + i));
+        if (_mm512_test_epi64_mask(v, v)) return 0;
+    }
+#endif
+    for (; i + 64 <= n; i += 64) {
+        uint64_t w[8], any = 0;
+        memcpy(w, c + i, 64);
+        for (int q = 0; q < 8; q++) any |= w[q];
+        if (any) return 0;
+    }
+    for (; i < n; i++)
+        if (c[i]) return 0;
+    return 1;
 }
 
 /* The integer eligibility traces of rows j0 <= j < j1 of batch element b, with their gradients (the chip branch
@@ -337,13 +348,11 @@ static void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uin
                 }
                 continue;
             }
-            for (int64_t j = ja, e = 0; j < jz; j++) {
+            for (int64_t j = ja; j < jz; j++) { /* the row's factors repeated over its codes (vector fills) */
                 const float pj = r->post[b * N + j] * f, lj = r->L[b * N + j] * s;
-                for (int64_t i = 0; i < len; i++, e++) {
-                    pre[e] = src[i];
-                    ps[e] = pj;
-                    ls[e] = lj;
-                }
+                float *pe = pre + (j - ja) * len, *se = ps + (j - ja) * len, *le = ls + (j - ja) * len;
+#pragma omp simd
+                for (int64_t i = 0; i < len; i++) { pe[i] = src[i]; se[i] = pj; le[i] = lj; }
             }
             char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
             float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
