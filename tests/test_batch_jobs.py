@@ -364,9 +364,8 @@ def test_figure_into_a_missing_directory_is_refused(tmp_path, command):
 
 def _reset_fused(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("NEUROINIT_NO_FUSED", raising=False)
-    monkeypatch.setattr(fused, "_lib", None)
-    monkeypatch.setattr(fused, "_reason", None)
-    monkeypatch.setattr(fused, "_cache_dir", lambda: tmp_path / "fused")  # nothing cached: a build is needed
+    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path))  # nothing cached: a build is needed
+    monkeypatch.setattr(fused, "LIBRARY", fused.new_library())
 
 
 def test_a_broken_cc_is_reported_never_replaced(tmp_path, monkeypatch):

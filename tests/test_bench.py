@@ -26,9 +26,8 @@ def _own_cache(tmp_path, monkeypatch):
     """Calibration is cached per test (the machine's cache stays untouched); the fused library is shared."""
     from neuroinit.learning import fused
 
-    lib_dir = fused.library_path().parent
+    fused.available()  # loaded (or built) from the machine's cache before the cache moves
     monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fused, "_cache_dir", lambda: lib_dir)
     # a tiny calibration: the schema is under test, not the machine
     monkeypatch.setattr(bench.machine, "_measure_device", lambda device, quick: {
         "bandwidth_gbs": {"L2": 100.0, "L3": 50.0, "DRAM": 20.0}, "matmul_gflops": 50.0,
@@ -92,7 +91,11 @@ def test_quick_bench_end_to_end_writes_the_schema(tmp_path, monkeypatch):
             # float traces run the chunked exact update (and get its own roofline); chip precision the per-step one
             chunked = r["profile"] == "ideal"
             assert (r["chunk_steps"] is not None) == chunked == ("chunked" in r["roofline"])
-            assert (r["own_roofline_fraction"] or 0) > 0 if chunked else r["own_roofline_fraction"] is None
+            # chip-precision full traces (RFLO, LIF) get the integer trace pass's roofline
+            chip = not chunked and r["variant"] != "rate-voltage"
+            assert ("chip" in r["roofline"]) == chip
+            own = chunked or chip
+            assert (r["own_roofline_fraction"] or 0) > 0 if own else r["own_roofline_fraction"] is None
         else:
             assert r["roofline_fraction"] is None
     assert {m["method"] for m in data["memory_scaling"]} == {"neuroinit-fused", "neuroinit-torch", "bptt"}

@@ -137,9 +137,9 @@ def test_unavailable_library_falls_back_with_the_same_gradient(monkeypatch):
     rule.backward(batch, task)
     assert rule.uses_fast_path
     g_fast = _grads(cell)
-    monkeypatch.setattr(fused, "_lib", None)
-    monkeypatch.setattr(fused, "_reason", "disabled for the test")
-    assert not fused.available() and fused.unavailable_reason() == "disabled for the test"
+    monkeypatch.setattr(fused, "LIBRARY", fused.new_library())
+    monkeypatch.setenv("NEUROINIT_NO_FUSED", "1")
+    assert not fused.available() and fused.unavailable_reason() == "disabled by NEUROINIT_NO_FUSED"
     rule = OnlineEprop(cell, fast=True)
     rule.backward(batch, task)
     assert not rule.uses_fast_path
@@ -215,7 +215,7 @@ def test_chunked_update_across_chunk_boundaries_equals_plain_step(monkeypatch, m
     assert float((trial.outputs - y_plain).abs().max()) <= 1e-6
     # the traces at the end of the run (full ones brought up to date on request) equal the stepwise ones, to
     # float32 rounding accumulated over 25 steps (decay powers ed^k taken at once, not step by step)
-    for a, b in zip(fast._fused.traces(), st.traces):
+    for a, b in zip(fast.native_backend.traces(), st.traces):
         if b is not None:
             assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
 
@@ -227,9 +227,9 @@ def test_reused_buffers_start_from_zero(monkeypatch):
     rule = OnlineEprop(cell, fast=True)
     rule.backward(batch, task)
     first = _grads(cell)
-    buffers = rule._fused
+    buffers = rule.native_backend
     rule.backward(batch, task)
-    assert rule._fused is buffers
+    assert rule.native_backend is buffers
     _assert_close(_grads(cell), first, tol=0.0)
 
 
@@ -251,16 +251,48 @@ def test_reused_buffers_see_weights_changed_in_place():
 
 
 def test_buffers_are_not_reused_for_another_batch_size_or_quantiser():
-    cell, batch, task = _setup("rate", form="rate", profile="loihi-like", n=8, b=3, t_len=4)
+    cell, _batch, _task = _setup("rate", form="rate", profile="loihi-like", n=8, b=3, t_len=4)
     g = torch.Generator().manual_seed(0)
     rule = OnlineEprop(cell, fast=True, trace_quantiser=make_trace_quantiser(cell, generator=g))
     rule.start(3)
-    first = rule._fused
+    first = rule.native_backend
     rule.start(3)
-    assert rule._fused is first
+    assert rule.native_backend is first
     rule.start(2)
-    assert rule._fused is not first
-    second = rule._fused
+    assert rule.native_backend is not first
+    second = rule.native_backend
     rule.trace_quantiser = make_trace_quantiser(cell, generator=g)
     rule.start(2)
-    assert rule._fused is not second
+    assert rule.native_backend is not second
+
+
+def test_loader_reports_the_compilers_first_line_and_keeps_all_of_it(tmp_path, monkeypatch):
+    from neuroinit.learning.native import NativeLibrary
+
+    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NEUROINIT_NO_FUSED", raising=False)
+    src = tmp_path / "broken.c"
+    src.write_text("int f(void) { return undeclared_a; }\nint g(void) { return undeclared_b; }\n")
+    lib = NativeLibrary(src, {"f": (None, [])})
+    assert lib.load() is None and not lib.available()
+    reason = lib.unavailable_reason()
+    assert reason.startswith("compiling broken.c with ") and "\n" not in reason
+    assert "undeclared_a" in lib.diagnostics and "undeclared_b" in lib.diagnostics  # the whole output
+    good = tmp_path / "good.c"
+    good.write_text("int twice(int x) { return 2 * x; }\n")
+    import ctypes
+
+    ok = NativeLibrary(good, {"twice": (ctypes.c_int, [ctypes.c_int])})
+    assert ok.load().twice(21) == 42 and ok.unavailable_reason() is None
+    assert ok.path().parent == tmp_path / "cache" / "native"  # cached per source, compiler and CPU
+
+
+def test_the_native_backend_does_not_import_the_rule():
+    # online.py dispatches to fused.py; fused.py never imports online.py (no import circle)
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(fused))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "neuroinit.learning.online" not in imported and imported, imported

@@ -59,8 +59,9 @@ def table_row(r: dict) -> tuple[str, ...]:
         rf = r["roofline"]
         roof = f"{100 * r['roofline_fraction']:.0f}% {rf['memory_level'] if rf['bound_by'] == 'memory' else 'flop'}"
     if r.get("own_roofline_fraction") is not None:
-        c = r["roofline"]["chunked"]
-        own = f"{100 * r['own_roofline_fraction']:.0f}% {'flop' if c['bound_by'] == 'compute' else 'mem'}"
+        c = r["roofline"].get("chip") or r["roofline"]["chunked"]
+        by = {"compute": "flop", "memory": "mem", "random": "rng"}[c["bound_by"]]
+        own = f"{100 * r['own_roofline_fraction']:.0f}% {by}"
     return (r["variant"], str(r["hidden"]), str(r["batch"]), r["method"], r["profile"], _threads_cell(r),
             _fmt(r["us_per_step"]), iqr, _si(r["sample_steps_per_s"]), _si(r["synaptic_updates_per_s"]),
             _fmt(r["peak_memory_mib"], ".1f"), _fmt(r["ratio_to_fused"], ".2f"), roof, own, _load_cell(r))
@@ -112,7 +113,9 @@ def format_table(result: dict, *, markdown: bool = False) -> str:
               ("us/step: median over repeats (IQR: quartiles); x fused: time / neuroinit-fused (ideal) of the "
                "same configuration; roofline: bound of a rule that updates every trace at every step / measured "
                "(memory level or flop; over 100% where the chunked update moves less); own roofline: bound of the "
-               "chunked update's own work / measured; load: background CPU cores busy during the row's repeats "
+               "chunked update's own work / measured (chip-precision rows: of the integer trace codes moved and "
+               "random bits drawn, rng: bound by the generator's word rate); load: background CPU cores busy during "
+               "the row's repeats "
                "('-': under 0.25 s in all)" + (f"; over the whole run {result['background_load_run']:.2f}"
                                               if result.get("background_load_run") is not None else "")),
               *_calibration_lines(result), _environment_line(result["environment"])]

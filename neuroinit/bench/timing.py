@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from neuroinit.bench.chip import chip_code_bytes, chip_roofline
 from neuroinit.bench.config import N_IN, N_OUT, SCHEMA_VERSION, BenchConfig
 from neuroinit.bench.machine import (
     _LoadMeter,
@@ -147,9 +148,9 @@ def _summarise(entry: _Entry, window_load: float | None) -> Result:
         res.fast_path = rule.uses_fast_path
         if res.method == "neuroinit-fused" and not rule.uses_fast_path:
             res.method = "neuroinit-torch"  # the row names the path that ran (the fused step declined the cell)
-        if rule._fused is not None:
-            res.state_bytes = rule._fused.state_bytes()
-            res.chunk_steps = rule._fused.chunk_capacity
+        if rule.native_backend is not None:
+            res.state_bytes = rule.native_backend.state_bytes()
+            res.chunk_steps = rule.native_backend.chunk_capacity
     return res
 
 
@@ -263,6 +264,12 @@ def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress,
                 res.roofline_fraction = res.roofline["bound_us"] / res.us_per_step
                 if "chunked" in res.roofline:
                     res.own_roofline_fraction = res.roofline["chunked"]["bound_us"] / res.us_per_step
+                code_bytes = chip_code_bytes(variant, n, res.profile) if res.fast_path and res.chunk_steps is None \
+                    else None
+                chip = code_bytes and chip_roofline(n, b, N_IN, code_bytes, calib)
+                if chip:  # chip-precision traces: the bound of the integer trace pass (bench/chip.py)
+                    res.roofline["chip"] = chip
+                    res.own_roofline_fraction = chip["bound_us"] / res.us_per_step
             results.append(res)
             if on_result:
                 on_result(res)

@@ -19,7 +19,7 @@ import torch
 from neuroinit.cells.base import QUANTISED_PARAMS, RecurrentCell
 from neuroinit.quantize import Grid, quantize
 
-__all__ = ["learning_grids", "attach_chip_constraints", "make_trace_quantiser"]
+__all__ = ["attach_chip_constraints", "learning_grids", "make_trace_quantiser"]
 
 
 def learning_grids(cell: RecurrentCell) -> dict[str, Grid | None]:
@@ -67,8 +67,8 @@ def attach_chip_constraints(optimizer: torch.optim.Optimizer, cell: RecurrentCel
     return optimizer.register_step_post_hook(project)
 
 
-def make_trace_quantiser(cell: RecurrentCell, *, generator: torch.Generator, input_bound: float = 2.0
-                         ) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
+def make_trace_quantiser(cell: RecurrentCell, *, generator: torch.Generator, input_bound: float = 2.0,
+                         rounding: str = "stochastic") -> Callable[[str, torch.Tensor], torch.Tensor] | None:
     """A ``quantise(name, trace)`` callable for :func:`neuroinit.learning.online.trace_step` holding traces
     on signed ``trace_bits`` grids with stochastic rounding, or None when the profile has no on-chip learning
     or float traces.
@@ -77,7 +77,10 @@ def make_trace_quantiser(cell: RecurrentCell, *, generator: torch.Generator, inp
     presynaptic trace of a signal bounded by ``b`` stays below ``b * pre_gain / (1 - pre_decay)``; spikes and
     tanh rates are bounded by ``pre_rec`` (1), inputs by ``input_bound``; eligibility traces add the factor
     ``post / (1 - elig_decay)``; further eligibility components (``hidden``: their bound relative to the
-    presynaptic trace) scale the presynaptic bound."""
+    presynaptic trace) scale the presynaptic bound. ``rounding="nearest"`` rounds deterministically (the chip
+    rounds stochastically; nearest is for checking arithmetic exactly)."""
+    if rounding not in ("stochastic", "nearest"):
+        raise ValueError(f"Invalid rounding {rounding!r}: allowed 'stochastic', 'nearest'")
     profile = cell.profile
     if not profile.learns_on_chip or profile.learning.trace_bits == 0:
         return None
@@ -97,7 +100,7 @@ def make_trace_quantiser(cell: RecurrentCell, *, generator: torch.Generator, inp
     grids = {k: Grid(2.0 ** math.ceil(math.log2(b / qmax)), -qmax - 1, qmax) for k, b in bounds.items()}
 
     def quantise(name: str, x: torch.Tensor) -> torch.Tensor:
-        return quantize(x, grids[name], rounding="stochastic", generator=generator)
+        return quantize(x, grids[name], rounding=rounding, generator=generator)
 
-    quantise.grids = grids  # read by the fused step (neuroinit.learning.fused) to round in its own loop
+    quantise.grids, quantise.rounding = grids, rounding  # read by the fused step to round in its own loop
     return quantise

@@ -1,215 +1,91 @@
-"""Fused online e-prop / RFLO: one native call per step (or per whole trial) on the CPU, float32.
+"""The native backend of online e-prop / RFLO: one native call per step (or per trial) on the CPU, float32.
 
-The plain step (:meth:`neuroinit.learning.online.OnlineEprop.step`) costs ~15 eager PyTorch ops (2-3 us each) and
-passes over every ``B x N x N`` eligibility trace three times (decay, add, gradient einsum). Here a small C
-library does the network step (the forward product in registers, event-driven for spikes), the presynaptic and
-readout traces and the learning signal in one native call per step, and the weight gradient is summed in one
-of two ways:
+:class:`~neuroinit.learning.online.OnlineEprop` dispatches here (:func:`make_backend`) where ``fast`` asks for it
+and the cell allows it, else it takes its own PyTorch step; both run behind the same methods (``start``,
+``step``, ``backward``), as ``torch.optim.adam`` dispatches to its implementations. This module never imports
+the rule: it receives the cell, parameters, gradient buffers, feedback, trace quantiser and generator.
+
+The plain step costs ~15 eager PyTorch ops (2-3 us each) and passes over every ``B x N x N`` eligibility trace
+three times (decay, add, gradient einsum). Here a C kernel (``native/fused_step.c``, built by
+:class:`~neuroinit.learning.native.loader.NativeLibrary`) does the network step (the forward product in
+registers, event-driven for spikes), the presynaptic and readout traces and the learning signal in one call per
+step, and the weight gradient is summed in one of three ways:
 
 * **chunked exact update** (float traces, whole trials: :meth:`FusedOnline.run`). The steps of a chunk record
   their learning signal ``L``, postsynaptic factor and presynaptic traces; at the chunk's end the gradient of
   every step of the chunk is one GEMM over the chunk's ``K B`` rows (``ni_chunk_prepare`` has the equations:
   the eligibility trace's decay is moved onto the learning signal, filtered backwards inside the chunk), and
   full traces are carried to the next chunk by a GEMM per batch element, only when the trial is longer than a
-  chunk or the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums reordered), at
-  the matmul rate instead of the memory bandwidth of a per-step trace pass; memory stays independent of T
-  (the records hold :func:`chunk_steps` steps).
-* **per-step traces** (single :meth:`FusedOnline.step` calls, and chip-precision traces, which are rounded at
-  every step): each stored trace is updated and its gradient accumulated in one pass.
+  chunk or the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums
+  reordered), at the matmul rate instead of the memory bandwidth of a per-step trace pass; memory stays
+  independent of T (the records hold :func:`chunk_steps` steps).
+* **per-step float traces** (single :meth:`FusedOnline.step` calls): each stored trace is updated and its
+  gradient accumulated in one pass.
+* **chip-precision traces** (a ``make_trace_quantiser`` quantiser: rounded at every step): the full traces are
+  stored as integer codes of the profile's trace width (:func:`code_dtype`: int8 for <= 8 bits, int16 for
+  <= 16), updated and accumulated into the gradient (dequantised on the fly) in one vectorised pass, with
+  stochastic rounding from a counter-based generator that serves 4 (int8) or 2 (int16) elements per 32-bit
+  draw: ``|E[code] - x| <= 2^-9`` (int8) or ``2^-17`` (int16) of a code, against ``2^-24`` for the PyTorch
+  path (``chip_elig`` in the C source has the equations). The sum ``x`` is the PyTorch path's float value
+  bit for bit, so with ``rounding="nearest"`` the codes equal the PyTorch path's exactly. Random draws are
+  seeded from the rule's ``torch.Generator`` once per step and depend on the seed only (the vector kernel and
+  the portable loop draw the same bits): the same distribution as the PyTorch path, not the same draws.
 
-Route (measured on the project's 2-core machine; ``benchmarks/README.md``): a C file compiled at first use with
-the machine's C compiler (``cc -O3 -march=native -fopenmp``, ~1-3 s, cached per source/compiler/CPU under
-``$NEUROINIT_CACHE`` or ``~/.cache/neuroinit``) and called through :mod:`ctypes` with one pointer to a struct of
-buffers; the chunk GEMMs are torch's. No new Python dependency; torch's own OpenMP runtime is shared (same
-soname), so the two thread pools do not fight. Where no compiler is found, or for float64, CUDA tensors or cells
-it does not know, callers fall back to the PyTorch path (:func:`available`, :func:`supports`), which gives the
-same results.
-
-Semantics equal :func:`neuroinit.learning.online.trace_step` + the gradient accumulation of
-``OnlineEprop.step`` (tests: ``tests/test_fused.py``, to 1e-6 in float32). Traces held at chip precision
-(``make_trace_quantiser``) use stochastic rounding with an in-kernel counter-based generator seeded from the
-rule's ``torch.Generator`` once per step: the same distribution as the PyTorch path, not the same draws.
-The fused state is updated in place: a state handed to a step is consumed by it, and a new run reuses the
-previous run's buffers.
+Where no compiler is found, or for float64, CUDA tensors or cells it does not know, the rule takes the PyTorch
+path (:func:`available`, :func:`supports`), which gives the same results (tests: ``tests/test_fused.py``,
+``tests/test_fused_chip.py``). The fused state is updated in place: a state handed to a step is consumed by it,
+and a new run reuses the previous run's buffers.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "supports", "FusedOnline", "chunk_steps", "library_path",
-           "C_SOURCE"]
+from neuroinit.learning.native.fused_step import ACTS, LOSSES, MODELS, QUANT_NAMES, RunStruct, new_library
 
-# the C source of the native step; its text (with the compiler, flags and CPU) keys the cached library
-C_SOURCE = (Path(__file__).parent / "native" / "fused_step.c").read_text(encoding="utf-8")
+__all__ = ["LIBRARY", "FusedOnline", "available", "chunk_steps", "code_dtype", "library_path", "make_backend",
+           "new_library", "supports", "trial_supported", "unavailable_reason"]
 
-_MODELS = {"voltage": 0, "rate": 1, "lif": 2}
-_ACTS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
-_LOSSES = {"mse": 1, "ce": 2}
-_QUANT_NAMES = ("pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "readout", "readout_bias")
-_PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "wt_in", "wt_rec", "wp_in", "wp_rec",
-         "x", "z", "ref", "y", "post", "act", "L", "err", "yout", "drive",
-         "pre_rec", "pre_in", "pre_bias", "elig_rec", "elig_in", "elig_bias", "ro", "ro_bias",
-         "g_in", "g_rec", "g_bias", "g_out", "g_bout", "inputs", "targets", "scale", "outputs", "labels",
-         "events", "rec_L", "rec_post", "rec_pre", "rec_pre_in", "pre_src")
 # below this many multiply-adds per loop a step stays on one thread: a parallel loop ends in a barrier, which costs
 # ~1-5 us on a quiet machine but up to a scheduler time slice (ms) when the other core is busy (measured: LIF
 # N=64, B=16 at 49 us/step on one thread, 2349 us on two threads next to other work)
 PAR_WORK = 1 << 20
 
-
-class _Run(ctypes.Structure):
-    _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "B", "N", "I", "O", "reset_zero", "n_ref",
-                                               "full", "quant", "par_work", "loss", "T", "rec_pos")]
-                + [("seed", ctypes.c_uint64)]
-                + [(n, ctypes.c_float) for n in ("alpha", "kappa", "v_th", "gamma", "pd", "pg", "ed", "rd")]
-                + [(n, ctypes.c_float * 8) for n in ("q_scale", "q_min", "q_max")]
-                + [(n, ctypes.c_void_p) for n in _PTRS])
-
-
-# ------------------------------------------------------------------------------------------ building the library
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                             or os.path.expanduser("~/.cache"), "neuroinit")
-    return Path(root) / "fused"
-
-
-def _compiler() -> list[str]:
-    """The C compiler command: ``$CC`` when set (split like a shell word list, so ``CC="ccache gcc"`` works),
-    else the first of cc, gcc, clang on PATH. A ``$CC`` that is not an executable is an error, never a silent
-    fall back to another compiler. Raises OSError with the reason."""
-    cc = os.environ.get("CC", "").strip()
-    if cc:
-        import shlex
-
-        words = shlex.split(cc)
-        exe = shutil.which(words[0])
-        if exe is None:
-            raise OSError(f"CC={cc!r} is not an executable on PATH (unset CC to use cc, gcc or clang)")
-        return [exe, *words[1:]]
-    for name in ("cc", "gcc", "clang"):
-        exe = shutil.which(name)
-        if exe:
-            return [exe]
-    raise OSError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-        return model + flags
-    except OSError:
-        return platform.processor()
-
-
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]
-
-
-def library_path() -> Path:
-    """Where the compiled library for this source, compiler and CPU is (or will be) cached."""
-    try:
-        cc = " ".join(_compiler())
-    except OSError:
-        cc = "none"
-    key = hashlib.sha256("\n".join([C_SOURCE, cc, " ".join(FLAGS), _cpu_id(), platform.machine()]).encode())
-    return _cache_dir() / f"neuroinit_fused_{key.hexdigest()[:16]}.so"
-
-
-def _build() -> ctypes.CDLL:
-    cc = _compiler()  # checked even when a library is cached: a broken CC is reported, not hidden
-    path = library_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src = Path(tmp) / "fused.c"
-            src.write_text(C_SOURCE)
-            out = Path(tmp) / path.name
-            proc = subprocess.run([*cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
-                                  check=False)  # the failure is reported below, with the compiler's first line
-            if proc.returncode != 0:
-                first = (proc.stderr.strip().splitlines() or ["no message"])[0]
-                raise OSError(f"compiling the fused step with {' '.join(cc)} failed: {first}")
-            os.replace(out, path)  # atomic: concurrent builders race harmlessly
-    # torch (imported above) has loaded its OpenMP runtime: the library binds to the same one
-    lib = ctypes.CDLL(str(path))
-    for name in ("ni_forward", "ni_update", "ni_run"):
-        getattr(lib, name).restype = None
-    lib.ni_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.ni_update.argtypes = [ctypes.c_void_p]
-    lib.ni_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    for name in ("ni_chunk_prepare", "ni_chunk_carry"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.ni_chunk_prepare.restype = ctypes.c_int64
-    lib.ni_pack.restype = None
-    lib.ni_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.ni_chunk_carry.restype = None
-    lib.ni_abi.restype = ctypes.c_int
-    lib.ni_stream.restype = None
-    lib.ni_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    if lib.ni_abi() != ctypes.sizeof(_Run):
-        raise OSError(f"fused step ABI mismatch: C struct {lib.ni_abi()} bytes, ctypes {ctypes.sizeof(_Run)}")
-    return lib
+# ------------------------------------------------------------------------------------------ the library
+LIBRARY = new_library()  # tests swap it for a fresh one (``new_library()``)
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _reason is None:
-            if os.environ.get("NEUROINIT_NO_FUSED"):
-                _reason = "disabled by NEUROINIT_NO_FUSED"
-            elif not sys.platform.startswith("linux") and sys.platform != "darwin":
-                _reason = f"unsupported platform {sys.platform}"
-            else:
-                try:
-                    _lib = _build()
-                except OSError as e:
-                    _reason = str(e)
-    return _lib
+    return LIBRARY.load()
+
+
+def library_path():
+    """Where the compiled library for this source, compiler and CPU is (or will be) cached."""
+    return LIBRARY.path()
 
 
 def available() -> bool:
     """True when the fused library is (or can be) built and loaded on this machine."""
-    return _load() is not None
+    return LIBRARY.available()
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`available` is False (None when it is True)."""
-    _load()
-    return _reason
+    """Why :func:`available` is False (None when it is True); ``LIBRARY.diagnostics``: the compiler's output."""
+    return LIBRARY.unavailable_reason()
 
 
 # ------------------------------------------------------------------------------------------ what it supports
 def _cell_code(cell) -> tuple[int, int] | None:
-    from neuroinit.cells.lif import LIFRNN
-    from neuroinit.cells.rate import RateRNN
-
-    if isinstance(cell, LIFRNN):   # the chip neuron options (synaptic current, >=) run unfused
+    """The kernel's model and activation codes for ``cell``, by its ``kernel_id`` (the cell contract)."""
+    kernel = getattr(cell, "kernel_id", None)
+    if kernel == "lif":  # the chip neuron options (synaptic current, >=) run unfused
         plain = cell.tau_syn is None and cell.threshold_compare == ">" and cell.max_spikes == 1 and not cell.reset_leaks
-        return (_MODELS["lif"], 0) if plain else None
-    if isinstance(cell, RateRNN) and cell.activation_name in _ACTS:
-        return _MODELS[cell.form], _ACTS[cell.activation_name]
+        return (MODELS["lif"], 0) if plain else None
+    if kernel == "rate" and cell.activation_name in ACTS:
+        return MODELS[cell.form], ACTS[cell.activation_name]
     return None
 
 
@@ -225,10 +101,38 @@ def supports(cell, *, feedback: torch.Tensor | None = None, quantiser=None) -> s
         return "not float32 (the fused step is single precision; float64 uses the PyTorch path)"
     if any(t.device.type != "cpu" for t in tensors):
         return "not on the CPU"
-    if quantiser is not None and getattr(quantiser, "grids", None) is None:
-        return "trace quantiser without grids"
+    if quantiser is not None:
+        why = _quantiser_problem(quantiser)
+        if why is not None:
+            return why
     if not available():
         return f"fused library unavailable: {unavailable_reason()}"
+    return None
+
+
+def code_dtype(quantiser) -> torch.dtype:
+    """The integer type the fused step stores a quantiser's eligibility-trace codes in: int8 where every code
+    fits 8 bits (Loihi's 7-bit traces), else int16 (ReckOn's 12-bit traces)."""
+    grids = [quantiser.grids[n] for n in ("elig_rec", "elig_in", "elig_bias")]
+    return torch.int8 if all(-128 <= g.code_min and g.code_max <= 127 for g in grids) else torch.int16
+
+
+def _counters_fit(batch_size: int, n_hidden: int, code: torch.dtype) -> bool:
+    """Whether every random word of a step has its own 32-bit counter (``chip_elig``): B N rows of ceil(n / G)
+    blocks of 16 words (G = 64 int8 or 32 int16 codes per block; n = N for the recurrent trace, 1024 for a piece
+    of the input and bias traces), below 2^32 (e.g. B = 64 up to N = 4096)."""
+    per_block = 64 if code == torch.int8 else 32
+    return batch_size * n_hidden * -(-max(n_hidden, 1024) // per_block) * 16 < 2 ** 32
+
+
+def _quantiser_problem(quantiser) -> str | None:
+    grids = getattr(quantiser, "grids", None)
+    if grids is None:
+        return "trace quantiser without grids"
+    if any(not (-2 ** 15 <= g.code_min < g.code_max < 2 ** 15) for g in grids.values()):
+        return "trace grids wider than 16 bits"
+    if getattr(quantiser, "rounding", "stochastic") not in ("stochastic", "nearest"):
+        return f"trace rounding {quantiser.rounding!r}"
     return None
 
 
@@ -258,27 +162,31 @@ class FusedOnline:
         empty = lambda *s: torch.empty(*s, dtype=torch.float32)
         self.full = spec.elig_decay != 0.0
         self.model = model
+        # chip precision: the full traces as integer codes (int8 / int16, :func:`code_dtype`)
+        code = torch.float32 if quantiser is None else code_dtype(quantiser)
+        codes = lambda *s: torch.empty(*s, dtype=code)
         self.buf = {
             "x": empty(b, n), "z": empty(b, n), "ref": empty(b, n), "y": empty(b, o),
             "post": empty(b, n), "act": empty(b, n), "L": empty(b, n),
             "err": empty(b, o), "yout": empty(b, o), "drive": empty(b, n),
             "pre_rec": empty(b, n), "pre_in": empty(b, i), "pre_bias": empty(b, 1),
-            "elig_rec": empty(b, n, n) if self.full else None, "elig_in": empty(b, n, i) if self.full else None,
-            "elig_bias": empty(b, n) if self.full else None, "ro": empty(b, n), "ro_bias": empty(b, 1),
+            "elig_rec": codes(b, n, n) if self.full else None, "elig_in": codes(b, n, i) if self.full else None,
+            "elig_bias": codes(b, n) if self.full else None, "ro": empty(b, n), "ro_bias": empty(b, 1),
         }
-        r = _Run()
+        r = RunStruct()
         r.model, r.actfn, r.B, r.N, r.I, r.O = model, actfn, b, n, i, o
         r.full, r.par_work = int(self.full), PAR_WORK
         r.pd, r.pg, r.ed, r.rd = (float(v) for v in spec)
-        if model == _MODELS["lif"]:
+        if model == MODELS["lif"]:
             r.alpha, r.kappa = float(cell.alpha), float(cell.kappa)
             r.v_th, r.gamma = float(cell.v_th), float(cell.gamma)
             r.reset_zero, r.n_ref = int(cell.reset == "zero"), int(cell.n_refractory)
         else:
             r.alpha = float(cell.alpha)
         if quantiser is not None:
-            r.quant = 1
-            for k, name in enumerate(_QUANT_NAMES):
+            r.quant, r.code_bytes = 1, code.itemsize
+            r.q_nearest = int(getattr(quantiser, "rounding", "stochastic") == "nearest")
+            for k, name in enumerate(QUANT_NAMES):
                 g = quantiser.grids[name]
                 r.q_scale[k], r.q_min[k], r.q_max[k] = g.scale, g.code_min, g.code_max
         self.quantised = quantiser is not None
@@ -318,7 +226,7 @@ class FusedOnline:
         for name, t in self.buf.items():
             if t is not None and not name.startswith("elig"):
                 t.zero_()
-        if self.model == _MODELS["voltage"]:  # the kernel keeps act = f(x) between steps
+        if self.model == MODELS["voltage"]:  # the kernel keeps act = f(x) between steps
             self.buf["act"].copy_(self.cell.activation.f(self.buf["x"]))
         self._elig_zero = True  # the full traces are zero; their buffers are written when first needed
         self._pending = 0
@@ -358,23 +266,30 @@ class FusedOnline:
         from neuroinit.cells.rate import RateState
 
         bf = self.buf
-        if self.model == _MODELS["lif"]:
+        if self.model == MODELS["lif"]:
             return LIFState(v=bf["x"], z=bf["z"], ref=bf["ref"], y=bf["y"])
         return RateState(bf["x"])
 
-    def traces(self):
-        """The traces as :class:`~neuroinit.learning.online.Traces`, viewing the fused buffers."""
-        from neuroinit.learning.online import Traces
-
+    def traces(self) -> tuple[torch.Tensor | None, ...]:
+        """The traces in the order of :class:`~neuroinit.learning.online.Traces`, viewing the fused buffers
+        (integer codes: their values, a copy)."""
         self._materialise()
         self._write_zero_traces()
         bf = self.buf
-        return Traces(bf["pre_rec"], bf["pre_in"], bf["pre_bias"], bf["elig_rec"], bf["elig_in"], bf["elig_bias"],
-                      bf["ro"], bf["ro_bias"])
+        full = [bf[n] for n in ("elig_rec", "elig_in", "elig_bias")]
+        if self.quantised and self.full:  # integer codes: their values, a copy
+            full = [c.to(torch.float32) * self._quantiser.grids[n].scale
+                    for c, n in zip(full, ("elig_rec", "elig_in", "elig_bias"))]
+        return (bf["pre_rec"], bf["pre_in"], bf["pre_bias"], *full, bf["ro"], bf["ro_bias"])
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes per stored eligibility-trace code at chip precision (1: int8, 2: int16); 0 for float traces."""
+        return int(self.run_struct.code_bytes)
 
     def state_bytes(self) -> int:
         """Bytes held across steps (state, traces, scratch, gradient accumulators): independent of T."""
-        return sum(t.numel() * 4 for t in self.buf.values() if t is not None) + \
+        return sum(t.numel() * t.element_size() for t in self.buf.values() if t is not None) + \
             sum(g.numel() * 4 for g in self.grads.values()) + \
             sum(t.numel() * 4 for t in (self._rec or {}).values())
 
@@ -385,15 +300,25 @@ class FusedOnline:
     # -------------------------------------------------------------- stepping
     def step(self, u: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One step driven by ``u`` (B, I); ``error(y)`` gives d loss / d y (B, O). Returns y (a new tensor)."""
+        y = self.forward(u)
+        self.update(error(y))
+        return y
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """The first half of :meth:`step`: the network step, presynaptic and readout traces and the
+        postsynaptic factor (``buf["post"]``). Returns y (a new tensor)."""
         u = u.detach().to(torch.float32).contiguous()
         self._materialise()
         self._write_zero_traces()
         self._reseed()
         self.lib.ni_forward(self._ref, u.data_ptr())
-        y = self.buf["yout"].clone()
-        self.buf["err"].copy_(error(y))
+        return self.buf["yout"].clone()
+
+    def update(self, err: torch.Tensor) -> None:
+        """The second half of :meth:`step`: learning signal, eligibility traces and gradients from the output
+        error ``err`` (B, O) and the factors in the buffers (``post``, the presynaptic and readout traces)."""
+        self.buf["err"].copy_(err)
         self.lib.ni_update(self._ref)
-        return y
 
     def run(self, inputs: torch.Tensor, scale: torch.Tensor, outputs: torch.Tensor, *, loss: str,
             targets: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -401,8 +326,8 @@ class FusedOnline:
         """Steps ``t0 <= t < t1`` of ``inputs`` (T, B, I) in one native call, with the output error of loss
         ``"mse"`` (``scale[t, b] * (y - targets[t, b])``) or ``"ce"`` (``scale * (softmax(y) - onehot(label))``),
         ``scale = mask / sum(mask)``; outputs go to ``outputs`` (T, B, O) (float32, contiguous)."""
-        if loss not in _LOSSES:
-            raise ValueError(f"Invalid loss {loss!r}: the fused run supports {', '.join(_LOSSES)}")
+        if loss not in LOSSES:
+            raise ValueError(f"Invalid loss {loss!r}: the fused run supports {', '.join(LOSSES)}")
         r = self.run_struct
         t_len = inputs.shape[0]
         t1 = t_len if t1 is None else t1
@@ -410,7 +335,7 @@ class FusedOnline:
         for t in keep[:3] + ([targets] if loss == "mse" else [labels]):
             if t is None or not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("Invalid fused run buffers: contiguous CPU tensors needed")
-        r.loss, r.T = _LOSSES[loss], t_len
+        r.loss, r.T = LOSSES[loss], t_len
         r.inputs, r.scale, r.outputs = inputs.data_ptr(), scale.data_ptr(), outputs.data_ptr()
         r.targets, r.labels = _ptr(targets), _ptr(labels)
         self._keep = keep  # keep the buffers alive while the struct points at them
@@ -428,6 +353,28 @@ class FusedOnline:
                 self._flush_chunk()
         finally:
             self._set_records(False)  # single steps update the traces themselves
+
+    def run_trial(self, batch, task, *, apply_every: int | None = None,
+                  on_epoch_end: Callable[[], None] | None = None) -> torch.Tensor:
+        """A whole trial of ``batch`` (``trial_supported``): one native call per learning epoch of
+        ``apply_every`` steps (default: the whole trial), ``on_epoch_end()`` after each (e.g. an optimizer step
+        and :meth:`set_params`); the gradient accumulates into ``grads``. Returns the outputs (T, B, O) in the
+        batch's dtype."""
+        from neuroinit.tasks.base import _mask_total
+
+        n_steps, batch_size = batch.inputs.shape[:2]
+        f32 = torch.float32
+        inputs = batch.inputs.detach().to(f32).contiguous()
+        scale = (batch.mask / _mask_total(batch.mask)).to(f32).contiguous()
+        outputs = torch.empty(n_steps, batch_size, self.cell.n_out, dtype=f32)
+        kw = {"targets": batch.targets.to(f32).contiguous()} if task.loss_kind == "mse" else \
+            {"labels": batch.targets.to(torch.int64).contiguous()}
+        every = apply_every or n_steps
+        for t0 in range(0, n_steps, every):
+            self.run(inputs, scale, outputs, loss=task.loss_kind, t0=t0, t1=min(t0 + every, n_steps), **kw)
+            if on_epoch_end is not None:
+                on_epoch_end()
+        return outputs.to(batch.inputs.dtype)
 
     # -------------------------------------------------------------- chunked exact update (float traces)
     @property
@@ -514,56 +461,27 @@ def chunk_steps(n_hidden: int, n_in: int, full: bool) -> int:
     return max(32, min(512, 2 * n_hidden * (n_hidden + n_in + 1) // (3 * n_hidden + n_in + 1)))
 
 
-def attach(rule, batch_size: int, *, reuse: FusedOnline | None = None) -> FusedOnline | None:
-    """A :class:`FusedOnline` for ``rule`` (an ``OnlineEprop`` just started), or None where the fused step does
-    not apply: ``rule.fast == "auto"`` also declines chip-precision traces (their random draws would differ).
-    ``reuse``: the rule's previous one, reset and returned where it fits."""
-    quantiser = rule.trace_quantiser
-    if rule.fast == "auto" and quantiser is not None:
+def make_backend(cell, batch_size: int, params, grads: dict[str, torch.Tensor], *, feedback=None,
+                 quantiser=None, generator: torch.Generator | None = None, same_results_only: bool = False,
+                 reuse: FusedOnline | None = None) -> FusedOnline | None:
+    """The native backend of one online run (:class:`~neuroinit.learning.online.OnlineEprop`), or None where it
+    does not apply (the rule then takes its PyTorch step): ``cell`` with ``params``, accumulating into ``grads``.
+    ``same_results_only`` (``fast="auto"``) also declines chip-precision traces (their random draws differ from
+    the PyTorch path's). ``reuse``: the rule's previous backend, reset and returned where it fits."""
+    if same_results_only and quantiser is not None:
         return None
-    if supports(rule.cell, feedback=rule.feedback, quantiser=quantiser) is not None:
+    if supports(cell, feedback=feedback, quantiser=quantiser) is not None:
         return None
-    if any(g.dtype != torch.float32 or not g.is_contiguous() for g in rule._grads.values()):
+    if any(g.dtype != torch.float32 or not g.is_contiguous() for g in grads.values()):
         return None
-    if reuse is not None and reuse.matches(rule.cell, batch_size, feedback=rule.feedback, quantiser=quantiser):
-        reuse.reset(rule._params, rule._grads)
+    if quantiser is not None and not _counters_fit(batch_size, cell.n_hidden, code_dtype(quantiser)):
+        return None
+    if reuse is not None and reuse.matches(cell, batch_size, feedback=feedback, quantiser=quantiser):
+        reuse.reset(params, grads)
         return reuse
-    return FusedOnline(rule.cell, rule._params, batch_size, rule._grads, feedback=rule.feedback,
-                       quantiser=quantiser, generator=getattr(rule, "generator", None))
+    return FusedOnline(cell, params, batch_size, grads, feedback=feedback, quantiser=quantiser, generator=generator)
 
 
-def backward(rule, batch, task, *, optimizer=None, apply_every: int | None = None):
-    """``OnlineEprop.backward`` through one native call per learning epoch, or None where it does not apply
-    (the caller then runs the PyTorch loop). Same semantics: outputs, loss, gradients written with ``flush``."""
-    from neuroinit.learning.base import Trial
-    from neuroinit.tasks.base import _mask_total
-
-    if task.loss_kind not in _LOSSES:
-        return None
-    n_steps, batch_size = batch.inputs.shape[:2]
-    rule._begin(batch_size)  # start() without handing out the state (which would write the zero full traces)
-    fz = rule._fused
-    if fz is None or batch.inputs.device.type != "cpu":
-        return None
-    f32 = torch.float32
-    inputs = batch.inputs.detach().to(f32).contiguous()
-    mask = batch.mask
-    scale = (mask / _mask_total(mask)).to(f32).contiguous()
-    outputs = torch.empty(n_steps, batch_size, rule.cell.n_out, dtype=f32)
-    kw = {"targets": batch.targets.to(f32).contiguous()} if task.loss_kind == "mse" else \
-        {"labels": batch.targets.to(torch.int64).contiguous()}
-    every = apply_every or n_steps
-    for t0 in range(0, n_steps, every):
-        t1 = min(t0 + every, n_steps)
-        fz.run(inputs, scale, outputs, loss=task.loss_kind, t0=t0, t1=t1, **kw)
-        if apply_every is not None:
-            optimizer.zero_grad()
-            rule.flush()
-            optimizer.step()
-            rule.refresh_params()
-    if apply_every is None:
-        rule.flush()
-    outputs = outputs.to(batch.inputs.dtype)
-    with torch.no_grad():
-        loss = task.loss(outputs, batch)
-    return Trial(loss.detach(), outputs)
+def trial_supported(batch, task) -> bool:
+    """Whether :meth:`FusedOnline.run_trial` runs ``task``'s loss on ``batch`` (else the per-step path runs)."""
+    return task.loss_kind in LOSSES and batch.inputs.device.type == "cpu"

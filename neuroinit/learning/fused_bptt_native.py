@@ -2,31 +2,25 @@
 one call each, through :mod:`ctypes`; :mod:`neuroinit.learning.fused_bptt` calls them where they are faster than
 its PyTorch loops.
 
-The library is compiled at first use with the machine's C compiler (``$CC``, else cc, gcc or clang;
-``-O3 -march=native``) and cached per source, compiler, flags and CPU under ``$NEUROINIT_CACHE`` or
-``~/.cache/neuroinit`` (written to a temporary file, then renamed: concurrent builders race harmlessly). Where it
-cannot be built, :func:`unavailable_reason` says why (the compiler's first error line) and the PyTorch loops run.
+The library is built and loaded by :class:`~neuroinit.learning.native.loader.NativeLibrary` (compiled at first
+use with the machine's C compiler, cached per source, compiler, flags and CPU). Where it cannot be built,
+:func:`unavailable_reason` says why (the compiler's first error line) and the PyTorch loops run.
 ``NEUROINIT_NO_FUSED`` disables it, as it does the fused online step.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from neuroinit.learning.native.loader import NativeLibrary
+
 __all__ = ["available", "backward", "forward", "grad_events", "has_blas", "unavailable_reason"]
 
-SOURCE = (Path(__file__).parent / "native" / "bptt.c").read_text(encoding="utf-8")
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu99"]
 MODELS = {"voltage": 0, "rate": 1, "lif": 2}
 ACTIVATIONS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
@@ -40,76 +34,27 @@ class _Run(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in (*_PTRS, "sgemm")])
 
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+SYMBOLS = {"nb_forward": (None, [_P]), "nb_backward": (None, [_P]), "nb_pack": (None, [_P, _I, ctypes.c_int, _P]),
+           "nb_grad_events": (None, [_P, _P, _I, _I, _I, _P]), "nb_abi": (ctypes.c_int, [])}
 
 
-def _compiler() -> list[str]:
-    cc = os.environ.get("CC", "").strip()
-    if cc:
-        words = shlex.split(cc)
-        exe = shutil.which(words[0])
-        if exe is None:
-            raise OSError(f"CC={cc!r} is not an executable on PATH (unset CC to use cc, gcc or clang)")
-        return [exe, *words[1:]]
-    for name in ("cc", "gcc", "clang"):
-        exe = shutil.which(name)
-        if exe:
-            return [exe]
-    raise OSError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
-
-
-def _library_path(cc: list[str]) -> Path:
-    try:
-        cpu = Path("/proc/cpuinfo").read_text()
-        cpu = "\n".join(ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags")))
-    except OSError:
-        cpu = platform.processor()
-    key = hashlib.sha256("\n".join([SOURCE, " ".join(cc), " ".join(FLAGS), cpu, platform.machine()]).encode())
-    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                             or os.path.expanduser("~/.cache"), "neuroinit")
-    return Path(root) / "fused" / f"neuroinit_bptt_{key.hexdigest()[:16]}.so"
-
-
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    path = _library_path(cc)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, out = Path(tmp) / "bptt.c", Path(tmp) / path.name
-            src.write_text(SOURCE)
-            proc = subprocess.run([*cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
-                                  check=False)  # the failure is reported below, with the compiler's first line
-            if proc.returncode != 0:
-                first = (proc.stderr.strip().splitlines() or ["no message"])[0]
-                raise OSError(f"compiling the fused BPTT with {' '.join(cc)} failed: {first}")
-            os.replace(out, path)
-    lib = ctypes.CDLL(str(path))
-    for name in ("nb_forward", "nb_backward"):
-        getattr(lib, name).restype = None
-        getattr(lib, name).argtypes = [ctypes.c_void_p]
-    lib.nb_pack.restype = None
-    lib.nb_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
-    lib.nb_grad_events.restype = None
-    lib.nb_grad_events.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                   ctypes.c_void_p]
-    lib.nb_abi.restype = ctypes.c_int
+def _check_abi(lib: ctypes.CDLL) -> None:
     if lib.nb_abi() != ctypes.sizeof(_Run):
         raise OSError(f"fused BPTT ABI mismatch: C struct {lib.nb_abi()} bytes, ctypes {ctypes.sizeof(_Run)}")
-    return lib
+
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # lib, reason, sgemm of the loaded library (tests empty it to load afresh)
 
 
 def _load() -> ctypes.CDLL | None:
     with _lock:
         if not _state:
-            if os.environ.get("NEUROINIT_NO_FUSED"):
-                _state.update(lib=None, reason="disabled by NEUROINIT_NO_FUSED", sgemm=None)
-            else:
-                try:
-                    _state.update(lib=_build(), reason=None, sgemm=_find_sgemm())
-                except OSError as e:
-                    _state.update(lib=None, reason=str(e), sgemm=None)
+            library = NativeLibrary("bptt.c", SYMBOLS, check=_check_abi, flags=FLAGS)
+            lib = library.load()
+            _state.update(lib=lib, reason=library.unavailable_reason(), sgemm=_find_sgemm() if lib else None,
+                          diagnostics=library.diagnostics)
     return _state["lib"]
 
 

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from neuroinit.cells.base import PARAM_NAMES, LocalFactors, RecurrentCell, TraceSpec
+from neuroinit.learning import fused
 from neuroinit.learning.base import LearningRule, Trial, accumulate_grads, feedback_matrix
 from neuroinit.tasks.base import Batch, Task
 
@@ -177,12 +178,14 @@ class OnlineEprop(LearningRule):
 
     ``trace_quantiser`` (see :mod:`neuroinit.learning.chip`) holds traces at a chip's precision.
 
-    ``fast`` (:mod:`neuroinit.learning.fused`): ``True`` runs each step (and :meth:`backward` each trial) as one
-    native call where the cell allows it (float32, CPU), with the same results (chip-precision traces: the same
-    rounding distribution, other random draws); ``"auto"`` does so only where the results are the same
-    (float traces: equal to float32 rounding, ~1e-7 relative, not bit for bit); ``False`` (default) always runs
-    the PyTorch step. The fast path updates the state in place:
-    a state passed to :meth:`step` is consumed. ``uses_fast_path`` says which path the last :meth:`start` took.
+    ``fast`` selects the backend: ``True`` runs each step (and :meth:`backward` each trial) through the native
+    backend (:mod:`neuroinit.learning.fused`, one call per step or learning epoch) where the cell allows it
+    (float32, CPU), with the same results (chip-precision traces: integer codes, the same arithmetic and rounding
+    distribution, other random draws); ``"auto"`` does so only where the results are the same (float traces:
+    equal to float32 rounding, ~1e-7 relative, not bit for bit); ``False`` (default) always runs the PyTorch
+    step of this module. Both backends sit behind the same methods. The native backend updates the state in
+    place: a state passed to :meth:`step` is consumed. ``uses_fast_path`` says which backend the last
+    :meth:`start` took, ``native_backend`` gives it.
     """
 
     name = "eprop"
@@ -197,20 +200,20 @@ class OnlineEprop(LearningRule):
         self.trace_quantiser = trace_quantiser
         self._grads: dict[str, torch.Tensor] = {}
         self._params = None
-        # --- fast path (neuroinit.learning.fused) ---
+        # --- backend: the native one (neuroinit.learning.fused) where ``fast`` asks for it and it applies ---
         if fast not in (True, False, "auto"):
             raise ValueError(f"Invalid fast {fast!r}: allowed True, False, 'auto'")
         self.fast = fast
         self.generator = generator
-        self._fused = None
+        self._native: fused.FusedOnline | None = None
 
     # ------------------------------------------------------------------ step by step
     def start(self, batch_size: int) -> OnlineState:
         """Begin a run of ``batch_size`` sequences: zero state, traces and accumulated gradient. (The fast path
         reuses the previous run's buffers: a state returned by an earlier ``start`` is reset too.)"""
         self._begin(batch_size)
-        if self._fused is not None:  # --- fast path (neuroinit.learning.fused) ---
-            return OnlineState(self._fused.cell_state(), self._fused.traces())
+        if self._native is not None:  # --- native backend ---
+            return self._native_state()
         cell = self.cell
         return OnlineState(cell.init_state(batch_size),
                            init_traces(self.spec, batch_size, cell.n_in, cell.n_hidden, like=cell.w_rec.detach(),
@@ -221,28 +224,35 @@ class OnlineEprop(LearningRule):
         cell = self.cell
         self._params = cell.params()
         self._grads = {n: torch.zeros_like(getattr(cell, n)) for n in PARAM_NAMES}
-        # --- fast path (neuroinit.learning.fused) ---
-        previous, self._fused = self._fused, None
+        # --- backend: native where it applies (its buffers reused from the previous run), else this module's ---
+        previous, self._native = self._native, None
         if self.fast:
-            from neuroinit.learning import fused
+            self._native = fused.make_backend(
+                cell, batch_size, self._params, self._grads, feedback=self.feedback, quantiser=self.trace_quantiser,
+                generator=self.generator, same_results_only=self.fast == "auto", reuse=previous)
 
-            self._fused = fused.attach(self, batch_size, reuse=previous)
+    def _native_state(self) -> OnlineState:
+        return OnlineState(self._native.cell_state(), Traces(*self._native.traces()))
 
     @property
     def uses_fast_path(self) -> bool:
         """Whether the run begun by the last :meth:`start` steps through the fused native step."""
-        return self._fused is not None
+        return self._native is not None
+
+    @property
+    def native_backend(self) -> fused.FusedOnline | None:
+        """The native backend of the run begun by the last :meth:`start` (None: the PyTorch step runs); e.g.
+        ``state_bytes()``, ``chunk_capacity``, ``code_bytes``."""
+        return self._native
 
     @property
     def fast_path_reason(self) -> str | None:
         """Why a rule asked for the fast path runs the PyTorch step (None when ``fast=False`` or the last
         :meth:`start` took the fused step): e.g. a cell without a fused kernel (``kernel_id = None``)."""
-        if not self.fast or self._fused is not None:
+        if not self.fast or self._native is not None:
             return None
         if self.cell.kernel_id is None:
             return f"no fused kernel for model {self.cell.model!r}: the PyTorch step runs"
-        from neuroinit.learning import fused
-
         why = fused.supports(self.cell, feedback=self.feedback, quantiser=self.trace_quantiser)
         return why or ("chip-precision traces with fast='auto'" if self.trace_quantiser is not None else None)
 
@@ -252,8 +262,8 @@ class OnlineEprop(LearningRule):
         """Advance the network and its traces by one step and accumulate this step's gradient.
 
         ``error(y_t)`` returns ``d loss / d y_t`` (B, O)."""
-        if self._fused is not None:  # --- fast path (neuroinit.learning.fused) ---
-            return self._fused.step(u, error), OnlineState(self._fused.cell_state(), self._fused.traces())
+        if self._native is not None:  # --- native backend: state updated in place ---
+            return self._native.step(u, error), self._native_state()
         p = self._params
         y, new = self.cell.step(p, st.cell, u)
         f = self.cell.local_factors(p, st.cell, new, u)
@@ -271,8 +281,8 @@ class OnlineEprop(LearningRule):
     def refresh_params(self) -> None:
         """Re-read the cell's (possibly updated, possibly quantised) parameters for the next steps."""
         self._params = self.cell.params()
-        if self._fused is not None:  # --- fast path (neuroinit.learning.fused) ---
-            self._fused.set_params(self._params)
+        if self._native is not None:  # --- native backend ---
+            self._native.set_params(self._params)
 
     # ------------------------------------------------------------------ whole trials
     def backward(self, batch: Batch, task: Task, *, optimizer: torch.optim.Optimizer | None = None,
@@ -284,26 +294,32 @@ class OnlineEprop(LearningRule):
         if apply_every is not None and (optimizer is None
                                         or not (isinstance(apply_every, int) and apply_every >= 1)):
             raise ValueError(f"Invalid apply_every {apply_every!r}: needs an integer >= 1 and an optimizer")
-        if self.fast:  # --- fast path (neuroinit.learning.fused): one native call per learning epoch ---
-            from neuroinit.learning import fused
-
-            trial = fused.backward(self, batch, task, optimizer=optimizer, apply_every=apply_every)
-            if trial is not None:
-                return trial
         n_steps, batch_size = batch.inputs.shape[:2]
-        st = self.start(batch_size)
-        # preallocated: the outputs are the only thing kept per step (T * B * O numbers, no per-step objects)
-        outputs = self.cell.w_out.new_empty(n_steps, batch_size, self.cell.n_out)
-        for t in range(n_steps):
-            y, st = self.step(st, batch.inputs[t], lambda y_t, t=t: task.output_error(y_t, batch, t))
-            outputs[t] = y
-            if apply_every is not None and ((t + 1) % apply_every == 0 or t + 1 == n_steps):
-                optimizer.zero_grad()
-                self.flush()
-                optimizer.step()
-                self.refresh_params()
+        epoch_end = None if apply_every is None else lambda: self._apply(optimizer)
+        outputs = None
+        if self.fast and fused.trial_supported(batch, task):  # --- native backend: a call per learning epoch ---
+            self._begin(batch_size)
+            if self._native is not None:
+                outputs = self._native.run_trial(batch, task, apply_every=apply_every, on_epoch_end=epoch_end)
+        if outputs is None:  # the PyTorch step
+            st = self.start(batch_size)
+            # preallocated: the outputs are the only thing kept per step (T * B * O numbers, no per-step objects)
+            outputs = self.cell.w_out.new_empty(n_steps, batch_size, self.cell.n_out)
+            for t in range(n_steps):
+                y, st = self.step(st, batch.inputs[t], lambda y_t, t=t: task.output_error(y_t, batch, t))
+                outputs[t] = y
+                if epoch_end is not None and ((t + 1) % apply_every == 0 or t + 1 == n_steps):
+                    epoch_end()
         if apply_every is None:
             self.flush()
         with torch.no_grad():
             loss = task.loss(outputs, batch)
         return Trial(loss.detach(), outputs.detach())
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
+        """End of a learning epoch: the accumulated gradient becomes ``.grad``, the optimizer steps, and the
+        next steps read the updated parameters."""
+        optimizer.zero_grad()
+        self.flush()
+        optimizer.step()
+        self.refresh_params()

@@ -1,0 +1,153 @@
+"""Building and loading a C source file of this package as a shared library, at first use.
+
+A :class:`NativeLibrary` names a ``.c`` file next to this module and the functions to bind (their ctypes
+result and argument types). The first :meth:`~NativeLibrary.load` compiles it with the machine's C compiler
+(``$CC``, else cc, gcc or clang; ``-O3 -march=native -fopenmp``, ~1-3 s) into a cache keyed by the source text,
+the compiler, the flags and the CPU (``$NEUROINIT_CACHE`` or ``~/.cache/neuroinit``, subfolder ``native``),
+then binds it with :mod:`ctypes`. torch (imported first) has loaded its OpenMP runtime; the library binds to the
+same one, so the two thread pools do not fight.
+
+Where the library cannot be built (no compiler, a broken ``$CC``, a compile error, an unsupported platform, or
+``NEUROINIT_NO_FUSED`` set), :meth:`~NativeLibrary.load` returns None and :meth:`~NativeLibrary.
+unavailable_reason` says why in one line (the compiler's first diagnostic); :attr:`~NativeLibrary.diagnostics`
+holds the compiler's full output. Callers then take their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["FLAGS", "NativeLibrary", "cache_dir", "compiler"]
+
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]
+DISABLE_ENV = "NEUROINIT_NO_FUSED"
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are cached."""
+    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                                             or os.path.expanduser("~/.cache"), "neuroinit")
+    return Path(root) / "native"
+
+
+def compiler() -> list[str]:
+    """The C compiler command: ``$CC`` when set (split like a shell word list, so ``CC="ccache gcc"`` works),
+    else the first of cc, gcc, clang on PATH. A ``$CC`` that is not an executable is an error, never a silent
+    fall back to another compiler. Raises OSError with the reason."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        words = shlex.split(cc)
+        exe = shutil.which(words[0])
+        if exe is None:
+            raise OSError(f"CC={cc!r} is not an executable on PATH (unset CC to use cc, gcc or clang)")
+        return [exe, *words[1:]]
+    for name in ("cc", "gcc", "clang"):
+        exe = shutil.which(name)
+        if exe:
+            return [exe]
+    raise OSError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
+        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+        return model + flags
+    except OSError:
+        return platform.processor()
+
+
+# a function's ctypes signature: (result type, argument types)
+Signature = tuple[object, Sequence[object]]
+
+
+class NativeLibrary:
+    """A C source file (``source``: a file name in this package, e.g. ``"fused_step.c"``, or a path), compiled
+    and loaded at first use. ``symbols`` maps each function to bind to its ``(restype, argtypes)``;
+    ``check(lib)`` may raise OSError after binding (e.g. an ABI mismatch between a C struct and its ctypes
+    mirror); ``flags``: the compiler flags (default :data:`FLAGS`)."""
+
+    def __init__(self, source: str | Path, symbols: Mapping[str, Signature], *,
+                 check: Callable[[ctypes.CDLL], None] | None = None, flags: Sequence[str] = FLAGS) -> None:
+        self.source_path = Path(__file__).parent / source  # an absolute path stays as it is
+        self.flags = list(flags)
+        self.source = self.source_path.read_text(encoding="utf-8")
+        self.symbols = dict(symbols)
+        self.check = check
+        self.diagnostics = ""  # the compiler's full output of a failed build
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._reason: str | None = None
+
+    def path(self) -> Path:
+        """Where the library for this source, compiler, flags and CPU is (or will be) cached."""
+        try:
+            cc = " ".join(compiler())
+        except OSError:
+            cc = "none"
+        key = hashlib.sha256("\n".join([self.source, cc, " ".join(self.flags), _cpu_id(), platform.machine()]).encode())
+        return cache_dir() / f"{self.source_path.stem}_{key.hexdigest()[:16]}.so"
+
+    def _build(self) -> ctypes.CDLL:
+        cc = compiler()  # checked even when a library is cached: a broken CC is reported, not hidden
+        path = self.path()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                src = Path(tmp) / self.source_path.name
+                src.write_text(self.source)
+                out = Path(tmp) / path.name
+                proc = subprocess.run([*cc, *self.flags, "-o", str(out), str(src), "-lm"], capture_output=True,
+                                      text=True, check=False)  # a failure is reported below
+                if proc.returncode != 0:
+                    self.diagnostics = proc.stderr
+                    first = (proc.stderr.strip().splitlines() or ["no message"])[0]
+                    raise OSError(f"compiling {self.source_path.name} with {' '.join(cc)} failed: {first}")
+                os.replace(out, path)  # atomic: concurrent builders race harmlessly
+        lib = ctypes.CDLL(str(path))
+        for name, (restype, argtypes) in self.symbols.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = list(argtypes)
+        if self.check is not None:
+            self.check(lib)
+        return lib
+
+    def load(self) -> ctypes.CDLL | None:
+        """The loaded library, built at the first call; None where it cannot be (:meth:`unavailable_reason`)."""
+        if self._lib is not None or self._reason is not None:
+            return self._lib
+        with self._lock:
+            if self._lib is None and self._reason is None:
+                if os.environ.get(DISABLE_ENV):
+                    self._reason = f"disabled by {DISABLE_ENV}"
+                elif not sys.platform.startswith("linux") and sys.platform != "darwin":
+                    self._reason = f"unsupported platform {sys.platform}"
+                else:
+                    try:
+                        self._lib = self._build()
+                    except OSError as e:
+                        self._reason = str(e)
+        return self._lib
+
+    def available(self) -> bool:
+        """True when the library is (or can be) built and loaded on this machine."""
+        return self.load() is not None
+
+    def unavailable_reason(self) -> str | None:
+        """Why :meth:`available` is False, in one line (None when it is True)."""
+        self.load()
+        return self._reason

@@ -1,0 +1,228 @@
+"""Chip-precision traces in the fused step: integer codes, the same arithmetic as the PyTorch chip path (exactly,
+with nearest rounding) and the same rounding distribution (stochastic rounding, statistically)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuroinit.cells import make_cell
+from neuroinit.cells.base import LocalFactors
+from neuroinit.init import hardware_init
+from neuroinit.learning import fused
+from neuroinit.learning.chip import make_trace_quantiser
+from neuroinit.learning.online import Traces, accumulate_step
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused step unavailable: "
+                                f"{fused.unavailable_reason()}")
+
+PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
+FULL = ("elig_rec", "elig_in", "elig_bias")
+
+
+def _cell(profile: str, n: int, *, model: str = "rate", n_in: int = 3):
+    g = torch.Generator().manual_seed(0)
+    p, _ = hardware_init(model, n_in, n, 2, 1.3, profile, generator=g, out_of_range="clamp")
+    kw = {"form": "rate", "alpha": 0.3} if model == "rate" else {"v_th": 0.5}
+    return make_cell(model, p, profile=profile, **kw)
+
+
+class _Kernel:
+    """One fused run whose eligibility-trace update is driven with chosen factors (``FusedOnline.update``)."""
+
+    def __init__(self, cell, b: int, rounding: str, *, portable: bool = False) -> None:
+        self.cell, self.b = cell, b
+        self.q = make_trace_quantiser(cell, generator=torch.Generator().manual_seed(9), rounding=rounding)
+        self.grads = {k: torch.zeros_like(getattr(cell, k)) for k in PARAMS}
+        self.fz = fused.FusedOnline(cell, cell.params(), b, self.grads, quantiser=self.q)
+        self.fz.run_struct.portable = int(portable)
+        self.fz.traces()  # writes the zero traces
+
+    def factors(self, gen: torch.Generator):
+        """Random traces on their grids (saturated codes included), postsynaptic factors and output errors."""
+        cell, b, n, i = self.cell, self.b, self.cell.n_hidden, self.cell.n_in
+
+        def on_grid(name, *shape):
+            gr = self.q.grids[name]
+            return torch.randint(gr.code_min, gr.code_max + 1, shape, generator=gen).float() * gr.scale
+
+        tr = Traces(on_grid("pre_rec", b, n), on_grid("pre_in", b, i), on_grid("pre_bias", b, 1),
+                    on_grid("elig_rec", b, n, n), on_grid("elig_in", b, n, i), on_grid("elig_bias", b, n),
+                    on_grid("readout", b, n), on_grid("readout_bias", b, 1))
+        post = torch.rand(b, n, generator=gen) * 0.4
+        post[:, ::5] = 0.0  # rows without an increment: pure decay, or skipped where all their codes are zero
+        tr.elig_rec[:, ::5] = 0.0
+        tr.elig_in[:, ::10] = 0.0
+        tr.elig_bias[:, ::10] = 0.0  # rows 5, 15, ...: zero recurrent codes, non-zero input / bias codes
+        err = torch.randn(b, cell.n_out, generator=gen)
+        return tr, post, err
+
+    def load(self, tr: Traces, post: torch.Tensor) -> None:
+        bf = self.fz.buf
+        for name in ("pre_rec", "pre_in", "pre_bias"):
+            bf[name].copy_(getattr(tr, name))
+        bf["ro"].copy_(tr.readout)
+        bf["ro_bias"].copy_(tr.readout_bias)
+        bf["post"].copy_(post)
+        for name in FULL:
+            bf[name].copy_(torch.round(getattr(tr, name) / self.q.grids[name].scale).to(bf[name].dtype))
+
+    def codes(self) -> dict[str, torch.Tensor]:
+        return {name: self.fz.buf[name].to(torch.int64) for name in FULL}
+
+
+def _torch_codes(k: _Kernel, tr: Traces, post: torch.Tensor, quantise=None) -> dict[str, torch.Tensor]:
+    """The PyTorch chip path's update of the full traces (``trace_step``'s lines), as codes."""
+    q = quantise or k.q
+    ed = k.cell.trace_spec().elig_decay
+    new = {"elig_rec": q("elig_rec", ed * tr.elig_rec + post[..., :, None] * tr.pre_rec[..., None, :]),
+           "elig_in": q("elig_in", ed * tr.elig_in + post[..., :, None] * tr.pre_in[..., None, :]),
+           "elig_bias": q("elig_bias", ed * tr.elig_bias + post * tr.pre_bias)}
+    return {n: (v / k.q.grids[n].scale).round().to(torch.int64) for n, v in new.items()}
+
+
+@pytest.mark.parametrize("profile,n,n_in", [("loihi-like", 70, 3), ("reckon-like", 70, 3), ("loihi-like", 5, 1100)])
+@pytest.mark.parametrize("portable", [False, True])
+def test_integer_traces_equal_the_pytorch_chip_path_with_nearest_rounding(profile, n, n_in, portable):
+    # n = 70: whole vector blocks and masked tails; int8 codes (loihi, 7 bits) and int16 (reckon, 12 bits); the
+    # input and bias traces of a block of rows go through the kernel together, input rows longer than a piece
+    # (1100 inputs) one at a time
+    cell = _cell(profile, n, n_in=n_in)
+    k = _Kernel(cell, 3, "nearest", portable=portable)
+    assert k.fz.buf["elig_rec"].dtype == (torch.int8 if profile == "loihi-like" else torch.int16)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        tr, post, err = k.factors(gen)
+        k.load(tr, post)
+        for g in k.grads.values():
+            g.zero_()
+        k.fz.update(err)
+        want = _torch_codes(k, tr, post)
+        got = k.codes()
+        for name in FULL:
+            assert torch.equal(got[name], want[name]), name
+        # the gradient of the rounded traces (accumulate_step on the PyTorch path's values)
+        values = {name: want[name].float() * k.q.grids[name].scale for name in FULL}
+        ref = {name: torch.zeros_like(g) for name, g in k.grads.items()}
+        f = LocalFactors(tr.pre_rec, tr.pre_in, post, tr.readout)
+        accumulate_step(ref, err, cell.w_out.detach(), f, tr._replace(**values))
+        for name in PARAMS:
+            scale = max(1.0, float(ref[name].abs().max()))
+            assert float((k.grads[name] - ref[name]).abs().max()) <= 1e-5 * scale, name
+
+
+def test_vector_and_scalar_kernels_draw_the_same_random_bits():
+    # the codes depend on the seed, not on the CPU the library was built for
+    cell = _cell("loihi-like", 70)
+    runs = []
+    for portable in (False, True):
+        k = _Kernel(cell, 3, "stochastic", portable=portable)
+        tr, post, err = k.factors(torch.Generator().manual_seed(4))
+        k.load(tr, post)
+        k.fz.run_struct.seed = 12345
+        k.fz.update(err)
+        runs.append((k.codes(), {n: g.clone() for n, g in k.grads.items()}))
+    for name in FULL:
+        assert torch.equal(runs[0][0][name], runs[1][0][name]), name
+    for n in PARAMS:
+        assert float((runs[0][1][n] - runs[1][1][n]).abs().max()) <= 1e-5, n
+
+
+def _moments(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = draws.double()
+    return d.mean(0), d.var(0, unbiased=True)
+
+
+@pytest.mark.parametrize("profile,bits", [("loihi-like", 8), ("reckon-like", 16)])
+def test_stochastic_rounding_matches_the_pytorch_path_in_distribution(profile, bits):
+    """Mean and variance of the rounded codes over many draws, element by element and summed, against the
+    exact expectation (code floor(x) + Bernoulli(frac x)) and against the PyTorch path's own draws; bounds from
+    the number of draws (6 standard deviations) plus the kernel's stated bias (2^-(bits+1) of a code)."""
+    cell = _cell(profile, 24)
+    k = _Kernel(cell, 2, "stochastic")
+    tr, post, err = k.factors(torch.Generator().manual_seed(5))
+    draws = 400
+    fused_draws = {n: [] for n in FULL}
+    grad_draws = []
+    for d in range(draws):
+        k.load(tr, post)
+        for g in k.grads.values():
+            g.zero_()
+        k.fz.run_struct.seed = 1000 + d
+        k.fz.update(err)
+        for n, c in k.codes().items():
+            fused_draws[n].append(c)
+        grad_draws.append(k.grads["w_rec"].clone())
+    gen = torch.Generator().manual_seed(6)
+    stoch = make_trace_quantiser(cell, generator=gen)
+    torch_draws = {n: [] for n in FULL}
+    for _ in range(draws):
+        for n, c in _torch_codes(k, tr, post, stoch).items():
+            torch_draws[n].append(c)
+    ed = cell.trace_spec().elig_decay
+    exact = {"elig_rec": ed * tr.elig_rec.double() + post.double()[..., :, None] * tr.pre_rec.double()[..., None, :],
+             "elig_in": ed * tr.elig_in.double() + post.double()[..., :, None] * tr.pre_in.double()[..., None, :],
+             "elig_bias": ed * tr.elig_bias.double() + post.double() * tr.pre_bias.double()}
+    bias = 2.0 ** -(bits + 1)
+    for n in FULL:
+        gr = k.q.grids[n]
+        x = (exact[n] / gr.scale).clamp(gr.code_min, gr.code_max)
+        frac = x - x.floor()
+        var = frac * (1 - frac)
+        mu4 = var * (1 - 3 * var)  # fourth central moment of a Bernoulli(frac)
+        for name, samples in (("fused", fused_draws[n]), ("torch", torch_draws[n])):
+            mean, svar = _moments(torch.stack(samples))
+            slack = bias if name == "fused" else 2.0 ** -24
+            # element by element (6 sd: no false alarm over a few thousand elements)
+            assert bool(((mean - x).abs() <= slack + 6 * (var / draws).sqrt() + 1e-12).all()), (n, name)
+            # summed over elements: the total deviation is a far stricter check of the bias
+            assert abs(float((mean - x).sum())) <= slack * x.numel() + 6 * math.sqrt(float(var.sum()) / draws), \
+                (n, name)
+            assert abs(float((svar - var).sum())) <= slack * x.numel() + 6 * math.sqrt(
+                float((mu4 - var ** 2).clamp_min(0).sum()) / draws + 1e-12) + 4 * float(var.sum()) / draws, (n, name)
+        fm, _ = _moments(torch.stack(fused_draws[n]))
+        tm, _ = _moments(torch.stack(torch_draws[n]))
+        assert abs(float((fm - tm).sum())) <= bias * x.numel() + 6 * math.sqrt(2 * float(var.sum()) / draws), n
+    # the gradient's mean: sum_b L_bj s x_bji (it is linear in the codes)
+    gr = k.q.grids["elig_rec"]
+    lsig = err.double() @ cell.w_out.detach().double()
+    x = (exact["elig_rec"] / gr.scale).clamp(gr.code_min, gr.code_max)
+    want = torch.einsum("bj,bji->ji", lsig * gr.scale, x)
+    spread = torch.einsum("bj,bji->ji", (lsig * gr.scale) ** 2, x - x.floor() - (x - x.floor()) ** 2)
+    mean = torch.stack(grad_draws).double().mean(0)
+    tol = torch.einsum("bj->j", (lsig * gr.scale).abs())[:, None] * bias + 6 * (spread / draws).sqrt() + 1e-6
+    assert bool(((mean - want).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_ties_round_half_to_even_from_the_same_float_sum(portable):
+    # x = fl(ed c) + fl(post pre) / s lands exactly on m + 1/2 (m odd and even), by cancellation (ed c ~ 30, x
+    # small): torch.round takes the even code. A fused multiply-add (ed c + post pre rounded once) keeps the
+    # bits of ed c that fl(ed c) dropped, moves x off the tie and rounds the other way in about half the rows:
+    # the kernel must round its products separately, as the PyTorch path does.
+    cell = _cell("loihi-like", 32)
+    k = _Kernel(cell, 1, "nearest", portable=portable)
+    gen = torch.Generator().manual_seed(7)
+    tr, post, err = k.factors(gen)
+    ed = torch.tensor(cell.trace_spec().elig_decay, dtype=torch.float32)
+    s_e, s_p = k.q.grids["elig_rec"].scale, k.q.grids["pre_rec"].scale
+    pre = s_p * 2.0 ** int(math.log2(k.q.grids["pre_rec"].code_max))  # a power of two on the pre grid
+    codes = torch.tensor([33.0, -35.0, 41.0, -47.0] * 8)  # one code per row
+    t1 = ed * codes  # float32 products, as the PyTorch path forms them
+    t2 = torch.tensor([-1.5, -0.5, 0.5, 1.5]).repeat_interleave(8) - t1  # exact: t1 + t2 = m + 1/2
+    post = (t2 * s_e / pre).reshape(1, 32)
+    tr = tr._replace(pre_rec=torch.full((1, 32), pre), elig_rec=(codes[:, None] * s_e).expand(32, 32)[None].clone())
+    k.load(tr, post)
+    k.fz.update(err)
+    want = _torch_codes(k, tr, post)["elig_rec"]
+    assert torch.equal((want % 2)[0], torch.zeros(32, 32, dtype=torch.int64))  # every x was a tie: even codes
+    assert torch.equal(k.codes()["elig_rec"], want)
+
+
+def test_runs_too_large_for_the_random_counters_take_the_pytorch_path():
+    from neuroinit.learning.fused import _counters_fit
+
+    assert _counters_fit(64, 4096, torch.int8) and _counters_fit(64, 2048, torch.int16)
+    assert not _counters_fit(256, 8192, torch.int8) and not _counters_fit(128, 8192, torch.int16)
