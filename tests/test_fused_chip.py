@@ -226,3 +226,23 @@ def test_runs_too_large_for_the_random_counters_take_the_pytorch_path():
 
     assert _counters_fit(64, 4096, torch.int8) and _counters_fit(64, 2048, torch.int16)
     assert not _counters_fit(256, 8192, torch.int8) and not _counters_fit(128, 8192, torch.int16)
+
+
+@pytest.mark.skipif(not fused.available(), reason=f"fused step unavailable: {fused.unavailable_reason()}")
+def test_training_on_a_chip_profile_runs_the_fused_step_reproducibly(tmp_path):
+    # train learns at the chip's precision through the native step (integer trace codes): same seed, same file
+    from neuroinit.experiments.train import TrainConfig, train
+    from neuroinit.io.runfile import read_run
+
+    cfg = TrainConfig(model="lif", profile="loihi-like", hidden=16, batch=4, eval_batch=4, lyapunov=False,
+                      iters=3, seed=2, dt_ms=10.0)
+    for i in range(2):
+        train(cfg, tmp_path / f"run{i}.h5")
+    runs = [read_run(tmp_path / f"run{i}.h5") for i in range(2)]
+    assert runs[0].summary["step_path"] == "fused-native"
+    first, second = runs[0].weights["final"], runs[1].weights["final"]
+    assert first.codes and set(first.codes) == set(second.codes)
+    for name in first.codes:
+        assert torch.equal(torch.as_tensor(first.codes[name]), torch.as_tensor(second.codes[name]))
+    assert not all(torch.equal(torch.as_tensor(first.codes[n]), torch.as_tensor(runs[0].weights["initial"].codes[n]))
+                   for n in first.codes)   # it learnt: some code moved

@@ -166,9 +166,11 @@ class _Context:
     def make_rule(self, cell: RecurrentCell, gens: dict[str, torch.Generator]):
         rule = self._make_rule(cell, gens)
         if hasattr(rule, "fast"):
-            # the fused native step (neuroinit.learning.fused) where it gives the PyTorch step's results (float
-            # traces, float32, CPU); the PyTorch step otherwise
-            rule.fast = "auto" if self.config.fast else False
+            # the fused native steps where the cell and device allow them (float32, CPU): online e-prop / RFLO
+            # (neuroinit.learning.fused: the PyTorch step's results to float32 rounding; chip-precision traces as
+            # integer codes with the same rounding distribution, their own random draws) and BPTT
+            # (neuroinit.learning.fused_bptt); the PyTorch step otherwise
+            rule.fast = bool(self.config.fast)
         return rule
 
     def _make_rule(self, cell: RecurrentCell, gens: dict[str, torch.Generator]):
