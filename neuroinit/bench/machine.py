@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from neuroinit._util import cache_dir, cpu_model
+
 # ------------------------------------------------------------------------------------------ environment
 # Where the host is read (tests point these at a faked host; nothing else in this module reads the machine's
 # description): the CPU model, the cache sizes, and os.cpu_count() for the logical CPUs.
@@ -22,14 +24,7 @@ SYS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
 def _cpu_model() -> str:
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model(CPUINFO)   # read at call time: tests point CPUINFO at a faked host
 
 
 def _cpu_identity() -> dict[str, str]:
@@ -226,9 +221,7 @@ def _calib_key(device: str) -> str:
 
 
 def _calib_path() -> Path:
-    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                             or os.path.expanduser("~/.cache"), "neuroinit")
-    return Path(root) / "bench_calibration.json"
+    return cache_dir("bench_calibration.json")
 
 
 def _best_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:

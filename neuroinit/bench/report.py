@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import statistics
+
+from neuroinit._util import fmt
 
 
 # ------------------------------------------------------------------------------------------ rendering
-def _fmt(v: float | None, spec: str = ".3g") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec)
-
-
 def _si(v: float | None) -> str:
     if v is None:
         return "-"
@@ -32,7 +27,7 @@ def _threads_cell(r: dict) -> str:
     if t is None:
         return "-"
     tried = r.get("threads_tried") or {}
-    others = [f"{k}: {_fmt(v['us_per_step'])}" for k, v in tried.items() if k != str(t)]
+    others = [f"{k}: {fmt(v['us_per_step'], '.3g')}" for k, v in tried.items() if k != str(t)]
     return f"{t} (" + ", ".join(others) + ")" if others else str(t)
 
 
@@ -40,9 +35,9 @@ def _load_cell(r: dict) -> str:
     """Background cores busy over the row's timed repeats ('-' where they took under 0.25 s: too short for the
     kernel's 10 ms CPU clock); results of schema < 3 have only the per-repeat values."""
     if "background_load_window" in r:
-        return _fmt(r["background_load_window"], ".2f")
+        return fmt(r["background_load_window"], ".2f")
     loads = [v for v in r.get("background_load", []) if v is not None]
-    return _fmt(statistics.median(loads), ".2f") if loads else "-"
+    return fmt(statistics.median(loads), ".2f") if loads else "-"
 
 
 THREADS_NOTE = ("threads: every method timed at one thread and at all available CPUs, repeats interleaved; the "
@@ -53,7 +48,7 @@ def table_row(r: dict) -> tuple[str, ...]:
     if r.get("skipped"):
         return (r["variant"], str(r["hidden"]), str(r["batch"]), r["method"], r["profile"], "", "skipped: "
                 + r["skipped"][:40], "", "", "", "", "", "", "", "")
-    iqr = f"{_fmt(r['us_per_step_q1'])}-{_fmt(r['us_per_step_q3'])}"
+    iqr = f"{fmt(r['us_per_step_q1'], '.3g')}-{fmt(r['us_per_step_q3'], '.3g')}"
     roof = own = "-"
     if r.get("roofline_fraction") is not None:
         rf = r["roofline"]
@@ -63,8 +58,8 @@ def table_row(r: dict) -> tuple[str, ...]:
         by = {"compute": "flop", "memory": "mem", "random": "rng"}[c["bound_by"]]
         own = f"{100 * r['own_roofline_fraction']:.0f}% {by}"
     return (r["variant"], str(r["hidden"]), str(r["batch"]), r["method"], r["profile"], _threads_cell(r),
-            _fmt(r["us_per_step"]), iqr, _si(r["sample_steps_per_s"]), _si(r["synaptic_updates_per_s"]),
-            _fmt(r["peak_memory_mib"], ".1f"), _fmt(r["ratio_to_fused"], ".2f"), roof, own, _load_cell(r))
+            fmt(r["us_per_step"], ".3g"), iqr, _si(r["sample_steps_per_s"]), _si(r["synaptic_updates_per_s"]),
+            fmt(r["peak_memory_mib"], ".1f"), fmt(r["ratio_to_fused"], ".2f"), roof, own, _load_cell(r))
 
 
 def _calibration_lines(result: dict) -> list[str]:
@@ -124,7 +119,7 @@ def format_table(result: dict, *, markdown: bool = False) -> str:
                  " ok" + ("" if not bad else " FAILED: " + ", ".join(f"{c['variant']}/{c['method']}" for c in bad)))
     for m in result.get("memory_scaling", []):
         ks = sorted(k for k in m if k.startswith("peak_memory_mib_T"))
-        vals = ", ".join(f"T={k.rsplit('T', 1)[1]}: {_fmt(m[k], '.1f')} MiB" for k in ks)
+        vals = ", ".join(f"T={k.rsplit('T', 1)[1]}: {fmt(m[k], '.1f')} MiB" for k in ks)
         growth = "-" if m["growth"] is None else f"{100 * m['growth']:+.0f}%"
         lines.append(f"memory {m['variant']} N={m['hidden']} B={m['batch']} {m['method']}: {vals} ({growth})")
     return "\n".join(lines)

@@ -28,6 +28,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from neuroinit._util import cache_dir as package_cache_dir
+from neuroinit._util import cpu_id
+
 __all__ = ["FLAGS", "NativeLibrary", "cache_dir", "compiler"]
 
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]
@@ -36,9 +39,7 @@ DISABLE_ENV = "NEUROINIT_NO_FUSED"
 
 def cache_dir() -> Path:
     """Where compiled libraries are cached."""
-    root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                             or os.path.expanduser("~/.cache"), "neuroinit")
-    return Path(root) / "native"
+    return package_cache_dir("native")
 
 
 def compiler() -> list[str]:
@@ -57,17 +58,6 @@ def compiler() -> list[str]:
         if exe:
             return [exe]
     raise OSError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-        return model + flags
-    except OSError:
-        return platform.processor()
 
 
 # a function's ctypes signature: (result type, argument types)
@@ -98,7 +88,7 @@ class NativeLibrary:
             cc = " ".join(compiler())
         except OSError:
             cc = "none"
-        key = hashlib.sha256("\n".join([self.source, cc, " ".join(self.flags), _cpu_id(), platform.machine()]).encode())
+        key = hashlib.sha256("\n".join([self.source, cc, " ".join(self.flags), cpu_id(), platform.machine()]).encode())
         return cache_dir() / f"{self.source_path.stem}_{key.hexdigest()[:16]}.so"
 
     def _build(self) -> ctypes.CDLL:
