@@ -68,9 +68,7 @@ from neuroinit.bench.peers import (
 )
 from neuroinit.bench.report import (
     TABLE_HEADER,
-    evaluate_targets,
     format_table,
-    format_targets,
     table_row,
 )
 from neuroinit.bench.timing import (
