@@ -18,7 +18,7 @@ def register(cls: type[RecurrentCell]) -> type[RecurrentCell]:
     """Register ``cls`` under ``cls.model`` (usable as a class decorator); returns ``cls``."""
     if not (isinstance(cls, type) and issubclass(cls, RecurrentCell)):
         raise ValueError(  # noqa: TRY004  (the project's one error type for bad input)
-f"Invalid cell class {cls!r}: allowed subclasses of RecurrentCell")
+            f"Invalid cell class {cls!r}: allowed subclasses of RecurrentCell")
     name = getattr(cls, "model", "")
     if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
         raise ValueError(f"Invalid model name {name!r} of {cls.__name__}: allowed lower-case identifiers")
