@@ -155,3 +155,20 @@ def test_alif_cell_options_reach_the_run(tmp_path):
     cell = load_cell(tmp_path / "opts.h5")
     assert cell.tau_a == 400.0 and float(cell.beta) == 0.5
     assert make_cell("alif", cell.float_params(), **cell.config()).config() == cell.config()
+
+
+def test_cell_options_from_the_cli_reach_the_cell(tmp_path):
+    out = tmp_path / "a.h5"
+    r = CliRunner().invoke(main, ["train", "--model", "alif", "--cell-option", "tau_a=300", "--cell-option",
+                                  "beta=0.5", "--hidden", "8", "--batch", "4", "--iters", "2", "--eval-batch", "4",
+                                  "--no-lyapunov", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert read_run(out).config["cell_options"] == {"tau_a": 300, "beta": 0.5}
+    cfg = load_cell(out).config()
+    assert (cfg["tau_a"], cfg["beta"]) == (300.0, 0.5)
+    bad = CliRunner().invoke(main, ["train", "--model", "lif", "--cell-option", "tau_a=300", "--iters", "1",
+                                    "--out", str(tmp_path / "b.h5")])
+    assert bad.exit_code != 0 and "Invalid cell_options ['tau_a'] for model 'lif'" in bad.output
+    bad = CliRunner().invoke(main, ["train", "--model", "alif", "--cell-option", "tau_a", "--iters", "1",
+                                    "--out", str(tmp_path / "c.h5")])
+    assert bad.exit_code != 0 and "allowed NAME=VALUE" in bad.output

@@ -37,7 +37,7 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                  "tau_out_ms", "v_th", "reset", "n_refractory", "input_scale", "clamp_gain", "log_every",
                  "checkpoint_every", "checkpoint_seconds", "eval_batch", "lyapunov", "lyapunov_k", "floss_iters",
                  "floss_k", "floss_mode", "floss_lr", "fast", "align_every", "floss_inter_every", "floss_inter_iters",
-                 "io_init", "chip_neuron", "tau_syn_ms")
+                 "io_init", "chip_neuron", "tau_syn_ms", "cell_options")
 
 
 @main.command("train", cls=OneLineErrorsCommand)
@@ -73,6 +73,9 @@ _TRAIN_FIELDS = ("task", "model", "rule", "gain", "profile", "hidden", "batch", 
                                                   "current, v >= v_th, spike counts, its reset; docs/export.md).")
 @click.option("--tau-syn-ms", type=float, default=None, help="With --chip-neuron: synaptic current tau in ms "
                                                              "[default dt / ln 2].")
+@click.option("--cell-option", "cell_options", multiple=True, metavar="NAME=VALUE",
+              help="A parameter of the model's own cell (repeatable), e.g. --model alif --cell-option tau_a=500 "
+                   "--cell-option beta=0.2; the names each model takes: its class's config section.")
 @click.option("--input-scale", type=float, default=None, help="Factor on the task inputs [default 1, LIF 2].")
 @click.option("--clamp-gain", is_flag=True, help="Clamp a gain the profile cannot realise instead of failing.")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Log loss and accuracy every N its.")
@@ -162,6 +165,7 @@ def _train_config(out: str, resume: bool, resume_or_start: bool, options: dict):
         raise click.ClickException(f"Cannot resume {out!r}: the file does not exist (check the path; "
                                    "--resume-or-start starts a new run when it is missing)")
     options["lr_grid"] = _float_list(options["lr_grid"])
+    options["cell_options"] = _cell_options(options["cell_options"])
     if options["floss_k"] != "auto":
         try:
             options["floss_k"] = int(options["floss_k"])
@@ -178,6 +182,26 @@ def _train_config(out: str, resume: bool, resume_or_start: bool, options: dict):
                 values[name] = options[name]
         return TrainConfig.from_dict(values)
     return TrainConfig(**{name: options[name] for name in _TRAIN_FIELDS})
+
+
+def _cell_options(items: tuple[str, ...]) -> dict:
+    """``NAME=VALUE`` pairs as TrainConfig.cell_options: numbers as numbers, true/false as booleans, else text."""
+    out: dict = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise click.BadParameter(f"{item!r}: allowed NAME=VALUE, e.g. tau_a=500", param_hint="--cell-option")
+        text = text.strip()
+        value: object = {"true": True, "false": False}.get(text.lower(), text)
+        if value is text:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    continue
+        out[name.strip()] = value
+    return out
 
 
 def _train_progress(bar, out: str):
