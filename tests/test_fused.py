@@ -287,6 +287,28 @@ def test_loader_reports_the_compilers_first_line_and_keeps_all_of_it(tmp_path, m
     assert ok.path().parent == tmp_path / "cache" / "native"  # cached per source, compiler and CPU
 
 
+def test_loader_builds_several_sources_with_their_header_and_keys_on_all_of_them(tmp_path, monkeypatch):
+    import ctypes
+
+    from neuroinit.learning.native import NativeLibrary
+
+    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NEUROINIT_NO_FUSED", raising=False)
+    (tmp_path / "k.h").write_text("#define K 3\nint helper(int x);\n")
+    (tmp_path / "main.c").write_text('#include "k.h"\nint api(int x) { return helper(x) + K; }\n')
+    (tmp_path / "helper.c").write_text('#include "k.h"\nint helper(int x) { return K * x; }\n')
+
+    def build():
+        return NativeLibrary(tmp_path / "main.c", {"api": (ctypes.c_int, [ctypes.c_int])},
+                             extra_sources=("helper.c",), headers=("k.h",))
+
+    first = build()
+    assert first.load().api(2) == 9 and first.unavailable_reason() is None
+    (tmp_path / "k.h").write_text("#define K 4\nint helper(int x);\n")   # a header edit is a new library
+    second = build()
+    assert second.path() != first.path() and second.load().api(2) == 12
+
+
 def test_the_native_backend_does_not_import_the_rule():
     # online.py dispatches to fused.py; fused.py never imports online.py (no import circle)
     import ast

@@ -66,15 +66,20 @@ Signature = tuple[object, Sequence[object]]
 
 class NativeLibrary:
     """A C source file (``source``: a file name in this package, e.g. ``"fused_step.c"``, or a path), compiled
-    and loaded at first use. ``symbols`` maps each function to bind to its ``(restype, argtypes)``;
-    ``check(lib)`` may raise OSError after binding (e.g. an ABI mismatch between a C struct and its ctypes
-    mirror); ``flags``: the compiler flags (default :data:`FLAGS`)."""
+    and loaded at first use, with ``extra_sources`` (more ``.c`` files of the same library) and the ``headers``
+    they include (``#include "name.h"``, found next to ``source``; part of the cache key). ``symbols`` maps each
+    function to bind to its ``(restype, argtypes)``; ``check(lib)`` may raise OSError after binding (e.g. an ABI
+    mismatch between a C struct and its ctypes mirror); ``flags``: the compiler flags (default :data:`FLAGS`)."""
 
     def __init__(self, source: str | Path, symbols: Mapping[str, Signature], *,
-                 check: Callable[[ctypes.CDLL], None] | None = None, flags: Sequence[str] = FLAGS) -> None:
+                 check: Callable[[ctypes.CDLL], None] | None = None, flags: Sequence[str] = FLAGS,
+                 extra_sources: Sequence[str] = (), headers: Sequence[str] = ()) -> None:
         self.source_path = Path(__file__).parent / source  # an absolute path stays as it is
         self.flags = list(flags)
-        self.source = self.source_path.read_text(encoding="utf-8")
+        folder = self.source_path.parent
+        self.sources = {folder / name: (folder / name).read_text(encoding="utf-8")
+                        for name in (self.source_path.name, *extra_sources, *headers)}
+        self.source = "\n".join(self.sources.values())   # every file the build reads: the cache key
         self.symbols = dict(symbols)
         self.check = check
         self.diagnostics = ""  # the compiler's full output of a failed build
@@ -97,11 +102,12 @@ class NativeLibrary:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src = Path(tmp) / self.source_path.name
-                src.write_text(self.source)
+                for file, text in self.sources.items():   # the texts the key was made of, built side by side
+                    (Path(tmp) / file.name).write_text(text)
+                c_files = [str(Path(tmp) / f.name) for f in self.sources if f.suffix == ".c"]
                 out = Path(tmp) / path.name
-                proc = subprocess.run([*cc, *self.flags, "-o", str(out), str(src), "-lm"], capture_output=True,
-                                      text=True, check=False)  # a failure is reported below
+                proc = subprocess.run([*cc, *self.flags, "-I", tmp, "-o", str(out), *c_files, "-lm"],
+                                      capture_output=True, text=True, check=False)  # a failure is reported below
                 if proc.returncode != 0:
                     self.diagnostics = proc.stderr
                     first = (proc.stderr.strip().splitlines() or ["no message"])[0]

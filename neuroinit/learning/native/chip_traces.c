@@ -1,0 +1,270 @@
+/* neuroinit fused step, chip precision: the presynaptic and readout traces on their grids, and the eligibility
+   traces as int8 / int16 codes updated with stochastic rounding in one vectorised pass (see fused_step.h for the
+   shared layout and random words; neuroinit/learning/fused.py for the Python side). */
+#include "fused_step.h"
+
+/* the O(B N) traces (presynaptic, readout), held as float values on their grids */
+void quant_vec(const Run *r, int which, float *v, int64_t n) {
+    if (!r->quant) return;
+    uint32_t key = qkey(r, which);
+    const int nearest = (int)r->q_nearest;
+    float s = r->q_scale[which], lo = r->q_min[which], hi = r->q_max[which];
+    for (int64_t k = 0; k < n; k++) v[k] = sround(v[k], s, lo, hi, nearest ? 0.0f : unif(key, (uint32_t)k), nearest);
+}
+/* dst = d src + g x (g x: the constant g when x is NULL), rounded like the PyTorch path */
+NO_CONTRACT void decay_add(float *dst, const float *src, float d, const float *x, float g, int64_t n) {
+    EXACT_FP
+    if (x) for (int64_t k = 0; k < n; k++) dst[k] = d * src[k] + g * x[k];
+    else for (int64_t k = 0; k < n; k++) dst[k] = d * src[k] + g;
+}
+
+/* The eligibility traces (B x N x N and B x N x I) as integer codes, int8 or int16, one row at a time:
+       c <- SR(ed c + (post / s) pre),     gradient += (L s) c
+   with s the grid's (power-of-two) scale and SR stochastic rounding to the codes [lo, hi] (saturating). The sum is
+   taken in float as the PyTorch path does (x = fl(fl(ed c) + fl(post pre) / s), the same value), held as
+   X = 2^k x (exact: a power-of-two scale) and clamped to [2^k lo, 2^k hi]; then
+       c = (rint(X) + r) >> k,      r: k random bits (k = 8 for int8 codes, 16 for int16)
+   which is ceil or floor of x with P(up) = rint(2^k frac(x)) / 2^k: |E[c] - x| <= 2^-(k+1) of a code (and exactly
+   0 when x is on the grid), against 2^-24 for the PyTorch path's float uniform. One 32-bit random word serves
+   32 / k elements: in each block of G = 16 (32 / k) elements, element i takes bits k ((i mod G) div 16) .. of word
+   16 (i div G) + (i mod 16) of its row's stream (the layout of one 16-lane vector). Nearest rounding (q_nearest):
+   c = rint(x), half to even, as torch.round. */
+
+/* The portable loop (any CPU; the same codes as the AVX-512 kernel below): per block of G elements its 16
+   random words, then 16 lanes at a time, written so that the compiler vectorises it (AVX2, NEON). */
+static inline __attribute__((always_inline)) NO_CONTRACT void lanes16(void *codes, const int bytes,
+        const int nearest, const float *pre, int64_t i0, int64_t m, const uint32_t *w, int shift, const RowQ *q,
+        float *g) {
+    EXACT_FP
+    const int k = bytes == 1 ? 8 : 16;
+    const int32_t mask = (1 << k) - 1;
+    const float ed = q->ed, ps = q->ps, lo = q->lo, hi = q->hi, ls = q->ls, inv = 1.0f / (float)(1 << k);
+    int8_t *c8 = (int8_t *)codes + i0;
+    int16_t *c16 = (int16_t *)codes + i0;
+    const float *p = pre + i0, *psv = q->ps_v ? q->ps_v + i0 : NULL, *lsv = q->ls_v ? q->ls_v + i0 : NULL;
+    float *gr = g + i0;
+#pragma omp simd
+    for (int64_t l = 0; l < m; l++) {
+        const float c = bytes == 1 ? (float)c8[l] : (float)c16[l];
+        const float t1 = ed * c, t2 = (psv ? psv[l] : ps) * p[l];
+        float x = t1 + t2;
+        x = x > lo ? x : lo; /* NaN -> lo */
+        x = x < hi ? x : hi;
+        const int32_t code = nearest ? (int32_t)rintf(x * inv)
+                                     : ((int32_t)rintf(x) + (int32_t)((w[l] >> shift) & (uint32_t)mask)) >> k;
+        if (bytes == 1) c8[l] = (int8_t)code; else c16[l] = (int16_t)code;
+        gr[l] += (lsv ? lsv[l] : ls) * (float)code;
+    }
+}
+static inline __attribute__((always_inline)) NO_CONTRACT void codes_scalar_w(void *codes, const int bytes,
+        const int nearest, const float *pre, int64_t n, const RowQ *q, float *g) {
+    EXACT_FP
+    const int k = bytes == 1 ? 8 : 16, S = 32 / k;
+    const int64_t G = 16 * S;
+    uint32_t w[16] = {0};
+    for (int64_t i = 0; i < n; i += G) {
+        if (!nearest) {
+            const uint32_t base = q->ctr + (uint32_t)(i / G) * 16;
+#pragma omp simd
+            for (int l = 0; l < 16; l++) w[l] = mix32((base + (uint32_t)l) * GOLD ^ q->key);
+        }
+        for (int s = 0; s < S && i + 16 * s < n; s++) {
+            const int64_t left = n - i - 16 * s;
+            lanes16(codes, bytes, nearest, pre, i + 16 * s, left < 16 ? left : 16, w, k * s, q, g);
+        }
+    }
+}
+static NO_CONTRACT void codes_scalar(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g) {
+    if (q->nearest) {
+        if (bytes == 1) codes_scalar_w(codes, 1, 1, pre, n, q, g);
+        else codes_scalar_w(codes, 2, 1, pre, n, q, g);
+    } else {
+        if (bytes == 1) codes_scalar_w(codes, 1, 0, pre, n, q, g);
+        else codes_scalar_w(codes, 2, 0, pre, n, q, g);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* A row's constants in registers (loaded once: stores through int8 pointers would force reloads from a struct) */
+typedef struct {
+    __m512 ed, ps, lo, hi, inv, ls;
+} RowV;
+
+/* 16 codes (as int32) from 16 stored codes c: the update above; r: their random bits (k of them) */
+static inline __attribute__((always_inline)) __m512i code16(__m512 c, const float *pre, __mmask16 m, __m512i r,
+        __m512 ps, const RowV *v, const int k, const int nearest, const int inc) {
+    __m512 x = _mm512_mul_ps(c, v->ed);
+    if (inc) /* fl(ed c) + fl(ps pre), never fused; without an increment (post 0) x = fl(ed c) + 0, the same */
+        x = _mm512_add_round_ps(x, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), ps),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_min_ps(_mm512_max_ps(x, v->lo), v->hi);
+    if (nearest) return _mm512_cvtps_epi32(_mm512_mul_ps(x, v->inv));
+    return _mm512_srai_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), r), k);
+}
+/* 16 codes of one row at i0 (mask m): load, update, store, add to the gradient */
+static inline __attribute__((always_inline)) void group16(void *codes, const int bytes, const int nearest,
+        const int inc, const int vec, const float *pre, int64_t i0, __mmask16 m, __m512i r, const RowV *v,
+        const RowQ *q, float *g) {
+    const __m512 ps = vec ? _mm512_maskz_loadu_ps(m, q->ps_v + i0) : v->ps;
+    const __m512 ls = vec ? _mm512_maskz_loadu_ps(m, q->ls_v + i0) : v->ls;
+    __m512i code;
+    if (bytes == 1) {
+        int8_t *e = (int8_t *)codes + i0;
+        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, e))), pre + i0, m, r, ps, v,
+                      8, nearest, inc);
+        _mm_mask_storeu_epi8(e, m, _mm512_cvtepi32_epi8(code));
+    } else {
+        int16_t *e = (int16_t *)codes + i0;
+        code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, e))), pre + i0, m, r,
+                      ps, v, 16, nearest, inc);
+        _mm256_mask_storeu_epi16(e, m, _mm512_cvtepi32_epi16(code));
+    }
+    _mm512_mask_storeu_ps(g + i0, m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), ls, _mm512_maskz_loadu_ps(m, g + i0)));
+}
+/* the random bits of group s (0 .. 32 / k - 1) of a block, from its 16 words */
+static inline __attribute__((always_inline)) __m512i bits_of(__m512i w, const int bytes, const int s) {
+    if (bytes == 1)
+        return s == 3 ? _mm512_srli_epi32(w, 24) : _mm512_and_si512(_mm512_srli_epi32(w, 8 * s), _mm512_set1_epi32(0xff));
+    return s == 1 ? _mm512_srli_epi32(w, 16) : _mm512_and_si512(w, _mm512_set1_epi32(0xffff));
+}
+/* the same values as codes_scalar, 16 lanes at a time (the last block masked) */
+static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, const int bytes, const int nearest,
+        const int inc, const int vec, const float *pre, int64_t n, const RowQ *q, float *g) {
+    const int64_t G = bytes == 1 ? 64 : 32;
+    const int S = (int)(G / 16);
+    const RowV v = {_mm512_set1_ps(q->ed), _mm512_set1_ps(q->ps), _mm512_set1_ps(q->lo), _mm512_set1_ps(q->hi),
+                    _mm512_set1_ps(1.0f / (float)(1 << q->k)), _mm512_set1_ps(q->ls)};
+    const __m512i key = _mm512_set1_epi32((int)q->key), step = _mm512_set1_epi32((int)(16 * GOLD));
+    /* GOLD (ctr + 16 block + lane): the block's 16 word indices, multiplied */
+    __m512i c = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)q->ctr),
+                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)), _mm512_set1_epi32((int)GOLD));
+    __m512i w = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + G <= n; i += G, c = _mm512_add_epi32(c, step)) {
+        if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
+        for (int s = 0; s < S; s++)
+            group16(codes, bytes, nearest, inc, vec, pre, i + 16 * s, 0xffff, bits_of(w, bytes, s), &v, q, g);
+    }
+    if (i < n) {
+        if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
+        for (int s = 0; s < S && i + 16 * s < n; s++) {
+            const int64_t left = n - i - 16 * s;
+            group16(codes, bytes, nearest, inc, vec, pre, i + 16 * s,
+                    left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), bits_of(w, bytes, s), &v, q, g);
+        }
+    }
+}
+static void codes_avx512(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g) {
+    /* constant widths and modes: the group loops unroll, shifts and masks are immediates */
+    const int inc = q->ps_v || q->ps != 0.0f;
+    if (q->ps_v) { /* per-element factors: the input and bias traces of a block of rows */
+        if (q->nearest) {
+            if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 1, pre, n, q, g);
+            else codes_avx512_w(codes, 2, 1, 1, 1, pre, n, q, g);
+        } else {
+            if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 1, pre, n, q, g);
+            else codes_avx512_w(codes, 2, 0, 1, 1, pre, n, q, g);
+        }
+    } else if (q->nearest) {
+        if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 1, 1, 0, pre, n, q, g);
+    } else if (inc) {
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 1, 0, pre, n, q, g);
+    } else {
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 0, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 0, 0, pre, n, q, g);
+    }
+}
+#endif
+
+/* one row of codes: the vector kernel where there is one, else the scalar loop (the same codes) */
+void chip_row(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g, int portable) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (!portable) {
+        codes_avx512(codes, bytes, pre, n, q, g);
+        return;
+    }
+#endif
+    (void)portable;
+    codes_scalar(codes, bytes, pre, n, q, g);
+}
+
+
+static int zero_codes(const char *c, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    for (; i + 64 <= n; i += 64) { /* a cache line at a time, stopping at the first non-zero one */
+        const __m512i v = _mm512_loadu_si512((const void *)(c + i));
+        if (_mm512_test_epi64_mask(v, v)) return 0;
+    }
+#endif
+    for (; i + 64 <= n; i += 64) {
+        uint64_t w[8], any = 0;
+        memcpy(w, c + i, 64);
+        for (int q = 0; q < 8; q++) any |= w[q];
+        if (any) return 0;
+    }
+    for (; i < n; i++)
+        if (c[i]) return 0;
+    return 1;
+}
+
+/* The integer eligibility traces of rows j0 <= j < j1 of batch element b, with their gradients (the chip branch
+   of ni_update): the recurrent trace one row (N codes) at a time, the input and bias traces of the block's rows
+   together (contiguous: I codes per row, one per row), with the row's factors repeated per element. A row of
+   the recurrent trace takes words from ctr = row * row_words(N); a piece of up to CHIP_PIECE input or bias codes
+   starting at row j takes them from ctr = (b N + j) row_words(CHIP_PIECE). */
+#define CHIP_PIECE 1024
+void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
+    const int64_t N = r->N, I = r->I;
+    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
+    const float two_k = (float)(1 << k);
+    const float s_rec = r->q_scale[Q_ELIG_REC], f_rec = two_k / s_rec;
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t row = b * N + j;
+        const float p = r->post[row];
+        char *codes = (char *)r->elig_rec + row * N * bytes;
+        /* no increment and zero codes: every x is 0, the codes stay 0 and add nothing (LIF: a neuron away from
+           threshold whose traces have decayed away) */
+        if (p == 0.0f && zero_codes(codes, N * bytes))
+            continue;
+        RowQ q = {two_k * r->ed, p * f_rec, two_k * r->q_min[Q_ELIG_REC], two_k * r->q_max[Q_ELIG_REC],
+                  r->L[row] * s_rec, keys[0], (uint32_t)row * row_words(N, k), k, (int)r->q_nearest, NULL, NULL};
+        chip_row(codes, bytes, r->pre_rec + b * N, N, &q, r->g_rec + j * N, portable);
+    }
+    float pre[CHIP_PIECE], ps[CHIP_PIECE], ls[CHIP_PIECE];
+    for (int t = 1; t < 3; t++) { /* input, bias */
+        const int which = t == 1 ? Q_ELIG_IN : Q_ELIG_BIAS;
+        const int64_t len = t == 1 ? I : 1; /* codes per row */
+        if (len == 0) continue;
+        const float s = r->q_scale[which], f = two_k / s;
+        const float *src = t == 1 ? r->pre_in + b * I : r->pre_bias + b;
+        const int64_t rows = CHIP_PIECE / len > 0 ? CHIP_PIECE / len : 1;
+        for (int64_t ja = j0; ja < j1; ja += rows) {
+            const int64_t jz = ja + rows < j1 ? ja + rows : j1, n = (jz - ja) * len;
+            if (n > CHIP_PIECE) { /* an input row longer than a piece: one row at a time */
+                for (int64_t j = ja; j < jz; j++) {
+                    RowQ q = {two_k * r->ed, r->post[b * N + j] * f, two_k * r->q_min[which], two_k * r->q_max[which],
+                              r->L[b * N + j] * s, keys[t], (uint32_t)(b * N + j) * row_words(len, k), k,
+                              (int)r->q_nearest, NULL, NULL};
+                    chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q,
+                             r->g_in + j * len, portable);
+                }
+                continue;
+            }
+            for (int64_t j = ja; j < jz; j++) { /* the row's factors repeated over its codes (vector fills) */
+                const float pj = r->post[b * N + j] * f, lj = r->L[b * N + j] * s;
+                float *pe = pre + (j - ja) * len, *se = ps + (j - ja) * len, *le = ls + (j - ja) * len;
+#pragma omp simd
+                for (int64_t i = 0; i < len; i++) { pe[i] = src[i]; se[i] = pj; le[i] = lj; }
+            }
+            char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
+            float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
+            RowQ q = {two_k * r->ed, 0.0f, two_k * r->q_min[which], two_k * r->q_max[which], 0.0f, keys[t],
+                      (uint32_t)(b * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls};
+            chip_row(codes, bytes, pre, n, &q, g, portable);
+        }
+    }
+}
+

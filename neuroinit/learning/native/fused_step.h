@@ -1,0 +1,117 @@
+/* neuroinit fused online e-prop / RFLO: what fused_step.c (the network step, traces, chunked update) and
+   chip_traces.c (eligibility traces as integer codes at a chip's precision) share: the run's layout (mirrored
+   by ctypes in fused_step.py), the counter-based random words, rounding onto a trace grid, and the chip-trace
+   entry points. */
+#ifndef NEUROINIT_FUSED_STEP_H
+#define NEUROINIT_FUSED_STEP_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { VOLTAGE = 0, RFLO = 1, LIF = 2 };
+enum { TANH = 0, LINEAR = 1, RELU = 2, SOFTPLUS = 3 };
+enum { LOSS_NONE = 0, LOSS_MSE = 1, LOSS_CE = 2 };
+enum { Q_PRE_REC = 0, Q_PRE_IN, Q_PRE_BIAS, Q_ELIG_REC, Q_ELIG_IN, Q_ELIG_BIAS, Q_READOUT, Q_READOUT_BIAS };
+
+typedef struct {
+    int64_t model, actfn, B, N, I, O;
+    int64_t reset_zero, n_ref, full, quant, par_work, loss, T, rec_pos;
+    int64_t code_bytes, q_nearest; /* chip precision: bytes per stored trace code (1, 2); round to nearest */
+    int64_t portable;               /* 1: the scalar loop even where a vector kernel exists (tests: same codes) */
+    uint64_t seed;
+    float alpha, kappa, v_th, gamma;
+    float pd, pg, ed, rd;
+    float q_scale[8], q_min[8], q_max[8];
+    float *w_in, *w_rec, *bias, *w_out, *b_out, *fb, *wt_in, *wt_rec, *wp_in, *wp_rec;
+    float *x, *z, *ref, *y;
+    float *post, *act, *L, *err, *yout, *drive;
+    float *pre_rec, *pre_in, *pre_bias;
+    void *elig_rec, *elig_in, *elig_bias; /* float traces, or int8 / int16 codes when quant (chip_elig) */
+    float *ro, *ro_bias;
+    float *g_in, *g_rec, *g_bias, *g_out, *g_bout;
+    float *inputs, *targets, *scale, *outputs;
+    int64_t *labels, *events;
+    float *rec_L, *rec_post, *rec_pre, *rec_pre_in; /* chunk records (K, B, .), or NULL; rec_pre_in: (K, B, I + 1),
+                                                    the input traces then the bias trace */
+    float *pre_src; /* where the presynaptic trace's previous value is read (NULL: pre_rec) */
+} Run;
+
+/* ---------------------------------------------------------------- chip precision: rounding onto trace grids */
+/* Trace arithmetic here must round like the PyTorch path (separate products and sums, no fused multiply-add),
+   so that with nearest rounding the codes are the same bit for bit. */
+#if defined(__clang__)
+#define NO_CONTRACT
+#define EXACT_FP _Pragma("clang fp contract(off)")
+#else
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define EXACT_FP
+#endif
+
+/* counter-based random words: mix32 is a 32-bit integer hash (xor-shift-multiply, full avalanche); word w of
+   stream key is mix32(GOLD w ^ key) */
+#define GOLD 0x9e3779b9U
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+/* uniform in [0, 1) from (key, index): 24 random bits */
+static inline float unif(uint32_t key, uint32_t idx) {
+    return (float)(mix32(idx * GOLD ^ key) >> 8) * (1.0f / 16777216.0f);
+}
+/* x on the grid (scale s, codes lo..hi): stochastic with the uniform u, or nearest (half to even) */
+static inline float sround(float x, float s, float lo, float hi, float u, int nearest) {
+    /* codes outside [lo - 1, hi + 1] saturate anyway: clamping first keeps the int conversion exact */
+    float c = x / s;
+    c = c < lo - 1.0f ? lo - 1.0f : c;
+    c = c > hi + 1.0f ? hi + 1.0f : c;
+    if (nearest) {
+        c = rintf(c);
+    } else {
+        float low = (float)(int32_t)c;
+        low -= low > c ? 1.0f : 0.0f; /* floor, vectorisable */
+        c = low + ((u >= 1.0f - (c - low)) ? 1.0f : 0.0f);
+    }
+    c = c < lo ? lo : c;
+    c = c > hi ? hi : c;
+    return c * s;
+}
+static inline uint32_t qkey(const Run *r, int which) {
+    return mix32((uint32_t)r->seed ^ mix32((uint32_t)(r->seed >> 32) + 0x51ed27u * (uint32_t)(which + 1)));
+}
+
+typedef struct {
+    float ed, ps, lo, hi; /* 2^k ed, 2^k post / s, 2^k lo, 2^k hi */
+    float ls;             /* L s */
+    uint32_t key, ctr;    /* the row's random words: mix32(GOLD (ctr + w) ^ key), w = 0, 1, ... */
+    int k, nearest;
+    const float *ps_v, *ls_v; /* per-element ps and ls instead of ps and ls (NULL: the scalars) */
+} RowQ;
+
+/* random words per row of n codes (a whole number of 16-word blocks) */
+static inline uint32_t row_words(int64_t n, int k) {
+    const int64_t G = 16 * (32 / k);
+    return (uint32_t)((n + G - 1) / G * 16);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+static inline __m512i mix32_v(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+#endif
+
+/* chip_traces.c (internal to the library: not exported) */
+#define NI_INTERNAL __attribute__((visibility("hidden")))
+NI_INTERNAL void quant_vec(const Run *r, int which, float *v, int64_t n);
+NI_INTERNAL void decay_add(float *dst, const float *src, float d, const float *x, float g, int64_t n);
+NI_INTERNAL void chip_row(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g, int portable);
+NI_INTERNAL void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]);
+
+#endif
