@@ -116,10 +116,11 @@ def fresh_network(model: str, hidden: int, gain: float, *, profile: str = "ideal
     autonomous), overridden by ``input_scale`` and the cell ``options``: rate ``alpha`` (dt / tau),
     ``activation`` [tanh], ``form`` [voltage]; LIF ``dt`` and ``tau_m`` in ms (default: the task's time unit
     tau)."""
-    from neuroinit.cells import make_cell
+    from neuroinit.cells import cell_class, make_cell
     from neuroinit.init import hardware_init
 
-    allowed = _RATE_OPTIONS if model == "rate" else _LIF_OPTIONS
+    section = cell_class(model).config_section()   # the options a fresh network takes: those its cell has
+    allowed = [k for k in (*_RATE_OPTIONS, *_LIF_OPTIONS) if k in section]
     bad = sorted(k for k, v in options.items() if v is not None and k not in allowed)
     if bad:
         raise ValueError(f"Invalid options {', '.join(bad)} for model {model!r}: allowed {', '.join(allowed)}")
@@ -141,8 +142,10 @@ def fresh_network(model: str, hidden: int, gain: float, *, profile: str = "ideal
 
 def _fresh_cell_options(model: str, settings: dict, options: dict) -> dict:
     """The cell's keyword arguments from training's ``settings`` and the given ``options`` (None: default);
-    updates ``settings``' dt_ms (and tau_ms for LIF) to what the cell runs at."""
-    if model == "rate":
+    updates ``settings``' dt_ms (and tau_ms for a spiking cell) to what the cell runs at."""
+    from neuroinit.cells import cell_class
+
+    if "alpha" in cell_class(model).config_section():   # a rate cell: its time step is alpha = dt / tau
         if options.get("alpha") is not None:
             settings["dt_ms"] = options["alpha"] * settings["tau_ms"]
         return {"alpha": settings["dt_ms"] / settings["tau_ms"], "activation": options.get("activation") or "tanh",

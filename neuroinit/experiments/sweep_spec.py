@@ -226,6 +226,8 @@ def _plan_block(block: dict, at: str, where: str, base: dict, flossing: dict, ba
         raise _fail(where, f"{at}: invalid match_eligibility {match!r}: true or false")
     if match and "tau_m_ms" in bbase:
         raise _fail(where, f"{at}: match_eligibility sets tau_m_ms; do not set it in base too")
+    from neuroinit.cells import cell_class
+
     axes = _block_axes(block, at, where, base_dir)
     for task, model, rule, profile, gain, lr, scale, seed in product(*axes.values()):
         plain = rule.removesuffix(FLOSS_SUFFIX)
@@ -235,7 +237,7 @@ def _plan_block(block: dict, at: str, where: str, base: dict, flossing: dict, ba
             d.update(flossing)
         label = f"{task} {model} {rule} gain {gain:g} seed {seed}"
         try:
-            if match and model == "lif":
+            if match and "tau_m" in cell_class(model).config_section():   # a membrane to match
                 d["tau_m_ms"] = _matched_tau_m(d)
             if scale is not None:
                 default = resolve_settings(TrainConfig.from_dict(d))["lr"]
