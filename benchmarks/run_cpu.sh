@@ -4,7 +4,9 @@
 #      only), recalibrating, with memory vs T;
 #   2. LIF N=512, B=64 (the roofline target at N >= 512, B = 64);
 #   3. rate networks (voltage-form e-prop and RFLO) at N=512,1024, B=16,64 (the RFLO roofline targets);
-# then renders the three JSON files into one page. Runs 2 and 3 leave out neuroinit-torch (the plain-PyTorch
+#   4. the chip-precision rows at N=256, B=16,64, LIF and RFLO, under PROFILE and under reckon-like (int16 traces),
+#      against the float fused row and the peers (the chip targets of issue 16);
+# then renders the JSON files into one page. Runs 2 and 3 leave out neuroinit-torch (the plain-PyTorch
 # fallback: 10-15 s per trial at N=512, B=64, no target depends on it).
 # THREADS: "best" (default: every method at one thread and at all CPUs, the faster reported with its count) or
 # a comma-separated list of counts (every method at each, side by side).
@@ -16,8 +18,9 @@ profile="${1:-loihi-like}"
 threads="${2:-best}"
 repeats="${3:-5}"
 tag="cpu-${profile}-t${threads//,/-}"
-no_torch="neuroinit-fused,autograd-eprop,bptt,snntorch-bptt,norse-bptt"
-run() {  # NAME then bench options
+no_torch="neuroinit-fused,autograd-eprop,neuroinit-bptt,bptt,snntorch-bptt,norse-bptt"
+chip_methods="neuroinit-fused,autograd-eprop,snntorch-bptt,norse-bptt"
+run() {  # NAME then bench options (a later --profile overrides PROFILE)
     local out="benchmarks/results/${tag}-$1"; shift
     python -m neuroinit.cli bench --profile "$profile" --threads "$threads" --repeats "$repeats" --steps 100 \
         "$@" --json "$out.json" > "$out.txt" 2> "$out.log"
@@ -25,5 +28,9 @@ run() {  # NAME then bench options
 run lif256 --model lif --hidden 256 --batch 1,16,64 --recalibrate
 run lif512 --model lif --hidden 512 --batch 64 --methods "$no_torch" --no-memory-scaling
 run rate --model rate --hidden 512,1024 --batch 16,64 --methods "$no_torch"
+run chip-rflo256 --model rate --hidden 256 --batch 16,64 --methods "$chip_methods" --no-memory-scaling
+run chip-reckon256 --model both --hidden 256 --batch 16,64 --methods "$chip_methods" --no-memory-scaling \
+    --profile reckon-like
 python benchmarks/render.py "benchmarks/results/${tag}-lif256.json" "benchmarks/results/${tag}-lif512.json" \
-    "benchmarks/results/${tag}-rate.json" > "benchmarks/results/${tag}.md"
+    "benchmarks/results/${tag}-rate.json" "benchmarks/results/${tag}-chip-rflo256.json" \
+    "benchmarks/results/${tag}-chip-reckon256.json" > "benchmarks/results/${tag}.md"
