@@ -298,6 +298,21 @@ static NO_CONTRACT void decay_table(DecayTable *t, const Run *r) {
         t->nlo_small[u] = t->nlo[c];
     }
 }
+/* the table of the run's constants (decay, grid, rounding): kept per thread, rebuilt when they change */
+static const DecayTable *decay_table_of(const Run *r) {
+    static __thread struct {
+        int valid;
+        float ed, lo, hi;
+        int64_t nearest;
+        DecayTable table;
+    } c;
+    const float lo = r->q_min[Q_ELIG_REC], hi = r->q_max[Q_ELIG_REC];
+    if (!c.valid || c.ed != r->ed || c.lo != lo || c.hi != hi || c.nearest != r->q_nearest) {
+        decay_table(&c.table, r);
+        c.valid = 1, c.ed = r->ed, c.lo = lo, c.hi = hi, c.nearest = r->q_nearest;
+    }
+    return &c.table;
+}
 #endif
 
 void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
@@ -305,26 +320,21 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
     const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
     const float two_k = (float)(1 << k);
     const float s_rec = r->q_scale[Q_ELIG_REC], f_rec = two_k / s_rec;
+    const uint32_t words = row_words(N, k);
+    const DecayTable *decay = NULL;
 #ifdef CHIP_DECAY_TABLE
-    DecayTable table;
+    if (bytes == 1 && !portable) decay = decay_table_of(r);
 #endif
-    const DecayTable *decay = NULL; /* built at the first row that takes it */
     for (int64_t j = j0; j < j1; j++) {
         const int64_t row = b * N + j;
         const float p = r->post[row];
         char *codes = (char *)r->elig_rec + row * N * bytes;
-#ifdef CHIP_DECAY_TABLE
-        if (p == 0.0f && bytes == 1 && !portable && !decay) {
-            decay_table(&table, r);
-            decay = &table;
-        }
-#endif
         /* no increment and zero codes: every x is 0, the codes stay 0 and add nothing (LIF: a neuron away from
            threshold whose traces have decayed away); the table kernel skips zero blocks itself */
         if (p == 0.0f && !decay && zero_codes(codes, N * bytes))
             continue;
         RowQ q = {two_k * r->ed, p * f_rec, two_k * r->q_min[Q_ELIG_REC], two_k * r->q_max[Q_ELIG_REC],
-                  r->L[row] * s_rec, keys[0], (uint32_t)row * row_words(N, k), k, (int)r->q_nearest, NULL, NULL,
+                  r->L[row] * s_rec, keys[0], (uint32_t)row * words, k, (int)r->q_nearest, NULL, NULL,
                   decay};
         chip_row(codes, bytes, r->pre_rec + b * N, N, &q, r->g_rec + j * N, portable);
     }
