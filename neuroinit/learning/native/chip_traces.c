@@ -315,6 +315,33 @@ static const DecayTable *decay_table_of(const Run *r) {
 }
 #endif
 
+/* the per-element factors of a piece of rows (len codes each): row j's post f and L s repeated over its codes,
+   the presynaptic traces src (len of them) repeated over the rows */
+static void piece_factors(float *pre, float *ps, float *ls, const float *src, int64_t len, const float *post,
+                          const float *L, float f, float s, int64_t rows) {
+    if (len == 1) { /* the bias traces: one code per row */
+#pragma omp simd
+        for (int64_t j = 0; j < rows; j++) { pre[j] = src[0]; ps[j] = post[j] * f; ls[j] = L[j] * s; }
+        return;
+    }
+    for (int64_t j = 0; j < rows; j++) {
+        const float pj = post[j] * f, lj = L[j] * s;
+        float *pe = pre + j * len, *se = ps + j * len, *le = ls + j * len;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m512 pv = _mm512_set1_ps(pj), lv = _mm512_set1_ps(lj);
+        for (int64_t i = 0; i < len; i += 16) { /* short rows (a few inputs): one masked store each */
+            const __mmask16 m = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
+            _mm512_mask_storeu_ps(pe + i, m, _mm512_maskz_loadu_ps(m, src + i));
+            _mm512_mask_storeu_ps(se + i, m, pv);
+            _mm512_mask_storeu_ps(le + i, m, lv);
+        }
+#else
+#pragma omp simd
+        for (int64_t i = 0; i < len; i++) { pe[i] = src[i]; se[i] = pj; le[i] = lj; }
+#endif
+    }
+}
+
 void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
     const int64_t N = r->N, I = r->I;
     const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
@@ -358,12 +385,7 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
                 }
                 continue;
             }
-            for (int64_t j = ja; j < jz; j++) { /* the row's factors repeated over its codes (vector fills) */
-                const float pj = r->post[b * N + j] * f, lj = r->L[b * N + j] * s;
-                float *pe = pre + (j - ja) * len, *se = ps + (j - ja) * len, *le = ls + (j - ja) * len;
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) { pe[i] = src[i]; se[i] = pj; le[i] = lj; }
-            }
+            piece_factors(pre, ps, ls, src, len, r->post + b * N + ja, r->L + b * N + ja, f, s, jz - ja);
             char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
             float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
             RowQ q = {two_k * r->ed, 0.0f, two_k * r->q_min[which], two_k * r->q_max[which], 0.0f, keys[t],
