@@ -157,8 +157,7 @@ static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, co
 #if defined(__AVX512VBMI__)
 #define CHIP_DECAY_TABLE 1
 /* int8 codes of a row without an increment, 64 at a time by byte-table lookups (DecayTable; the same codes as
-   codes_avx512_w: element p of a block takes byte p div 16 of word p mod 16, as there). A block of zero codes
-   stays zero and adds nothing to the gradient: it is skipped. */
+   codes_avx512_w: element p of a block takes byte p div 16 of word p mod 16, as there). */
 static inline __attribute__((always_inline)) void decay8_w(int8_t *codes, int64_t n, const RowQ *q, float *g,
         const int nearest) {
     const DecayTable *t = q->decay;
@@ -179,7 +178,6 @@ static inline __attribute__((always_inline)) void decay8_w(int8_t *codes, int64_
     for (int64_t i = 0; i < n; i += 64, c = _mm512_add_epi32(c, step)) {
         const __mmask64 m = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
         const __m512i v = _mm512_maskz_loadu_epi8(m, codes + i);
-        if (!_mm512_test_epi8_mask(v, v)) continue;
         /* codes in [-32, 32) (traces that stay small): one lookup per table, else two and a select by sign */
         const int small = !_mm512_test_epi8_mask(_mm512_add_epi8(v, _mm512_set1_epi8(32)), _mm512_set1_epi8(-64));
         const __mmask64 neg = _mm512_movepi8_mask(v);
@@ -357,8 +355,8 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
         const float p = r->post[row];
         char *codes = (char *)r->elig_rec + row * N * bytes;
         /* no increment and zero codes: every x is 0, the codes stay 0 and add nothing (LIF: a neuron away from
-           threshold whose traces have decayed away); the table kernel skips zero blocks itself */
-        if (p == 0.0f && !decay && zero_codes(codes, N * bytes))
+           threshold whose traces have decayed away) */
+        if (p == 0.0f && zero_codes(codes, N * bytes))
             continue;
         RowQ q = {two_k * r->ed, p * f_rec, two_k * r->q_min[Q_ELIG_REC], two_k * r->q_max[Q_ELIG_REC],
                   r->L[row] * s_rec, keys[0], (uint32_t)row * words, k, (int)r->q_nearest, NULL, NULL,
