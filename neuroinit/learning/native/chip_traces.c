@@ -28,7 +28,8 @@ NO_CONTRACT void decay_add(float *dst, const float *src, float d, const float *x
    0 when x is on the grid), against 2^-24 for the PyTorch path's float uniform. One 32-bit random word serves
    32 / k elements: in each block of G = 16 (32 / k) elements, element i takes bits k ((i mod G) div 16) .. of word
    16 (i div G) + (i mod 16) of its row's stream (the layout of one 16-lane vector). Nearest rounding (q_nearest):
-   c = rint(x), half to even, as torch.round. */
+   c = rint(x), half to even, as torch.round. A row without an increment (post 0: x = fl(ed c)) of int8 codes takes
+   rint(2^k x) from a table of its 256 codes (DecayTable, decay8_w): the same codes, 64 per vector. */
 
 /* The portable loop (any CPU; the same codes as the AVX-512 kernel below): per block of G elements its 16
    random words, then 16 lanes at a time, written so that the compiler vectorises it (AVX2, NEON). */
