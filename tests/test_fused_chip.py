@@ -53,7 +53,10 @@ class _Kernel:
                     on_grid("readout", b, n), on_grid("readout_bias", b, 1))
         post = torch.rand(b, n, generator=gen) * 0.4
         post[:, ::5] = 0.0  # rows without an increment: pure decay, or skipped where all their codes are zero
-        tr.elig_rec[:, ::5] = 0.0
+        post[:, 1::5] = 0.0
+        tr.elig_rec[:, ::10] = 0.0  # rows 0, 10, ...: zero codes; 5, 15, ...: decay of codes of any size
+        s = self.q.grids["elig_rec"].scale  # rows 1, 6, ...: decay of small codes (int8: |c| < 32)
+        tr.elig_rec[:, 1::5] = torch.trunc(tr.elig_rec[:, 1::5] / (4 * s)) * s
         tr.elig_in[:, ::10] = 0.0
         tr.elig_bias[:, ::10] = 0.0  # rows 5, 15, ...: zero recurrent codes, non-zero input / bias codes
         err = torch.randn(b, cell.n_out, generator=gen)

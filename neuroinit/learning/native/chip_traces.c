@@ -28,7 +28,8 @@ NO_CONTRACT void decay_add(float *dst, const float *src, float d, const float *x
    0 when x is on the grid), against 2^-24 for the PyTorch path's float uniform. One 32-bit random word serves
    32 / k elements: in each block of G = 16 (32 / k) elements, element i takes bits k ((i mod G) div 16) .. of word
    16 (i div G) + (i mod 16) of its row's stream (the layout of one 16-lane vector). Nearest rounding (q_nearest):
-   c = rint(x), half to even, as torch.round. */
+   c = rint(x), half to even, as torch.round. A row without an increment (post 0: x = fl(ed c)) of int8 codes takes
+   rint(2^k x) from a table of its 256 codes (DecayTable, decay8_w): the same codes, 64 per vector. */
 
 /* The portable loop (any CPU; the same codes as the AVX-512 kernel below): per block of G elements its 16
    random words, then 16 lanes at a time, written so that the compiler vectorises it (AVX2, NEON). */
@@ -154,9 +155,68 @@ static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, co
         }
     }
 }
+#if defined(__AVX512VBMI__)
+#define CHIP_DECAY_TABLE 1
+/* int8 codes of a row without an increment, 64 at a time by byte-table lookups (DecayTable; the same codes as
+   codes_avx512_w: element p of a block takes byte p div 16 of word p mod 16, as there). */
+static inline __attribute__((always_inline)) void decay8_w(int8_t *codes, int64_t n, const RowQ *q, float *g,
+        const int nearest) {
+    const DecayTable *t = q->decay;
+    const __m512i h0 = _mm512_loadu_si512(t->hi), h1 = _mm512_loadu_si512(t->hi + 64),
+                  h2 = _mm512_loadu_si512(t->hi + 128), h3 = _mm512_loadu_si512(t->hi + 192);
+    const __m512i n0 = _mm512_loadu_si512(t->nlo), n1 = _mm512_loadu_si512(t->nlo + 64),
+                  n2 = _mm512_loadu_si512(t->nlo + 128), n3 = _mm512_loadu_si512(t->nlo + 192);
+    const __m512i hs = _mm512_loadu_si512(t->hi_small), ns = _mm512_loadu_si512(t->nlo_small);
+    const __m512 ls = _mm512_set1_ps(q->ls);
+    const __m512i key = _mm512_set1_epi32((int)q->key), step = _mm512_set1_epi32((int)(16 * GOLD));
+    __m512i c = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)q->ctr),
+                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)), _mm512_set1_epi32((int)GOLD));
+    /* byte p of the block's random bytes: byte p div 16 of word p mod 16 */
+    const __m512i order = _mm512_set_epi8(63, 59, 55, 51, 47, 43, 39, 35, 31, 27, 23, 19, 15, 11, 7, 3,
+                                          62, 58, 54, 50, 46, 42, 38, 34, 30, 26, 22, 18, 14, 10, 6, 2,
+                                          61, 57, 53, 49, 45, 41, 37, 33, 29, 25, 21, 17, 13, 9, 5, 1,
+                                          60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+    for (int64_t i = 0; i < n; i += 64, c = _mm512_add_epi32(c, step)) {
+        const __mmask64 m = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi8(m, codes + i);
+        /* codes in [-32, 32) (traces that stay small): one lookup per table, else two and a select by sign */
+        const int small = !_mm512_test_epi8_mask(_mm512_add_epi8(v, _mm512_set1_epi8(32)), _mm512_set1_epi8(-64));
+        const __mmask64 neg = _mm512_movepi8_mask(v);
+        __m512i code = small ? _mm512_permutexvar_epi8(v, hs)
+                             : _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(h0, v, h1),
+                                                      _mm512_permutex2var_epi8(h2, v, h3));
+        if (!nearest) {
+            const __m512i nlo = small ? _mm512_permutexvar_epi8(v, ns)
+                                      : _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(n0, v, n1),
+                                                               _mm512_permutex2var_epi8(n2, v, n3));
+            const __m512i r = _mm512_permutexvar_epi8(order, mix32_v(_mm512_xor_si512(c, key)));
+            code = _mm512_mask_add_epi8(code, _mm512_cmpgt_epu8_mask(r, nlo), code, _mm512_set1_epi8(1));
+        }
+        _mm512_mask_storeu_epi8(codes + i, m, code);
+        float *gi = g + i;
+#define DECAY_GRAD(s)                                                                                         \
+        if (i + 16 * (s) < n) {                                                                               \
+            const __mmask16 ms = (__mmask16)(m >> (16 * (s)));                                                \
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(code, s)));   \
+            _mm512_mask_storeu_ps(gi + 16 * (s), ms,                                                          \
+                                  _mm512_fmadd_ps(f, ls, _mm512_maskz_loadu_ps(ms, gi + 16 * (s))));          \
+        }
+        DECAY_GRAD(0) DECAY_GRAD(1) DECAY_GRAD(2) DECAY_GRAD(3)
+#undef DECAY_GRAD
+    }
+}
+#endif
+
 static void codes_avx512(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g) {
     /* constant widths and modes: the group loops unroll, shifts and masks are immediates */
     const int inc = q->ps_v || q->ps != 0.0f;
+#ifdef CHIP_DECAY_TABLE
+    if (!inc && bytes == 1 && q->decay) {
+        if (q->nearest) decay8_w((int8_t *)codes, n, q, g, 1);
+        else decay8_w((int8_t *)codes, n, q, g, 0);
+        return;
+    }
+#endif
     if (q->ps_v) { /* per-element factors: the input and bias traces of a block of rows */
         if (q->nearest) {
             if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 1, pre, n, q, g);
@@ -216,11 +276,81 @@ static int zero_codes(const char *c, int64_t n) {
    the recurrent trace takes words from ctr = row * row_words(N); a piece of up to CHIP_PIECE input or bias codes
    starting at row j takes them from ctr = (b N + j) row_words(CHIP_PIECE). */
 #define CHIP_PIECE 1024
+#ifdef CHIP_DECAY_TABLE
+/* DecayTable of the recurrent trace's grid: X(c) = clamp(2^8 ed c, 2^8 lo, 2^8 hi), as the kernels compute it */
+static NO_CONTRACT void decay_table(DecayTable *t, const Run *r) {
+    EXACT_FP
+    const float ed = 256.0f * r->ed, lo = 256.0f * r->q_min[Q_ELIG_REC], hi = 256.0f * r->q_max[Q_ELIG_REC];
+    const int nearest = (int)r->q_nearest;
+#pragma omp simd
+    for (int u = 0; u < 256; u++) {
+        float x = ed * (float)(int8_t)u;
+        x = x > lo ? x : lo;
+        x = x < hi ? x : hi;
+        const int32_t T = (int32_t)rintf(x);
+        t->hi[u] = (int8_t)(nearest ? (int32_t)rintf(x * (1.0f / 256.0f)) : T >> 8);
+        t->nlo[u] = (uint8_t)(nearest ? 255 : 255 - (T & 255));
+    }
+    for (int u = 0; u < 64; u++) {
+        const uint8_t c = (uint8_t)(int8_t)(u < 32 ? u : u - 64);
+        t->hi_small[u] = t->hi[c];
+        t->nlo_small[u] = t->nlo[c];
+    }
+}
+/* the table of the run's constants (decay, grid, rounding): kept per thread, rebuilt when they change */
+static const DecayTable *decay_table_of(const Run *r) {
+    static __thread struct {
+        int valid;
+        float ed, lo, hi;
+        int64_t nearest;
+        DecayTable table;
+    } c;
+    const float lo = r->q_min[Q_ELIG_REC], hi = r->q_max[Q_ELIG_REC];
+    if (!c.valid || c.ed != r->ed || c.lo != lo || c.hi != hi || c.nearest != r->q_nearest) {
+        decay_table(&c.table, r);
+        c.valid = 1, c.ed = r->ed, c.lo = lo, c.hi = hi, c.nearest = r->q_nearest;
+    }
+    return &c.table;
+}
+#endif
+
+/* the per-element factors of a piece of rows (len codes each): row j's post f and L s repeated over its codes,
+   the presynaptic traces src (len of them) repeated over the rows */
+static void piece_factors(float *pre, float *ps, float *ls, const float *src, int64_t len, const float *post,
+                          const float *L, float f, float s, int64_t rows) {
+    if (len == 1) { /* the bias traces: one code per row */
+#pragma omp simd
+        for (int64_t j = 0; j < rows; j++) { pre[j] = src[0]; ps[j] = post[j] * f; ls[j] = L[j] * s; }
+        return;
+    }
+    for (int64_t j = 0; j < rows; j++) {
+        const float pj = post[j] * f, lj = L[j] * s;
+        float *pe = pre + j * len, *se = ps + j * len, *le = ls + j * len;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m512 pv = _mm512_set1_ps(pj), lv = _mm512_set1_ps(lj);
+        for (int64_t i = 0; i < len; i += 16) { /* short rows (a few inputs): one masked store each */
+            const __mmask16 m = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
+            _mm512_mask_storeu_ps(pe + i, m, _mm512_maskz_loadu_ps(m, src + i));
+            _mm512_mask_storeu_ps(se + i, m, pv);
+            _mm512_mask_storeu_ps(le + i, m, lv);
+        }
+#else
+#pragma omp simd
+        for (int64_t i = 0; i < len; i++) { pe[i] = src[i]; se[i] = pj; le[i] = lj; }
+#endif
+    }
+}
+
 void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
     const int64_t N = r->N, I = r->I;
     const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
     const float two_k = (float)(1 << k);
     const float s_rec = r->q_scale[Q_ELIG_REC], f_rec = two_k / s_rec;
+    const uint32_t words = row_words(N, k);
+    const DecayTable *decay = NULL;
+#ifdef CHIP_DECAY_TABLE
+    if (bytes == 1 && !portable) decay = decay_table_of(r);
+#endif
     for (int64_t j = j0; j < j1; j++) {
         const int64_t row = b * N + j;
         const float p = r->post[row];
@@ -230,7 +360,8 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
         if (p == 0.0f && zero_codes(codes, N * bytes))
             continue;
         RowQ q = {two_k * r->ed, p * f_rec, two_k * r->q_min[Q_ELIG_REC], two_k * r->q_max[Q_ELIG_REC],
-                  r->L[row] * s_rec, keys[0], (uint32_t)row * row_words(N, k), k, (int)r->q_nearest, NULL, NULL};
+                  r->L[row] * s_rec, keys[0], (uint32_t)row * words, k, (int)r->q_nearest, NULL, NULL,
+                  decay};
         chip_row(codes, bytes, r->pre_rec + b * N, N, &q, r->g_rec + j * N, portable);
     }
     float pre[CHIP_PIECE], ps[CHIP_PIECE], ls[CHIP_PIECE];
@@ -247,22 +378,17 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
                 for (int64_t j = ja; j < jz; j++) {
                     RowQ q = {two_k * r->ed, r->post[b * N + j] * f, two_k * r->q_min[which], two_k * r->q_max[which],
                               r->L[b * N + j] * s, keys[t], (uint32_t)(b * N + j) * row_words(len, k), k,
-                              (int)r->q_nearest, NULL, NULL};
+                              (int)r->q_nearest, NULL, NULL, NULL};
                     chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q,
                              r->g_in + j * len, portable);
                 }
                 continue;
             }
-            for (int64_t j = ja; j < jz; j++) { /* the row's factors repeated over its codes (vector fills) */
-                const float pj = r->post[b * N + j] * f, lj = r->L[b * N + j] * s;
-                float *pe = pre + (j - ja) * len, *se = ps + (j - ja) * len, *le = ls + (j - ja) * len;
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) { pe[i] = src[i]; se[i] = pj; le[i] = lj; }
-            }
+            piece_factors(pre, ps, ls, src, len, r->post + b * N + ja, r->L + b * N + ja, f, s, jz - ja);
             char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
             float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
             RowQ q = {two_k * r->ed, 0.0f, two_k * r->q_min[which], two_k * r->q_max[which], 0.0f, keys[t],
-                      (uint32_t)(b * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls};
+                      (uint32_t)(b * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls, NULL};
             chip_row(codes, bytes, pre, n, &q, g, portable);
         }
     }

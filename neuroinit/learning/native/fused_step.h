@@ -82,12 +82,24 @@ static inline uint32_t qkey(const Run *r, int which) {
     return mix32((uint32_t)r->seed ^ mix32((uint32_t)(r->seed >> 32) + 0x51ed27u * (uint32_t)(which + 1)));
 }
 
+/* int8 codes of rows without an increment (post 0): every code c goes to (T + r) >> 8 with T = rint(X(c)), the
+   same X as the vector kernel's; held as hi = T >> 8 and nlo = 255 - (T & 255), so that the new code is
+   hi + (r > nlo) (with nearest rounding hi is the code, nlo 255). Indexed by the code's byte (uint8_t) c; the
+   small tables hold the codes -32 <= c < 32 at c & 63 (one 64-byte register each). */
+typedef struct {
+    int8_t hi[256];
+    uint8_t nlo[256];
+    int8_t hi_small[64];
+    uint8_t nlo_small[64];
+} DecayTable;
+
 typedef struct {
     float ed, ps, lo, hi; /* 2^k ed, 2^k post / s, 2^k lo, 2^k hi */
     float ls;             /* L s */
     uint32_t key, ctr;    /* the row's random words: mix32(GOLD (ctr + w) ^ key), w = 0, 1, ... */
     int k, nearest;
     const float *ps_v, *ls_v; /* per-element ps and ls instead of ps and ls (NULL: the scalars) */
+    const DecayTable *decay;  /* int8 rows without an increment by table (NULL: the arithmetic; the same codes) */
 } RowQ;
 
 /* random words per row of n codes (a whole number of 16-word blocks) */
