@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _synthetic import random_trials
 
 from neuroinit.cells import make_cell
 from neuroinit.init import hardware_init
@@ -18,16 +19,6 @@ pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused step unava
 PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
 
 
-class _Task(Task):
-    def __init__(self, n_in: int, n_out: int, kind: str) -> None:
-        self.name, self.n_in, self.n_out, self.loss_kind, self.dt_ms = "t", n_in, n_out, kind, 1.0
-
-    def batch(self, batch_size, *, generator, dtype=torch.float32, device="cpu"):
-        raise NotImplementedError
-
-    def accuracy(self, y, batch):
-        return 0.0
-
 
 def _setup(model: str, *, form: str = "voltage", kind: str = "mse", n: int = 20, b: int = 3, t_len: int = 25,
            dtype=torch.float32, profile: str = "ideal", seed: int = 0, drive: float = 3.0, **cell_kw):
@@ -35,13 +26,8 @@ def _setup(model: str, *, form: str = "voltage", kind: str = "mse", n: int = 20,
     p, _ = hardware_init(model, 3, n, 2, 1.3, profile, generator=g, out_of_range="clamp", dtype=dtype)
     kw = {"form": form, "alpha": 0.3, **cell_kw} if model == "rate" else {"v_th": 0.5, **cell_kw}
     cell = make_cell(model, p, profile=profile, **kw)
-    x = torch.randn(t_len, b, 3, generator=g, dtype=dtype) * (drive if model == "lif" else 1.0)
-    if kind == "mse":
-        targets = torch.randn(t_len, b, 2, generator=g, dtype=dtype)
-    else:
-        targets = torch.randint(0, 2, (t_len, b), generator=g)
-    mask = (torch.rand(t_len, b, generator=g) > 0.3).to(dtype)
-    return cell, Batch(x, targets, mask), _Task(3, 2, kind)
+    batch, task = random_trials(t_len, b, kind, g, dtype=dtype, drive=drive if model == "lif" else 1.0)
+    return cell, batch, task
 
 
 def _grads(cell) -> dict[str, torch.Tensor]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _synthetic import random_trials
 
 from neuroinit.cells import make_cell
 from neuroinit.cells.base import CellParams
 from neuroinit.init import hardware_init
 from neuroinit.learning import BPTT, fused_bptt, fused_bptt_native
-from neuroinit.tasks.base import Batch, Task
 
 PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
 
@@ -25,16 +25,6 @@ CELLS = {  # name: (model, cell options)
 }
 
 
-class _Task(Task):
-    def __init__(self, n_in: int, n_out: int, kind: str) -> None:
-        self.name, self.n_in, self.n_out, self.loss_kind, self.dt_ms = "t", n_in, n_out, kind, 1.0
-
-    def batch(self, batch_size, *, generator, dtype=torch.float32, device="cpu"):
-        raise NotImplementedError
-
-    def accuracy(self, y, batch):
-        return 0.0
-
 
 def _setup(name: str, *, kind: str = "mse", n: int = 20, b: int = 3, t_len: int = 25, dtype=torch.float32,
            profile: str = "ideal", seed: int = 0, **extra):
@@ -44,13 +34,8 @@ def _setup(name: str, *, kind: str = "mse", n: int = 20, b: int = 3, t_len: int 
     p = p._replace(bias=0.2 * torch.randn(n, generator=g, dtype=dtype))
     kw = {"alpha": 0.3, **kw} if model == "rate" else {"v_th": 0.5, "tau_out": 5.0, **kw}
     cell = make_cell(model, p, profile=profile, **kw, **extra)
-    x = torch.randn(t_len, b, 3, generator=g, dtype=dtype) * (3.0 if model == "lif" else 1.0)
-    if kind == "mse":
-        targets = torch.randn(t_len, b, 2, generator=g, dtype=dtype)
-    else:
-        targets = torch.randint(0, 2, (t_len, b), generator=g)
-    mask = (torch.rand(t_len, b, generator=g) > 0.3).to(dtype)
-    return cell, Batch(x, targets, mask), _Task(3, 2, kind)
+    batch, task = random_trials(t_len, b, kind, g, dtype=dtype, drive=3.0 if model == "lif" else 1.0)
+    return cell, batch, task
 
 
 def _run(cell, rule, batch, task):
