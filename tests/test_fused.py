@@ -71,7 +71,7 @@ def _stepwise(rule: OnlineEprop, batch: Batch, task: Task):
 CASES = [("rate", {"form": "voltage"}), ("rate", {"form": "rate"}), ("rate", {"form": "voltage", "activation":
          "softplus"}), ("rate", {"form": "rate", "activation": "relu"}), ("lif", {}), ("lif", {"reset": "zero"}),
          ("lif", {"n_refractory": 2}), ("rate", {"form": "voltage", "n": 40, "b": 16}),
-         ("lif", {"n": 70, "b": 6})]
+         ("lif", {"n": 70, "b": 6}), ("lif", {"n": 116, "b": 5})]  # 116: panel groups of 4, 2, 1 and 4 columns
 
 
 @pytest.mark.parametrize("model,kw", CASES)

@@ -444,49 +444,113 @@ static void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, c
 
 /* The same for sparse A (spikes): only the rows of Wt whose presynaptic entry is non-zero are added, so the cost
    follows the number of spikes (event-driven, as on a chip); the same sum as the dense product (zero terms
-   skipped). Each row's events are listed once (idx: B x (K + 1), the count last); then per 16-column block, whose
-   packed K x 16 panel stays in L1, every row sums its events in four independent accumulator pairs. */
+   skipped). Each row's events are listed once (event_list, int32 indices); then per group of EV_PG packed
+   16-column panels (K x 16 each, contiguous: the group stays in L1/L2 across rows), every row holds its
+   EV_PG x 16 outputs in EV_CH x EV_PG x 16 / EV_W vector registers and adds each event's panel rows (the
+   widest registers -march=native gives: AVX-512 or AVX2, else GCC's generic vectors). */
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define EV_W 16 /* floats per vector register */
+#define EV_PG 4 /* panels per pass: 4 x 16 columns */
+#else
+#define EV_W 8
+#define EV_PG 2 /* 16 registers (AVX2): 2 x 16 columns, 4 vectors */
+#endif
+#define EV_CH 2 /* accumulator chains per vector: with EV_PG 16 / EV_W vectors, 8 independent FMA chains */
+typedef float evf __attribute__((vector_size(4 * EV_W)));
+static inline evf ldw(const float *p) { evf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stw(float *p, evf v) { memcpy(p, &v, sizeof v); }
+
+/* Row z (K values) -> the indices of its non-zero entries, in order, into ev; returns their count. ev has room for
+   `room` >= K entries (a vector store may write up to 15 past the count where room allows). */
+static int32_t event_list(const float *z, int64_t K, int32_t *ev, int64_t room) {
+    int32_t ne = 0;
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; k + 16 <= K; k += 16) { /* compress in a register, then one plain store (a compressing store to memory
+                                      is microcoded on some AMD cores) */
+        const __mmask16 m = _mm512_cmpneq_ps_mask(_mm512_loadu_ps(z + k), _mm512_setzero_ps());
+        const __m512i idx = _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32((int)k)));
+        if (ne + 16 <= room) _mm512_storeu_si512((void *)(ev + ne), idx);
+        else _mm512_mask_storeu_epi32(ev + ne, (__mmask16)((1u << __builtin_popcount(m)) - 1), idx);
+        ne += __builtin_popcount(m);
+    }
+#elif defined(__AVX__)
+    for (; k + 8 <= K; k += 8) { /* a mask of 8 lanes, then one index per set bit */
+        unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + k), _mm256_setzero_ps(),
+                                                                _CMP_NEQ_UQ));
+        while (m) { ev[ne++] = (int32_t)(k + __builtin_ctz(m)); m &= m - 1; }
+    }
+#endif
+    (void)room;
+    for (; k < K; k++) { ev[ne] = (int32_t)k; ne += z[k] != 0.0f; } /* branch-free: no mispredictions */
+    return ne;
+}
+
+/* NP 16-column panels (Wp, Wpi: packed by ni_pack) of one output row d from column j0: bias + sum over the events
+   of z[k] Wt[k, .] + u Wti, the events split over EV_CH accumulator chains (summed at the end) */
+static inline __attribute__((always_inline)) void events_panels(const int NP, const float *z, const int32_t *ev,
+        int32_t ne, const float *P, int64_t K, const float *u, const float *Pi, int64_t I, const float *bias,
+        int64_t j0, float *d) {
+    enum { PV = 16 / EV_W }; /* vectors per panel row */
+    evf c[EV_CH][EV_PG * PV];
+    for (int v = 0; v < NP * PV; v++) {
+        c[0][v] = ldw(bias + j0 + v * EV_W);
+        for (int q = 1; q < EV_CH; q++) c[q][v] = (evf){0};
+    }
+    int32_t e = 0;
+    for (; e + EV_CH <= ne; e += EV_CH)
+        for (int q = 0; q < EV_CH; q++) {
+            const int64_t k = ev[e + q];
+            const float s = z[k];
+            for (int v = 0; v < NP * PV; v++) c[q][v] += s * ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+        }
+    for (; e < ne; e++) {
+        const int64_t k = ev[e];
+        const float s = z[k];
+        for (int v = 0; v < NP * PV; v++) c[0][v] += s * ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+    }
+    for (int64_t k = 0; k < I; k++) {
+        const float s = u[k];
+        for (int v = 0; v < NP * PV; v++) c[EV_CH - 1][v] += s * ldw(Pi + v / PV * I * 16 + 16 * k + v % PV * EV_W);
+    }
+    for (int v = 0; v < NP * PV; v++) {
+        evf t = c[0][v];
+        for (int q = 1; q < EV_CH; q++) t += c[q][v];
+        stw(d + j0 + v * EV_W, t);
+    }
+}
+
 static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
                          int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
                          int64_t *idx, int par) {
+    int32_t *lists = (int32_t *)idx; /* B rows of K + 1 (the count last), in idx's B (K + 1) int64 */
+    const int64_t room = 2 * B * (K + 1);
     for (int64_t b = 0; b < B; b++) {
-        const float *z = Z + b * K;
-        int64_t *ev = idx + b * (K + 1), ne = 0;
-        for (int64_t k = 0; k < K; k++) { ev[ne] = k; ne += z[k] != 0.0f; } /* branch-free: no mispredictions */
-        ev[K] = ne;
+        int32_t *ev = lists + b * (K + 1);
+        ev[K] = event_list(Z + b * K, K, ev, room - b * (K + 1));
     }
-    const int64_t nb = N / 16;
+    const int64_t nb = N / 16, ng = (nb + EV_PG - 1) / EV_PG;
 #pragma omp parallel for if (par) schedule(static)
-    for (int64_t jb = 0; jb < nb; jb++) {
-        const int64_t j0 = jb * 16;
-        const float *P = Wp + jb * K * 16, *Pi = Wpi + jb * I * 16;
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t p0 = g * EV_PG, np = nb - p0 < EV_PG ? nb - p0 : EV_PG;
         for (int64_t b = 0; b < B; b++) {
             const float *z = Z + b * K, *u = U + b * I;
-            const int64_t *ev = idx + b * (K + 1), ne = ev[K];
-            v8f c[4][2] = {{{0}}};
-            c[0][0] = ld8(bias + j0); c[0][1] = ld8(bias + j0 + 8);
-            int64_t e = 0;
-            for (; e + 4 <= ne; e += 4)
-                for (int q = 0; q < 4; q++) {
-                    const int64_t k = ev[e + q];
-                    c[q][0] += z[k] * ld8(P + 16 * k); c[q][1] += z[k] * ld8(P + 16 * k + 8);
-                }
-            for (; e < ne; e++) {
-                const int64_t k = ev[e];
-                c[0][0] += z[k] * ld8(P + 16 * k); c[0][1] += z[k] * ld8(P + 16 * k + 8);
-            }
-            for (int64_t k = 0; k < I; k++) {
-                c[1][0] += u[k] * ld8(Pi + 16 * k); c[1][1] += u[k] * ld8(Pi + 16 * k + 8);
-            }
-            st8(D + b * N + j0, (c[0][0] + c[1][0]) + (c[2][0] + c[3][0]));
-            st8(D + b * N + j0 + 8, (c[0][1] + c[1][1]) + (c[2][1] + c[3][1]));
+            const int32_t *ev = lists + b * (K + 1);
+            int64_t p = p0, left = np;
+            if (left == EV_PG) { events_panels(EV_PG, z, ev, ev[K], Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, D + b * N); left = 0; }
+            if (left >= 2) { events_panels(2, z, ev, ev[K], Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, D + b * N); p += 2; left -= 2; }
+            if (left >= 1) events_panels(1, z, ev, ev[K], Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, D + b * N);
         }
     }
     for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
         for (int64_t b = 0; b < B; b++) {
-            const int64_t *ev = idx + b * (K + 1);
+            const int32_t *ev = lists + b * (K + 1);
             float s = bias[j];
-            for (int64_t e = 0; e < ev[K]; e++) s += Z[b * K + ev[e]] * Wt[ev[e] * N + j];
+            for (int32_t e = 0; e < ev[K]; e++) s += Z[b * K + ev[e]] * Wt[ev[e] * N + j];
             for (int64_t k = 0; k < I; k++) s += U[b * I + k] * Wti[k * N + j];
             D[b * N + j] = s;
         }
