@@ -865,11 +865,23 @@ void ni_pack(const float *w, int64_t n, int64_t k, float *wt, float *wp) {
 }
 
 /* Memory bandwidth probe for the roofline (neuroinit.bench): ``reps`` in-place passes a <- c a + d over n floats,
-   the access pattern of a trace update (read + write each element once per pass). */
+   the access pattern of a trace update (read + write each element once per pass). One parallel region for all
+   passes: each thread streams its own slice (whole cache lines) every pass, with no barrier between passes. */
 void ni_stream(float *a, int64_t n, int64_t reps) {
-    for (int64_t r = 0; r < reps; r++) {
-#pragma omp parallel for if (n >= 65536) schedule(dynamic, 16384)
-        for (int64_t i = 0; i < n; i++) a[i] = 0.999f * a[i] + 0.001f;
+#pragma omp parallel if (n >= 65536)
+    {
+        int64_t i0 = 0, i1 = n;
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num(), lines = (n + 15) / 16;
+        i0 = lines * t / nt * 16;
+        i1 = lines * (t + 1) / nt * 16;
+        i1 = i1 < n ? i1 : n;
+#endif
+        for (int64_t r = 0; r < reps; r++) {
+#pragma omp simd
+            for (int64_t i = i0; i < i1; i++) a[i] = 0.999f * a[i] + 0.001f;
+            __asm__ volatile("" ::: "memory"); /* each pass goes through memory: no fusing of passes (unroll-and-jam) */
+        }
     }
 }
 
