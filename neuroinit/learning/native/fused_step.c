@@ -524,15 +524,19 @@ static inline __attribute__((always_inline)) void events_panels(const int NP, co
     }
 }
 
+/* par_work: the fewest multiply-adds (events x N) worth a parallel loop */
 static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
                          int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
-                         int64_t *idx, int par) {
+                         int64_t *idx, int64_t par_work) {
     int32_t *lists = (int32_t *)idx; /* B rows of K + 1 (the count last), in idx's B (K + 1) int64 */
     const int64_t room = 2 * B * (K + 1);
+    int64_t events = 0;
     for (int64_t b = 0; b < B; b++) {
         int32_t *ev = lists + b * (K + 1);
         ev[K] = event_list(Z + b * K, K, ev, room - b * (K + 1));
+        events += ev[K];
     }
+    const int par = (events + B * I) * N >= par_work; /* the work done, not B K N: sparse steps stay on one thread */
     const int64_t nb = N / 16, ng = (nb + EV_PG - 1) / EV_PG;
 #pragma omp parallel for if (par) schedule(static)
     for (int64_t g = 0; g < ng; g++) {
@@ -556,6 +560,36 @@ static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, 
         }
 }
 
+/* The LIF cells' update from the drive (r->drive) and the previous spikes z (read before they are overwritten):
+       v = alpha v_old + d - reset,  reset = z th (subtract) or z alpha v_old (zero),
+       z_new = v > th,  post = psi(v) = gamma / th max(0, 1 - |v - th| / th) (LIFRNN and pseudo_derivative in
+   neuroinit/cells/lif.py), both 0 while refractory (ref > 0; ref <- n_ref after a spike, else counts down). */
+static inline __attribute__((always_inline)) void lif_update(Run *r, const int zero, const int refr, int64_t n) {
+    const float al = r->alpha, th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
+    float *restrict x = r->x, *restrict z = r->z, *restrict ref = r->ref, *restrict post = r->post;
+    float *restrict act = r->act;
+    const float *restrict d = r->drive;
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) {
+        const float vold = x[k], zp = z[k];
+        const float reset = zero ? zp * (al * vold) : zp * th;
+        const float v = al * vold + d[k] - reset;
+        const float dv = v > th ? v - th : th - v, tri = 1.0f - dv / th; /* no libm calls: vectorises */
+        float ps = gs * (tri > 0.0f ? tri : 0.0f);
+        float zn = v > th ? 1.0f : 0.0f;
+        if (refr) {
+            const float free_ = ref[k] <= 0.0f ? 1.0f : 0.0f;
+            ps *= free_;
+            zn *= free_;
+            ref[k] = zn > 0.0f ? nref : (ref[k] > 1.0f ? ref[k] - 1.0f : 0.0f);
+        }
+        x[k] = v;
+        post[k] = ps;
+        act[k] = zn;
+        z[k] = zn;
+    }
+}
+
 /* ---------------------------------------------------------------- forward: network + presynaptic traces */
 /* Advances the cell state by one step driven by u (B, I); writes y (B, O) to r->yout, the postsynaptic factor
    to r->post and the non-eligibility traces. Voltage form: r->act holds
@@ -574,7 +608,8 @@ void ni_forward(Run *r, const float *u) {
     /* drive d = bias + prev W_rec^T + u W_in^T */
     const int par = B * N * N >= r->par_work;
     if (model == LIF)
-        drive_events(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, r->events, par);
+        drive_events(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, r->events,
+                     r->par_work);
     else
         drive_dense(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, par);
     /* the cells' updates */
@@ -585,28 +620,10 @@ void ni_forward(Run *r, const float *u) {
         activate(a, d, d, post, BN);
         for (int64_t k = 0; k < BN; k++) { x[k] = oma * x[k] + al * d[k]; act[k] = x[k]; post[k] *= al; }
     } else {
-        const float th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
         const int zero = (int)r->reset_zero, refr = r->n_ref > 0;
-        float *z = r->z, *ref = r->ref;
-#pragma omp simd
-        for (int64_t k = 0; k < BN; k++) {
-            const float vold = x[k], zp = z[k]; /* = prev[k] */
-            const float reset = zero ? zp * (al * vold) : zp * th;
-            const float v = al * vold + d[k] - reset;
-            const float dv = v > th ? v - th : th - v, tri = 1.0f - dv / th; /* no libm calls: vectorises */
-            float ps = gs * (tri > 0.0f ? tri : 0.0f);
-            float zn = v > th ? 1.0f : 0.0f;
-            if (refr) {
-                const float free_ = ref[k] <= 0.0f ? 1.0f : 0.0f;
-                ps *= free_;
-                zn *= free_;
-                ref[k] = zn > 0.0f ? nref : (ref[k] > 1.0f ? ref[k] - 1.0f : 0.0f);
-            }
-            x[k] = v;
-            post[k] = ps;
-            act[k] = zn;
-            z[k] = zn;
-        }
+        /* the flags as constants: four branch-free loops, no per-element test */
+        if (refr) { if (zero) lif_update(r, 1, 1, BN); else lif_update(r, 0, 1, BN); }
+        else { if (zero) lif_update(r, 1, 0, BN); else lif_update(r, 0, 0, BN); }
     }
     /* readout */
     for (int64_t b = 0; b < B; b++)
