@@ -574,7 +574,7 @@ static inline __attribute__((always_inline)) void lif_update(Run *r, const int z
         const float vold = x[k], zp = z[k];
         const float reset = zero ? zp * (al * vold) : zp * th;
         const float v = al * vold + d[k] - reset;
-        const float dv = v > th ? v - th : th - v, tri = 1.0f - dv / th; /* no libm calls: vectorises */
+        const float tri = 1.0f - fabsf(v - th) / th; /* fabsf: a bit mask, vectorises; one division */
         float ps = gs * (tri > 0.0f ? tri : 0.0f);
         float zn = v > th ? 1.0f : 0.0f;
         if (refr) {
