@@ -564,8 +564,10 @@ static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, 
        v = alpha v_old + d - reset,  reset = z th (subtract) or z alpha v_old (zero),
        z_new = v > th,  post = psi(v) = gamma / th max(0, 1 - |v - th| / th) (LIFRNN and pseudo_derivative in
    neuroinit/cells/lif.py), both 0 while refractory (ref > 0; ref <- n_ref after a spike, else counts down). */
-static inline __attribute__((always_inline)) void lif_update(Run *r, const int zero, const int refr, int64_t n) {
-    const float al = r->alpha, th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
+static inline __attribute__((always_inline)) void lif_update(Run *r, const int zero, const int refr, const int pow2,
+                                                              int64_t n) {
+    /* pow2: th is a power of two, so x / th = x (1 / th) exactly (both the correctly rounded x 2^-k) */
+    const float al = r->alpha, th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref, inv = 1.0f / th;
     float *restrict x = r->x, *restrict z = r->z, *restrict ref = r->ref, *restrict post = r->post;
     float *restrict act = r->act;
     const float *restrict d = r->drive;
@@ -574,7 +576,7 @@ static inline __attribute__((always_inline)) void lif_update(Run *r, const int z
         const float vold = x[k], zp = z[k];
         const float reset = zero ? zp * (al * vold) : zp * th;
         const float v = al * vold + d[k] - reset;
-        const float tri = 1.0f - fabsf(v - th) / th; /* fabsf: a bit mask, vectorises; one division */
+        const float tri = 1.0f - (pow2 ? fabsf(v - th) * inv : fabsf(v - th) / th); /* fabsf: a bit mask */
         float ps = gs * (tri > 0.0f ? tri : 0.0f);
         float zn = v > th ? 1.0f : 0.0f;
         if (refr) {
@@ -620,10 +622,19 @@ void ni_forward(Run *r, const float *u) {
         activate(a, d, d, post, BN);
         for (int64_t k = 0; k < BN; k++) { x[k] = oma * x[k] + al * d[k]; act[k] = x[k]; post[k] *= al; }
     } else {
-        const int zero = (int)r->reset_zero, refr = r->n_ref > 0;
-        /* the flags as constants: four branch-free loops, no per-element test */
-        if (refr) { if (zero) lif_update(r, 1, 1, BN); else lif_update(r, 0, 1, BN); }
-        else { if (zero) lif_update(r, 1, 0, BN); else lif_update(r, 0, 0, BN); }
+        int e;
+        const int pow2 = frexpf(r->v_th, &e) == 0.5f && isnormal(1.0f / r->v_th);
+        /* the flags as constants: branch-free loops, no per-element test, no division where th = 2^k */
+        switch ((int)r->reset_zero | (r->n_ref > 0) << 1 | pow2 << 2) {
+            case 0: lif_update(r, 0, 0, 0, BN); break;
+            case 1: lif_update(r, 1, 0, 0, BN); break;
+            case 2: lif_update(r, 0, 1, 0, BN); break;
+            case 3: lif_update(r, 1, 1, 0, BN); break;
+            case 4: lif_update(r, 0, 0, 1, BN); break;
+            case 5: lif_update(r, 1, 0, 1, BN); break;
+            case 6: lif_update(r, 0, 1, 1, BN); break;
+            default: lif_update(r, 1, 1, 1, BN);
+        }
     }
     /* readout */
     for (int64_t b = 0; b < B; b++)
