@@ -544,10 +544,15 @@ static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, 
         for (int64_t b = 0; b < B; b++) {
             const float *z = Z + b * K, *u = U + b * I;
             const int32_t *ev = lists + b * (K + 1);
-            int64_t p = p0, left = np;
-            if (left == EV_PG) { events_panels(EV_PG, z, ev, ev[K], Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, D + b * N); left = 0; }
-            if (left >= 2) { events_panels(2, z, ev, ev[K], Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, D + b * N); p += 2; left -= 2; }
-            if (left >= 1) events_panels(1, z, ev, ev[K], Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, D + b * N);
+            float *d = D + b * N;
+            for (int64_t p = p0, w; p < p0 + np; p += w) { /* the last group's panels: 2 then 1 at a time */
+                const int64_t left = p0 + np - p;
+                const float *P = Wp + p * K * 16, *Pi = Wpi + p * I * 16;
+                w = left >= EV_PG ? EV_PG : (left >= 2 ? 2 : 1);
+                if (w == EV_PG) events_panels(EV_PG, z, ev, ev[K], P, K, u, Pi, I, bias, p * 16, d);
+                else if (w == 2) events_panels(2, z, ev, ev[K], P, K, u, Pi, I, bias, p * 16, d);
+                else events_panels(1, z, ev, ev[K], P, K, u, Pi, I, bias, p * 16, d);
+            }
         }
     }
     for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
