@@ -55,9 +55,10 @@ __all__ = ["LIBRARY", "FusedOnline", "available", "chunk_steps", "code_dtype", "
 # N=64, B=16 at 49 us/step on one thread, 2349 us on two threads next to other work)
 PAR_WORK = 1 << 20
 
-# below this many multiply-adds a chunk's GEMM runs on one thread: torch's threaded GEMM on small matrices paid more
-# in thread hand-off than it saved (measured: rate N=64 B=16, 2 threads ~40x slower next to other work)
-GEMM_PAR_WORK = 1 << 22
+# below this many multiply-adds a chunk's GEMM runs on one thread: next to other work torch's threaded GEMM on small
+# matrices waited for a descheduled thread (measured with a busy loop on the other core, 2 threads, us/step median:
+# LIF N=64 B=16 (2^21.5 per chunk) 674 -> 17, rate N=64 B=16 (2^22) 338 -> 120; quiet: the same within noise)
+GEMM_PAR_WORK = 1 << 23
 
 
 @contextlib.contextmanager
