@@ -464,37 +464,46 @@ static inline evf ldw(const float *p) { evf v; memcpy(&v, p, sizeof v); return v
 static inline void stw(float *p, evf v) { memcpy(p, &v, sizeof v); }
 
 /* Row z (K values) -> the indices of its non-zero entries, in order, into ev; returns their count. ev has room for
-   `room` >= K entries (a vector store may write up to 15 past the count where room allows). */
-static int32_t event_list(const float *z, int64_t K, int32_t *ev, int64_t room) {
+   `room` >= K entries (a vector store may write up to 15 past the count where room allows). *unit: whether every
+   non-zero entry is 1 (spikes), so that the product may add weights without multiplying (the same values). */
+static int32_t event_list(const float *z, int64_t K, int32_t *ev, int64_t room, int *unit) {
     int32_t ne = 0;
-    int64_t k = 0;
+    int64_t k = 0, other = 0; /* other: entries that are neither 0 nor 1 */
 #if defined(__AVX512F__)
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; k + 16 <= K; k += 16) { /* compress in a register, then one plain store (a compressing store to memory
                                       is microcoded on some AMD cores) */
-        const __mmask16 m = _mm512_cmpneq_ps_mask(_mm512_loadu_ps(z + k), _mm512_setzero_ps());
+        const __m512 v = _mm512_loadu_ps(z + k);
+        const __mmask16 m = _mm512_cmpneq_ps_mask(v, _mm512_setzero_ps());
         const __m512i idx = _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32((int)k)));
+        other |= m & ~_mm512_cmpeq_ps_mask(v, _mm512_set1_ps(1.0f));
         if (ne + 16 <= room) _mm512_storeu_si512((void *)(ev + ne), idx);
         else _mm512_mask_storeu_epi32(ev + ne, (__mmask16)((1u << __builtin_popcount(m)) - 1), idx);
         ne += __builtin_popcount(m);
     }
 #elif defined(__AVX__)
     for (; k + 8 <= K; k += 8) { /* a mask of 8 lanes, then one index per set bit */
-        unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + k), _mm256_setzero_ps(),
-                                                                _CMP_NEQ_UQ));
+        const __m256 v = _mm256_loadu_ps(z + k);
+        unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+        other |= m & ~(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(1.0f), _CMP_EQ_OQ));
         while (m) { ev[ne++] = (int32_t)(k + __builtin_ctz(m)); m &= m - 1; }
     }
 #endif
     (void)room;
-    for (; k < K; k++) { ev[ne] = (int32_t)k; ne += z[k] != 0.0f; } /* branch-free: no mispredictions */
+    for (; k < K; k++) { /* branch-free: no mispredictions */
+        ev[ne] = (int32_t)k;
+        ne += z[k] != 0.0f;
+        other |= z[k] != 0.0f && z[k] != 1.0f;
+    }
+    *unit = other == 0;
     return ne;
 }
 
 /* NP 16-column panels (Wp, Wpi: packed by ni_pack) of one output row d from column j0: bias + sum over the events
    of z[k] Wt[k, .] + u Wti, the events split over EV_CH accumulator chains (summed at the end) */
-static inline __attribute__((always_inline)) void events_panels(const int NP, const float *z, const int32_t *ev,
-        int32_t ne, const float *P, int64_t K, const float *u, const float *Pi, int64_t I, const float *bias,
-        int64_t j0, float *d) {
+static inline __attribute__((always_inline)) void events_panels(const int NP, const int unit, const float *z,
+        const int32_t *ev, int32_t ne, const float *P, int64_t K, const float *u, const float *Pi, int64_t I,
+        const float *bias, int64_t j0, float *d) {
     enum { PV = 16 / EV_W }; /* vectors per panel row */
     evf c[EV_CH][EV_PG * PV];
     for (int v = 0; v < NP * PV; v++) {
@@ -506,12 +515,18 @@ static inline __attribute__((always_inline)) void events_panels(const int NP, co
         for (int q = 0; q < EV_CH; q++) {
             const int64_t k = ev[e + q];
             const float s = z[k];
-            for (int v = 0; v < NP * PV; v++) c[q][v] += s * ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+            for (int v = 0; v < NP * PV; v++) {
+                const evf w = ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+                c[q][v] += unit ? w : s * w; /* unit: s = 1, no broadcast to load */
+            }
         }
     for (; e < ne; e++) {
         const int64_t k = ev[e];
         const float s = z[k];
-        for (int v = 0; v < NP * PV; v++) c[0][v] += s * ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+        for (int v = 0; v < NP * PV; v++) {
+            const evf w = ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+            c[0][v] += unit ? w : s * w;
+        }
     }
     for (int64_t k = 0; k < I; k++) {
         const float s = u[k];
@@ -524,16 +539,30 @@ static inline __attribute__((always_inline)) void events_panels(const int NP, co
     }
 }
 
+/* events_panels with the panel count and unit flag as constants */
+static void events_panels_any(int64_t np, int unit, const float *z, const int32_t *ev, const float *P, int64_t K,
+                              const float *u, const float *Pi, int64_t I, const float *bias, int64_t j0, float *d) {
+    const int32_t ne = ev[K];
+    if (np == EV_PG && unit) events_panels(EV_PG, 1, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (np == EV_PG) events_panels(EV_PG, 0, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (np == 2 && unit) events_panels(2, 1, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (np == 2) events_panels(2, 0, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (unit) events_panels(1, 1, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else events_panels(1, 0, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+}
+
 /* par_work: the fewest multiply-adds (events x N) worth a parallel loop */
 static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
                          int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
                          int64_t *idx, int64_t par_work) {
-    int32_t *lists = (int32_t *)idx; /* B rows of K + 1 (the count last), in idx's B (K + 1) int64 */
-    const int64_t room = 2 * B * (K + 1);
+    /* in idx's 2 B (K + 1) int32: B rows of K + 1 (the count last), then B unit flags */
+    int32_t *lists = (int32_t *)idx, *units = lists + B * (K + 1);
     int64_t events = 0;
     for (int64_t b = 0; b < B; b++) {
         int32_t *ev = lists + b * (K + 1);
-        ev[K] = event_list(Z + b * K, K, ev, room - b * (K + 1));
+        int unit;
+        ev[K] = event_list(Z + b * K, K, ev, (B - b) * (K + 1), &unit); /* stores stay before the flags */
+        units[b] = unit;
         events += ev[K];
     }
     const int par = (events + B * I) * N >= par_work; /* the work done, not B K N: sparse steps stay on one thread */
@@ -547,11 +576,8 @@ static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, 
             float *d = D + b * N;
             for (int64_t p = p0, w; p < p0 + np; p += w) { /* the last group's panels: 2 then 1 at a time */
                 const int64_t left = p0 + np - p;
-                const float *P = Wp + p * K * 16, *Pi = Wpi + p * I * 16;
                 w = left >= EV_PG ? EV_PG : (left >= 2 ? 2 : 1);
-                if (w == EV_PG) events_panels(EV_PG, z, ev, ev[K], P, K, u, Pi, I, bias, p * 16, d);
-                else if (w == 2) events_panels(2, z, ev, ev[K], P, K, u, Pi, I, bias, p * 16, d);
-                else events_panels(1, z, ev, ev[K], P, K, u, Pi, I, bias, p * 16, d);
+                events_panels_any(w, units[b], z, ev, Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, d);
             }
         }
     }
