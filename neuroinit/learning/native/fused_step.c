@@ -447,7 +447,9 @@ static void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, c
    skipped). Each row's events are listed once (event_list, int32 indices); then per group of EV_PG packed
    16-column panels (K x 16 each, contiguous: the group stays in L1/L2 across rows), every row holds its
    EV_PG x 16 outputs in EV_CH x EV_PG x 16 / EV_W vector registers and adds each event's panel rows (the
-   widest registers -march=native gives: AVX-512 or AVX2, else GCC's generic vectors). */
+   widest registers -march=native gives: AVX-512 or AVX2, else GCC's generic vectors), without multiplying
+   where the row holds only 0 and 1 (spikes). Measured at N = 256, B = 16, ~18% spikes, one thread (Xeon, under
+   load): 11 -> 5.5 us per step (AVX-512 build), 11.3 -> 8.0 us (AVX2 build). */
 #if defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
