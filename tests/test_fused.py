@@ -57,7 +57,8 @@ def _stepwise(rule: OnlineEprop, batch: Batch, task: Task):
 CASES = [("rate", {"form": "voltage"}), ("rate", {"form": "rate"}), ("rate", {"form": "voltage", "activation":
          "softplus"}), ("rate", {"form": "rate", "activation": "relu"}), ("lif", {}), ("lif", {"reset": "zero"}),
          ("lif", {"n_refractory": 2}), ("rate", {"form": "voltage", "n": 40, "b": 16}),
-         ("lif", {"n": 70, "b": 6})]
+         ("lif", {"n": 70, "b": 6}), ("lif", {"n": 116, "b": 5}),  # 116: panel groups of 4, 2, 1 and 4 columns
+         ("lif", {"v_th": 0.7, "n_refractory": 1})]  # a threshold that is not a power of two: divided by
 
 
 @pytest.mark.parametrize("model,kw", CASES)

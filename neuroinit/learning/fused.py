@@ -39,6 +39,7 @@ and a new run reuses the previous run's buffers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from collections.abc import Callable
 
@@ -53,6 +54,23 @@ __all__ = ["LIBRARY", "FusedOnline", "available", "chunk_steps", "code_dtype", "
 # ~1-5 us on a quiet machine but up to a scheduler time slice (ms) when the other core is busy (measured: LIF
 # N=64, B=16 at 49 us/step on one thread, 2349 us on two threads next to other work)
 PAR_WORK = 1 << 20
+
+# below this many multiply-adds a chunk's GEMM runs on one thread: next to other work torch's threaded GEMM on small
+# matrices waited for a descheduled thread (measured with a busy loop on the other core, 2 threads, us/step median:
+# LIF N=64 B=16 (2^21.5 per chunk) 674 -> 17, rate N=64 B=16 (2^22) 338 -> 120; quiet: the same within noise)
+GEMM_PAR_WORK = 1 << 23
+
+
+@contextlib.contextmanager
+def _gemm_threads(work: int):
+    """torch ops inside run on one thread where ``work`` (multiply-adds) is below :data:`GEMM_PAR_WORK`."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1 if work < GEMM_PAR_WORK else saved)  # ~0.1 us
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
 
 # ------------------------------------------------------------------------------------------ the library
 LIBRARY = new_library()  # tests swap it for a fresh one (``new_library()``)
@@ -408,12 +426,13 @@ class FusedOnline:
         rows = self.lib.ni_chunk_prepare(self._ref, rec["c"].data_ptr())
         n = rec["rec_L"].shape[2]
         a = rec["rec_L"].view(-1, n)[:rows]  # (rows, N): Lf * post (factorised: rows without a learning signal dropped)
-        g["w_rec"].addmm_(a.T, rec["rec_pre"].view(-1, n)[:rows])
-        # (I + 1, N): one pass over a. Oriented so: MKL's path for a.T @ (K B, I + 1) ran 8x slower (1.2 ms vs
-        # 0.16 ms at K B = 1600, N = 256, I + 1 = 9)
-        g_in_bias = rec["rec_pre_in"].view(-1, rec["rec_pre_in"].shape[2])[:rows].T @ a
-        g["w_in"].add_(g_in_bias[:-1].T)
-        g["bias"].add_(g_in_bias[-1])
+        with _gemm_threads(rows * n * n):
+            g["w_rec"].addmm_(a.T, rec["rec_pre"].view(-1, n)[:rows])
+            # (I + 1, N): one pass over a. Oriented so: MKL's path for a.T @ (K B, I + 1) ran 8x slower (1.2 ms
+            # vs 0.16 ms at K B = 1600, N = 256, I + 1 = 9)
+            g_in_bias = rec["rec_pre_in"].view(-1, rec["rec_pre_in"].shape[2])[:rows].T @ a
+            g["w_in"].add_(g_in_bias[:-1].T)
+            g["bias"].add_(g_in_bias[-1])
         if not self.full:
             self.run_struct.rec_pos = 0
             return
@@ -431,16 +450,18 @@ class FusedOnline:
         beta = 0.0 if self._elig_zero else float(self.run_struct.ed) ** k  # beta 0: the old buffer is ignored
         # one GEMM per batch element on strided views of the records: a batched GEMM over the permuted records
         # made contiguous copies of them (memory growing with the number of chunk boundaries)
-        for b in range(bf["elig_rec"].shape[0]):
-            post = rec["rec_post"][:k, b].T  # (N, K), already weighted by ed^(K - 1 - s)
-            bf["elig_rec"][b].addmm_(post, rec["rec_pre"][:k, b], beta=beta)
-            in_bias = post @ rec["rec_pre_in"][:k, b]  # (N, I + 1)
-            if self._elig_zero:
-                bf["elig_in"][b].copy_(in_bias[:, :-1])
-                bf["elig_bias"][b].copy_(in_bias[:, -1])
-            else:
-                bf["elig_in"][b].mul_(beta).add_(in_bias[:, :-1])
-                bf["elig_bias"][b].mul_(beta).add_(in_bias[:, -1])
+        n = bf["elig_rec"].shape[1]
+        with _gemm_threads(k * n * n):
+            for b in range(bf["elig_rec"].shape[0]):
+                post = rec["rec_post"][:k, b].T  # (N, K), already weighted by ed^(K - 1 - s)
+                bf["elig_rec"][b].addmm_(post, rec["rec_pre"][:k, b], beta=beta)
+                in_bias = post @ rec["rec_pre_in"][:k, b]  # (N, I + 1)
+                if self._elig_zero:
+                    bf["elig_in"][b].copy_(in_bias[:, :-1])
+                    bf["elig_bias"][b].copy_(in_bias[:, -1])
+                else:
+                    bf["elig_in"][b].mul_(beta).add_(in_bias[:, :-1])
+                    bf["elig_bias"][b].mul_(beta).add_(in_bias[:, -1])
         self._pending = 0
         self._elig_zero = False
         self.run_struct.rec_pos = 0

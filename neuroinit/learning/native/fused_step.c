@@ -135,52 +135,209 @@ static void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, c
 
 /* The same for sparse A (spikes): only the rows of Wt whose presynaptic entry is non-zero are added, so the cost
    follows the number of spikes (event-driven, as on a chip); the same sum as the dense product (zero terms
-   skipped). Each row's events are listed once (idx: B x (K + 1), the count last); then per 16-column block, whose
-   packed K x 16 panel stays in L1, every row sums its events in four independent accumulator pairs. */
+   skipped). Each row's events are listed once (event_list, int32 indices); then per group of EV_PG packed
+   16-column panels (K x 16 each, contiguous: the group stays in L1/L2 across rows), every row holds its
+   EV_PG x 16 outputs in EV_CH x EV_PG x 16 / EV_W vector registers and adds each event's panel rows (the
+   widest registers -march=native gives: AVX-512 or AVX2, else GCC's generic vectors), without multiplying
+   where the row holds only 0 and 1 (spikes). Measured at N = 256, B = 16, ~18% spikes, one thread (Xeon, under
+   load): 11 -> 5.5 us per step (AVX-512 build), 11.3 -> 8.0 us (AVX2 build). */
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define EV_W 16 /* floats per vector register */
+#define EV_PG 4 /* panels per pass: 4 x 16 columns */
+#else
+#define EV_W 8
+#define EV_PG 2 /* 16 registers (AVX2): 2 x 16 columns, 4 vectors */
+#endif
+#define EV_CH 2 /* accumulator chains per vector: with EV_PG 16 / EV_W vectors, 8 independent FMA chains */
+typedef float evf __attribute__((vector_size(4 * EV_W)));
+static inline evf ldw(const float *p) { evf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stw(float *p, evf v) { memcpy(p, &v, sizeof v); }
+
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* mask of 8 lanes -> the positions of its set bits in order, 4 bits each (event_list's AVX2 path) */
+static uint32_t set_bits8[256];
+__attribute__((constructor)) static void set_bits8_init(void) {
+    for (unsigned m = 0; m < 256; m++) {
+        uint32_t packed = 0;
+        for (unsigned bit = 0, c = 0; bit < 8; bit++)
+            if (m >> bit & 1u) packed |= bit << (4 * c++);
+        set_bits8[m] = packed;
+    }
+}
+#endif
+
+/* Row z (K values) -> the indices of its non-zero entries, in order, into ev; returns their count. ev has room for
+   `room` >= K entries (a vector store may write up to 15 past the count where room allows). *unit: whether every
+   non-zero entry is 1 (spikes), so that the product may add weights without multiplying (the same values). */
+static int32_t event_list(const float *z, int64_t K, int32_t *ev, int64_t room, int *unit) {
+    int32_t ne = 0;
+    int64_t k = 0, other = 0; /* other: entries that are neither 0 nor 1 */
+#if defined(__AVX512F__)
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; k + 16 <= K; k += 16) { /* compress in a register, then one plain store (a compressing store to memory
+                                      is microcoded on some AMD cores) */
+        const __m512 v = _mm512_loadu_ps(z + k);
+        const __mmask16 m = _mm512_cmpneq_ps_mask(v, _mm512_setzero_ps());
+        const __m512i idx = _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32((int)k)));
+        other |= m & ~_mm512_cmpeq_ps_mask(v, _mm512_set1_ps(1.0f));
+        if (ne + 16 <= room) _mm512_storeu_si512((void *)(ev + ne), idx);
+        else _mm512_mask_storeu_epi32(ev + ne, (__mmask16)((1u << __builtin_popcount(m)) - 1), idx);
+        ne += __builtin_popcount(m);
+    }
+#elif defined(__AVX2__)
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    for (; k + 8 <= K; k += 8) { /* a mask of 8 lanes, its set bits' positions from a table, one plain store */
+        const __m256 v = _mm256_loadu_ps(z + k);
+        const unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+        other |= m & ~(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(1.0f), _CMP_EQ_OQ));
+        const __m256i pos = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)set_bits8[m]), shifts),
+                                             _mm256_set1_epi32(15));
+        const __m256i idx = _mm256_add_epi32(pos, _mm256_set1_epi32((int)k));
+        if (ne + 8 <= room) {
+            _mm256_storeu_si256((__m256i *)(void *)(ev + ne), idx);
+        } else {
+            int32_t t[8];
+            _mm256_storeu_si256((__m256i *)(void *)t, idx);
+            memcpy(ev + ne, t, sizeof(int32_t) * (size_t)__builtin_popcount(m));
+        }
+        ne += __builtin_popcount(m);
+    }
+#endif
+    (void)room;
+    for (; k < K; k++) { /* branch-free: no mispredictions */
+        ev[ne] = (int32_t)k;
+        ne += z[k] != 0.0f;
+        other |= z[k] != 0.0f && z[k] != 1.0f;
+    }
+    *unit = other == 0;
+    return ne;
+}
+
+/* NP 16-column panels (Wp, Wpi: packed by ni_pack) of one output row d from column j0: bias + sum over the events
+   of z[k] Wt[k, .] + u Wti, the events split over EV_CH accumulator chains (summed at the end) */
+static inline __attribute__((always_inline)) void events_panels(const int NP, const int unit, const float *z,
+        const int32_t *ev, int32_t ne, const float *P, int64_t K, const float *u, const float *Pi, int64_t I,
+        const float *bias, int64_t j0, float *d) {
+    enum { PV = 16 / EV_W }; /* vectors per panel row */
+    evf c[EV_CH][EV_PG * PV];
+    for (int v = 0; v < NP * PV; v++) {
+        c[0][v] = ldw(bias + j0 + v * EV_W);
+        for (int q = 1; q < EV_CH; q++) c[q][v] = (evf){0};
+    }
+    int32_t e = 0;
+    for (; e + EV_CH <= ne; e += EV_CH)
+        for (int q = 0; q < EV_CH; q++) {
+            const int64_t k = ev[e + q];
+            const float s = z[k];
+            for (int v = 0; v < NP * PV; v++) {
+                const evf w = ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+                c[q][v] += unit ? w : s * w; /* unit: s = 1, no broadcast to load */
+            }
+        }
+    for (; e < ne; e++) {
+        const int64_t k = ev[e];
+        const float s = z[k];
+        for (int v = 0; v < NP * PV; v++) {
+            const evf w = ldw(P + v / PV * K * 16 + 16 * k + v % PV * EV_W);
+            c[0][v] += unit ? w : s * w;
+        }
+    }
+    for (int64_t k = 0; k < I; k++) {
+        const float s = u[k];
+        for (int v = 0; v < NP * PV; v++) c[EV_CH - 1][v] += s * ldw(Pi + v / PV * I * 16 + 16 * k + v % PV * EV_W);
+    }
+    for (int v = 0; v < NP * PV; v++) {
+        evf t = c[0][v];
+        for (int q = 1; q < EV_CH; q++) t += c[q][v];
+        stw(d + j0 + v * EV_W, t);
+    }
+}
+
+/* events_panels with the panel count and unit flag as constants */
+static void events_panels_any(int64_t np, int unit, const float *z, const int32_t *ev, const float *P, int64_t K,
+                              const float *u, const float *Pi, int64_t I, const float *bias, int64_t j0, float *d) {
+    const int32_t ne = ev[K];
+    if (np == EV_PG && unit) events_panels(EV_PG, 1, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (np == EV_PG) events_panels(EV_PG, 0, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (np == 2 && unit) events_panels(2, 1, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (np == 2) events_panels(2, 0, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else if (unit) events_panels(1, 1, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+    else events_panels(1, 0, z, ev, ne, P, K, u, Pi, I, bias, j0, d);
+}
+
+/* par_work: the fewest multiply-adds (events x N) worth a parallel loop */
 static void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
                          int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
-                         int64_t *idx, int par) {
+                         int64_t *idx, int64_t par_work) {
+    /* in idx's 2 B (K + 1) int32: B rows of K + 1 (the count last), then B unit flags */
+    int32_t *lists = (int32_t *)idx, *units = lists + B * (K + 1);
+    int64_t events = 0;
     for (int64_t b = 0; b < B; b++) {
-        const float *z = Z + b * K;
-        int64_t *ev = idx + b * (K + 1), ne = 0;
-        for (int64_t k = 0; k < K; k++) { ev[ne] = k; ne += z[k] != 0.0f; } /* branch-free: no mispredictions */
-        ev[K] = ne;
+        int32_t *ev = lists + b * (K + 1);
+        int unit;
+        ev[K] = event_list(Z + b * K, K, ev, (B - b) * (K + 1), &unit); /* stores stay before the flags */
+        units[b] = unit;
+        events += ev[K];
     }
-    const int64_t nb = N / 16;
+    const int par = (events + B * I) * N >= par_work; /* the work done, not B K N: sparse steps stay on one thread */
+    const int64_t nb = N / 16, ng = (nb + EV_PG - 1) / EV_PG;
 #pragma omp parallel for if (par) schedule(static)
-    for (int64_t jb = 0; jb < nb; jb++) {
-        const int64_t j0 = jb * 16;
-        const float *P = Wp + jb * K * 16, *Pi = Wpi + jb * I * 16;
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t p0 = g * EV_PG, np = nb - p0 < EV_PG ? nb - p0 : EV_PG;
         for (int64_t b = 0; b < B; b++) {
             const float *z = Z + b * K, *u = U + b * I;
-            const int64_t *ev = idx + b * (K + 1), ne = ev[K];
-            v8f c[4][2] = {{{0}}};
-            c[0][0] = ld8(bias + j0); c[0][1] = ld8(bias + j0 + 8);
-            int64_t e = 0;
-            for (; e + 4 <= ne; e += 4)
-                for (int q = 0; q < 4; q++) {
-                    const int64_t k = ev[e + q];
-                    c[q][0] += z[k] * ld8(P + 16 * k); c[q][1] += z[k] * ld8(P + 16 * k + 8);
-                }
-            for (; e < ne; e++) {
-                const int64_t k = ev[e];
-                c[0][0] += z[k] * ld8(P + 16 * k); c[0][1] += z[k] * ld8(P + 16 * k + 8);
+            const int32_t *ev = lists + b * (K + 1);
+            float *d = D + b * N;
+            for (int64_t p = p0, w; p < p0 + np; p += w) { /* the last group's panels: 2 then 1 at a time */
+                const int64_t left = p0 + np - p;
+                w = left >= EV_PG ? EV_PG : (left >= 2 ? 2 : 1);
+                events_panels_any(w, units[b], z, ev, Wp + p * K * 16, K, u, Wpi + p * I * 16, I, bias, p * 16, d);
             }
-            for (int64_t k = 0; k < I; k++) {
-                c[1][0] += u[k] * ld8(Pi + 16 * k); c[1][1] += u[k] * ld8(Pi + 16 * k + 8);
-            }
-            st8(D + b * N + j0, (c[0][0] + c[1][0]) + (c[2][0] + c[3][0]));
-            st8(D + b * N + j0 + 8, (c[0][1] + c[1][1]) + (c[2][1] + c[3][1]));
         }
     }
     for (int64_t j = nb * 16; j < N; j++) /* the last N mod 16 columns */
         for (int64_t b = 0; b < B; b++) {
-            const int64_t *ev = idx + b * (K + 1);
+            const int32_t *ev = lists + b * (K + 1);
             float s = bias[j];
-            for (int64_t e = 0; e < ev[K]; e++) s += Z[b * K + ev[e]] * Wt[ev[e] * N + j];
+            for (int32_t e = 0; e < ev[K]; e++) s += Z[b * K + ev[e]] * Wt[ev[e] * N + j];
             for (int64_t k = 0; k < I; k++) s += U[b * I + k] * Wti[k * N + j];
             D[b * N + j] = s;
         }
+}
+
+/* The LIF cells' update from the drive (r->drive) and the previous spikes z (read before they are overwritten):
+       v = alpha v_old + d - reset,  reset = z th (subtract) or z alpha v_old (zero),
+       z_new = v > th,  post = psi(v) = gamma / th max(0, 1 - |v - th| / th) (LIFRNN and pseudo_derivative in
+   neuroinit/cells/lif.py), both 0 while refractory (ref > 0; ref <- n_ref after a spike, else counts down). */
+static inline __attribute__((always_inline)) void lif_update(Run *r, const int zero, const int refr, const int pow2,
+                                                              int64_t n) {
+    /* pow2: th is a power of two, so x / th = x (1 / th) exactly (both the correctly rounded x 2^-k) */
+    const float al = r->alpha, th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref, inv = 1.0f / th;
+    float *restrict x = r->x, *restrict z = r->z, *restrict ref = r->ref, *restrict post = r->post;
+    float *restrict act = r->act;
+    const float *restrict d = r->drive;
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) {
+        const float vold = x[k], zp = z[k];
+        const float reset = zero ? zp * (al * vold) : zp * th;
+        const float v = al * vold + d[k] - reset;
+        const float tri = 1.0f - (pow2 ? fabsf(v - th) * inv : fabsf(v - th) / th); /* fabsf: a bit mask */
+        float ps = gs * (tri > 0.0f ? tri : 0.0f);
+        float zn = v > th ? 1.0f : 0.0f;
+        if (refr) {
+            const float free_ = ref[k] <= 0.0f ? 1.0f : 0.0f;
+            ps *= free_;
+            zn *= free_;
+            ref[k] = zn > 0.0f ? nref : (ref[k] > 1.0f ? ref[k] - 1.0f : 0.0f);
+        }
+        x[k] = v;
+        post[k] = ps;
+        act[k] = zn;
+        z[k] = zn;
+    }
 }
 
 /* ---------------------------------------------------------------- forward: network + presynaptic traces */
@@ -201,7 +358,8 @@ void ni_forward(Run *r, const float *u) {
     /* drive d = bias + prev W_rec^T + u W_in^T */
     const int par = B * N * N >= r->par_work;
     if (model == LIF)
-        drive_events(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, r->events, par);
+        drive_events(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, r->events,
+                     r->par_work);
     else
         drive_dense(prev, B, N, r->wt_rec, r->wp_rec, u, I, r->wt_in, r->wp_in, r->bias, N, d, par);
     /* the cells' updates */
@@ -212,27 +370,18 @@ void ni_forward(Run *r, const float *u) {
         activate(a, d, d, post, BN);
         for (int64_t k = 0; k < BN; k++) { x[k] = oma * x[k] + al * d[k]; act[k] = x[k]; post[k] *= al; }
     } else {
-        const float th = r->v_th, gs = r->gamma / r->v_th, nref = (float)r->n_ref;
-        const int zero = (int)r->reset_zero, refr = r->n_ref > 0;
-        float *z = r->z, *ref = r->ref;
-#pragma omp simd
-        for (int64_t k = 0; k < BN; k++) {
-            const float vold = x[k], zp = z[k]; /* = prev[k] */
-            const float reset = zero ? zp * (al * vold) : zp * th;
-            const float v = al * vold + d[k] - reset;
-            const float dv = v > th ? v - th : th - v, tri = 1.0f - dv / th; /* no libm calls: vectorises */
-            float ps = gs * (tri > 0.0f ? tri : 0.0f);
-            float zn = v > th ? 1.0f : 0.0f;
-            if (refr) {
-                const float free_ = ref[k] <= 0.0f ? 1.0f : 0.0f;
-                ps *= free_;
-                zn *= free_;
-                ref[k] = zn > 0.0f ? nref : (ref[k] > 1.0f ? ref[k] - 1.0f : 0.0f);
-            }
-            x[k] = v;
-            post[k] = ps;
-            act[k] = zn;
-            z[k] = zn;
+        int e;
+        const int pow2 = frexpf(r->v_th, &e) == 0.5f && isnormal(1.0f / r->v_th);
+        /* the flags as constants: branch-free loops, no per-element test, no division where th = 2^k */
+        switch ((int)r->reset_zero | (r->n_ref > 0) << 1 | pow2 << 2) {
+            case 0: lif_update(r, 0, 0, 0, BN); break;
+            case 1: lif_update(r, 1, 0, 0, BN); break;
+            case 2: lif_update(r, 0, 1, 0, BN); break;
+            case 3: lif_update(r, 1, 1, 0, BN); break;
+            case 4: lif_update(r, 0, 0, 1, BN); break;
+            case 5: lif_update(r, 1, 0, 1, BN); break;
+            case 6: lif_update(r, 0, 1, 1, BN); break;
+            default: lif_update(r, 1, 1, 1, BN);
         }
     }
     /* readout */
@@ -492,11 +641,23 @@ void ni_pack(const float *w, int64_t n, int64_t k, float *wt, float *wp) {
 }
 
 /* Memory bandwidth probe for the roofline (neuroinit.bench): ``reps`` in-place passes a <- c a + d over n floats,
-   the access pattern of a trace update (read + write each element once per pass). */
+   the access pattern of a trace update (read + write each element once per pass). One parallel region for all
+   passes: each thread streams its own slice (whole cache lines) every pass, with no barrier between passes. */
 void ni_stream(float *a, int64_t n, int64_t reps) {
-    for (int64_t r = 0; r < reps; r++) {
-#pragma omp parallel for if (n >= 65536) schedule(dynamic, 16384)
-        for (int64_t i = 0; i < n; i++) a[i] = 0.999f * a[i] + 0.001f;
+#pragma omp parallel if (n >= 65536)
+    {
+        int64_t i0 = 0, i1 = n;
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num(), lines = (n + 15) / 16;
+        i0 = lines * t / nt * 16;
+        i1 = lines * (t + 1) / nt * 16;
+        i1 = i1 < n ? i1 : n;
+#endif
+        for (int64_t r = 0; r < reps; r++) {
+#pragma omp simd
+            for (int64_t i = i0; i < i1; i++) a[i] = 0.999f * a[i] + 0.001f;
+            __asm__ volatile("" ::: "memory"); /* each pass goes through memory: no fusing of passes (unroll-and-jam) */
+        }
     }
 }
 
