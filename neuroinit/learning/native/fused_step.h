@@ -1,7 +1,7 @@
-/* neuroinit fused online e-prop / RFLO: what fused_step.c (the network step, traces, chunked update) and
-   chip_traces.c (eligibility traces as integer codes at a chip's precision) share: the run's layout (mirrored
-   by ctypes in fused_step.py), the counter-based random words, rounding onto a trace grid, and the chip-trace
-   entry points. */
+/* neuroinit fused online e-prop / RFLO: what fused_step.c (the step, traces, chunked update), products.c (the
+   activations and forward products) and chip_traces.c (eligibility traces as integer codes at a chip's precision)
+   share: the run's layout (mirrored by ctypes in fused_step.py), the counter-based random words, rounding onto a
+   trace grid, and each file's entry points. */
 #ifndef NEUROINIT_FUSED_STEP_H
 #define NEUROINIT_FUSED_STEP_H
 #include <math.h>
@@ -48,6 +48,7 @@ typedef struct {
 #else
 #define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 #define EXACT_FP
+
 #endif
 
 /* counter-based random words: mix32 is a 32-bit integer hash (xor-shift-multiply, full avalanche); word w of
@@ -117,6 +118,7 @@ static inline __m512i mix32_v(__m512i x) {
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
+
 #endif
 
 /* chip_traces.c (internal to the library: not exported) */
@@ -125,5 +127,15 @@ NI_INTERNAL void quant_vec(const Run *r, int which, float *v, int64_t n);
 NI_INTERNAL void decay_add(float *dst, const float *src, float d, const float *x, float g, int64_t n);
 NI_INTERNAL void chip_row(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g, int portable);
 NI_INTERNAL void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]);
+
+/* products.c (internal to the library) */
+NI_INTERNAL void activate(int a, const float *d, float *f, float *df, int64_t n);
+NI_INTERNAL float dot(const float *a, const float *b, int64_t n);
+NI_INTERNAL void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
+                             int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
+                             int par);
+NI_INTERNAL void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
+                              int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
+                              int64_t *idx, int64_t par_work);
 
 #endif
