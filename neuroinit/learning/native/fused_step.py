@@ -1,4 +1,5 @@
-"""The ctypes binding of ``fused_step.c`` (with ``products.c`` and ``chip_traces.c``, sharing ``fused_step.h``): the mirror of its ``Run`` struct, its codes and its functions.
+"""The ctypes binding of ``fused_step.c`` (with ``products.c`` and ``chip_traces.c``, sharing ``fused_step.h``):
+the mirror of its ``Run`` struct, its codes and its functions.
 
 Kept next to the C source: a field added to ``Run`` is added to :class:`RunStruct` in the same order (the
 library checks the struct's size at load, ``ni_abi``). The backend that drives it is
