@@ -351,7 +351,9 @@ def test_methods_and_thread_counts_are_interleaved_within_every_repeat():
                for m, counts in (("a", (1, 2)), ("b", (1, 2)), ("c", (1,)))]
     bench.timing._measure(entries, lambda: None, cfg)
     warm_up = [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)]  # each row at each of its counts
-    assert seen == warm_up + [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)] * 3
+    # then per repeat, every row at every count: an untimed trial right before the timed one (warm caches)
+    assert seen == warm_up + [("a", 1), ("a", 1), ("a", 2), ("a", 2), ("b", 1), ("b", 1), ("b", 2), ("b", 2),
+                              ("c", 1), ("c", 1)] * 3
     for e in entries:
         assert e.repeats == 3 and {t: len(v) for t, v in e.times.items()} == {t: 3 for t in e.counts}
         assert e.res.peak_memory_mib is None or e.res.peak_memory_mib >= 0
