@@ -207,6 +207,31 @@ def test_chunked_update_across_chunk_boundaries_equals_plain_step(monkeypatch, m
             assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
+@pytest.mark.parametrize("model,form,kind", [("lif", "voltage", "mse"), ("lif", "voltage", "ce"),
+                                             ("rate", "rate", "mse")])
+def test_batch_split_over_threads_equals_plain_step(monkeypatch, model, form, kind):
+    # the recorded run split over 3 threads (batch slices of 1, 2 and 2 elements; chunks of 4 steps, learning
+    # epochs of 10): the same outputs, gradients and final traces as the plain step
+    monkeypatch.setattr(fused, "chunk_steps", lambda n, i, full: 4)
+    monkeypatch.setattr(fused, "PAR_WORK", 1)
+    cell, batch, task = _setup(model, form=form, kind=kind, b=5)
+    y_plain, st = _stepwise(OnlineEprop(cell, fast=False), batch, task)
+    g_plain = _grads(cell)
+    fast = OnlineEprop(cell, fast=True)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        trial = fast.backward(batch, task)
+    finally:
+        torch.set_num_threads(saved)
+    assert fast.native_backend.batch_slices == 3
+    _assert_close(_grads(cell), g_plain)
+    assert float((trial.outputs - y_plain).abs().max()) <= 1e-6
+    for a, b in zip(fast.native_backend.traces(), st.traces):
+        if b is not None:
+            assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
 def test_reused_buffers_start_from_zero(monkeypatch):
     # a second trial on the same rule reuses the fused buffers: same gradient as a fresh rule
     monkeypatch.setattr(fused, "chunk_steps", lambda n, i, full: 7)

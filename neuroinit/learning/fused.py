@@ -221,6 +221,8 @@ class FusedOnline:
         self._quantiser, self._config = quantiser, _cell_constants(cell)
         # chunked exact update (float traces, whole runs): records, the chunk waiting to enter the full traces
         self._rec: dict[str, torch.Tensor] | None = None
+        # threads the last native run split the batch over (``ni_run``: whole chunks of enough work; 1: none)
+        self.batch_slices = 1
         self.reset(params, grads)
         self._write_zero_traces()  # touched once: the memory a run holds does not depend on its length
 
@@ -360,14 +362,14 @@ class FusedOnline:
         if self.quantised:  # chip precision: every trace rounded at every step, by the per-step kernel
             self._write_zero_traces()
             self._reseed()
-            self.lib.ni_run(self._ref, t0, t1)
+            self.batch_slices = self.lib.ni_run(self._ref, t0, t1)
             return
         cap = self._records()
         self._set_records(True)
         try:
             for a in range(t0, t1, cap):
                 self._materialise()
-                self.lib.ni_run(self._ref, a, min(a + cap, t1))
+                self.batch_slices = self.lib.ni_run(self._ref, a, min(a + cap, t1))
                 self._flush_chunk()
         finally:
             self._set_records(False)  # single steps update the traces themselves

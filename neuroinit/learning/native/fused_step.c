@@ -116,9 +116,9 @@ void ni_update(Run *r) {
     if (r->rec_L && !r->quant) {
         /* chunked exact update (ni_chunk_prepare + GEMMs in fused.py): record this step's factors, touch no
            eligibility trace */
-        const int64_t s = r->rec_pos++; /* L, post and pre_rec were written in place by ni_run's redirection */
+        const int64_t s = r->rec_pos++, BS = r->bs ? r->bs : B; /* L, post, pre_rec: in place (ni_run) */
         for (int64_t b = 0; b < B; b++) {
-            float *row = r->rec_pre_in + (s * B + b) * (I + 1);
+            float *row = r->rec_pre_in + (s * BS + b) * (I + 1);
             memcpy(row, r->pre_in + b * I, sizeof(float) * I);
             row[I] = r->pre_bias[b];
         }
@@ -206,28 +206,29 @@ void ni_update(Run *r) {
 
 /* ---------------------------------------------------------------- whole sequences */
 static void output_error(Run *r, int64_t t) {
-    const int64_t B = r->B, O = r->O;
+    const int64_t B = r->B, O = r->O, BS = r->bs ? r->bs : B;
     for (int64_t b = 0; b < B; b++) {
-        const float s = r->scale[t * B + b];
+        const float s = r->scale[t * BS + b];
         const float *y = r->yout + b * O;
         float *e = r->err + b * O;
         if (r->loss == LOSS_MSE) {
-            const float *tg = r->targets + (t * B + b) * O;
+            const float *tg = r->targets + (t * BS + b) * O;
             for (int64_t o = 0; o < O; o++) e[o] = s * (y[o] - tg[o]);
         } else {
             float m = y[0], z = 0.0f;
             for (int64_t o = 1; o < O; o++) m = fmaxf(m, y[o]);
             for (int64_t o = 0; o < O; o++) { e[o] = expf(y[o] - m); z += e[o]; }
-            const int64_t lab = r->labels[t * B + b];
+            const int64_t lab = r->labels[t * BS + b];
             for (int64_t o = 0; o < O; o++) e[o] = s * (e[o] / z - (o == lab ? 1.0f : 0.0f));
         }
     }
 }
 
-/* Runs steps t0 <= t < t1 of r->inputs (T, B, I), errors from the loss, outputs into r->outputs (T, B, O).
-   ``r->seed`` advances by one per step (stochastic rounding keys). */
-void ni_run(Run *r, int64_t t0, int64_t t1) {
-    const int64_t B = r->B, I = r->I, O = r->O, BN = B * r->N;
+/* Runs steps t0 <= t < t1 of r->inputs (T, B, I), errors from the loss, outputs into r->outputs (T, B, O): the
+   batch elements of r, or of a slice of it (r->bs: the full batch, the stride of the per-step arrays). ``r->seed``
+   advances by one per step (stochastic rounding keys). */
+static void run_steps(Run *r, int64_t t0, int64_t t1) {
+    const int64_t B = r->B, I = r->I, O = r->O, BN = B * r->N, BS = r->bs ? r->bs : B, BSN = BS * r->N;
     /* recording (chunked update): this step's L, post and presynaptic trace are written straight into their
        record rows (the trace reads its previous value from the row before) instead of being copied there */
     const int rec = r->rec_L && !r->quant;
@@ -235,19 +236,81 @@ void ni_run(Run *r, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
         if (rec) {
             const int64_t s = r->rec_pos;
-            r->post = r->rec_post + s * BN;
-            r->L = r->rec_L + s * BN;
-            r->pre_src = s == 0 ? pre0 : r->rec_pre + (s - 1) * BN;
-            r->pre_rec = r->rec_pre + s * BN;
+            r->post = r->rec_post + s * BSN;
+            r->L = r->rec_L + s * BSN;
+            r->pre_src = s == 0 ? pre0 : r->rec_pre + (s - 1) * BSN;
+            r->pre_rec = r->rec_pre + s * BSN;
         }
-        ni_forward(r, r->inputs + t * B * I);
-        memcpy(r->outputs + t * B * O, r->yout, sizeof(float) * B * O);
+        ni_forward(r, r->inputs + t * BS * I);
+        memcpy(r->outputs + t * BS * O, r->yout, sizeof(float) * B * O);
         output_error(r, t);
         ni_update(r);
         r->seed = r->seed * 6364136223846793005ULL + 1442695040888963407ULL;
     }
     if (rec && t1 > t0) memcpy(pre0, r->pre_rec, sizeof(float) * BN); /* the trace's home holds its latest value */
     r->post = post0; r->L = L0; r->pre_rec = pre0; r->pre_src = NULL;
+}
+
+/* s: batch elements b0 <= b < b1 of r (a while recording: the steps touch only their own batch elements' state,
+   records and outputs), its readout gradients into g (O N + O floats, zero) */
+static void batch_slice(Run *s, const Run *r, int64_t b0, int64_t b1, float *g) {
+    const int64_t N = r->N, I = r->I, O = r->O;
+    *s = *r;
+    s->B = b1 - b0;
+    s->bs = r->B;
+    s->par_work = INT64_MAX; /* no nested parallel loops */
+    float **rows_n[] = {&s->x, &s->z, &s->ref, &s->post, &s->act, &s->L, &s->drive, &s->pre_rec, &s->ro,
+                        &s->rec_L, &s->rec_post, &s->rec_pre};
+    for (size_t k = 0; k < sizeof rows_n / sizeof *rows_n; k++) *rows_n[k] += b0 * N;
+    s->y += b0 * O; s->yout += b0 * O; s->err += b0 * O; s->outputs += b0 * O;
+    if (s->targets) s->targets += b0 * O;
+    if (s->labels) s->labels += b0;
+    s->inputs += b0 * I; s->pre_in += b0 * I; s->rec_pre_in += b0 * (I + 1);
+    s->pre_bias += b0; s->ro_bias += b0; s->scale += b0;
+    s->events += b0 * (N + 1); /* drive_events' B (N + 1) int64 of scratch per slice */
+    s->g_out = g; s->g_bout = g + O * N;
+    s->g_in = s->g_rec = s->g_bias = NULL; /* not touched while recording */
+    s->elig_rec = s->elig_in = s->elig_bias = NULL;
+}
+
+/* Runs steps t0 <= t < t1 (run_steps). While recording (the chunked update) with more than one thread and enough
+   work, the batch is split over the threads, each running all the steps of its slice in one parallel region (one
+   barrier per call, none per step); the readout gradients are summed per slice, then added in slice order
+   (the same result for the same thread count). Returns the number of slices (1: not split). */
+int64_t ni_run(Run *r, int64_t t0, int64_t t1) {
+    int nt = 1;
+#ifdef _OPENMP
+    nt = omp_get_max_threads();
+#endif
+    nt = nt < r->B ? nt : (int)r->B;
+    const int64_t N = r->N, O = r->O, go = O * N + O;
+    const int split = r->rec_L && !r->quant && nt > 1 && (t1 - t0) * r->B * N * N >= 8 * r->par_work;
+    float *part = split ? calloc((size_t)(nt * go), sizeof(float)) : NULL;
+    if (!part) {
+        run_steps(r, t0, t1);
+        return 1;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        Run s;
+        batch_slice(&s, r, r->B * t / n, r->B * (t + 1) / n, part + t * go);
+        run_steps(&s, t0, t1);
+#pragma omp single nowait
+        nt = n;
+    }
+    r->rec_pos += t1 - t0;
+    for (int t = 0; t < nt; t++) {
+        const float *g = part + t * go;
+        for (int64_t k = 0; k < O * N; k++) r->g_out[k] += g[k];
+        for (int64_t o = 0; o < O; o++) r->g_bout[o] += g[O * N + o];
+    }
+    free(part);
+    return nt;
 }
 
 /* Chunked exact update, step 1 of 2 (step 2: GEMMs in fused.py). Over the K = rec_pos recorded steps of a chunk

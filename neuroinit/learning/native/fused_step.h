@@ -6,6 +6,7 @@
 #define NEUROINIT_FUSED_STEP_H
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -21,6 +22,7 @@ typedef struct {
     int64_t reset_zero, n_ref, full, quant, par_work, loss, T, rec_pos;
     int64_t code_bytes, q_nearest; /* chip precision: bytes per stored trace code (1, 2); round to nearest */
     int64_t portable;               /* 1: the scalar loop even where a vector kernel exists (tests: same codes) */
+    int64_t bs; /* batch stride of the per-step inputs, outputs and records (0: B; ni_run's batch slices) */
     uint64_t seed;
     float alpha, kappa, v_th, gamma;
     float pd, pg, ed, rd;

@@ -30,7 +30,7 @@ class RunStruct(ctypes.Structure):
 
     _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "B", "N", "I", "O", "reset_zero", "n_ref",
                                                "full", "quant", "par_work", "loss", "T", "rec_pos",
-                                               "code_bytes", "q_nearest", "portable")]
+                                               "code_bytes", "q_nearest", "portable", "bs")]
                 + [("seed", ctypes.c_uint64)]
                 + [(n, ctypes.c_float) for n in ("alpha", "kappa", "v_th", "gamma", "pd", "pg", "ed", "rd")]
                 + [(n, ctypes.c_float * 8) for n in ("q_scale", "q_min", "q_max")]
@@ -40,7 +40,7 @@ class RunStruct(ctypes.Structure):
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 SYMBOLS = {
-    "ni_forward": (None, [_P, _P]), "ni_update": (None, [_P]), "ni_run": (None, [_P, _I, _I]),
+    "ni_forward": (None, [_P, _P]), "ni_update": (None, [_P]), "ni_run": (_I, [_P, _I, _I]),
     "ni_chunk_prepare": (_I, [_P, _P]), "ni_chunk_carry": (None, [_P, _P]),
     "ni_pack": (None, [_P, _I, _I, _P, _P]), "ni_abi": (ctypes.c_int, []), "ni_stream": (None, [_P, _I, _I]),
     "ni_random_words": (ctypes.c_uint32, [_I, ctypes.c_uint32]), "ni_chip_probe": (ctypes.c_float, [_I, _I, _I]),
