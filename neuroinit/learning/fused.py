@@ -18,7 +18,9 @@ step, and the weight gradient is summed in one of three ways:
   full traces are carried to the next chunk by a GEMM per batch element, only when the trial is longer than a
   chunk or the traces are asked for. The same gradient as the per-step rule up to float32 rounding (sums
   reordered), at the matmul rate instead of the memory bandwidth of a per-step trace pass; memory stays
-  independent of T (the records hold :func:`chunk_steps` steps).
+  independent of T (the records hold :func:`chunk_steps` steps). The recorded steps need nothing from other batch
+  elements, so with several threads ``ni_run`` gives each a slice of the batch for the whole chunk (one barrier
+  per chunk, none per step; ``FusedOnline.batch_slices``).
 * **per-step float traces** (single :meth:`FusedOnline.step` calls): each stored trace is updated and its
   gradient accumulated in one pass.
 * **chip-precision traces** (a ``make_trace_quantiser`` quantiser: rounded at every step): the full traces are
