@@ -210,11 +210,12 @@ def test_chunked_update_across_chunk_boundaries_equals_plain_step(monkeypatch, m
 @pytest.mark.parametrize("model,form,kind", [("lif", "voltage", "mse"), ("lif", "voltage", "ce"),
                                              ("rate", "rate", "mse")])
 def test_batch_split_over_threads_equals_plain_step(monkeypatch, model, form, kind):
-    # the recorded run split over 3 threads (batch slices of 1, 2 and 2 elements; chunks of 4 steps, learning
-    # epochs of 10): the same outputs, gradients and final traces as the plain step
+    # the recorded run split over 3 threads (batch slices of 1, 2 and 2 elements; chunks of 4 steps; the chunk's
+    # B N = 350 filtered elements in blocks of 256 and 94 over the threads): the same outputs, gradients and final
+    # traces as the plain step
     monkeypatch.setattr(fused, "chunk_steps", lambda n, i, full: 4)
     monkeypatch.setattr(fused, "PAR_WORK", 1)
-    cell, batch, task = _setup(model, form=form, kind=kind, b=5)
+    cell, batch, task = _setup(model, form=form, kind=kind, n=70, b=5)
     y_plain, st = _stepwise(OnlineEprop(cell, fast=False), batch, task)
     g_plain = _grads(cell)
     fast = OnlineEprop(cell, fast=True)

@@ -332,19 +332,25 @@ static int row_is_zero(const float *a, int64_t n) {
 int64_t ni_chunk_prepare(Run *r, float *c) {
     const int64_t B = r->B, N = r->N, I = r->I, n = B * N, K = r->rec_pos;
     const float ed = r->ed;
-    float w = 1.0f;
-    for (int64_t k = 0; k < n; k++) c[k] = 0.0f; /* running Lf */
-    for (int64_t s = K - 1; s >= 0; s--) {
-        float *L = r->rec_L + s * n, *p = r->rec_post + s * n;
-        for (int64_t k = 0; k < n; k++) {
-            const float lf = L[k] + ed * c[k];
-            c[k] = lf;
-            L[k] = lf * p[k];
-            p[k] *= w;
+    /* elements k are independent: threads own blocks of 256 of them for every step */
+#pragma omp parallel for if (K * n * 4 >= r->par_work) schedule(static)
+    for (int64_t k0 = 0; k0 < n; k0 += 256) {
+        const int64_t k1 = k0 + 256 < n ? k0 + 256 : n;
+        float w = 1.0f;
+        for (int64_t k = k0; k < k1; k++) c[k] = 0.0f; /* running Lf */
+        for (int64_t s = K - 1; s >= 0; s--) {
+            float *L = r->rec_L + s * n, *p = r->rec_post + s * n;
+#pragma omp simd
+            for (int64_t k = k0; k < k1; k++) {
+                const float lf = L[k] + ed * c[k];
+                c[k] = lf;
+                L[k] = lf * p[k];
+                p[k] *= w;
+            }
+            w *= ed;
         }
-        w *= ed;
+        for (int64_t k = k0; k < k1; k++) c[k] *= ed;
     }
-    for (int64_t k = 0; k < n; k++) c[k] *= ed;
     if (r->full) return K * B;
     /* fill each empty row from the front with the last non-empty row (the sum does not depend on the order):
        at most as many rows move as are empty */
