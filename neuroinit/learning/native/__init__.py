@@ -1,6 +1,6 @@
 """Native kernels as C source files, compiled at first use (:mod:`~neuroinit.learning.native.loader`).
 
-- ``fused_step.c`` + ``products.c`` + ``chip_traces.c`` (sharing ``fused_step.h``; bound in ``fused_step.py``): the
+- ``fused_step.c`` + ``products.c`` + ``chip_traces.c`` (sharing ``fused_run.h``; bound in ``fused_step.py``): the
   fused online e-prop / RFLO step, the native backend of :class:`~neuroinit.learning.online.OnlineEprop`
   (:mod:`neuroinit.learning.fused`);
 - ``bptt.c`` (bound in :mod:`neuroinit.learning.fused_bptt_native`): the fused BPTT's loops.

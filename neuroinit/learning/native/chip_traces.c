@@ -1,7 +1,7 @@
 /* neuroinit fused step, chip precision: the presynaptic and readout traces on their grids, and the eligibility
-   traces as int8 / int16 codes updated with stochastic rounding in one vectorised pass (see fused_step.h for the
+   traces as int8 / int16 codes updated with stochastic rounding in one vectorised pass (see fused_run.h for the
    shared layout and random words; neuroinit/learning/fused.py for the Python side). */
-#include "fused_step.h"
+#include "fused_run.h"
 
 /* the O(B N) traces (presynaptic, readout), held as float values on their grids */
 void quant_vec(const Run *r, int which, float *v, int64_t n) {

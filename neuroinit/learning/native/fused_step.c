@@ -1,7 +1,7 @@
 /* neuroinit fused online e-prop / RFLO (float32): the network step, presynaptic and readout
    traces and learning signal in one call per step; the eligibility traces either updated per step (one pass that
    also accumulates the gradient) or recorded for the chunked exact update. See neuroinit/learning/fused.py. */
-#include "fused_step.h"
+#include "fused_run.h"
 
 /* The LIF cells' update from the drive (r->drive) and the previous spikes z (read before they are overwritten):
        v = alpha v_old + d - reset,  reset = z th (subtract) or z alpha v_old (zero),

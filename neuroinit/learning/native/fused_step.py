@@ -1,4 +1,4 @@
-"""The ctypes binding of ``fused_step.c`` (with ``products.c`` and ``chip_traces.c``, sharing ``fused_step.h``):
+"""The ctypes binding of ``fused_step.c`` (with ``products.c`` and ``chip_traces.c``, sharing ``fused_run.h``):
 the mirror of its ``Run`` struct, its codes and its functions.
 
 Kept next to the C source: a field added to ``Run`` is added to :class:`RunStruct` in the same order (the
@@ -26,7 +26,7 @@ _PTRS = ("w_in", "w_rec", "bias", "w_out", "b_out", "fb", "wt_in", "wt_rec", "wp
 
 
 class RunStruct(ctypes.Structure):
-    """``Run`` of fused_step.h: sizes and options, constants, chip grids, buffer pointers."""
+    """``Run`` of fused_run.h: sizes and options, constants, chip grids, buffer pointers."""
 
     _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "B", "N", "I", "O", "reset_zero", "n_ref",
                                                "full", "quant", "par_work", "loss", "T", "rec_pos",
@@ -55,4 +55,4 @@ def _check_abi(lib: ctypes.CDLL) -> None:
 def new_library() -> NativeLibrary:
     """A fresh, not yet loaded handle on the fused step's library."""
     return NativeLibrary("fused_step.c", SYMBOLS, check=_check_abi, extra_sources=("products.c", "chip_traces.c"),
-                         headers=("fused_step.h",))
+                         headers=("fused_run.h",))

@@ -1,6 +1,6 @@
 /* neuroinit fused step: the network's arithmetic -- activations, and the forward product (dense, and event-driven
    for spikes) -- that ni_forward (fused_step.c) runs every step. */
-#include "fused_step.h"
+#include "fused_run.h"
 
 /* ---------------------------------------------------------------- vector helpers */
 /* GCC/Clang vector extensions; -march=native picks the widest registers. */

@@ -2,8 +2,8 @@
    activations and forward products) and chip_traces.c (eligibility traces as integer codes at a chip's precision)
    share: the run's layout (mirrored by ctypes in fused_step.py), the counter-based random words, rounding onto a
    trace grid, and each file's entry points. */
-#ifndef NEUROINIT_FUSED_STEP_H
-#define NEUROINIT_FUSED_STEP_H
+#ifndef NEUROINIT_FUSED_RUN_H
+#define NEUROINIT_FUSED_RUN_H
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
