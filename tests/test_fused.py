@@ -6,7 +6,7 @@ import pytest
 import torch
 from _synthetic import random_trials
 
-from neuroinit.cells import make_cell
+from neuroinit.cells import PARAM_NAMES, make_cell
 from neuroinit.init import hardware_init
 from neuroinit.learning import fused
 from neuroinit.learning.chip import make_trace_quantiser
@@ -15,9 +15,6 @@ from neuroinit.tasks.base import Batch, Task
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused step unavailable: "
                                 f"{fused.unavailable_reason()}")
-
-PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
-
 
 
 def _setup(model: str, *, form: str = "voltage", kind: str = "mse", n: int = 20, b: int = 3, t_len: int = 25,
@@ -31,14 +28,14 @@ def _setup(model: str, *, form: str = "voltage", kind: str = "mse", n: int = 20,
 
 
 def _grads(cell) -> dict[str, torch.Tensor]:
-    out = {n: getattr(cell, n).grad.clone() for n in PARAMS}
-    for n in PARAMS:
+    out = {n: getattr(cell, n).grad.clone() for n in PARAM_NAMES}
+    for n in PARAM_NAMES:
         getattr(cell, n).grad = None
     return out
 
 
 def _assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
-    for n in PARAMS:
+    for n in PARAM_NAMES:
         scale = max(1.0, float(b[n].abs().max()))
         assert float((a[n] - b[n]).abs().max()) <= tol * scale, n
 
@@ -102,7 +99,7 @@ def test_fused_random_feedback_and_learning_epochs_match():
         rule = OnlineEprop(c, feedback=fb, fast=fast)
         opt = torch.optim.SGD(c.parameters(), lr=0.5)
         trial = rule.backward(batch, task, optimizer=opt, apply_every=5)
-        results.append((trial.outputs, [getattr(c, n).detach().clone() for n in PARAMS]))
+        results.append((trial.outputs, [getattr(c, n).detach().clone() for n in PARAM_NAMES]))
     assert float((results[0][0] - results[1][0]).abs().max()) <= 1e-5
     for a, b in zip(results[0][1], results[1][1]):
         assert float((a - b).abs().max()) <= 1e-5
@@ -182,7 +179,7 @@ def test_supports_names_the_reason():
     cell, _, _ = _setup("lif", n=4, dtype=torch.float64)
     assert "float32" in fused.supports(cell)
     with pytest.raises(ValueError, match="Invalid fused step"):
-        fused.FusedOnline(cell, cell.params(), 1, {n: torch.zeros_like(getattr(cell, n)) for n in PARAMS})
+        fused.FusedOnline(cell, cell.params(), 1, {n: torch.zeros_like(getattr(cell, n)) for n in PARAM_NAMES})
 
 
 @pytest.mark.parametrize("model,form,kw", [("lif", "voltage", {}), ("rate", "rate", {}),

@@ -6,12 +6,10 @@ import pytest
 import torch
 from _synthetic import random_trials
 
-from neuroinit.cells import make_cell
+from neuroinit.cells import PARAM_NAMES, make_cell
 from neuroinit.cells.base import CellParams
 from neuroinit.init import hardware_init
 from neuroinit.learning import BPTT, fused_bptt, fused_bptt_native
-
-PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
 
 CELLS = {  # name: (model, cell options)
     "voltage-tanh": ("rate", {"form": "voltage"}),
@@ -23,7 +21,6 @@ CELLS = {  # name: (model, cell options)
     "lif-zero-refractory": ("lif", {"reset": "zero", "n_refractory": 2}),
     "lif-subtract-refractory": ("lif", {"reset": "subtract", "n_refractory": 3}),
 }
-
 
 
 def _setup(name: str, *, kind: str = "mse", n: int = 20, b: int = 3, t_len: int = 25, dtype=torch.float32,
@@ -39,14 +36,14 @@ def _setup(name: str, *, kind: str = "mse", n: int = 20, b: int = 3, t_len: int 
 
 
 def _run(cell, rule, batch, task):
-    for n in PARAMS:
+    for n in PARAM_NAMES:
         getattr(cell, n).grad = None
     trial = rule.backward(batch, task)
-    return trial, {n: getattr(cell, n).grad.clone() for n in PARAMS}
+    return trial, {n: getattr(cell, n).grad.clone() for n in PARAM_NAMES}
 
 
 def _assert_close(a: dict, b: dict, rtol: float) -> None:
-    for n in PARAMS:
+    for n in PARAM_NAMES:
         scale = float(b[n].abs().max())
         assert float((a[n] - b[n]).abs().max()) <= rtol * max(scale, 1e-30), n
 
@@ -63,7 +60,7 @@ def test_fused_bptt_equals_autograd_bptt(name, t_len, b):
     assert abs(float(trial.loss) - float(ref_trial.loss)) <= 1e-5 * abs(float(ref_trial.loss))
     _assert_close(got, ref, rtol=1e-4)
     if t_len > 1:  # the comparison is not between two zeros
-        assert all(float(ref[n].abs().max()) > 0 for n in PARAMS)
+        assert all(float(ref[n].abs().max()) > 0 for n in PARAM_NAMES)
     if t_len == 50 and CELLS[name][0] == "lif":  # spikes happened and the recurrent path carried gradient
         assert float(trial.outputs.abs().max()) > 0 and float(ref["w_rec"].abs().max()) > 1e-4
 
@@ -90,12 +87,12 @@ def test_quantised_profile_straight_through_and_repeated_trials_of_other_lengths
     _, short, _ = _setup("lif-subtract", profile="loihi-like", t_len=9, b=3, seed=1)
     expected = {}
     for rule in (BPTT(cell), BPTT(cell, fast=True)):
-        for n in PARAMS:
+        for n in PARAM_NAMES:
             getattr(cell, n).grad = None
         rule.backward(batch, task)
         rule.backward(short, task)
         rule.backward(batch, task)
-        expected[rule.fast] = {n: getattr(cell, n).grad.clone() for n in PARAMS}
+        expected[rule.fast] = {n: getattr(cell, n).grad.clone() for n in PARAM_NAMES}
     _assert_close(expected[True], expected[False], rtol=1e-4)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from neuroinit.cells import make_cell
+from neuroinit.cells import PARAM_NAMES, make_cell
 from neuroinit.cells.base import LocalFactors
 from neuroinit.init import hardware_init
 from neuroinit.learning import fused
@@ -18,7 +18,6 @@ from neuroinit.learning.online import Traces, accumulate_step
 pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused step unavailable: "
                                 f"{fused.unavailable_reason()}")
 
-PARAMS = ("w_in", "w_rec", "bias", "w_out", "b_out")
 FULL = ("elig_rec", "elig_in", "elig_bias")
 
 
@@ -35,7 +34,7 @@ class _Kernel:
     def __init__(self, cell, b: int, rounding: str, *, portable: bool = False) -> None:
         self.cell, self.b = cell, b
         self.q = make_trace_quantiser(cell, generator=torch.Generator().manual_seed(9), rounding=rounding)
-        self.grads = {k: torch.zeros_like(getattr(cell, k)) for k in PARAMS}
+        self.grads = {k: torch.zeros_like(getattr(cell, k)) for k in PARAM_NAMES}
         self.fz = fused.FusedOnline(cell, cell.params(), b, self.grads, quantiser=self.q)
         self.fz.run_struct.portable = int(portable)
         self.fz.traces()  # writes the zero traces
@@ -111,7 +110,7 @@ def test_integer_traces_equal_the_pytorch_chip_path_with_nearest_rounding(profil
         ref = {name: torch.zeros_like(g) for name, g in k.grads.items()}
         f = LocalFactors(tr.pre_rec, tr.pre_in, post, tr.readout)
         accumulate_step(ref, err, cell.w_out.detach(), f, tr._replace(**values))
-        for name in PARAMS:
+        for name in PARAM_NAMES:
             scale = max(1.0, float(ref[name].abs().max()))
             assert float((k.grads[name] - ref[name]).abs().max()) <= 1e-5 * scale, name
 
@@ -129,7 +128,7 @@ def test_vector_and_scalar_kernels_draw_the_same_random_bits():
         runs.append((k.codes(), {n: g.clone() for n, g in k.grads.items()}))
     for name in FULL:
         assert torch.equal(runs[0][0][name], runs[1][0][name]), name
-    for n in PARAMS:
+    for n in PARAM_NAMES:
         assert float((runs[0][1][n] - runs[1][1][n]).abs().max()) <= 1e-5, n
 
 
