@@ -230,7 +230,6 @@ def test_runs_too_large_for_the_random_counters_take_the_pytorch_path():
     assert not _counters_fit(256, 8192, torch.int8) and not _counters_fit(128, 8192, torch.int16)
 
 
-@pytest.mark.skipif(not fused.available(), reason=f"fused step unavailable: {fused.unavailable_reason()}")
 def test_training_on_a_chip_profile_runs_the_fused_step_reproducibly(tmp_path):
     # train learns at the chip's precision through the native step (integer trace codes): same seed, same file
     from neuroinit.experiments.train import TrainConfig, train
