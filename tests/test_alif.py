@@ -216,7 +216,6 @@ def test_norse_lsnn_equals_alif_without_recurrence():
     """The bench's norse peer (norse's LSNNRecurrent, current-based Euler) is neuroinit's ALIF with reset to zero
     under the mapping of :class:`neuroinit.bench.peers.NorseLSNNNet`: same spikes, same outputs, checked without
     recurrence (norse's recurrent spikes arrive one step later) and with strong adaptation."""
-    pytest.importorskip("norse")
     from neuroinit.bench.peers import NorseLSNNNet
 
     p = _params(n=16)
@@ -239,7 +238,6 @@ def test_norse_lsnn_equals_alif_without_recurrence():
 
 
 def test_bench_times_alif_next_to_norse():
-    pytest.importorskip("norse")
     from neuroinit.bench.peers import (
         SyntheticTask,
         check_gradients,

@@ -62,6 +62,5 @@ def test_task_from_settings_rebuilds_the_run_task():
 
 
 def test_task_from_settings_gives_neurogym_tasks_the_run_time_step():
-    pytest.importorskip("neurogym")
     task = task_from_settings("2af", {"dt_ms": 20.0, "tau_ms": 100.0})
     assert task.dt_ms == 20.0
