@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 from datetime import UTC, datetime
 
 import pytest
@@ -49,7 +50,9 @@ def test_cpu_model_and_id_read_the_given_cpuinfo(tmp_path):
     other.write_text("model name\t: Toy CPU 9000\nflags\t\t: fpu sse2 avx512f\n")
     assert cpu_id(other) != cpu_id(info)                 # a different instruction set is a different build
     missing = tmp_path / "missing"
-    assert isinstance(cpu_model(missing), str) and isinstance(cpu_id(missing), str)
+    # no /proc/cpuinfo (macOS, some containers): what platform says, never an error
+    assert cpu_model(missing) == (platform.processor() or platform.machine())
+    assert cpu_id(missing) == platform.processor()
 
 
 def test_task_from_settings_rebuilds_the_run_task():
