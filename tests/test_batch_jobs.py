@@ -362,26 +362,21 @@ def test_figure_into_a_missing_directory_is_refused(tmp_path, command):
 
 # ------------------------------------------------------------------------------------------ the native step
 
-def _reset_fused(monkeypatch, tmp_path) -> None:
-    monkeypatch.delenv("NEUROINIT_NO_FUSED", raising=False)
-    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path))  # nothing cached: a build is needed
-    monkeypatch.setattr(fused, "LIBRARY", fused.new_library())
-
-
-def test_a_broken_cc_is_reported_never_replaced(tmp_path, monkeypatch):
-    _reset_fused(monkeypatch, tmp_path)
+def test_a_broken_cc_is_reported_never_replaced(tmp_path, monkeypatch, reset_native):
+    reset_native(tmp_path)  # nothing cached: a build is needed
     monkeypatch.setenv("CC", "/nonexistent")
     assert not fused.available()
     assert fused.unavailable_reason() == ("CC='/nonexistent' is not an executable on PATH (unset CC to use cc, "
                                           "gcc or clang)")
-    _reset_fused(monkeypatch, tmp_path)
+    reset_native(tmp_path)
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler anywhere
     assert not fused.available() and fused.unavailable_reason().startswith("no C compiler (cc, gcc or clang)")
 
 
-def test_train_and_bench_say_once_that_the_native_step_is_missing_and_record_the_path(tmp_path, monkeypatch):
-    _reset_fused(monkeypatch, tmp_path)
+def test_train_and_bench_say_once_that_the_native_step_is_missing_and_record_the_path(tmp_path, monkeypatch,
+                                                                                        reset_native):
+    reset_native(tmp_path)
     monkeypatch.setenv("CC", "/nonexistent")
     out = tmp_path / "r.h5"
     r = CliRunner().invoke(main, [*TRAIN[:5], "--hidden", "8", "--iters", "2", "--eval-batch", "8",

@@ -115,13 +115,13 @@ def test_float64_falls_back_to_pytorch_with_the_same_gradient():
     _assert_close(g_fast, _grads(cell), tol=0.0)
 
 
-def test_unavailable_library_falls_back_with_the_same_gradient(monkeypatch):
+def test_unavailable_library_falls_back_with_the_same_gradient(monkeypatch, reset_native):
     cell, batch, task = _setup("rate", form="rate")
     rule = OnlineEprop(cell, fast=True)
     rule.backward(batch, task)
     assert rule.uses_fast_path
     g_fast = _grads(cell)
-    monkeypatch.setattr(fused, "LIBRARY", fused.new_library())
+    reset_native()
     monkeypatch.setenv("NEUROINIT_NO_FUSED", "1")
     assert not fused.available() and fused.unavailable_reason() == "disabled by NEUROINIT_NO_FUSED"
     rule = OnlineEprop(cell, fast=True)

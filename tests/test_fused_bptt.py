@@ -163,17 +163,16 @@ def test_native_loops_equal_the_pytorch_loops(monkeypatch, name, t_len, b, blas)
                                    native=True)
 
 
-def test_the_native_loops_can_be_disabled(monkeypatch):
-    monkeypatch.setattr(fused_bptt_native, "_state", {})
+def test_the_native_loops_can_be_disabled(monkeypatch, reset_native):
+    reset_native()
     monkeypatch.setenv("NEUROINIT_NO_FUSED", "1")
     assert not fused_bptt_native.available() and "NEUROINIT_NO_FUSED" in fused_bptt_native.unavailable_reason()
 
 
-def test_without_the_native_library_the_pytorch_loops_run(monkeypatch, tmp_path):
+def test_without_the_native_library_the_pytorch_loops_run(monkeypatch, tmp_path, reset_native):
     cell, batch, task = _setup("lif-zero", t_len=20)
     _, ref = _run(cell, BPTT(cell), batch, task)
-    monkeypatch.setattr(fused_bptt_native, "_state", {})
-    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path))
+    reset_native(tmp_path)
     monkeypatch.setenv("CC", "/nonexistent")
     assert not fused_bptt_native.available()
     assert fused_bptt_native.unavailable_reason().startswith("CC='/nonexistent' is not an executable")
