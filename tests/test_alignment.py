@@ -192,8 +192,8 @@ def test_added_fields_keep_existing_run_ids():
 # ------------------------------------------------------------------------------------------ figure
 
 def test_alignment_figure_has_a_curve_per_model_and_rule_with_labelled_ticks(tmp_path):
-    from neuroinit.experiments.alignment_report import fresh_report
     from neuroinit.experiments.alignment_plot import alignment_figure
+    from neuroinit.experiments.alignment_report import fresh_report
 
     doc = fresh_report([("rate", "eprop"), ("rate", "rflo")], [0.0, 0.5, 2.0], [0, 1], batches=1, **SMALL)
     path = tmp_path / "a.json"
