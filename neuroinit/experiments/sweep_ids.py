@@ -7,11 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neuroinit.experiments.run_identity import (  # noqa: F401  (re-exported: sweep's names for run identity)
-    _FORMER_DEFAULTS,
-    _NOT_HASHED,
     ADDED_FIELDS,
-    _canonical,
-    _field_default,
     _flosses,
     comparable_config,
     run_id,
