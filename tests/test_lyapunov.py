@@ -346,3 +346,16 @@ def test_cli_refuses_options_the_chosen_cell_does_not_take():
                     "Invalid options --form for --model alif")
     _one_error_line(_lyap("--model", "rate", "--hidden", "8", "--gain", "1", "--tau-m", "20"),
                     "allowed --alpha, --activation, --form")
+
+
+def test_report_and_cli_allow_the_whole_state_of_a_two_component_cell():
+    """ALIF's state is (v, a): K N = 2 N exponents, as lyapunov_spectrum allows; more is refused."""
+    from neuroinit.experiments.lyapunov_report import SpectrumSettings, analyse, fresh_network
+
+    net = fresh_network("alif", 8, 1.0, seed=0)
+    report = analyse(net, SpectrumSettings(k=10, batch=1, steps=5, warmup=1), seed=0)
+    assert report.before.k == 10 and report.before.mean.shape == (10,)
+    with pytest.raises(ValueError, match="Invalid k 17: must be between 1 and the state size K N = 16"):
+        analyse(net, SpectrumSettings(k=17, batch=1, steps=5, warmup=1), seed=0)
+    _one_error_line(_lyap("--model", "alif", "--hidden", "8", "--gain", "1", "--k", "17"),
+                    "Invalid --k 17: must be between 1 and the state size K N = 16")

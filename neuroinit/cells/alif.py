@@ -14,7 +14,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from neuroinit.cells.base import CellParams, LocalDerivatives, LocalFactors, RecurrentCell, TraceSpec, readout
-from neuroinit.cells.lif import RESETS, pseudo_derivative, spike
+from neuroinit.cells.lif import LIFRNN, RESETS, pseudo_derivative, spike
 from neuroinit.cells.registry import register
 from neuroinit.profiles import HardwareProfile
 
@@ -84,10 +84,7 @@ class ALIFRNN(RecurrentCell):
     spiking = True
     state_type = ALIFState
     eligibility_components = 2
-    task_defaults: ClassVar[dict[str, dict]] = {"romo": {"dt_ms": 5.0, "tau_ms": 20.0, "tau_m_ms": 100.0, "tau_out_ms": 20.0,
-                              "input_scale": 2.0},
-                     "neurogym": {"dt_ms": 20.0, "tau_ms": None, "tau_m_ms": 100.0, "tau_out_ms": 100.0,
-                                  "input_scale": 2.0}}
+    task_defaults: ClassVar[dict[str, dict]] = LIFRNN.task_defaults   # LIF's run settings (beta = 0 is LIF)
 
     def __init__(self, params: CellParams, *, dt: float = 1.0, tau_m: float = 20.0, tau_out: float = 20.0,
                  tau_a: float = 200.0, beta: float = 0.1, v_th: float = 1.0, gamma: float = 0.3,

@@ -228,8 +228,8 @@ def lyapunov_command(run, which, model, hidden, gain, alpha, activation, form, d
                                  dtype=getattr(torch, dtype), input_scale=input_scale,
                                  **_given(alpha=alpha, activation=activation, form=form, dt=dt, tau_m=tau_m))
     n = net.cell.n_hidden
-    if k is not None and k > n:
-        raise ValueError(f"Invalid --k {k}: must be between 1 and N = {n}")
+    if k is not None and k > net.cell.observable_size:   # K N exponents (K = 2 for ALIF), as lyapunov_spectrum
+        raise ValueError(f"Invalid --k {k}: must be between 1 and the state size K N = {net.cell.observable_size}")
     floss_k = _floss_k_value(floss_k)
     if isinstance(floss_k, int) and not 1 <= floss_k <= n:
         raise ValueError(f"Invalid --floss-k {floss_k}: allowed auto (max(1, N // 8)) or an integer between 1 and "

@@ -94,7 +94,8 @@ def run_alignment(path, *, which: str = "final", rule: str | None = None, batche
                          f"compare with bptt ({', '.join(ALIGN_RULES)})")
     _check_count("batches", batches)
     # the stored cell keeps its own form; the config's form is pinned so that changing the rule changes nothing else
-    form = rf.settings.get("form") if cfg.model == "rate" else None
+    # (only cells with a form, e.g. rate, have it in their settings: RecurrentCell.derived_settings)
+    form = rf.settings.get("form")
     cfg = dataclasses.replace(cfg, rule=rule, dtype=dtype, fast=False, lyapunov=False, lr_grid=(),
                               lr=None, form=form)
     ctx = _context(cfg)

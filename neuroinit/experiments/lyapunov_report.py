@@ -179,8 +179,8 @@ def analyse(net: Network, spec: SpectrumSettings = SpectrumSettings(), floss: Fl
     """The spectrum of ``net`` and, with ``floss.iters > 0``, the flossing record and the spectrum after
     flossing ``net.cell`` in place (module docstring); ``progress`` is flossing's per-iteration callback."""
     cell = net.cell
-    if spec.k > cell.n_hidden:
-        raise ValueError(f"Invalid k {spec.k}: must be between 1 and N = {cell.n_hidden}")
+    if spec.k > cell.observable_size:   # before flossing; the spectrum has K N exponents (lyapunov_spectrum)
+        raise ValueError(f"Invalid k {spec.k}: must be between 1 and the state size K N = {cell.observable_size}")
     floss_k = _floss_k(floss.k, cell.n_hidden) if floss.iters else None
     scale = float(net.settings["input_scale"])
     drive = {"task": net.task_name if net.task is not None else "none", "batch": spec.batch, "steps": spec.steps,

@@ -7,11 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neuroinit.experiments.run_identity import (  # noqa: F401  (re-exported: sweep's names for run identity)
-    _FORMER_DEFAULTS,
-    _NOT_HASHED,
     ADDED_FIELDS,
-    _canonical,
-    _field_default,
     _flosses,
     comparable_config,
     run_id,
@@ -74,12 +70,13 @@ def condition_key(config: dict) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def _effective_lr(config: dict) -> float:
-    if config.get("lr") is not None:
-        return float(config["lr"])
-    from neuroinit.experiments.train import TrainConfig, resolve_settings
+def _effective_lr(config) -> float:
+    """The learning rate ``config`` (a TrainConfig, already validated) trains with: its own or the default."""
+    if config.lr is not None:
+        return float(config.lr)
+    from neuroinit.experiments.train import resolve_settings
 
-    return float(resolve_settings(TrainConfig.from_dict(config))["lr"])
+    return float(resolve_settings(config)["lr"])
 
 
 def _matched_tau_m(config: dict) -> float:
@@ -115,6 +112,6 @@ class PlannedRun:
 
     def describe(self) -> str:
         c = self.config
-        return (f"{c.task} {c.model} {self.rule} gain {c.gain:g} seed {c.seed} lr {_effective_lr(c.to_dict()):.3g}"
+        return (f"{c.task} {c.model} {self.rule} gain {c.gain:g} seed {c.seed} lr {_effective_lr(c):.3g}"
                 + ("" if c.profile == "ideal" else f" profile {c.profile}"))
 

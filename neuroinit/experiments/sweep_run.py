@@ -137,7 +137,7 @@ class SweepReport:
 def _record(run: PlannedRun) -> dict:
     c = run.config
     return {"id": run.run_id, "file": run.file, "task": c.task, "model": c.model, "rule": run.rule,
-            "gain": c.gain, "seed": c.seed, "lr": _effective_lr(c.to_dict()), "lr_scale": run.lr_scale,
+            "gain": c.gain, "seed": c.seed, "lr": _effective_lr(c), "lr_scale": run.lr_scale,
             "profile": c.profile, "condition": condition_key(c.to_dict()), "status": "pending", "error": "",
             "traceback": "", "attempts": 0, "wall_time": None, "host": "", "finished": "", "summary": {}}
 

@@ -250,5 +250,5 @@ def _plan_block(block: dict, at: str, where: str, base: dict, flossing: dict, ba
         rid = run_id(config)
         if rid in runs:
             continue
-        fname = _safe(f"{config.task}_{model}_{rule}_g{gain:g}_lr{_effective_lr(config.to_dict()):.3g}_s{seed}")
+        fname = _safe(f"{config.task}_{model}_{rule}_g{gain:g}_lr{_effective_lr(config):.3g}_s{seed}")
         runs[rid] = PlannedRun(rid, config, f"{RUNS_DIR}/{fname}_{rid}.h5", scale)

@@ -216,8 +216,9 @@ def execute_ensemble(payload: dict) -> dict:
     except Exception as e:  # noqa: BLE001  failing runs are recorded with their error; the sweep goes on
         for j, res in enumerate(results):
             with contextlib.suppress(Exception):   # members finished before the failure keep their result
-                if j < len(targets) and shared[j] and run_state(targets[j], configs[j])[0] in FINISHED:
-                    res["status"] = run_state(targets[j], configs[j])[0]
+                state = run_state(targets[j], configs[j])[0] if j < len(targets) and shared[j] else None
+                if state in FINISHED:
+                    res["status"] = state
                     res["summary"] = _file_summary(targets[j])
             if res["status"] == "failed":
                 res["error"] = f"in an ensemble: {one_line(e, with_type=True)}"

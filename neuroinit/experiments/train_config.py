@@ -173,7 +173,7 @@ class TrainConfig:
             raise ValueError(f"Invalid gain {self.gain!r}: must be a finite number >= 0")
         if not isinstance(self.profile, str) or not self.profile:
             raise ValueError(f"Invalid profile {self.profile!r}: a bundled profile name or a .toml path")
-        load_profile(self.profile)  # ProfileError (a ValueError) naming the problem
+        profile = load_profile(self.profile)  # ProfileError (a ValueError) naming the problem
         for name in ("hidden", "batch", "iters", "log_every", "checkpoint_every", "eval_batch", "lyapunov_k"):
             val = getattr(self, name)
             if not _is_int(val) or val < 1:
@@ -189,7 +189,7 @@ class TrainConfig:
         if "alpha" in s and not 0 < s["alpha"] <= 1:
             raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g}: the {self.model} network "
                              "needs 0 < alpha = dt / tau <= 1")
-        _check_cell_kwargs(self, s)
+        _check_cell_kwargs(self, s, profile)
         if _task_kind(self.task) == "romo" and not 0 < s["dt_tau"] <= 1:
             raise ValueError(f"Invalid dt_ms / tau_ms = {s['dt_ms']:g} / {s['tau_ms']:g} for Romo: the task's "
                              "step dt / tau must be in (0, 1]")
@@ -312,10 +312,10 @@ def _task_defaults(config: TrainConfig) -> dict:
     return cls.task_defaults[kind]
 
 
-def _check_cell_kwargs(config: TrainConfig, settings: dict) -> None:
-    """Build the model's cell once on a 1-neuron network: its constructor validates the run's options."""
+def _check_cell_kwargs(config: TrainConfig, settings: dict, profile) -> None:
+    """Build the model's cell once on a 1-neuron network: its constructor validates the run's options
+    (``profile``: the config's, already loaded)."""
     cls = cell_class(config.model)
-    profile = load_profile(config.profile)
     one = torch.zeros(1, 1, dtype=torch.float64)
     tiny = CellParams(one, one.clone(), one[0].clone(), one.clone(), one[0].clone())
     try:
