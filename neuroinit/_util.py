@@ -52,6 +52,21 @@ def _first(lines: list[str], key: str) -> str:
     return next((ln for ln in lines if ln.startswith(key)), "")
 
 
+def cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str] | None:
+    """Key -> value of the first processor's block of ``/proc/cpuinfo`` (vendor_id, model, flags, ...); None
+    where it cannot be read."""
+    lines = _cpuinfo_lines(cpuinfo)
+    if lines is None:
+        return None
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line.strip():
+            break  # the first processor's block only
+        k, _, v = line.partition(":")
+        fields[k.strip()] = v.strip()
+    return fields
+
+
 def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
     line = _first(_cpuinfo_lines(cpuinfo) or [], "model name")

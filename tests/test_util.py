@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from neuroinit._util import cache_dir, cpu_id, cpu_model, fmt, one_line, utc_now
+from neuroinit._util import cache_dir, cpu_fields, cpu_id, cpu_model, fmt, one_line, utc_now
 from neuroinit.tasks import task_from_settings
 
 
@@ -50,6 +50,14 @@ def test_cpu_model_and_id_read_the_given_cpuinfo(tmp_path):
     assert cpu_id(other) != cpu_id(info)                 # a different instruction set is a different build
     missing = tmp_path / "missing"
     assert isinstance(cpu_model(missing), str) and isinstance(cpu_id(missing), str)
+
+
+def test_cpu_fields_reads_the_first_processor_block(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: ToyVendor\nflags\t\t: fpu avx2\n\n"
+                    "processor\t: 1\nvendor_id\t: Other\nflags\t\t: fpu avx512f\n")
+    assert cpu_fields(info) == {"processor": "0", "vendor_id": "ToyVendor", "flags": "fpu avx2"}
+    assert cpu_fields(tmp_path / "missing") is None
 
 
 def test_task_from_settings_rebuilds_the_run_task():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from neuroinit._util import cache_dir, cpu_model
+from neuroinit._util import cache_dir, cpu_fields, cpu_model
 
 # ------------------------------------------------------------------------------------------ environment
 # Where the host is read (tests point these at a faked host; nothing else in this module reads the machine's
@@ -30,15 +30,8 @@ def _cpu_model() -> str:
 def _cpu_identity() -> dict[str, str]:
     """Vendor, family / model / stepping and the vector extensions that decide kernel speed, from the first CPU
     in /proc/cpuinfo: under a hypervisor the model name is often generic ("Intel(R) Xeon(R) Processor")."""
-    fields: dict[str, str] = {}
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block only
-                k, _, v = line.partition(":")
-                fields[k.strip()] = v.strip()
-    except OSError:
+    fields = cpu_fields(CPUINFO)
+    if fields is None:
         return {}
     flags = set(fields.get("flags", "").split())
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
