@@ -169,6 +169,12 @@ def _check_roofline_levels(calib: dict) -> None:
     assert small["bytes_per_step"] == 8 * 16 * 16 and small["memory_level"] == "L2"
     # a calibration without cache sizes streams from DRAM: never the host's caches
     assert bench.roofline("rate-voltage", 16, 1, 0, 0, {**calib, "caches": {}})["memory_level"] == "DRAM"
+    # the chip-precision bound places its working set by the same caches (int8 codes: 1 byte per element)
+    from neuroinit.bench.chip import chip_roofline
+
+    levels = [chip_roofline(n, b, 0, 1, calib, word_rate=1e9)["memory_level"] for n, b in ((16, 1), (256, 16),
+                                                                                             (1024, 64))]
+    assert levels == ["L2", "L3", "DRAM"]
 
 
 def test_roofline_counts_trace_traffic_and_flops():

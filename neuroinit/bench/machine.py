@@ -386,6 +386,14 @@ def working_sets(caches: dict[str, int], *, quick: bool = False) -> dict[str, in
     return {"L2": l2 // 2, "L3": max(l3 // 4, l2), "DRAM": max(2 * l3, floor)}
 
 
+def memory_level(working_set: int, caches: dict[str, int]) -> str:
+    """The memory level a working set of ``working_set`` bytes streams from: L2 or L3 where it fits
+    (``caches``: bytes per level, as a calibration holds them), else DRAM."""
+    if working_set <= caches.get("L2", 0):
+        return "L2"
+    return "L3" if working_set <= caches.get("L3", 0) else "DRAM"
+
+
 def roofline(variant: str, n: int, b: int, n_in: int, n_out: int, calib: dict, device: str = "cpu", *,
              steps: int | None = None, chunk: int | None = None) -> dict:
     """Lower bounds on the time of one online step (module docstring) and what bounds them.
@@ -405,15 +413,7 @@ def roofline(variant: str, n: int, b: int, n_in: int, n_out: int, calib: dict, d
     bytes_ = 8 * b * syn if full else 8 * syn
     flops = 2 * b * n * (n + n_in + n_out) + (3 * b * syn if full else 0) + 2 * b * syn
     working_set = 4 * (b * syn if full else syn) + 4 * 2 * syn  # traces (or gradient) + weights + gradient
-    caches = calib.get("caches") or {}
-    if device == "cuda":
-        level = "DRAM"
-    elif working_set <= caches.get("L2", 0):
-        level = "L2"
-    elif working_set <= caches.get("L3", 0):
-        level = "L3"
-    else:
-        level = "DRAM"
+    level = "DRAM" if device == "cuda" else memory_level(working_set, calib.get("caches") or {})
     bw = calib["bandwidth_gbs"][level] * 1e9
     rate = calib["matmul_gflops"] * 1e9
     t_mem, t_flop = bytes_ / bw, flops / rate
