@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -169,18 +170,27 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
-def _release_free_memory() -> None:
-    """Give the pages of freed heap memory back (glibc ``malloc_trim``), so that memory a trial reuses counts
-    again in its resident set: without it, memory freed by earlier runs is reused unseen."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig`` or a compiler each call); None
+    on another C library or where it cannot be loaded."""
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if not name:
-        return
+        return None
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def _release_free_memory() -> None:
+    """Give the pages of freed heap memory back (glibc ``malloc_trim``), so that memory a trial reuses counts
+    again in its resident set: without it, memory freed by earlier runs is reused unseen."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 
