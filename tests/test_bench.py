@@ -59,6 +59,12 @@ def test_quick_bench_end_to_end_writes_the_schema(tmp_path, monkeypatch):
     fused_counts = {str(r["threads"]) for r in data["results"] if r["method"] == "neuroinit-fused"}
     assert data["config"]["threads"] == "best" and set(data["calibrations"]) == {"2"} | fused_counts
     assert data["calibration"] == data["calibrations"]["2"]
+    # timestamps carry their offset (UTC): comparable across machines and time zones
+    from datetime import datetime
+
+    assert datetime.fromisoformat(data["finished_at"]).utcoffset() is not None
+    assert all(datetime.fromisoformat(c["measured_at"]).utcoffset() is not None
+               for c in data["calibrations"].values())
     assert data["config"]["profile"] == "loihi-like" and data["config"]["quick"] is True
     rows = data["results"]
     assert all(set(r) == RESULT_KEYS for r in rows)

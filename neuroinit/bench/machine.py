@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from neuroinit._util import cache_dir, cpu_fields, cpu_model
+from neuroinit._util import cache_dir, cpu_fields, cpu_model, utc_now
 
 # ------------------------------------------------------------------------------------------ environment
 # Where the host is read (tests point these at a faked host; nothing else in this module reads the machine's
@@ -337,7 +337,7 @@ def calibrate(device: str = "cpu", *, quick: bool = False, use_cache: bool = Tru
                 problems = calibration_problems(out)
                 if not problems:
                     break
-        out.update(key=key, load=lm.load, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"), quick=quick,
+        out.update(key=key, load=lm.load, measured_at=utc_now(), quick=quick,
                    threads=torch.get_num_threads(), attempts=attempt, suspect=bool(problems), problems=problems)
     if not problems:  # a suspect one is reported (the table's WARNING line, the CLI's note), never cached
         _write_cache(path, {**{k: v for k, v in entries.items() if k != key}, key: out})
