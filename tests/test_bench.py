@@ -341,6 +341,22 @@ def test_a_cached_contradicting_calibration_is_measured_again(monkeypatch):
     assert bench.calibrate(use_cache=True)["cached"] is True
 
 
+def test_a_calibration_is_not_reused_on_a_host_with_other_caches(tmp_path, monkeypatch):
+    """Hosts under one generic model name (a hypervisor's) sharing one cache directory: each has its own key."""
+    _fake_host(tmp_path / "a", monkeypatch, l2="1024K", l3="32M", cpus=2)
+    same_name = bench.machine.CPUINFO
+    key_a = bench.machine._calib_key("cpu")
+    _fake_host(tmp_path / "b", monkeypatch, l2="1024K", l3="480M", cpus=2)
+    monkeypatch.setattr(bench.machine, "CPUINFO", same_name)
+    assert bench.machine._cpu_model() == "Fake CPU with a 32M L3"
+    assert bench.machine._calib_key("cpu") != key_a
+    left = _inject(monkeypatch, [_measurement(100.0, 50.0, 20.0), _measurement(150.0, 90.0, 25.0)])
+    bench.calibrate(threads=1)
+    _fake_host(tmp_path / "c", monkeypatch, l2="1024K", l3="32M", cpus=2)
+    monkeypatch.setattr(bench.machine, "CPUINFO", same_name)
+    assert bench.calibrate(threads=1)["cached"] is False and not left
+
+
 def test_calibrations_are_cached_per_thread_count(monkeypatch):
     left = _inject(monkeypatch, [_measurement(100.0, 50.0, 20.0), _measurement(150.0, 90.0, 25.0)])
     one, two = bench.calibrate(threads=1), bench.calibrate(threads=2)

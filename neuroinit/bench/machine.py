@@ -219,8 +219,12 @@ def _peak_memory(fn: Callable[[], None], device: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------ calibration
 def _calib_key(device: str) -> str:
+    """What a cached calibration must match. Besides the model name (generic under a hypervisor: "Intel(R) Xeon(R)
+    Processor" on hosts of different generations sharing one home directory) the vector extensions and the cache
+    sizes, which set the matmul rate and the levels the roofline places working sets in."""
+    caches = ",".join(f"{k}={v}" for k, v in sorted(_cache_sizes().items()))
     return "|".join([_cpu_model(), str(torch.get_num_threads()), torch.__version__, device,
-                     os.environ.get("OMP_WAIT_POLICY", "")])
+                     os.environ.get("OMP_WAIT_POLICY", ""), _cpu_identity().get("isa", ""), caches])
 
 
 def _calib_path() -> Path:
