@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from neuroinit._util import cpu_model
-from neuroinit.bench.machine import available_cpus
+from neuroinit._util import available_cpus, cpu_model
 
 GAINS, SEEDS, LRS = 11, 5, 3
 FULL_ITERS = 6000

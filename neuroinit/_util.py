@@ -1,5 +1,6 @@
 """Small helpers used across the package, defined once: timestamps, one-line error text, number formatting,
-the cache directory and the CPU's identity. Nothing here imports torch (the CLI imports it at start-up)."""
+the cache directory, the CPU's identity and the CPUs available. Nothing here imports torch (the CLI imports it
+at start-up)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def cache_dir(*parts: str) -> Path:
     root = os.environ.get("NEUROINIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
                                                              or os.path.expanduser("~/.cache"), "neuroinit")
     return Path(root).joinpath(*parts)
+
+
+def available_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _cpuinfo_lines(cpuinfo: Path) -> list[str] | None:

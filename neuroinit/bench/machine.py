@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from neuroinit._util import cache_dir, cpu_fields, cpu_model, utc_now
+from neuroinit._util import available_cpus, cache_dir, cpu_fields, cpu_model, utc_now
 
 # ------------------------------------------------------------------------------------------ environment
 # Where the host is read (tests point these at a faked host; nothing else in this module reads the machine's
@@ -42,14 +42,6 @@ def _cpu_identity() -> dict[str, str]:
     if "hypervisor" in flags:
         out["hypervisor"] = "yes"
     return out
-
-
-def available_cpus() -> int:
-    """Logical CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _cache_sizes() -> dict[str, int]:
