@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,19 +31,10 @@ from pathlib import Path
 
 import torch
 
+from neuroinit._util import available_cpus, cpu_model
+
 GAINS, SEEDS, LRS = 11, 5, 3
 FULL_ITERS = 6000
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_run(rule: str, floss: int, iters: int, warmup: int, hidden: int, batch: int, tmp: Path, *,
@@ -137,7 +127,7 @@ def main() -> None:
     if not names or any(r not in RUNS for r in names):
         ap.error(f"Invalid --rules {args.rules!r}: allowed a comma-separated list of {', '.join(RUNS)}")
     torch.set_num_threads(args.threads)
-    workers = args.workers or len(os.sched_getaffinity(0))
+    workers = args.workers or available_cpus()
     load = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="neuroinit-speed-"))
     rows = {r: time_run(*RUNS[r][:2], args.iters, args.warmup, args.hidden, args.batch, tmp, fast=RUNS[r][2])
@@ -145,7 +135,7 @@ def main() -> None:
     bare = {r: time_bare(r, args.iters, args.warmup, args.hidden, args.batch) for r in ("eprop", "bptt")
             if r in names}
     result = {
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "affinity": available_cpus(),
                     "loadavg_before": load, "torch": torch.__version__, "threads": args.threads,
                     "python": platform.python_version()},
         "config": {"hidden": args.hidden, "batch": args.batch, "timed_iters": args.iters, "warmup": args.warmup,

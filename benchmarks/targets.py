@@ -70,8 +70,7 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
     if not mem:
         add("online memory flat in T (within 10%)", "not measured", None)
     add_chip_targets(rows, add)
-    gpu = [r for r in rows if any(res.get("config", {}).get("device") == "cuda" for res in results)]
-    if not gpu:
+    if not any(res.get("config", {}).get("device") == "cuda" for res in results):
         add("GPU: >= 60% of HBM roofline for RFLO at N=1024, B=64; <= 20 us per B=1 step",
             "not measured (no GPU in this run)", None)
     return out

@@ -1,5 +1,6 @@
 """Small helpers used across the package, defined once: timestamps, one-line error text, number formatting,
-the cache directory and the CPU's identity. Nothing here imports torch (the CLI imports it at start-up)."""
+the cache directory, the CPU's identity and the CPUs available. Nothing here imports torch (the CLI imports it
+at start-up)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def cache_dir(*parts: str) -> Path:
     return Path(root).joinpath(*parts)
 
 
+def available_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _cpuinfo_lines(cpuinfo: Path) -> list[str] | None:
     try:
         return cpuinfo.read_text().splitlines()
@@ -50,6 +59,21 @@ def _cpuinfo_lines(cpuinfo: Path) -> list[str] | None:
 
 def _first(lines: list[str], key: str) -> str:
     return next((ln for ln in lines if ln.startswith(key)), "")
+
+
+def cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str] | None:
+    """Key -> value of the first processor's block of ``/proc/cpuinfo`` (vendor_id, model, flags, ...); None
+    where it cannot be read."""
+    lines = _cpuinfo_lines(cpuinfo)
+    if lines is None:
+        return None
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line.strip():
+            break  # the first processor's block only
+        k, _, v = line.partition(":")
+        fields[k.strip()] = v.strip()
+    return fields
 
 
 def cpu_model(cpuinfo: Path = CPUINFO) -> str:

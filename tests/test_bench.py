@@ -56,9 +56,16 @@ def test_quick_bench_end_to_end_writes_the_schema(tmp_path, monkeypatch):
                 "device", "fused"):
         assert key in env
     # calibrated at all CPUs, and at every other count a fused row (with a roofline) was measured at
-    fused_counts = {str(r["threads"]) for r in data["results"] if r["method"] == "neuroinit-fused"}
+    fused_counts = {str(r["threads"]) for r in data["results"]
+                    if r["method"] == "neuroinit-fused" and r["threads"] is not None}  # None: skipped (no compiler)
     assert data["config"]["threads"] == "best" and set(data["calibrations"]) == {"2"} | fused_counts
     assert data["calibration"] == data["calibrations"]["2"]
+    # timestamps carry their offset (UTC): comparable across machines and time zones
+    from datetime import datetime
+
+    assert datetime.fromisoformat(data["finished_at"]).utcoffset() is not None
+    assert all(datetime.fromisoformat(c["measured_at"]).utcoffset() is not None
+               for c in data["calibrations"].values())
     assert data["config"]["profile"] == "loihi-like" and data["config"]["quick"] is True
     rows = data["results"]
     assert all(set(r) == RESULT_KEYS for r in rows)
@@ -169,6 +176,12 @@ def _check_roofline_levels(calib: dict) -> None:
     assert small["bytes_per_step"] == 8 * 16 * 16 and small["memory_level"] == "L2"
     # a calibration without cache sizes streams from DRAM: never the host's caches
     assert bench.roofline("rate-voltage", 16, 1, 0, 0, {**calib, "caches": {}})["memory_level"] == "DRAM"
+    # the chip-precision bound places its working set by the same caches (int8 codes: 1 byte per element)
+    from neuroinit.bench.chip import chip_roofline
+
+    levels = [chip_roofline(n, b, 0, 1, calib, word_rate=1e9)["memory_level"] for n, b in ((16, 1), (256, 16),
+                                                                                             (1024, 64))]
+    assert levels == ["L2", "L3", "DRAM"]
 
 
 def test_roofline_counts_trace_traffic_and_flops():
@@ -326,6 +339,22 @@ def test_a_cached_contradicting_calibration_is_measured_again(monkeypatch):
     calib = bench.calibrate(use_cache=True)
     assert calib["cached"] is False and calib["bandwidth_gbs"]["L2"] == 100.0 and not left
     assert bench.calibrate(use_cache=True)["cached"] is True
+
+
+def test_a_calibration_is_not_reused_on_a_host_with_other_caches(tmp_path, monkeypatch):
+    """Hosts under one generic model name (a hypervisor's) sharing one cache directory: each has its own key."""
+    _fake_host(tmp_path / "a", monkeypatch, l2="1024K", l3="32M", cpus=2)
+    same_name = bench.machine.CPUINFO
+    key_a = bench.machine._calib_key("cpu")
+    _fake_host(tmp_path / "b", monkeypatch, l2="1024K", l3="480M", cpus=2)
+    monkeypatch.setattr(bench.machine, "CPUINFO", same_name)
+    assert bench.machine._cpu_model() == "Fake CPU with a 32M L3"
+    assert bench.machine._calib_key("cpu") != key_a
+    left = _inject(monkeypatch, [_measurement(100.0, 50.0, 20.0), _measurement(150.0, 90.0, 25.0)])
+    bench.calibrate(threads=1)
+    _fake_host(tmp_path / "c", monkeypatch, l2="1024K", l3="32M", cpus=2)
+    monkeypatch.setattr(bench.machine, "CPUINFO", same_name)
+    assert bench.calibrate(threads=1)["cached"] is False and not left
 
 
 def test_calibrations_are_cached_per_thread_count(monkeypatch):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from neuroinit._util import cache_dir, cpu_id, cpu_model, fmt, one_line, utc_now
+from neuroinit._util import cache_dir, cpu_fields, cpu_id, cpu_model, fmt, one_line, utc_now
 from neuroinit.tasks import task_from_settings
 
 
@@ -53,6 +53,14 @@ def test_cpu_model_and_id_read_the_given_cpuinfo(tmp_path):
     # no /proc/cpuinfo (macOS, some containers): what platform says, never an error
     assert cpu_model(missing) == (platform.processor() or platform.machine())
     assert cpu_id(missing) == platform.processor()
+
+
+def test_cpu_fields_reads_the_first_processor_block(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: ToyVendor\nflags\t\t: fpu avx2\n\n"
+                    "processor\t: 1\nvendor_id\t: Other\nflags\t\t: fpu avx512f\n")
+    assert cpu_fields(info) == {"processor": "0", "vendor_id": "ToyVendor", "flags": "fpu avx2"}
+    assert cpu_fields(tmp_path / "missing") is None
 
 
 def test_task_from_settings_rebuilds_the_run_task():

@@ -64,6 +64,8 @@ def chip_roofline(n: int, b: int, n_in: int, code_bytes: int, calib: dict, *, wo
     """Lower bound (module docstring) on one chip-precision step with full traces stored in ``code_bytes``-byte
     codes; ``calib`` from :func:`neuroinit.bench.machine.calibrate` (``bandwidth_gbs`` per level, ``caches``).
     None where the word rate is unknown (no native library)."""
+    from neuroinit.bench.machine import memory_level
+
     rate = word_rate if word_rate is not None else random_word_rate()
     if rate is None or code_bytes not in (1, 2):
         return None
@@ -72,8 +74,7 @@ def chip_roofline(n: int, b: int, n_in: int, code_bytes: int, calib: dict, *, wo
     bytes_ = 2 * code_bytes * elements + 8 * syn
     words = elements * 8 * code_bytes / 32
     working_set = code_bytes * elements + 2 * 4 * syn
-    caches = calib.get("caches") or {}
-    level = "L2" if working_set <= caches.get("L2", 0) else "L3" if working_set <= caches.get("L3", 0) else "DRAM"
+    level = memory_level(working_set, calib.get("caches") or {})
     t_mem = bytes_ / (calib["bandwidth_gbs"][level] * 1e9)
     t_rng = words / rate
     return {"code_bytes": code_bytes, "bytes_per_step": bytes_, "random_words_per_step": words,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from neuroinit._util import cache_dir, cpu_model
+from neuroinit._util import available_cpus, cache_dir, cpu_fields, cpu_model, utc_now
 
 # ------------------------------------------------------------------------------------------ environment
 # Where the host is read (tests point these at a faked host; nothing else in this module reads the machine's
@@ -30,15 +31,8 @@ def _cpu_model() -> str:
 def _cpu_identity() -> dict[str, str]:
     """Vendor, family / model / stepping and the vector extensions that decide kernel speed, from the first CPU
     in /proc/cpuinfo: under a hypervisor the model name is often generic ("Intel(R) Xeon(R) Processor")."""
-    fields: dict[str, str] = {}
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block only
-                k, _, v = line.partition(":")
-                fields[k.strip()] = v.strip()
-    except OSError:
+    fields = cpu_fields(CPUINFO)
+    if fields is None:
         return {}
     flags = set(fields.get("flags", "").split())
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
@@ -48,14 +42,6 @@ def _cpu_identity() -> dict[str, str]:
     if "hypervisor" in flags:
         out["hypervisor"] = "yes"
     return out
-
-
-def available_cpus() -> int:
-    """Logical CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _cache_sizes() -> dict[str, int]:
@@ -176,18 +162,27 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
-def _release_free_memory() -> None:
-    """Give the pages of freed heap memory back (glibc ``malloc_trim``), so that memory a trial reuses counts
-    again in its resident set: without it, memory freed by earlier runs is reused unseen."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig`` or a compiler each call); None
+    on another C library or where it cannot be loaded."""
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if not name:
-        return
+        return None
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def _release_free_memory() -> None:
+    """Give the pages of freed heap memory back (glibc ``malloc_trim``), so that memory a trial reuses counts
+    again in its resident set: without it, memory freed by earlier runs is reused unseen."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 
@@ -216,8 +211,12 @@ def _peak_memory(fn: Callable[[], None], device: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------ calibration
 def _calib_key(device: str) -> str:
+    """What a cached calibration must match. Besides the model name (generic under a hypervisor: "Intel(R) Xeon(R)
+    Processor" on hosts of different generations sharing one home directory) the vector extensions and the cache
+    sizes, which set the matmul rate and the levels the roofline places working sets in."""
+    caches = ",".join(f"{k}={v}" for k, v in sorted(_cache_sizes().items()))
     return "|".join([_cpu_model(), str(torch.get_num_threads()), torch.__version__, device,
-                     os.environ.get("OMP_WAIT_POLICY", "")])
+                     os.environ.get("OMP_WAIT_POLICY", ""), _cpu_identity().get("isa", ""), caches])
 
 
 def _calib_path() -> Path:
@@ -334,7 +333,7 @@ def calibrate(device: str = "cpu", *, quick: bool = False, use_cache: bool = Tru
                 problems = calibration_problems(out)
                 if not problems:
                     break
-        out.update(key=key, load=lm.load, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"), quick=quick,
+        out.update(key=key, load=lm.load, measured_at=utc_now(), quick=quick,
                    threads=torch.get_num_threads(), attempts=attempt, suspect=bool(problems), problems=problems)
     if not problems:  # a suspect one is reported (the table's WARNING line, the CLI's note), never cached
         _write_cache(path, {**{k: v for k, v in entries.items() if k != key}, key: out})
@@ -393,6 +392,14 @@ def working_sets(caches: dict[str, int], *, quick: bool = False) -> dict[str, in
     return {"L2": l2 // 2, "L3": max(l3 // 4, l2), "DRAM": max(2 * l3, floor)}
 
 
+def memory_level(working_set: int, caches: dict[str, int]) -> str:
+    """The memory level a working set of ``working_set`` bytes streams from: L2 or L3 where it fits
+    (``caches``: bytes per level, as a calibration holds them), else DRAM."""
+    if working_set <= caches.get("L2", 0):
+        return "L2"
+    return "L3" if working_set <= caches.get("L3", 0) else "DRAM"
+
+
 def roofline(variant: str, n: int, b: int, n_in: int, n_out: int, calib: dict, device: str = "cpu", *,
              steps: int | None = None, chunk: int | None = None) -> dict:
     """Lower bounds on the time of one online step (module docstring) and what bounds them.
@@ -412,15 +419,7 @@ def roofline(variant: str, n: int, b: int, n_in: int, n_out: int, calib: dict, d
     bytes_ = 8 * b * syn if full else 8 * syn
     flops = 2 * b * n * (n + n_in + n_out) + (3 * b * syn if full else 0) + 2 * b * syn
     working_set = 4 * (b * syn if full else syn) + 4 * 2 * syn  # traces (or gradient) + weights + gradient
-    caches = calib.get("caches") or {}
-    if device == "cuda":
-        level = "DRAM"
-    elif working_set <= caches.get("L2", 0):
-        level = "L2"
-    elif working_set <= caches.get("L3", 0):
-        level = "L3"
-    else:
-        level = "DRAM"
+    level = "DRAM" if device == "cuda" else memory_level(working_set, calib.get("caches") or {})
     bw = calib["bandwidth_gbs"][level] * 1e9
     rate = calib["matmul_gflops"] * 1e9
     t_mem, t_flop = bytes_ / bw, flops / rate

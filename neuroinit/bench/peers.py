@@ -121,7 +121,41 @@ class SnnTorchNet(torch.nn.Module):
                 "b_out": self.fc_out.bias.grad}
 
 
-class NorseNet(torch.nn.Module):
+class _NorsePeer(torch.nn.Module):
+    """What norse's recurrent cells share here: ``w_in`` and ``w_rec`` as parameters divided by ``1 - alpha``
+    (norse's Euler step multiplies its current by ``dt * tau_mem_inv = 1 - alpha``), the leaky readout
+    ``y <- kappa y + W_out z + b_out`` over the spikes of :meth:`spikes`, and the gradients mapped back."""
+
+    def __init__(self, p: CellParams, *, alpha: float, kappa: float) -> None:
+        super().__init__()
+        self.scale = 1.0 - alpha
+        self.w_in = torch.nn.Parameter(p.w_in.detach() / self.scale)
+        self.w_rec = torch.nn.Parameter(p.w_rec.detach() / self.scale)
+        self.fc_out = torch.nn.Linear(p.w_in.shape[0], p.w_out.shape[0]).to(p.w_in.dtype)
+        with torch.no_grad():
+            self.fc_out.weight.copy_(p.w_out)
+            self.fc_out.bias.copy_(p.b_out)
+        self.kappa = kappa
+
+    def spikes(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, B, N) spikes for neuroinit's inputs ``x`` (T, B, I)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_zeros(x.shape[1], self.fc_out.out_features)
+        ys = []
+        for zt in self.spikes(x):
+            y = self.kappa * y + self.fc_out(zt)
+            ys.append(y)
+        return torch.stack(ys)
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        # W = (1 - alpha) W_norse, so dL/dW = dL/dW_norse / (1 - alpha)
+        return {"w_in": self.w_in.grad / self.scale, "w_rec": self.w_rec.grad / self.scale,
+                "w_out": self.fc_out.weight.grad, "b_out": self.fc_out.bias.grad}
+
+
+class NorseNet(_NorsePeer):
     """norse ``LIFRecurrent`` network equal to the neuroinit LIF cell with reset to zero: norse's current-based
     cell with ``dt * tau_syn_inv = 1`` (the current lasts one step), ``dt * tau_mem_inv = 1 - alpha`` and
     weights divided by ``1 - alpha``; triangle surrogate ``gamma relu(1 - |v - v_th|)`` (= neuroinit's for
@@ -129,41 +163,22 @@ class NorseNet(torch.nn.Module):
 
     def __init__(self, p: CellParams, *, alpha: float, kappa: float, v_th: float, gamma: float,
                  dt: float = 1.0) -> None:
-        super().__init__()
+        super().__init__(p, alpha=alpha, kappa=kappa)
         norse_torch = _import_quietly("norse.torch")
         LIFParameters, LIFRecurrent = norse_torch.LIFParameters, norse_torch.LIFRecurrent
-        beta = 1.0 - alpha
         n, n_in = p.w_in.shape
-        params = LIFParameters(tau_syn_inv=torch.as_tensor(1.0 / dt), tau_mem_inv=torch.as_tensor(beta / dt),
+        params = LIFParameters(tau_syn_inv=torch.as_tensor(1.0 / dt), tau_mem_inv=torch.as_tensor(self.scale / dt),
                                v_leak=torch.as_tensor(0.0), v_th=torch.as_tensor(v_th),
                                v_reset=torch.as_tensor(0.0), method="triangle", alpha=gamma)
-        self.beta = beta
-        self.w_in = torch.nn.Parameter(p.w_in.detach() / beta)
-        self.w_rec = torch.nn.Parameter(p.w_rec.detach() / beta)
         self.lif = LIFRecurrent(n_in, n, p=params, dt=dt, input_weights=self.w_in, recurrent_weights=self.w_rec,
                                 autapses=False)
-        self.fc_out = torch.nn.Linear(n, p.w_out.shape[0]).to(p.w_in.dtype)
-        with torch.no_grad():
-            self.fc_out.weight.copy_(p.w_out)
-            self.fc_out.bias.copy_(p.b_out)
-        self.kappa = kappa
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def spikes(self, x: torch.Tensor) -> torch.Tensor:
         z, _ = self.lif(x)
-        y = x.new_zeros(x.shape[1], self.fc_out.out_features)
-        ys = []
-        for zt in z:
-            y = self.kappa * y + self.fc_out(zt)
-            ys.append(y)
-        return torch.stack(ys)
-
-    def grads(self) -> dict[str, torch.Tensor]:
-        # W = beta * W_norse, so dL/dW = dL/dW_norse / beta
-        return {"w_in": self.w_in.grad / self.beta, "w_rec": self.w_rec.grad / self.beta,
-                "w_out": self.fc_out.weight.grad, "b_out": self.fc_out.bias.grad}
+        return z
 
 
-class NorseLSNNNet(torch.nn.Module):
+class NorseLSNNNet(_NorsePeer):
     """norse ``LSNNRecurrent`` (norse's ALIF) mapped onto neuroinit's ALIF with reset to zero
     (:mod:`neuroinit.cells.alif`). norse is current-based Euler; the mapping (checked by
     ``tests/test_alif.py::test_norse_lsnn_equals_alif_without_recurrence``): ``dt * tau_syn_inv = 1`` (the current
@@ -177,25 +192,17 @@ class NorseLSNNNet(torch.nn.Module):
 
     def __init__(self, p: CellParams, *, alpha: float, rho: float, kappa: float, v_th: float, beta: float,
                  gamma: float, dt: float = 1.0) -> None:
-        super().__init__()
+        super().__init__(p, alpha=alpha, kappa=kappa)
         norse_torch = _import_quietly("norse.torch")
         dtype = p.w_in.dtype
         t = lambda x: torch.as_tensor(x, dtype=dtype)
         params = norse_torch.LSNNParameters(
-            tau_syn_inv=t(1.0 / dt), tau_mem_inv=t((1.0 - alpha) / dt), tau_adapt_inv=t((1.0 - rho) / dt),
+            tau_syn_inv=t(1.0 / dt), tau_mem_inv=t(self.scale / dt), tau_adapt_inv=t((1.0 - rho) / dt),
             v_leak=t(0.0), v_th=t(v_th), v_reset=t(0.0), beta=t(beta / rho), method="triangle", alpha=gamma)
-        self.scale = 1.0 - alpha
-        self.w_in = torch.nn.Parameter(p.w_in.detach() / self.scale)
-        self.w_rec = torch.nn.Parameter(p.w_rec.detach() / self.scale)
         n, n_in = p.w_in.shape
         self.lsnn = norse_torch.LSNNRecurrent(n_in, n, p=params, dt=dt, input_weights=self.w_in,
                                               recurrent_weights=self.w_rec, autapses=False)
         self.state_type, self.v_th = norse_torch.LSNNState, v_th
-        self.fc_out = torch.nn.Linear(n, p.w_out.shape[0]).to(dtype)
-        with torch.no_grad():
-            self.fc_out.weight.copy_(p.w_out)
-            self.fc_out.bias.copy_(p.b_out)
-        self.kappa = kappa
 
     def spikes(self, x: torch.Tensor) -> torch.Tensor:
         """(T, B, N) spikes for neuroinit's inputs ``x`` (T, B, I)."""
@@ -204,18 +211,6 @@ class NorseLSNNNet(torch.nn.Module):
         state = self.state_type(z=zero, v=zero, i=x[0] @ self.w_in.T, b=torch.full_like(zero, self.v_th))
         z, _ = self.lsnn(torch.cat([x[1:], torch.zeros_like(x[:1])]), state)
         return z
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.new_zeros(x.shape[1], self.fc_out.out_features)
-        ys = []
-        for zt in self.spikes(x):
-            y = self.kappa * y + self.fc_out(zt)
-            ys.append(y)
-        return torch.stack(ys)
-
-    def grads(self) -> dict[str, torch.Tensor]:
-        return {"w_in": self.w_in.grad / self.scale, "w_rec": self.w_rec.grad / self.scale,
-                "w_out": self.fc_out.weight.grad, "b_out": self.fc_out.bias.grad}
 
 
 def _peer_net(method: str, cell) -> torch.nn.Module:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from neuroinit._util import utc_now
 from neuroinit.bench.chip import chip_code_bytes, chip_roofline
 from neuroinit.bench.config import N_IN, N_OUT, SCHEMA_VERSION, BenchConfig
 from neuroinit.bench.machine import (
@@ -312,4 +313,4 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
             "calibration": calibs[top], "calibrations": {str(t): calibs[t] for t in sorted(calibs)},
             "gradient_checks": checks, "results": [asdict(r) for r in results], "memory_scaling": mem,
             "background_load_run": run_meter.load,
-            "wall_seconds": time.perf_counter() - t_start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "wall_seconds": time.perf_counter() - t_start, "finished_at": utc_now()}

@@ -23,6 +23,7 @@ norse (1.1)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -35,25 +36,15 @@ __all__ = ["SNNTORCH_DT", "import_norse", "import_snntorch"]
 SNNTORCH_DT = 1e-4  # snntorch.import_nir hard-codes this step
 
 
-def _quiet():
+@contextlib.contextmanager
+def _Quiet():  # named like the class it was: callers write ``with _Quiet():``
     """Suppress the import-time and deprecation warnings snntorch, norse and nirtorch emit (torch.jit.script
     FutureWarning at norse import, deprecation notices), and nothing else."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(norse|snntorch|nirtorch|torch).*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(norse|snntorch|nirtorch).*")
-    return ctx
-
-
-class _Quiet:
-    def __enter__(self):
-        self._ctx = _quiet()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-        return False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(norse|snntorch|nirtorch|torch).*")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(norse|snntorch|nirtorch).*")
+        yield
 
 
 def _graph_dt(graph: nir.NIRGraph) -> float:
