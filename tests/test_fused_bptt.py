@@ -149,7 +149,7 @@ def test_native_loops_equal_the_pytorch_loops(monkeypatch, name, t_len, b, blas)
     if blas and not fused_bptt_native.has_blas():
         pytest.skip("torch's BLAS is not reachable from the native loops here")
     if not blas:
-        monkeypatch.setitem(fused_bptt_native._state, "sgemm", None)
+        monkeypatch.setattr(fused_bptt_native, "_sgemm", lambda: None)
     cell, batch, task = _setup(name, t_len=t_len, b=b, n=37)
     params = CellParams(*(t.detach() for t in cell.params()))
     got = {}
@@ -167,7 +167,7 @@ def test_native_loops_equal_the_pytorch_loops(monkeypatch, name, t_len, b, blas)
 
 
 def test_the_native_loops_can_be_disabled(monkeypatch):
-    monkeypatch.setattr(fused_bptt_native, "_state", {})
+    monkeypatch.setattr(fused_bptt_native, "LIBRARY", fused_bptt_native.new_library())
     monkeypatch.setenv("NEUROINIT_NO_FUSED", "1")
     assert not fused_bptt_native.available() and "NEUROINIT_NO_FUSED" in fused_bptt_native.unavailable_reason()
 
@@ -175,7 +175,7 @@ def test_the_native_loops_can_be_disabled(monkeypatch):
 def test_without_the_native_library_the_pytorch_loops_run(monkeypatch, tmp_path):
     cell, batch, task = _setup("lif-zero", t_len=20)
     _, ref = _run(cell, BPTT(cell), batch, task)
-    monkeypatch.setattr(fused_bptt_native, "_state", {})
+    monkeypatch.setattr(fused_bptt_native, "LIBRARY", fused_bptt_native.new_library())
     monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent")
     assert not fused_bptt_native.available()
