@@ -47,7 +47,7 @@ def _check_abi(lib: ctypes.CDLL) -> None:
 
 def new_library() -> NativeLibrary:
     """A fresh, not yet loaded handle on the library."""
-    return NativeLibrary("bptt.c", SYMBOLS, check=_check_abi, flags=FLAGS)
+    return NativeLibrary("bptt.c", SYMBOLS, check=_check_abi, flags=FLAGS, headers=("vecmath.h",))
 
 
 LIBRARY = new_library()  # tests swap it for a fresh one (``new_library()``)
