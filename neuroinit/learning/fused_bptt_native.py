@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
+from neuroinit.learning.native import loader
+from neuroinit.learning.native.fused_step import ACTS, MODELS  # the codes bptt.c shares with fused_run.h
 from neuroinit.learning.native.loader import NativeLibrary
 
 __all__ = ["available", "backward", "forward", "grad_events", "has_blas", "new_library",
            "unavailable_reason"]
 
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu99"]
-MODELS = {"voltage": 0, "rate": 1, "lif": 2}
-ACTIVATIONS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
+# the loader's flags with OpenMP's SIMD pragmas only: the loops are serial, no OpenMP runtime is linked
+FLAGS = ["-fopenmp-simd" if f == "-fopenmp" else f for f in loader.FLAGS]
 _PTRS = ("wp_fwd", "wt_fwd", "wp_bwd", "wt_bwd", "drive_in", "states", "deriv", "extra", "direct", "err",
          "scratch", "events")
 
@@ -99,7 +100,7 @@ def _run(cell, w_rec: torch.Tensor, loop: str, bufs: dict[str, torch.Tensor | No
         r.model, r.reset_zero, r.n_ref = MODELS["lif"], int(cell.reset == "zero"), cell.n_refractory
         r.alpha, r.v_th, r.gamma = float(cell.alpha), float(cell.v_th), float(cell.gamma)
     else:
-        r.model, r.actfn, r.alpha = MODELS[cell.form], ACTIVATIONS[cell.activation_name], float(cell.alpha)
+        r.model, r.actfn, r.alpha = MODELS[cell.form], ACTS[cell.activation_name], float(cell.alpha)
     r.sgemm = _sgemm()
     keep = [w_rec]
     transpose = loop == "fwd"
