@@ -188,8 +188,8 @@ def test_without_the_native_library_the_pytorch_loops_run(monkeypatch, tmp_path)
 
 @pytest.mark.skipif(_native_missing, reason=f"native loops unavailable: {fused_bptt_native.unavailable_reason()}")
 def test_native_tanh_is_accurate_over_the_whole_range():
-    """The native loops' own tanh (no libm call) against torch's: a network that only applies tanh to its input
-    (alpha = 1, no recurrence), over [-12, 12] with fine steps near 0 and around its 0.3 switch-over."""
+    """The native loops' tanh (vecmath.h, shared with the fused step; no libm call) against torch's: a network
+    that only applies tanh to its input (alpha = 1, no recurrence), over [-12, 12] with fine steps near 0."""
     from neuroinit.cells import RateRNN
 
     n = 64
