@@ -19,6 +19,6 @@ def reset_native(monkeypatch):
         if cache is not None:
             monkeypatch.setenv("NEUROINIT_CACHE", str(cache))
         monkeypatch.setattr(fused, "LIBRARY", fused.new_library())
-        monkeypatch.setattr(fused_bptt_native, "_state", {})
+        monkeypatch.setattr(fused_bptt_native, "LIBRARY", fused_bptt_native.new_library())
 
     return reset

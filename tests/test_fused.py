@@ -319,6 +319,38 @@ def test_loader_builds_several_sources_with_their_header_and_keys_on_all_of_them
     assert second.path() != first.path() and second.load().api(2) == 12
 
 
+def test_loader_builds_serial_loops_where_the_compiler_has_no_openmp(tmp_path, monkeypatch):
+    # Apple's clang rejects -fopenmp: the library is built with -fopenmp-simd (one thread) instead of not at all
+    import ctypes
+    import shutil
+
+    from neuroinit.learning.native import NativeLibrary
+
+    monkeypatch.setenv("NEUROINIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NEUROINIT_NO_FUSED", raising=False)
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler")
+    fake = tmp_path / "clang-no-openmp"
+    fake.write_text(f"""#!/bin/sh
+for a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1; }}; done
+exec {cc} "$@"
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    src = tmp_path / "par.c"
+    src.write_text("#ifdef _OPENMP\n#include <omp.h>\n#endif\n"
+                   "int threads(void) { int n = 0;\n#pragma omp parallel reduction(+ : n)\n n += 1;\n return n; }\n")
+    lib = NativeLibrary(src, {"threads": (ctypes.c_int, [])})
+    assert lib.load().threads() == 1 and lib.unavailable_reason() is None
+    assert "-fopenmp-simd" in lib.flags and "-fopenmp" not in lib.flags
+    assert "unsupported option '-fopenmp'" in lib.diagnostics  # why it is serial
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f(void) { return undeclared; }\n")
+    bad = NativeLibrary(broken, {"f": (None, [])})  # a failure of the serial build is the reason
+    assert bad.load() is None and "undeclared" in bad.unavailable_reason() + bad.diagnostics
+
+
 def test_the_native_backend_does_not_import_the_rule():
     # online.py dispatches to fused.py; fused.py never imports online.py (no import circle)
     import ast

@@ -66,8 +66,8 @@ class BPTT(LearningRule):
             from neuroinit.learning import fused_bptt
 
             self.fast_path_reason = fused_bptt.supports(self.cell, truncation=self.truncation)
-            trial = fused_bptt.backward(self, batch, task) if self.fast_path_reason is None else None
-            if trial is not None:
+            if self.fast_path_reason is None:
+                trial = fused_bptt.backward(self, batch, task)
                 self.uses_fast_path = True
                 return trial
         return _run_and_differentiate(self, batch, task, eprop_detach=False, feedback=None,

@@ -312,13 +312,11 @@ def _recursion_lif(cell, rec: Records, direct: torch.Tensor, w_rec: torch.Tensor
 
 
 def backward(rule, batch, task):
-    """``BPTT.backward`` through the fused passes, or None where they do not apply (the caller then runs
-    autograd). Accumulates ``.grad`` like autograd BPTT; returns the :class:`~neuroinit.learning.base.Trial`."""
+    """``BPTT.backward`` through the fused passes, for a rule whose cell they run (:func:`supports` is None; the
+    caller checks). Accumulates ``.grad`` like autograd BPTT; returns the :class:`~neuroinit.learning.base.Trial`."""
     from neuroinit.learning.base import Trial, accumulate_grads
 
     cell = rule.cell
-    if supports(cell, truncation=rule.truncation) is not None:
-        return None
     params = CellParams(*(t.detach() for t in cell.params()))
     inputs = batch.inputs.detach().to(params.w_rec.dtype)
     if rule.workspace is None:

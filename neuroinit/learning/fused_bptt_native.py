@@ -11,19 +11,21 @@ use with the machine's C compiler, cached per source, compiler, flags and CPU). 
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
-import threading
 from pathlib import Path
 
 import torch
 
+from neuroinit.learning.native import loader
+from neuroinit.learning.native.fused_step import ACTS, MODELS  # the codes bptt.c shares with fused_run.h
 from neuroinit.learning.native.loader import NativeLibrary
 
-__all__ = ["available", "backward", "forward", "grad_events", "has_blas", "unavailable_reason"]
+__all__ = ["available", "backward", "forward", "grad_events", "has_blas", "new_library",
+           "unavailable_reason"]
 
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu99"]
-MODELS = {"voltage": 0, "rate": 1, "lif": 2}
-ACTIVATIONS = {"tanh": 0, "linear": 1, "relu": 2, "softplus": 3}
+# the loader's flags with OpenMP's SIMD pragmas only: the loops are serial, no OpenMP runtime is linked
+FLAGS = ["-fopenmp-simd" if f == "-fopenmp" else f for f in loader.FLAGS]
 _PTRS = ("wp_fwd", "wt_fwd", "wp_bwd", "wt_bwd", "drive_in", "states", "deriv", "extra", "direct", "err",
          "scratch", "events")
 
@@ -44,21 +46,20 @@ def _check_abi(lib: ctypes.CDLL) -> None:
         raise OSError(f"fused BPTT ABI mismatch: C struct {lib.nb_abi()} bytes, ctypes {ctypes.sizeof(_Run)}")
 
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # lib, reason, sgemm of the loaded library (tests empty it to load afresh)
+def new_library() -> NativeLibrary:
+    """A fresh, not yet loaded handle on the library."""
+    return NativeLibrary("bptt.c", SYMBOLS, check=_check_abi, flags=FLAGS, headers=("vecmath.h",))
+
+
+LIBRARY = new_library()  # tests swap it for a fresh one (``new_library()``)
 
 
 def _load() -> ctypes.CDLL | None:
-    with _lock:
-        if not _state:
-            library = NativeLibrary("bptt.c", SYMBOLS, check=_check_abi, flags=FLAGS)
-            lib = library.load()
-            _state.update(lib=lib, reason=library.unavailable_reason(), sgemm=_find_sgemm() if lib else None,
-                          diagnostics=library.diagnostics)
-    return _state["lib"]
+    return LIBRARY.load()
 
 
-def _find_sgemm() -> int | None:
+@functools.cache
+def _sgemm() -> int | None:
     """The address of the BLAS ``sgemm_`` torch itself uses (MKL's, exported by ``libtorch_cpu``; 32-bit integer
     interface), or None: the native loops then use their own kernel for dense products too."""
     if not torch.backends.mkl.is_available() or platform.machine() not in ("x86_64", "AMD64"):
@@ -73,22 +74,22 @@ def _find_sgemm() -> int | None:
 def has_blas() -> bool:
     """Whether the native loops' dense products go through torch's BLAS (MKL); without it they are slower than
     the PyTorch loops."""
-    return available() and _state["sgemm"] is not None
+    return available() and _sgemm() is not None
 
 
 def available() -> bool:
     """True when the native loops are (or can be) built and loaded here."""
-    return _load() is not None
+    return LIBRARY.available()
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
-    _load()
-    return _state["reason"]
+    return LIBRARY.unavailable_reason()
 
 
-def _run(cell, w_rec: torch.Tensor, bufs: dict[str, torch.Tensor | None]) -> tuple[_Run, list]:
-    """The struct for ``cell`` over ``bufs`` (contiguous float32; ``events`` int64), and what it points at."""
+def _run(cell, w_rec: torch.Tensor, loop: str, bufs: dict[str, torch.Tensor | None]) -> tuple[_Run, list]:
+    """The struct for ``cell`` over ``bufs`` (contiguous float32; ``events`` int64), and what it points at;
+    ``loop``: "fwd" or "bwd", the one weight layout packed (the other loop's pointers stay NULL)."""
     from neuroinit.cells.lif import LIFRNN
 
     lib = _load()
@@ -99,16 +100,16 @@ def _run(cell, w_rec: torch.Tensor, bufs: dict[str, torch.Tensor | None]) -> tup
         r.model, r.reset_zero, r.n_ref = MODELS["lif"], int(cell.reset == "zero"), cell.n_refractory
         r.alpha, r.v_th, r.gamma = float(cell.alpha), float(cell.v_th), float(cell.gamma)
     else:
-        r.model, r.actfn, r.alpha = MODELS[cell.form], ACTIVATIONS[cell.activation_name], float(cell.alpha)
-    r.sgemm = _state["sgemm"]
+        r.model, r.actfn, r.alpha = MODELS[cell.form], ACTS[cell.activation_name], float(cell.alpha)
+    r.sgemm = _sgemm()
     keep = [w_rec]
-    for name, transpose in (("fwd", 1), ("bwd", 0)):
-        wp = torch.empty(max(n // 16, 1), n, 16)
-        lib.nb_pack(w_rec.data_ptr(), n, transpose, wp.data_ptr())
-        wt = w_rec.T.contiguous() if transpose else w_rec
-        keep += [wp, wt]
-        setattr(r, "wp_" + name, wp.data_ptr())
-        setattr(r, "wt_" + name, wt.data_ptr())
+    transpose = loop == "fwd"
+    wp = torch.empty(max(n // 16, 1), n, 16)
+    lib.nb_pack(w_rec.data_ptr(), n, int(transpose), wp.data_ptr())
+    wt = w_rec.T.contiguous() if transpose else w_rec
+    keep += [wp, wt]
+    setattr(r, "wp_" + loop, wp.data_ptr())
+    setattr(r, "wt_" + loop, wt.data_ptr())
     for name, t in bufs.items():
         if t is not None:
             assert t.is_contiguous(), name
@@ -122,7 +123,7 @@ def forward(cell, w_rec: torch.Tensor, drive_in, states, deriv, extra) -> None:
     b, n = deriv.shape[1:]
     bufs = {"drive_in": drive_in, "states": states, "deriv": deriv, "extra": extra,
             "scratch": deriv.new_empty(3, b, n), "events": torch.empty(b, n + 1, dtype=torch.int64)}
-    r, _keep = _run(cell, w_rec.contiguous(), bufs)
+    r, _keep = _run(cell, w_rec.contiguous(), "fwd", bufs)
     _load().nb_forward(ctypes.byref(r))
 
 
@@ -131,7 +132,7 @@ def backward(cell, w_rec: torch.Tensor, states, deriv, extra, direct, err) -> No
     b, n = deriv.shape[1:]
     bufs = {"states": states, "deriv": deriv, "extra": extra, "direct": direct, "err": err,
             "scratch": deriv.new_empty(3, b, n), "events": torch.empty(b, n + 1, dtype=torch.int64)}
-    r, _keep = _run(cell, w_rec.contiguous(), bufs)
+    r, _keep = _run(cell, w_rec.contiguous(), "bwd", bufs)
     _load().nb_backward(ctypes.byref(r))
 
 

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "vecmath.h"
 
 enum { VOLTAGE = 0, RATE = 1, LIF = 2 };
 enum { TANH = 0, LINEAR = 1, RELU = 2, SOFTPLUS = 3 };
@@ -30,10 +31,6 @@ typedef struct {
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
                          const float *, const int *, const float *, const int *, const float *, float *,
                          const int *);
-
-typedef float v8f __attribute__((vector_size(32)));
-static inline v8f ld8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
-static inline void st8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
 /* D (B, N) += A (B, K) Wt (K, N), Wt packed by 16-column blocks (Wp). A row's non-zero entries are listed first
    (ev: B x (K + 1), the count last), so that zero entries cost nothing. */
@@ -88,28 +85,9 @@ static void product_dense(const BpttRun *r, const float *A, const float *Mp, con
     }
 }
 
-/* tanh x without libm calls (the loops over it vectorise), to a few float32 ulp: |x| < 0.3 by its odd series
-   through x^13 (the next term is below 2.2e-11), else (1 - e) / (1 + e) with e = exp(-2 |x|), exp by
-   2^k exp(r), |r| <= ln2 / 2, exp(r) by its Taylor polynomial of degree 7 (error below 6e-9 relative). |x| is
-   clamped to 9, where tanh rounds to 1. */
-static inline float tanh_f32(float x) {
-    const float ax = fabsf(x) > 9.0f ? 9.0f : fabsf(x), x2 = x * x;
-    const float series = x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835
-                         + x2 * (-1382.0f / 155925 + x2 * (21844.0f / 6081075)))))));
-    const float y = -2.0f * ax, k = floorf(y * 1.44269504f + 0.5f);
-    const float rr = (y - k * 0.693145751953125f) - k * 1.42860677e-06f;
-    const float p = 1.0f + rr * (1.0f + rr * (0.5f + rr * (1.0f / 6 + rr * (1.0f / 24 + rr * (1.0f / 120
-                    + rr * (1.0f / 720 + rr * (1.0f / 5040)))))));
-    const int32_t bits = ((int32_t)k + 127) << 23;
-    float two_k;
-    memcpy(&two_k, &bits, sizeof two_k);
-    const float e = two_k * p, big = copysignf((1.0f - e) / (1.0f + e), x);
-    return ax < 0.3f ? series : big;
-}
-
 static inline float act(int a, float x, float *df) {
     switch (a) {
-        case TANH: { const float t = tanh_f32(x); *df = 1.0f - t * t; return t; }
+        case TANH: { const float t = tanh_fast(x); *df = 1.0f - t * t; return t; }
         case LINEAR: *df = 1.0f; return x;
         case RELU: *df = x > 0.0f ? 1.0f : 0.0f; return x > 0.0f ? x : 0.0f;
         default: *df = 1.0f / (1.0f + expf(-x)); return x > 20.0f ? x : log1pf(expf(x));
@@ -159,7 +137,7 @@ void nb_forward(BpttRun *r) {
         if (r->model == VOLTAGE && r->actfn == TANH) { /* the common case, in a loop that vectorises */
             for (int64_t k = 0; k < BN; k++) {
                 x[k] = (1.0f - a) * x[k] + a * d[k];
-                const float th_ = tanh_f32(x[k]);
+                const float th_ = tanh_fast(x[k]);
                 next[k] = th_;
                 dv[k] = 1.0f - th_ * th_;
             }
@@ -170,7 +148,7 @@ void nb_forward(BpttRun *r) {
             }
         } else if (r->model == RATE && r->actfn == TANH) {
             for (int64_t k = 0; k < BN; k++) {
-                const float f = tanh_f32(d[k]);
+                const float f = tanh_fast(d[k]);
                 dv[k] = a * (1.0f - f * f);
                 next[k] = pre[k] + a * (f - pre[k]);
             }

@@ -55,4 +55,4 @@ def _check_abi(lib: ctypes.CDLL) -> None:
 def new_library() -> NativeLibrary:
     """A fresh, not yet loaded handle on the fused step's library."""
     return NativeLibrary("fused_step.c", SYMBOLS, check=_check_abi, extra_sources=("products.c", "chip_traces.c"),
-                         headers=("fused_run.h",))
+                         headers=("fused_run.h", "vecmath.h"))

@@ -7,8 +7,9 @@ the compiler, the flags and the CPU (``$NEUROINIT_CACHE`` or ``~/.cache/neuroini
 then binds it with :mod:`ctypes`. torch (imported first) has loaded its OpenMP runtime; the library binds to the
 same one, so the two thread pools do not fight.
 
-Where the library cannot be built (no compiler, a broken ``$CC``, a compile error, an unsupported platform, or
-``NEUROINIT_NO_FUSED`` set), :meth:`~NativeLibrary.load` returns None and :meth:`~NativeLibrary.
+A compiler without OpenMP (e.g. Apple's clang, or gcc without libgomp) builds the same source with
+``-fopenmp-simd`` instead: the library's loops then run on one thread. Where the library cannot be built (no
+compiler, a broken ``$CC``, a compile error, an unsupported platform, or ``NEUROINIT_NO_FUSED`` set), :meth:`~NativeLibrary.load` returns None and :meth:`~NativeLibrary.
 unavailable_reason` says why in one line (the compiler's first diagnostic); :attr:`~NativeLibrary.diagnostics`
 holds the compiler's full output. Callers then take their PyTorch path.
 """
@@ -35,6 +36,7 @@ __all__ = ["FLAGS", "NativeLibrary", "cache_dir", "compiler"]
 
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]
 DISABLE_ENV = "NEUROINIT_NO_FUSED"
+SERIAL_OPENMP = "-fopenmp-simd"  # what replaces -fopenmp where the compiler has no OpenMP runtime
 
 
 def cache_dir() -> Path:
@@ -82,7 +84,7 @@ class NativeLibrary:
         self.source = "\n".join(self.sources.values())   # every file the build reads: the cache key
         self.symbols = dict(symbols)
         self.check = check
-        self.diagnostics = ""  # the compiler's full output of a failed build
+        self.diagnostics = ""  # the compiler's full output of a failed build (or of the -fopenmp one, when serial)
         self._lock = threading.Lock()
         self._lib: ctypes.CDLL | None = None
         self._reason: str | None = None
@@ -97,6 +99,20 @@ class NativeLibrary:
         return cache_dir() / f"{self.source_path.stem}_{key.hexdigest()[:16]}.so"
 
     def _build(self) -> ctypes.CDLL:
+        try:
+            return self._build_with_flags()
+        except OSError:
+            # a compiler without OpenMP (Apple's clang: "unsupported option '-fopenmp'"; gcc: "cannot find
+            # -lgomp"): build the loops serial (omp.h and the runtime are guarded by _OPENMP; the SIMD pragmas stay)
+            if "-fopenmp" not in self.flags or not any(w in self.diagnostics for w in ("openmp", "gomp", "omp.h")):
+                raise
+            first = self.diagnostics
+            self.flags = [SERIAL_OPENMP if f == "-fopenmp" else f for f in self.flags]
+            lib = self._build_with_flags()  # its failure is the reason (the source's own errors)
+            self.diagnostics = first  # why the loops are serial
+            return lib
+
+    def _build_with_flags(self) -> ctypes.CDLL:
         cc = compiler()  # checked even when a library is cached: a broken CC is reported, not hidden
         path = self.path()
         if not path.exists():
