@@ -34,6 +34,19 @@ def fmt(x, spec: str = ".4g") -> str:
     return format(x, spec)
 
 
+def json_safe(obj):
+    """``obj`` with non-finite floats as None, through dicts, lists and tuples (tuples become lists), so that
+    ``json.dumps`` writes strict JSON (an ideal profile's gain interval ends at inf; a sequence that met a zero
+    Jacobian has exponent -inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def cache_dir(*parts: str) -> Path:
     """neuroinit's cache directory (``$NEUROINIT_CACHE``, else ``$XDG_CACHE_HOME/neuroinit``, else
     ``~/.cache/neuroinit``), joined with ``parts``; not created here."""

@@ -75,3 +75,12 @@ def test_task_from_settings_rebuilds_the_run_task():
 def test_task_from_settings_gives_neurogym_tasks_the_run_time_step():
     task = task_from_settings("2af", {"dt_ms": 20.0, "tau_ms": 100.0})
     assert task.dt_ms == 20.0
+
+
+def test_json_safe_writes_non_finite_numbers_as_null():
+    import json
+
+    from neuroinit._util import json_safe
+
+    doc = {"a": float("inf"), "b": [1.0, float("nan"), (2, -float("inf"))], "c": "x"}
+    assert json.dumps(json_safe(doc), allow_nan=False) == '{"a": null, "b": [1.0, null, [2, null]], "c": "x"}'

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import sys
 
 import click
 
+from neuroinit._util import json_safe
 from neuroinit.profiles import ProfileError
 
 
@@ -54,18 +54,6 @@ def _note_missing_fused(reason: str | None) -> None:
     """One line on stderr when the fused native step cannot run here (no compiler, a broken CC, ...)."""
     click.echo(f"note: the fused native step is unavailable ({reason}); the PyTorch step runs instead (the "
                "same results to float32 rounding, several times slower; benchmarks/ has the measured ratio)", err=True)
-
-
-def json_safe(obj):
-    """Non-finite floats as null (an ideal profile's gain interval ends at inf; a sequence that met a zero
-    Jacobian has exponent -inf), so ``--json`` output is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def echo_json(obj) -> None:

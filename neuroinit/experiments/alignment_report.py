@@ -5,7 +5,6 @@ document (docs/alignment.md) and printed as a table (``neuroinit alignment``).""
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -228,19 +227,11 @@ def write_report(path, doc: dict) -> None:
     """Write the document as JSON (non-finite numbers as null), atomically."""
     import json
 
+    from neuroinit._util import json_safe
     from neuroinit.io.atomic import atomic_write_path
 
-    def clean(o):
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
     with atomic_write_path(path) as tmp:
-        tmp.write_text(json.dumps(clean(doc), indent=1, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(json_safe(doc), indent=1, sort_keys=True) + "\n")
 
 
 def read_report(path) -> dict:
