@@ -205,11 +205,9 @@ def _check_run_args(workers: int | None, threads: int, ensemble: int) -> int:
     if not isinstance(ensemble, int) or isinstance(ensemble, bool) or ensemble < 0:
         raise SweepError(f"Invalid ensemble {ensemble!r}: an integer >= 0 (runs per batched model; 0 or 1: alone)")
     if workers is None:
-        try:
-            ncpu = len(os.sched_getaffinity(0))
-        except AttributeError:
-            ncpu = os.cpu_count() or 1
-        workers = max(1, ncpu // threads)
+        from neuroinit._util import available_cpus
+
+        workers = max(1, available_cpus() // threads)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise SweepError(f"Invalid workers {workers!r}: an integer >= 0 (0 runs in this process)")
     return workers
