@@ -132,6 +132,30 @@ def test_vector_and_scalar_kernels_draw_the_same_random_bits():
         assert float((runs[0][1][n] - runs[1][1][n]).abs().max()) <= 1e-5, n
 
 
+@pytest.mark.parametrize("profile", ["loihi-like", "reckon-like"])
+def test_rows_that_cannot_saturate_give_the_same_codes_without_the_clamp(profile):
+    # a row whose sums fl(ed c) + fl(post pre) / s provably stay within the codes' range may skip the clamp (the
+    # vector kernels do, chip_traces.c in_range): small increments on even rows (in range, saturated codes
+    # included), the factors' large ones on odd rows (some saturate), decay-only rows; the portable loop always
+    # clamps
+    cell = _cell(profile, 70)
+    runs = []
+    for portable in (False, True):
+        k = _Kernel(cell, 3, "stochastic", portable=portable)
+        tr, post, err = k.factors(torch.Generator().manual_seed(8))
+        post[:, ::2] *= 1e-3
+        post[:, 1::2] *= 30.0
+        k.load(tr, post)
+        k.fz.run_struct.seed = 777
+        k.fz.update(err)
+        runs.append(k.codes())
+    for name in FULL:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+    gr = k.q.grids["elig_rec"]
+    assert int((runs[1]["elig_rec"][:, 1::2] == gr.code_max).sum()) + int(
+        (runs[1]["elig_rec"][:, 1::2] == gr.code_min).sum()) > 0  # the odd rows do saturate
+
+
 def _moments(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = draws.double()
     return d.mean(0), d.var(0, unbiased=True)

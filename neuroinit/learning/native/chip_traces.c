@@ -238,11 +238,130 @@ static void codes_avx512(void *codes, int bytes, const float *pre, int64_t n, co
 }
 #endif
 
+#if !(defined(__AVX512F__) && defined(__AVX512BW__)) && defined(__AVX2__) && defined(__FMA__)
+#define CHIP_AVX2 1
+/* The AVX2 kernel (CPUs without AVX-512): the portable loop's codes and random bits, 8 lanes at a time. A block's
+   16 words are two registers (words 0-7, 8-15): lanes 0-7 of each group of 16 elements take the first, lanes 8-15
+   the second. Whole blocks only; the rows' last partial block, and rows with per-element factors (the input and
+   bias traces), go through the portable loop. */
+typedef struct {
+    __m256 ed, ps, lo, hi, inv, ls;
+} RowV8;
+
+/* 8 codes (as int32) from 8 stored codes c: the update of lanes16; r: their random bits (k of them) */
+static inline __attribute__((always_inline)) NO_CONTRACT __m256i code8(__m256 c, const float *pre, __m256i r,
+        __m256 ps, const RowV8 *v, const int k, const int nearest, const int inc, const int clamp) {
+    EXACT_FP
+    __m256 x = _mm256_mul_ps(c, v->ed);
+    if (inc) x = _mm256_add_ps(x, _mm256_mul_ps(ps, _mm256_loadu_ps(pre)));
+    if (clamp) x = _mm256_min_ps(_mm256_max_ps(x, v->lo), v->hi); /* max(x, lo): lo for NaN, as lanes16 */
+    if (nearest) return _mm256_cvtps_epi32(_mm256_mul_ps(x, v->inv));
+    const __m256i t = _mm256_add_epi32(_mm256_cvtps_epi32(x), r);
+    return k == 8 ? _mm256_srai_epi32(t, 8) : _mm256_srai_epi32(t, 16);
+}
+/* the random bits of the 8 lanes h (0 .. G / 8 - 1) of a block: half h mod 2 of group h div 2 */
+static inline __attribute__((always_inline)) __m256i bits8(__m256i w0, __m256i w1, const int bytes, const int h) {
+    const __m256i w = (h & 1) ? w1 : w0;
+    const int s = h >> 1;
+    if (bytes == 1)
+        return s == 3 ? _mm256_srli_epi32(w, 24) : _mm256_and_si256(_mm256_srli_epi32(w, 8 * s), _mm256_set1_epi32(0xff));
+    return s == 1 ? _mm256_srli_epi32(w, 16) : _mm256_and_si256(w, _mm256_set1_epi32(0xffff));
+}
+/* the whole blocks of a row; returns how many codes they hold */
+static inline __attribute__((always_inline)) NO_CONTRACT int64_t codes_avx2_w(void *codes, const int bytes,
+        const int nearest, const int inc, const int vec, const int clamp, const float *pre, int64_t n, const RowQ *q,
+        float *g) {
+    EXACT_FP
+    const int k = bytes == 1 ? 8 : 16;
+    const int64_t G = bytes == 1 ? 64 : 32;
+    const RowV8 v = {_mm256_set1_ps(q->ed), _mm256_set1_ps(q->ps), _mm256_set1_ps(q->lo), _mm256_set1_ps(q->hi),
+                     _mm256_set1_ps(1.0f / (float)(1 << k)), _mm256_set1_ps(q->ls)};
+    const __m256i key = _mm256_set1_epi32((int)q->key), step = _mm256_set1_epi32((int)(16 * GOLD));
+    /* GOLD (ctr + 16 block + lane): the word indices of lanes 0-7 and 8-15, multiplied */
+    __m256i c0 = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32((int)q->ctr),
+                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                                    _mm256_set1_epi32((int)GOLD));
+    __m256i c1 = _mm256_add_epi32(c0, _mm256_set1_epi32((int)(8 * GOLD)));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + G <= n; i += G, c0 = _mm256_add_epi32(c0, step), c1 = _mm256_add_epi32(c1, step)) {
+        __m256i w0 = _mm256_setzero_si256(), w1 = w0, out[8];
+        if (!nearest) {
+            w0 = mix32_v8(_mm256_xor_si256(c0, key));
+            w1 = mix32_v8(_mm256_xor_si256(c1, key));
+        }
+        if (bytes == 1) {
+            int8_t *e = (int8_t *)codes + i;
+            for (int h = 0; h < 8; h++) {
+                const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(e + 8 * h))));
+                const int64_t at = i + 8 * h;
+                out[h] = code8(c, pre + at, bits8(w0, w1, 1, h), vec ? _mm256_loadu_ps(q->ps_v + at) : v.ps, &v, 8,
+                               nearest, inc, clamp);
+                _mm256_storeu_ps(g + at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(out[h]),
+                                                         vec ? _mm256_loadu_ps(q->ls_v + at) : v.ls,
+                                                         _mm256_loadu_ps(g + at)));
+            }
+            for (int h = 0; h < 8; h += 4) { /* 32 int32 codes to bytes (they are in range: no saturation) */
+                const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(out[h], out[h + 1]),
+                                                     _mm256_packs_epi32(out[h + 2], out[h + 3]));
+                _mm256_storeu_si256((__m256i *)(e + 8 * h), _mm256_permutevar8x32_epi32(p, order));
+            }
+        } else {
+            int16_t *e = (int16_t *)codes + i;
+            for (int h = 0; h < 4; h++) {
+                const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(e + 8 * h))));
+                const int64_t at = i + 8 * h;
+                out[h] = code8(c, pre + at, bits8(w0, w1, 2, h), vec ? _mm256_loadu_ps(q->ps_v + at) : v.ps, &v, 16,
+                               nearest, inc, clamp);
+                _mm256_storeu_ps(g + at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(out[h]),
+                                                         vec ? _mm256_loadu_ps(q->ls_v + at) : v.ls,
+                                                         _mm256_loadu_ps(g + at)));
+            }
+            for (int h = 0; h < 4; h += 2)
+                _mm256_storeu_si256((__m256i *)(e + 8 * h),
+                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(out[h], out[h + 1]), 0xD8));
+        }
+    }
+    return i;
+}
+static NO_CONTRACT void codes_avx2(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g) {
+    /* constant widths and modes: the lane loops unroll, shifts and masks are immediates */
+    int64_t done;
+    if (q->ps_v) { /* per-element factors: the input and bias traces of a block of rows */
+        if (q->nearest) done = bytes == 1 ? codes_avx2_w(codes, 1, 1, 1, 1, 1, pre, n, q, g)
+                                          : codes_avx2_w(codes, 2, 1, 1, 1, 1, pre, n, q, g);
+        else done = bytes == 1 ? codes_avx2_w(codes, 1, 0, 1, 1, 1, pre, n, q, g)
+                               : codes_avx2_w(codes, 2, 0, 1, 1, 1, pre, n, q, g);
+    } else if (q->nearest) done = bytes == 1 ? codes_avx2_w(codes, 1, 1, 1, 0, 1, pre, n, q, g)
+                                             : codes_avx2_w(codes, 2, 1, 1, 0, 1, pre, n, q, g);
+    else if (q->ps == 0.0f && q->in_range) done = bytes == 1 ? codes_avx2_w(codes, 1, 0, 0, 0, 0, pre, n, q, g)
+                                                             : codes_avx2_w(codes, 2, 0, 0, 0, 0, pre, n, q, g);
+    else if (q->ps == 0.0f) done = bytes == 1 ? codes_avx2_w(codes, 1, 0, 0, 0, 1, pre, n, q, g)
+                                              : codes_avx2_w(codes, 2, 0, 0, 0, 1, pre, n, q, g);
+    else if (q->in_range) done = bytes == 1 ? codes_avx2_w(codes, 1, 0, 1, 0, 0, pre, n, q, g)
+                                            : codes_avx2_w(codes, 2, 0, 1, 0, 0, pre, n, q, g);
+    else done = bytes == 1 ? codes_avx2_w(codes, 1, 0, 1, 0, 1, pre, n, q, g)
+                           : codes_avx2_w(codes, 2, 0, 1, 0, 1, pre, n, q, g);
+    if (done < n) { /* the rest from its block's first word on */
+        RowQ t = *q;
+        t.ctr = q->ctr + (uint32_t)(done / (16 * (32 / q->k))) * 16;
+        t.ps_v = q->ps_v ? q->ps_v + done : NULL;
+        t.ls_v = q->ls_v ? q->ls_v + done : NULL;
+        codes_scalar((char *)codes + done * bytes, bytes, pre + done, n - done, &t, g + done);
+    }
+}
+#endif
+
 /* one row of codes: the vector kernel where there is one, else the scalar loop (the same codes) */
 void chip_row(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g, int portable) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (!portable) {
         codes_avx512(codes, bytes, pre, n, q, g);
+        return;
+    }
+#elif defined(CHIP_AVX2)
+    if (!portable) {
+        codes_avx2(codes, bytes, pre, n, q, g);
         return;
     }
 #endif
@@ -257,6 +376,12 @@ static int zero_codes(const char *c, int64_t n) {
     for (; i + 64 <= n; i += 64) { /* a cache line at a time, stopping at the first non-zero one */
         const __m512i v = _mm512_loadu_si512((const void *)(c + i));
         if (_mm512_test_epi64_mask(v, v)) return 0;
+    }
+#elif defined(CHIP_AVX2)
+    for (; i + 64 <= n; i += 64) {
+        const __m256i v = _mm256_or_si256(_mm256_loadu_si256((const __m256i *)(c + i)),
+                                          _mm256_loadu_si256((const __m256i *)(c + i + 32)));
+        if (!_mm256_testz_si256(v, v)) return 0;
     }
 #endif
     for (; i + 64 <= n; i += 64) {
@@ -341,6 +466,27 @@ static void piece_factors(float *pre, float *ps, float *ls, const float *src, in
     }
 }
 
+/* max |v_i| (NaN where any v_i is NaN) */
+static float abs_max(const float *v, int64_t n) {
+    float m = 0.0f;
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(v[i]);
+        m = a > m ? a : m;
+        nan |= a != a;
+    }
+    return nan ? NAN : m;
+}
+/* Whether every sum x = fl(fl(ed c) + fl(ps pre)) of a row lies in [lo, hi], for codes c in [c_lo, c_hi] and
+   |ps pre| <= m = fl(|ps| max |pre|): rounding is monotone, so fl(ed c) lies in [dec_lo, dec_hi] = [fl(ed c_lo),
+   fl(ed c_hi)] (ed >= 0) and x in [fl(dec_lo - m), fl(dec_hi + m)]. False for NaN or infinite bounds. */
+static NO_CONTRACT int in_range(float ed, float dec_lo, float dec_hi, float m, float lo, float hi) {
+    EXACT_FP
+    const float top = dec_hi + m, bottom = dec_lo - m;
+    return ed >= 0.0f && top <= hi && bottom >= lo; /* comparisons with NaN are false */
+}
+
 void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
     const int64_t N = r->N, I = r->I;
     const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
@@ -351,6 +497,10 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
 #ifdef CHIP_DECAY_TABLE
     if (bytes == 1 && !portable) decay = decay_table_of(r);
 #endif
+    /* the largest |ed c| and |pre| of the recurrent rows: a row whose sums cannot leave [lo, hi] skips the clamp */
+    const float ed = two_k * r->ed, lo = two_k * r->q_min[Q_ELIG_REC], hi = two_k * r->q_max[Q_ELIG_REC];
+    const float dec_hi = ed * r->q_max[Q_ELIG_REC], dec_lo = ed * r->q_min[Q_ELIG_REC];
+    const float pre_max = abs_max(r->pre_rec + b * N, N);
     for (int64_t j = j0; j < j1; j++) {
         const int64_t row = b * N + j;
         const float p = r->post[row];
@@ -359,9 +509,8 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
            threshold whose traces have decayed away) */
         if (p == 0.0f && zero_codes(codes, N * bytes))
             continue;
-        RowQ q = {two_k * r->ed, p * f_rec, two_k * r->q_min[Q_ELIG_REC], two_k * r->q_max[Q_ELIG_REC],
-                  r->L[row] * s_rec, keys[0], (uint32_t)row * words, k, (int)r->q_nearest, NULL, NULL,
-                  decay};
+        RowQ q = {ed, p * f_rec, lo, hi, r->L[row] * s_rec, keys[0], (uint32_t)row * words, k, (int)r->q_nearest,
+                  NULL, NULL, decay, in_range(ed, dec_lo, dec_hi, fabsf(p * f_rec) * pre_max, lo, hi)};
         chip_row(codes, bytes, r->pre_rec + b * N, N, &q, r->g_rec + j * N, portable);
     }
     float pre[CHIP_PIECE], ps[CHIP_PIECE], ls[CHIP_PIECE];

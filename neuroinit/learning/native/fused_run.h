@@ -103,6 +103,7 @@ typedef struct {
     int k, nearest;
     const float *ps_v, *ls_v; /* per-element ps and ls instead of ps and ls (NULL: the scalars) */
     const DecayTable *decay;  /* int8 rows without an increment by table (NULL: the arithmetic; the same codes) */
+    int in_range;             /* 1: every sum is provably within [lo, hi] (chip_elig): kernels may skip the clamp */
 } RowQ;
 
 /* random words per row of n codes (a whole number of 16-word blocks) */
@@ -120,7 +121,15 @@ static inline __m512i mix32_v(__m512i x) {
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline __m256i mix32_v8(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
 #endif
 
 /* chip_traces.c (internal to the library: not exported) */
