@@ -10,6 +10,8 @@
 # fallback: 10-15 s per trial at N=512, B=64, no target depends on it).
 # THREADS: "best" (default: every method at one thread and at all CPUs, the faster reported with its count) or
 # a comma-separated list of counts (every method at each, side by side).
+# The files are named after the CPU they came from (vendor-family-model, e.g. amd-25-1 for an AMD EPYC Zen 3;
+# MACHINE=... overrides it): results from different CPUs sit side by side.
 # Usage: bash benchmarks/run_cpu.sh [PROFILE] [THREADS] [REPEATS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +19,8 @@ mkdir -p benchmarks/results
 profile="${1:-loihi-like}"
 threads="${2:-best}"
 repeats="${3:-5}"
-tag="cpu-${profile}-t${threads//,/-}"
+machine="${MACHINE:-$(python -c 'from neuroinit._util import cpu_slug; print(cpu_slug())')}"
+tag="cpu-${machine}-${profile}-t${threads//,/-}"
 no_torch="neuroinit-fused,autograd-eprop,neuroinit-bptt,bptt,snntorch-bptt,norse-bptt"
 chip_methods="neuroinit-fused,autograd-eprop,snntorch-bptt,norse-bptt"
 run() {  # NAME then bench options (a later --profile overrides PROFILE)

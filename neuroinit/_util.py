@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -95,6 +96,17 @@ def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     if line:
         return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cpu_slug(cpuinfo: Path = CPUINFO) -> str:
+    """A short file-name-safe name of the CPU: vendor-family-model (``amd-25-1``, ``intel-6-167``), else the
+    machine architecture (``x86_64``, ``aarch64``): what stored benchmark results are named after."""
+    f = cpu_fields(cpuinfo) or {}
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(f.get("vendor_id", ""), f.get("vendor_id", ""))
+    parts = [vendor, f.get("cpu family", ""), f.get("model", "")]
+    if not all(parts):
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", platform.machine() or "cpu")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts)).lower()
 
 
 def cpu_id(cpuinfo: Path = CPUINFO) -> str:

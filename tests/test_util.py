@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from neuroinit._util import cache_dir, cpu_fields, cpu_id, cpu_model, fmt, one_line, utc_now
+from neuroinit._util import cache_dir, cpu_fields, cpu_id, cpu_model, cpu_slug, fmt, one_line, utc_now
 from neuroinit.tasks import task_from_settings
 
 
@@ -61,6 +61,21 @@ def test_cpu_fields_reads_the_first_processor_block(tmp_path):
                     "processor\t: 1\nvendor_id\t: Other\nflags\t\t: fpu avx512f\n")
     assert cpu_fields(info) == {"processor": "0", "vendor_id": "ToyVendor", "flags": "fpu avx2"}
     assert cpu_fields(tmp_path / "missing") is None
+
+
+def test_cpu_slug_names_vendor_family_and_model(tmp_path):
+    amd = tmp_path / "amd"
+    amd.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                   "model name\t: AMD EPYC 7B13 64-Core Processor\n")
+    assert cpu_slug(amd) == "amd-25-1"
+    intel = tmp_path / "intel"
+    intel.write_text("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n")
+    assert cpu_slug(intel) == "intel-6-143"
+    odd = tmp_path / "odd"
+    odd.write_text("vendor_id\t: Toy Vendor/1\ncpu family\t: 7\nmodel\t\t: 2\n")
+    assert cpu_slug(odd) == "toy-vendor-1-7-2"  # file-name safe
+    # no vendor, family or model (ARM's cpuinfo, no /proc): the architecture
+    assert cpu_slug(tmp_path / "missing") == (platform.machine() or "cpu")
 
 
 def test_task_from_settings_rebuilds_the_run_task():
