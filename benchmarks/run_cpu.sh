@@ -6,8 +6,9 @@
 #   3. rate networks (voltage-form e-prop and RFLO) at N=512,1024, B=16,64 (the RFLO roofline targets);
 #   4. the chip-precision rows at N=256, B=16,64, LIF and RFLO, under PROFILE and under reckon-like (int16 traces),
 #      against the float fused row and the peers (the chip targets of issue 16);
-# then renders the JSON files into one page. Runs 2 and 3 leave out neuroinit-torch (the plain-PyTorch
-# fallback: 10-15 s per trial at N=512, B=64, no target depends on it).
+# then renders the JSON files into one page. Runs 2 and 3 leave out neuroinit-torch (the plain-PyTorch fallback:
+# 10-15 s per trial at N=512, B=64, no target depends on it). Run it again after an interruption: each invocation
+# continues from its OUT.partial.jsonl (neuroinit bench --resume), keeping the configurations already timed.
 # THREADS: "best" (default: every method at one thread and at all CPUs, the faster reported with its count) or
 # a comma-separated list of counts (every method at each, side by side).
 # The files are named after the CPU they came from (vendor-family-model, e.g. amd-25-1 for an AMD EPYC Zen 3;
@@ -23,10 +24,12 @@ machine="${MACHINE:-$(python -c 'from neuroinit._util import cpu_slug; print(cpu
 tag="cpu-${machine}-${profile}-t${threads//,/-}"
 no_torch="neuroinit-fused,autograd-eprop,neuroinit-bptt,bptt,snntorch-bptt,norse-bptt"
 chip_methods="neuroinit-fused,autograd-eprop,snntorch-bptt,norse-bptt"
-run() {  # NAME then bench options (a later --profile overrides PROFILE)
+run() {  # NAME then bench options (a later --profile overrides PROFILE); an interrupted run is continued
     local out="benchmarks/results/${tag}-$1"; shift
+    local resume=()
+    [[ -e "$out.json.partial.jsonl" ]] && resume=(--resume)
     python -m neuroinit.cli bench --profile "$profile" --threads "$threads" --repeats "$repeats" --steps 100 \
-        "$@" --json "$out.json" > "$out.txt" 2> "$out.log"
+        "$@" --json "$out.json" "${resume[@]}" > "$out.txt" 2> "$out.log"
 }
 run lif256 --model lif --hidden 256 --batch 1,16,64 --recalibrate
 run lif512 --model lif --hidden 512 --batch 64 --methods "$no_torch" --no-memory-scaling

@@ -427,3 +427,78 @@ def test_results_of_schema_2_still_render():
     assert old["schema_version"] == 2
     table = bench.format_table(old)
     assert "results of schema < 3" in table and "calibration at 1 thread(s)" in table
+
+
+_SMALL = ["bench", "--model", "rate", "--hidden", "6", "--batch", "1,2", "--steps", "3", "--repeats", "1",
+          "--threads", "1", "--methods", "autograd-eprop,bptt", "--no-memory-scaling"]
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    # the results land in OUT.partial.jsonl as they are measured; a killed run is continued with --resume: the
+    # configurations already timed are kept as they were, the others timed, and OUT written in full
+    out = tmp_path / "b.json"
+    timed = []
+    real = bench.timing.time_configuration
+
+    def interrupted(variant, n, b, rows, cfg, failed=frozenset()):
+        if len(timed) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) during the third configuration
+        timed.append((variant, n, b))
+        return real(variant, n, b, rows, cfg, failed)
+
+    monkeypatch.setattr(bench.timing, "time_configuration", interrupted)
+    res = CliRunner().invoke(main, [*_SMALL, "--json", str(out)])
+    assert res.exit_code != 0 and not out.exists()
+    partial = tmp_path / "b.json.partial.jsonl"
+    kept = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
+    assert len(kept) == 4  # two configurations (rate-voltage at B = 1 and 2), two methods each
+    # a new run does not silently drop them
+    res = CliRunner().invoke(main, [*_SMALL, "--json", str(out)])
+    assert res.exit_code == 1 and "holds 4 results of an interrupted run: add --resume" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    # another configuration cannot continue them
+    res = CliRunner().invoke(main, [*[("1,4" if a == "1,2" else a) for a in _SMALL], "--json", str(out), "--resume"])
+    assert res.exit_code == 1 and "it was made with another configuration (batch: stored [1, 2] vs [1, 4])" \
+        in res.output
+    timed.clear()
+    monkeypatch.setattr(bench.timing, "time_configuration", lambda *a, **k: (timed.append(a[:3]), real(*a, **k))[1])
+    res = CliRunner().invoke(main, [*_SMALL, "--json", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert sorted(timed) == [("rate-rflo", 6, 1), ("rate-rflo", 6, 2)]  # only what was missing
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 8 and not partial.exists()
+    for k in kept:  # the kept rows as they were measured (ratios are recomputed over the whole run)
+        match = [r for r in rows if (r["variant"], r["batch"], r["method"]) == (k["variant"], k["batch"], k["method"])]
+        assert len(match) == 1 and match[0]["repeats_us"] == k["repeats_us"]
+
+
+def test_resume_needs_a_file_to_continue(tmp_path):
+    res = CliRunner().invoke(main, [*_SMALL, "--resume"])
+    assert res.exit_code == 2 and "--resume" in res.output and "needs --json OUT" in res.output
+    res = CliRunner().invoke(main, [*_SMALL, "--json", str(tmp_path / "b.json"), "--resume"])
+    assert res.exit_code == 1 and "nothing was interrupted" in res.output
+    res = CliRunner().invoke(main, [*_SMALL, "--json", str(tmp_path / "missing" / "b.json")])
+    assert res.exit_code == 2 and "its directory does not exist" in res.output
+
+
+def test_the_json_file_is_strict_json(tmp_path, monkeypatch):
+    # non-finite numbers (a roofline over a zero-time row, an ideal profile's infinite range) are written as null,
+    # so that every JSON reader can parse the file
+    real = bench.run_bench
+
+    def with_nan(cfg, **kw):
+        result = real(cfg, **kw)
+        result["results"][0]["ratio_to_fused"] = float("nan")
+        result["calibration"]["odd"] = float("inf")
+        return result
+
+    monkeypatch.setattr(bench, "run_bench", with_nan)
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, [*_SMALL, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(out.read_text(), parse_constant=refuse)
+    assert data["results"][0]["ratio_to_fused"] is None and data["calibration"]["odd"] is None

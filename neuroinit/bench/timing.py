@@ -253,14 +253,36 @@ def _calibration_at(threads: int, calibs: dict[int, dict], cfg: BenchConfig, pro
     return calibs[threads]
 
 
-def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress, on_result) -> list[Result]:
+def _reuse_key(cfg: BenchConfig, variant: str, n: int, b: int, method: str, profile: str, threads) -> tuple:
+    """What identifies a row of a configuration: in "best" mode (one row per method and profile) not its count."""
+    return variant, n, b, method, profile, None if cfg.threads == "best" else threads
+
+
+def _reused(cfg: BenchConfig, variant: str, n: int, b: int, rows, reuse: dict[tuple, dict]) -> list[Result] | None:
+    """The rows of a configuration an interrupted run already timed (every one of them), else None."""
+    keys = [_reuse_key(cfg, variant, n, b, m, p, counts[0]) for m, p, counts in rows]
+    if not keys or not all(k in reuse for k in keys):
+        return None
+    return [Result(**reuse[k]) for k in keys]
+
+
+def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress, on_result,
+               reuse: list[dict] | None = None) -> list[Result]:
     """Every row of :func:`planned_rows`, configuration by configuration (its methods interleaved), with the roofline of
-    neuroinit's rows at the calibration of their thread count (``calibs``, completed as rows need them)."""
+    neuroinit's rows at the calibration of their thread count (``calibs``, completed as rows need them).
+    ``reuse``: rows of an interrupted run of the same configuration; a configuration all of whose rows are there is
+    not timed again (its rows are taken as they are, and not passed to ``on_result``)."""
     groups: dict[tuple[str, int, int], list] = {}
     for variant, n, b, method, prof, row_counts in planned_rows(cfg):
         groups.setdefault((variant, n, b), []).append((method, prof, row_counts))
+    done = {_reuse_key(cfg, r["variant"], r["hidden"], r["batch"], r["method"], r["profile"], r.get("threads")): r
+            for r in reuse or []}
     results: list[Result] = []
     for (variant, n, b), rows in groups.items():
+        kept = _reused(cfg, variant, n, b, rows, done)
+        if kept is not None:
+            results.extend(kept)
+            continue
         if progress:
             progress(f"{variant} N={n} B={b}: {len(rows)} rows interleaved")
         for res in time_configuration(variant, n, b, rows, cfg, frozenset(failed)):
@@ -284,8 +306,10 @@ def _time_rows(cfg: BenchConfig, calibs: dict[int, dict], failed: set, progress,
 
 
 def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None,
-              on_result: Callable[[Result], None] | None = None) -> dict:
-    """Run the benchmark; returns the JSON-able result (schema ``SCHEMA_VERSION``)."""
+              on_result: Callable[[Result], None] | None = None, reuse: list[dict] | None = None) -> dict:
+    """Run the benchmark; returns the JSON-able result (schema ``SCHEMA_VERSION``). ``reuse``: the rows of an
+    interrupted run of the same configuration (:mod:`neuroinit.bench.partial`): whole configurations found there
+    are kept instead of timed again."""
     cfg.validate()
     t_start = time.perf_counter()
     env = environment(cfg.device)
@@ -297,7 +321,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
     checks = check_gradients(cfg.variants(), cfg.methods)
     failed = {(c["variant"], c["method"]) for c in checks if not c["ok"]}
     with _LoadMeter() as run_meter:
-        results = _time_rows(cfg, calibs, failed, progress, on_result)
+        results = _time_rows(cfg, calibs, failed, progress, on_result, reuse)
     _add_ratios(results)
     mem = []
     if cfg.memory_scaling and "lif" in cfg.variants():

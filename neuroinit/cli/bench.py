@@ -45,10 +45,13 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
 @click.option("--memory-scaling/--no-memory-scaling", default=True, show_default=True,
               help="Peak memory of online rules vs BPTT at T and 10 T (LIF; one configuration).")
 @click.option("--json", "json_out", default=None, metavar="OUT",
-              help="Write the results as JSON to OUT ('-': stdout, and no table).")
+              help="Write the results as JSON to OUT ('-': stdout, and no table); each result also lands in "
+              "OUT.partial.jsonl as it is measured, until OUT is written.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.partial.jsonl (same options "
+              "and --json OUT): configurations already timed are kept, the rest are timed.")
 @fail_cleanly
 def bench_command(profile, models, hidden, batch, steps, repeats, device, threads, methods, quick, recalibrate,
-                  memory_scaling, json_out) -> None:
+                  memory_scaling, json_out, resume) -> None:
     """Online-update throughput of rate and LIF networks under a profile, next to autograd e-prop, BPTT,
     snntorch and norse, with the fraction of the machine's roofline reached."""
     from neuroinit import bench
@@ -64,6 +67,7 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
     else:
         cfg = bench.BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
+    partial, reuse = _partial_results(cfg, json_out, resume)
     if cfg.device == "cpu" and "neuroinit-fused" in cfg.methods:
         from neuroinit.learning import fused
 
@@ -75,29 +79,20 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
     if not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=jobs, desc="bench", unit="run", file=sys.stderr, leave=False, disable=None)
+        bar = tqdm(total=jobs, initial=min(len(reuse), jobs), desc="bench", unit="run", file=sys.stderr,
+                   leave=False, disable=None)
 
     def progress(msg: str) -> None:
         if bar is not None:
             bar.set_postfix_str(msg, refresh=True)
 
-    partial = None
-    if json_out and json_out != "-":
-        from pathlib import Path
-
-        partial = Path(json_out + ".partial.jsonl")  # one line per result as it lands (long runs)
-        partial.write_text("")
-
     def on_result(res) -> None:
         if bar is not None:
             bar.update(1)
         if partial is not None:
-            from dataclasses import asdict
+            partial.append(res)
 
-            with partial.open("a") as f:
-                f.write(json.dumps(asdict(res), default=float) + "\n")
-
-    result = bench.run_bench(cfg, progress=progress, on_result=on_result)
+    result = bench.run_bench(cfg, progress=progress, on_result=on_result, reuse=reuse)
     if bar is not None:
         bar.close()
     for t, cal in result["calibrations"].items():
@@ -109,14 +104,45 @@ def bench_command(profile, models, hidden, batch, steps, repeats, device, thread
         echo_json(result)
         return
     if json_out:
-        from pathlib import Path
+        from neuroinit._util import json_safe
+        from neuroinit.io.atomic import atomic_write_path
 
-        Path(json_out).write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
-        if partial is not None:
-            partial.unlink(missing_ok=True)
+        with atomic_write_path(json_out) as tmp:  # strict JSON: NaN / inf as null
+            tmp.write_text(json.dumps(json_safe(result), indent=2, sort_keys=True, default=float))
+        partial.remove()
     click.echo(bench.format_table(result))
     bad = [c for c in result["gradient_checks"] if not c["ok"]]
     if bad:
         raise click.ClickException("gradient check failed for " + ", ".join(
             f"{c['variant']}/{c['method']}" for c in bad) + " (those methods were not timed)")
+
+
+def _partial_results(cfg, json_out, resume):
+    """The partial-results file of ``--json OUT`` (None for none or stdout) and the rows to reuse (``--resume``)."""
+    if json_out is None or json_out == "-":
+        if resume:
+            raise click.BadParameter("needs --json OUT (the file whose OUT.partial.jsonl to continue)",
+                                     param_hint="--resume")
+        return None, []
+    from pathlib import Path
+
+    from neuroinit.bench.partial import PartialResults
+
+    if not Path(json_out).resolve().parent.is_dir():
+        raise click.BadParameter(f"{json_out!r}: its directory does not exist", param_hint="--json")
+    partial = PartialResults(json_out)
+    if resume:
+        try:
+            reuse = partial.resumable_rows(cfg)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        left = partial.rows()
+        if left:
+            raise click.ClickException(
+                f"{partial.path} holds {len(left)} results of an interrupted run: add --resume to continue it "
+                "(same options), or delete the file to start over")
+        reuse = []
+    partial.start(cfg, reuse)
+    return partial, reuse
 # --- end bench ---
