@@ -248,16 +248,22 @@ typedef struct {
     __m256 ed, ps, lo, hi, inv, ls;
 } RowV8;
 
-/* 8 codes (as int32) from 8 stored codes c: the update of lanes16; r: their random bits (k of them) */
-static inline __attribute__((always_inline)) NO_CONTRACT __m256i code8(__m256 c, const float *pre, __m256i r,
-        __m256 ps, const RowV8 *v, const int k, const int nearest, const int inc, const int clamp) {
+/* 8 codes (as int32) from the 8 stored codes c at element `at` of a row: the update of lanes16 (r: their k random
+   bits), and their share of the gradient */
+static inline __attribute__((always_inline)) NO_CONTRACT __m256i update8(__m256 c, int64_t at, __m256i r,
+        const float *pre, const RowQ *q, const RowV8 *v, float *g, const int k, const int nearest, const int inc,
+        const int vec, const int clamp) {
     EXACT_FP
     __m256 x = _mm256_mul_ps(c, v->ed);
-    if (inc) x = _mm256_add_ps(x, _mm256_mul_ps(ps, _mm256_loadu_ps(pre)));
+    if (inc) x = _mm256_add_ps(x, _mm256_mul_ps(vec ? _mm256_loadu_ps(q->ps_v + at) : v->ps, _mm256_loadu_ps(pre + at)));
     if (clamp) x = _mm256_min_ps(_mm256_max_ps(x, v->lo), v->hi); /* max(x, lo): lo for NaN, as lanes16 */
-    if (nearest) return _mm256_cvtps_epi32(_mm256_mul_ps(x, v->inv));
-    const __m256i t = _mm256_add_epi32(_mm256_cvtps_epi32(x), r);
-    return k == 8 ? _mm256_srai_epi32(t, 8) : _mm256_srai_epi32(t, 16);
+    __m256i code;
+    if (nearest) code = _mm256_cvtps_epi32(_mm256_mul_ps(x, v->inv));
+    else if (k == 8) code = _mm256_srai_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(x), r), 8);
+    else code = _mm256_srai_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(x), r), 16);
+    _mm256_storeu_ps(g + at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(code), vec ? _mm256_loadu_ps(q->ls_v + at) : v->ls,
+                                             _mm256_loadu_ps(g + at)));
+    return code;
 }
 /* the random bits of the 8 lanes h (0 .. G / 8 - 1) of a block: half h mod 2 of group h div 2 */
 static inline __attribute__((always_inline)) __m256i bits8(__m256i w0, __m256i w1, const int bytes, const int h) {
@@ -292,15 +298,9 @@ static inline __attribute__((always_inline)) NO_CONTRACT int64_t codes_avx2_w(vo
         }
         if (bytes == 1) {
             int8_t *e = (int8_t *)codes + i;
-            for (int h = 0; h < 8; h++) {
-                const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(e + 8 * h))));
-                const int64_t at = i + 8 * h;
-                out[h] = code8(c, pre + at, bits8(w0, w1, 1, h), vec ? _mm256_loadu_ps(q->ps_v + at) : v.ps, &v, 8,
-                               nearest, inc, clamp);
-                _mm256_storeu_ps(g + at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(out[h]),
-                                                         vec ? _mm256_loadu_ps(q->ls_v + at) : v.ls,
-                                                         _mm256_loadu_ps(g + at)));
-            }
+            for (int h = 0; h < 8; h++)
+                out[h] = update8(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(e + 8 * h)))),
+                                 i + 8 * h, bits8(w0, w1, 1, h), pre, q, &v, g, 8, nearest, inc, vec, clamp);
             for (int h = 0; h < 8; h += 4) { /* 32 int32 codes to bytes (they are in range: no saturation) */
                 const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(out[h], out[h + 1]),
                                                      _mm256_packs_epi32(out[h + 2], out[h + 3]));
@@ -308,15 +308,9 @@ static inline __attribute__((always_inline)) NO_CONTRACT int64_t codes_avx2_w(vo
             }
         } else {
             int16_t *e = (int16_t *)codes + i;
-            for (int h = 0; h < 4; h++) {
-                const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(e + 8 * h))));
-                const int64_t at = i + 8 * h;
-                out[h] = code8(c, pre + at, bits8(w0, w1, 2, h), vec ? _mm256_loadu_ps(q->ps_v + at) : v.ps, &v, 16,
-                               nearest, inc, clamp);
-                _mm256_storeu_ps(g + at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(out[h]),
-                                                         vec ? _mm256_loadu_ps(q->ls_v + at) : v.ls,
-                                                         _mm256_loadu_ps(g + at)));
-            }
+            for (int h = 0; h < 4; h++)
+                out[h] = update8(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(e + 8 * h)))),
+                                 i + 8 * h, bits8(w0, w1, 2, h), pre, q, &v, g, 16, nearest, inc, vec, clamp);
             for (int h = 0; h < 4; h += 2)
                 _mm256_storeu_si256((__m256i *)(e + 8 * h),
                                     _mm256_permute4x64_epi64(_mm256_packs_epi32(out[h], out[h + 1]), 0xD8));
