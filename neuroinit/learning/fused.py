@@ -30,8 +30,9 @@ step, and the weight gradient is summed in one of three ways:
   draw: ``|E[code] - x| <= 2^-9`` (int8) or ``2^-17`` (int16) of a code, against ``2^-24`` for the PyTorch
   path (``chip_elig`` in the C source has the equations). The sum ``x`` is the PyTorch path's float value
   bit for bit, so with ``rounding="nearest"`` the codes equal the PyTorch path's exactly. Random draws are
-  seeded from the rule's ``torch.Generator`` once per step and depend on the seed only (the vector kernel and
-  the portable loop draw the same bits): the same distribution as the PyTorch path, not the same draws.
+  seeded from the rule's ``torch.Generator`` once per step and depend on the seed only (the AVX-512 and AVX2
+  kernels and the portable loop draw the same bits): the same distribution as the PyTorch path, not the same
+  draws.
 
 Where no compiler is found, or for float64, CUDA tensors or cells it does not know, the rule takes the PyTorch
 path (:func:`available`, :func:`supports`), which gives the same results (tests: ``tests/test_fused.py``,

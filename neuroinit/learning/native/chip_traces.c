@@ -31,8 +31,8 @@ NO_CONTRACT void decay_add(float *dst, const float *src, float d, const float *x
    c = rint(x), half to even, as torch.round. A row without an increment (post 0: x = fl(ed c)) of int8 codes takes
    rint(2^k x) from a table of its 256 codes (DecayTable, decay8_w): the same codes, 64 per vector. */
 
-/* The portable loop (any CPU; the same codes as the AVX-512 kernel below): per block of G elements its 16
-   random words, then 16 lanes at a time, written so that the compiler vectorises it (AVX2, NEON). */
+/* The portable loop (any CPU; the same codes as the AVX-512 and AVX2 kernels below): per block of G elements
+   its 16 random words, then 16 lanes at a time, written so that the compiler vectorises it (SSE, NEON). */
 static inline __attribute__((always_inline)) NO_CONTRACT void lanes16(void *codes, const int bytes,
         const int nearest, const float *pre, int64_t i0, int64_t m, const uint32_t *w, int shift, const RowQ *q,
         float *g) {
@@ -242,8 +242,8 @@ static void codes_avx512(void *codes, int bytes, const float *pre, int64_t n, co
 #define CHIP_AVX2 1
 /* The AVX2 kernel (CPUs without AVX-512): the portable loop's codes and random bits, 8 lanes at a time. A block's
    16 words are two registers (words 0-7, 8-15): lanes 0-7 of each group of 16 elements take the first, lanes 8-15
-   the second. Whole blocks only; the rows' last partial block, and rows with per-element factors (the input and
-   bias traces), go through the portable loop. */
+   the second. Whole blocks only: a row's last partial block goes through the portable loop. Rows whose sums
+   provably stay within [lo, hi] (RowQ.in_range) leave the clamp out: the same codes. */
 typedef struct {
     __m256 ed, ps, lo, hi, inv, ls;
 } RowV8;
