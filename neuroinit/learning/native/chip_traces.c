@@ -255,7 +255,10 @@ static inline __attribute__((always_inline)) NO_CONTRACT __m256i update8(__m256 
         const int vec, const int clamp) {
     EXACT_FP
     __m256 x = _mm256_mul_ps(c, v->ed);
-    if (inc) x = _mm256_add_ps(x, _mm256_mul_ps(vec ? _mm256_loadu_ps(q->ps_v + at) : v->ps, _mm256_loadu_ps(pre + at)));
+    if (inc) {
+        const __m256 ps = vec ? _mm256_loadu_ps(q->ps_v + at) : v->ps;
+        x = _mm256_add_ps(x, _mm256_mul_ps(ps, _mm256_loadu_ps(pre + at)));
+    }
     if (clamp) x = _mm256_min_ps(_mm256_max_ps(x, v->lo), v->hi); /* max(x, lo): lo for NaN, as lanes16 */
     __m256i code;
     if (nearest) code = _mm256_cvtps_epi32(_mm256_mul_ps(x, v->inv));
@@ -270,7 +273,8 @@ static inline __attribute__((always_inline)) __m256i bits8(__m256i w0, __m256i w
     const __m256i w = (h & 1) ? w1 : w0;
     const int s = h >> 1;
     if (bytes == 1)
-        return s == 3 ? _mm256_srli_epi32(w, 24) : _mm256_and_si256(_mm256_srli_epi32(w, 8 * s), _mm256_set1_epi32(0xff));
+        return s == 3 ? _mm256_srli_epi32(w, 24)
+                      : _mm256_and_si256(_mm256_srli_epi32(w, 8 * s), _mm256_set1_epi32(0xff));
     return s == 1 ? _mm256_srli_epi32(w, 16) : _mm256_and_si256(w, _mm256_set1_epi32(0xffff));
 }
 /* the whole blocks of a row; returns how many codes they hold */
@@ -298,9 +302,11 @@ static inline __attribute__((always_inline)) NO_CONTRACT int64_t codes_avx2_w(vo
         }
         if (bytes == 1) {
             int8_t *e = (int8_t *)codes + i;
-            for (int h = 0; h < 8; h++)
-                out[h] = update8(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(e + 8 * h)))),
-                                 i + 8 * h, bits8(w0, w1, 1, h), pre, q, &v, g, 8, nearest, inc, vec, clamp);
+            for (int h = 0; h < 8; h++) {
+                const __m128i c = _mm_loadl_epi64((const __m128i *)(e + 8 * h));
+                out[h] = update8(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), i + 8 * h, bits8(w0, w1, 1, h), pre,
+                                 q, &v, g, 8, nearest, inc, vec, clamp);
+            }
             for (int h = 0; h < 8; h += 4) { /* 32 int32 codes to bytes (they are in range: no saturation) */
                 const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(out[h], out[h + 1]),
                                                      _mm256_packs_epi32(out[h + 2], out[h + 3]));
@@ -308,9 +314,11 @@ static inline __attribute__((always_inline)) NO_CONTRACT int64_t codes_avx2_w(vo
             }
         } else {
             int16_t *e = (int16_t *)codes + i;
-            for (int h = 0; h < 4; h++)
-                out[h] = update8(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(e + 8 * h)))),
-                                 i + 8 * h, bits8(w0, w1, 2, h), pre, q, &v, g, 16, nearest, inc, vec, clamp);
+            for (int h = 0; h < 4; h++) {
+                const __m128i c = _mm_loadu_si128((const __m128i *)(e + 8 * h));
+                out[h] = update8(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(c)), i + 8 * h, bits8(w0, w1, 2, h), pre,
+                                 q, &v, g, 16, nearest, inc, vec, clamp);
+            }
             for (int h = 0; h < 4; h += 2)
                 _mm256_storeu_si256((__m256i *)(e + 8 * h),
                                     _mm256_permute4x64_epi64(_mm256_packs_epi32(out[h], out[h + 1]), 0xD8));
