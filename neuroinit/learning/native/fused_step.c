@@ -332,10 +332,12 @@ static int row_is_zero(const float *a, int64_t n) {
 int64_t ni_chunk_prepare(Run *r, float *c) {
     const int64_t B = r->B, N = r->N, I = r->I, n = B * N, K = r->rec_pos;
     const float ed = r->ed;
-    /* elements k are independent: threads own blocks of 256 of them for every step */
+    /* elements k are independent: threads own blocks of 2048 of them for every step (a block's 8 KB of each
+       step's records stream better than 1 KB pieces 4 B N bytes apart: 0.45 -> 0.30 ms per Romo trial, B = 32,
+       N = 256, K = 56, one AVX2 core) */
 #pragma omp parallel for if (K * n * 4 >= r->par_work) schedule(static)
-    for (int64_t k0 = 0; k0 < n; k0 += 256) {
-        const int64_t k1 = k0 + 256 < n ? k0 + 256 : n;
+    for (int64_t k0 = 0; k0 < n; k0 += 2048) {
+        const int64_t k1 = k0 + 2048 < n ? k0 + 2048 : n;
         float w = 1.0f;
         for (int64_t k = k0; k < k1; k++) c[k] = 0.0f; /* running Lf */
         for (int64_t s = K - 1; s >= 0; s--) {
