@@ -3,13 +3,16 @@
    shared layout and random words; neuroinit/learning/fused.py for the Python side). */
 #include "fused_run.h"
 
-/* the O(B N) traces (presynaptic, readout), held as float values on their grids */
-void quant_vec(const Run *r, int which, float *v, int64_t n) {
+/* the O(B N) traces (presynaptic, readout), held as float values on their grids; per: values per batch element
+   (element k draws by its whole-batch index b0 per + k) */
+void quant_vec(const Run *r, int which, float *v, int64_t n, int64_t per) {
     if (!r->quant) return;
     uint32_t key = qkey(r, which);
     const int nearest = (int)r->q_nearest;
+    const uint32_t at = (uint32_t)(r->b0 * per);
     float s = r->q_scale[which], lo = r->q_min[which], hi = r->q_max[which];
-    for (int64_t k = 0; k < n; k++) v[k] = sround(v[k], s, lo, hi, nearest ? 0.0f : unif(key, (uint32_t)k), nearest);
+    for (int64_t k = 0; k < n; k++)
+        v[k] = sround(v[k], s, lo, hi, nearest ? 0.0f : unif(key, at + (uint32_t)k), nearest);
 }
 /* dst = d src + g x (g x: the constant g when x is NULL), rounded like the PyTorch path */
 NO_CONTRACT void decay_add(float *dst, const float *src, float d, const float *x, float g, int64_t n) {
@@ -503,6 +506,7 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
     const float ed = two_k * r->ed, lo = two_k * r->q_min[Q_ELIG_REC], hi = two_k * r->q_max[Q_ELIG_REC];
     const float dec_hi = ed * r->q_max[Q_ELIG_REC], dec_lo = ed * r->q_min[Q_ELIG_REC];
     const float pre_max = abs_max(r->pre_rec + b * N, N);
+    const int64_t gb = r->b0 + b; /* the whole batch's index of b: the random words' */
     for (int64_t j = j0; j < j1; j++) {
         const int64_t row = b * N + j;
         const float p = r->post[row];
@@ -511,8 +515,9 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
            threshold whose traces have decayed away) */
         if (p == 0.0f && zero_codes(codes, N * bytes))
             continue;
-        RowQ q = {ed, p * f_rec, lo, hi, r->L[row] * s_rec, keys[0], (uint32_t)row * words, k, (int)r->q_nearest,
-                  NULL, NULL, decay, in_range(ed, dec_lo, dec_hi, fabsf(p * f_rec) * pre_max, lo, hi)};
+        RowQ q = {ed, p * f_rec, lo, hi, r->L[row] * s_rec, keys[0], (uint32_t)(gb * N + j) * words, k,
+                  (int)r->q_nearest, NULL, NULL, decay,
+                  in_range(ed, dec_lo, dec_hi, fabsf(p * f_rec) * pre_max, lo, hi)};
         chip_row(codes, bytes, r->pre_rec + b * N, N, &q, r->g_rec + j * N, portable);
     }
     float pre[CHIP_PIECE], ps[CHIP_PIECE], ls[CHIP_PIECE];
@@ -528,7 +533,7 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
             if (n > CHIP_PIECE) { /* an input row longer than a piece: one row at a time */
                 for (int64_t j = ja; j < jz; j++) {
                     RowQ q = {two_k * r->ed, r->post[b * N + j] * f, two_k * r->q_min[which], two_k * r->q_max[which],
-                              r->L[b * N + j] * s, keys[t], (uint32_t)(b * N + j) * row_words(len, k), k,
+                              r->L[b * N + j] * s, keys[t], (uint32_t)(gb * N + j) * row_words(len, k), k,
                               (int)r->q_nearest, NULL, NULL, NULL};
                     chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q,
                              r->g_in + j * len, portable);
@@ -539,7 +544,7 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
             char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
             float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
             RowQ q = {two_k * r->ed, 0.0f, two_k * r->q_min[which], two_k * r->q_max[which], 0.0f, keys[t],
-                      (uint32_t)(b * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls, NULL};
+                      (uint32_t)(gb * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls, NULL};
             chip_row(codes, bytes, pre, n, &q, g, portable);
         }
     }

@@ -23,6 +23,8 @@ typedef struct {
     int64_t code_bytes, q_nearest; /* chip precision: bytes per stored trace code (1, 2); round to nearest */
     int64_t portable;               /* 1: the scalar loop even where a vector kernel exists (tests: same codes) */
     int64_t bs; /* batch stride of the per-step inputs, outputs and records (0: B; ni_run's batch slices) */
+    int64_t b0; /* the first batch element's index in the whole batch (ni_run's batch slices; else 0): the random
+                   words of chip precision are drawn by whole-batch index, so a slice draws what the whole would */
     uint64_t seed;
     float alpha, kappa, v_th, gamma;
     float pd, pg, ed, rd;
@@ -134,7 +136,7 @@ static inline __m256i mix32_v8(__m256i x) {
 
 /* chip_traces.c (internal to the library: not exported) */
 #define NI_INTERNAL __attribute__((visibility("hidden")))
-NI_INTERNAL void quant_vec(const Run *r, int which, float *v, int64_t n);
+NI_INTERNAL void quant_vec(const Run *r, int which, float *v, int64_t n, int64_t per);
 NI_INTERNAL void decay_add(float *dst, const float *src, float d, const float *x, float g, int64_t n);
 NI_INTERNAL void chip_row(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g, int portable);
 NI_INTERNAL void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]);

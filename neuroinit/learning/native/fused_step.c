@@ -91,11 +91,11 @@ void ni_forward(Run *r, const float *u) {
     decay_add(r->pre_bias, r->pre_bias, pd, NULL, pg, B);
     decay_add(r->ro, r->ro, rd, act, 1.0f, BN);
     decay_add(r->ro_bias, r->ro_bias, rd, NULL, 1.0f, B);
-    quant_vec(r, Q_PRE_REC, r->pre_rec, B * N);
-    quant_vec(r, Q_PRE_IN, r->pre_in, B * I);
-    quant_vec(r, Q_PRE_BIAS, r->pre_bias, B);
-    quant_vec(r, Q_READOUT, r->ro, B * N);
-    quant_vec(r, Q_READOUT_BIAS, r->ro_bias, B);
+    quant_vec(r, Q_PRE_REC, r->pre_rec, B * N, N);
+    quant_vec(r, Q_PRE_IN, r->pre_in, B * I, I);
+    quant_vec(r, Q_PRE_BIAS, r->pre_bias, B, 1);
+    quant_vec(r, Q_READOUT, r->ro, B * N, N);
+    quant_vec(r, Q_READOUT_BIAS, r->ro_bias, B, 1);
 }
 
 /* ---------------------------------------------------------------- update: eligibility traces + gradients */
@@ -251,41 +251,56 @@ static void run_steps(Run *r, int64_t t0, int64_t t1) {
     r->post = post0; r->L = L0; r->pre_rec = pre0; r->pre_src = NULL;
 }
 
-/* s: batch elements b0 <= b < b1 of r (a while recording: the steps touch only their own batch elements' state,
-   records and outputs), its readout gradients into g (O N + O floats, zero) */
-static void batch_slice(Run *s, const Run *r, int64_t b0, int64_t b1, float *g) {
+/* s: batch elements b0 <= b < b1 of r (the steps touch only their own batch elements' state, records, traces and
+   outputs), its readout gradients into g (O N + O floats, zero); at chip precision also its gradients of the
+   other weights into gw (N N + N I + N floats, zero; else unused) */
+static void batch_slice(Run *s, const Run *r, int64_t b0, int64_t b1, float *g, float *gw) {
     const int64_t N = r->N, I = r->I, O = r->O;
     *s = *r;
     s->B = b1 - b0;
     s->bs = r->B;
+    s->b0 = r->b0 + b0;
     s->par_work = INT64_MAX; /* no nested parallel loops */
     float **rows_n[] = {&s->x, &s->z, &s->ref, &s->post, &s->act, &s->L, &s->drive, &s->pre_rec, &s->ro,
                         &s->rec_L, &s->rec_post, &s->rec_pre};
-    for (size_t k = 0; k < sizeof rows_n / sizeof *rows_n; k++) *rows_n[k] += b0 * N;
+    for (size_t k = 0; k < sizeof rows_n / sizeof *rows_n; k++)
+        if (*rows_n[k]) *rows_n[k] += b0 * N; /* the records are NULL at chip precision */
     s->y += b0 * O; s->yout += b0 * O; s->err += b0 * O; s->outputs += b0 * O;
     if (s->targets) s->targets += b0 * O;
     if (s->labels) s->labels += b0;
-    s->inputs += b0 * I; s->pre_in += b0 * I; s->rec_pre_in += b0 * (I + 1);
+    s->inputs += b0 * I; s->pre_in += b0 * I;
+    if (s->rec_pre_in) s->rec_pre_in += b0 * (I + 1);
     s->pre_bias += b0; s->ro_bias += b0; s->scale += b0;
     s->events += b0 * (N + 1); /* drive_events' B (N + 1) int64 of scratch per slice */
     s->g_out = g; s->g_bout = g + O * N;
-    s->g_in = s->g_rec = s->g_bias = NULL; /* not touched while recording */
-    s->elig_rec = s->elig_in = s->elig_bias = NULL;
+    if (r->quant) { /* chip precision: the slice's trace codes, its own weight gradients */
+        const int64_t cb = r->code_bytes;
+        s->elig_rec = (char *)r->elig_rec + b0 * N * N * cb;
+        s->elig_in = (char *)r->elig_in + b0 * N * I * cb;
+        s->elig_bias = (char *)r->elig_bias + b0 * N * cb;
+        s->g_rec = gw; s->g_in = gw + N * N; s->g_bias = gw + N * N + N * I;
+    } else {
+        s->g_in = s->g_rec = s->g_bias = NULL; /* not touched while recording */
+        s->elig_rec = s->elig_in = s->elig_bias = NULL;
+    }
 }
 
-/* Runs steps t0 <= t < t1 (run_steps). While recording (the chunked update) with more than one thread and enough
-   work, the batch is split over the threads, each running all the steps of its slice in one parallel region (one
-   barrier per call, none per step); the readout gradients are summed per slice, then added in slice order
-   (the same result for the same thread count). Returns the number of slices (1: not split). */
+/* Runs steps t0 <= t < t1 (run_steps). With more than one thread and enough work, while recording (the chunked
+   update) or at chip precision (every trace rounded at every step), the batch is split over the threads, each
+   running all the steps of its slice in one parallel region (one barrier per call, none per step); the gradients
+   are summed per slice, then added in slice order (the same result for the same thread count; chip precision
+   draws its random words by whole-batch index, so the codes are the same for any count). Returns the number of
+   slices (1: not split). */
 int64_t ni_run(Run *r, int64_t t0, int64_t t1) {
     int nt = 1;
 #ifdef _OPENMP
     nt = omp_get_max_threads();
 #endif
     nt = nt < r->B ? nt : (int)r->B;
-    const int64_t N = r->N, O = r->O, go = O * N + O;
-    const int split = r->rec_L && !r->quant && nt > 1 && (t1 - t0) * r->B * N * N >= 8 * r->par_work;
-    float *part = split ? calloc((size_t)(nt * go), sizeof(float)) : NULL;
+    const int64_t N = r->N, I = r->I, O = r->O, go = O * N + O, gw = r->quant ? N * N + N * I + N : 0;
+    const int splits = (r->rec_L && !r->quant) || (r->quant && r->full);
+    const int split = splits && nt > 1 && (t1 - t0) * r->B * N * N >= 8 * r->par_work;
+    float *part = split ? calloc((size_t)(nt * (go + gw)), sizeof(float)) : NULL;
     if (!part) {
         run_steps(r, t0, t1);
         return 1;
@@ -298,16 +313,22 @@ int64_t ni_run(Run *r, int64_t t0, int64_t t1) {
         n = omp_get_num_threads();
 #endif
         Run s;
-        batch_slice(&s, r, r->B * t / n, r->B * (t + 1) / n, part + t * go);
+        batch_slice(&s, r, r->B * t / n, r->B * (t + 1) / n, part + t * go, part + nt * go + t * gw);
         run_steps(&s, t0, t1);
 #pragma omp single nowait
         nt = n;
     }
-    r->rec_pos += t1 - t0;
+    if (!r->quant) r->rec_pos += t1 - t0;
+    for (int64_t t = t0; t < t1; t++) /* the seed run_steps advances once per step (the slices advanced copies) */
+        r->seed = r->seed * 6364136223846793005ULL + 1442695040888963407ULL;
     for (int t = 0; t < nt; t++) {
-        const float *g = part + t * go;
+        const float *g = part + t * go, *w = part + (int64_t)nt * go + t * gw;
         for (int64_t k = 0; k < O * N; k++) r->g_out[k] += g[k];
         for (int64_t o = 0; o < O; o++) r->g_bout[o] += g[O * N + o];
+        if (!r->quant) continue;
+        for (int64_t k = 0; k < N * N; k++) r->g_rec[k] += w[k];
+        for (int64_t k = 0; k < N * I; k++) r->g_in[k] += w[N * N + k];
+        for (int64_t k = 0; k < N; k++) r->g_bias[k] += w[N * N + N * I + k];
     }
     free(part);
     return nt;

@@ -30,7 +30,7 @@ class RunStruct(ctypes.Structure):
 
     _fields_ = ([(n, ctypes.c_int64) for n in ("model", "actfn", "B", "N", "I", "O", "reset_zero", "n_ref",
                                                "full", "quant", "par_work", "loss", "T", "rec_pos",
-                                               "code_bytes", "q_nearest", "portable", "bs")]
+                                               "code_bytes", "q_nearest", "portable", "bs", "b0")]
                 + [("seed", ctypes.c_uint64)]
                 + [(n, ctypes.c_float) for n in ("alpha", "kappa", "v_th", "gamma", "pd", "pg", "ed", "rd")]
                 + [(n, ctypes.c_float * 8) for n in ("q_scale", "q_min", "q_max")]
