@@ -305,6 +305,7 @@ int64_t ni_run(Run *r, int64_t t0, int64_t t1) {
         run_steps(r, t0, t1);
         return 1;
     }
+    float *const part_w = part + (int64_t)nt * go; /* the weight gradients' parts (chip precision), after g_out's */
 #pragma omp parallel num_threads(nt)
     {
         int t = 0, n = 1;
@@ -313,7 +314,7 @@ int64_t ni_run(Run *r, int64_t t0, int64_t t1) {
         n = omp_get_num_threads();
 #endif
         Run s;
-        batch_slice(&s, r, r->B * t / n, r->B * (t + 1) / n, part + t * go, part + nt * go + t * gw);
+        batch_slice(&s, r, r->B * t / n, r->B * (t + 1) / n, part + t * go, part_w + t * gw);
         run_steps(&s, t0, t1);
 #pragma omp single nowait
         nt = n;
@@ -322,7 +323,7 @@ int64_t ni_run(Run *r, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) /* the seed run_steps advances once per step (the slices advanced copies) */
         r->seed = r->seed * 6364136223846793005ULL + 1442695040888963407ULL;
     for (int t = 0; t < nt; t++) {
-        const float *g = part + t * go, *w = part + (int64_t)nt * go + t * gw;
+        const float *g = part + t * go, *w = part_w + t * gw;
         for (int64_t k = 0; k < O * N; k++) r->g_out[k] += g[k];
         for (int64_t o = 0; o < O; o++) r->g_bout[o] += g[O * N + o];
         if (!r->quant) continue;
