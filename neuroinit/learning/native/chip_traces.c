@@ -534,7 +534,7 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
                 for (int64_t j = ja; j < jz; j++) {
                     RowQ q = {two_k * r->ed, r->post[b * N + j] * f, two_k * r->q_min[which], two_k * r->q_max[which],
                               r->L[b * N + j] * s, keys[t], (uint32_t)(gb * N + j) * row_words(len, k), k,
-                              (int)r->q_nearest, NULL, NULL, NULL};
+                              (int)r->q_nearest, NULL, NULL, NULL, 0};
                     chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q,
                              r->g_in + j * len, portable);
                 }
@@ -544,7 +544,8 @@ void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t k
             char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
             float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
             RowQ q = {two_k * r->ed, 0.0f, two_k * r->q_min[which], two_k * r->q_max[which], 0.0f, keys[t],
-                      (uint32_t)(gb * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls, NULL};
+                      (uint32_t)(gb * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls, NULL,
+                      0};
             chip_row(codes, bytes, pre, n, &q, g, portable);
         }
     }

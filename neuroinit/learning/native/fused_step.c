@@ -480,7 +480,7 @@ float ni_chip_probe(int64_t reps, int64_t n, int64_t bytes) {
     const float two_k = (float)(1 << k);
     for (int64_t t = 0; t < reps; t++) {
         RowQ q = {two_k * 0.9f, two_k * (t % 3 ? 0.7f : 0.0f) * 0.5f, two_k * -64.0f, two_k * 63.0f, 0.01f,
-                  mix32((uint32_t)t), (uint32_t)t * row_words(n, k), k, 0, NULL, NULL, NULL};
+                  mix32((uint32_t)t), (uint32_t)t * row_words(n, k), k, 0, NULL, NULL, NULL, 0};
         chip_row(codes, (int)bytes, pre, n, &q, g, 0);
     }
     float sum = 0.0f;
