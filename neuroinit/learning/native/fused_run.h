@@ -56,12 +56,11 @@ typedef struct {
 #endif
 
 /* counter-based random words: mix32 is a 32-bit integer hash (xor-shift-multiply, full avalanche); word w of
-   stream key is mix32(GOLD w ^ key) */
+   stream key is mix32(GOLD w ^ key). MIX32 is its one definition, for a uint32_t and, lane by lane, for GCC's
+   vectors of them (mix32_v, mix32_v8 below). */
 #define GOLD 0x9e3779b9U
-static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
-    return x;
-}
+#define MIX32(x) ((x) ^= (x) >> 16, (x) *= 0x7feb352dU, (x) ^= (x) >> 15, (x) *= 0x846ca68bU, (x) ^= (x) >> 16, (x))
+static inline uint32_t mix32(uint32_t x) { return MIX32(x); }
 /* uniform in [0, 1) from (key, index): 24 random bits */
 static inline float unif(uint32_t key, uint32_t idx) {
     return (float)(mix32(idx * GOLD ^ key) >> 8) * (1.0f / 16777216.0f);
@@ -116,22 +115,12 @@ static inline uint32_t row_words(int64_t n, int k) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
-static inline __m512i mix32_v(__m512i x) {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
-    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+static inline __m512i mix32_v(__m512i x) { u32x16 v = (u32x16)x; return (__m512i)MIX32(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-static inline __m256i mix32_v8(__m256i x) {
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
-    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-}
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+static inline __m256i mix32_v8(__m256i x) { u32x8 v = (u32x8)x; return (__m256i)MIX32(v); }
 #endif
 
 /* chip_traces.c (internal to the library: not exported) */
