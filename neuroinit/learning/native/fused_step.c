@@ -224,6 +224,9 @@ static void output_error(Run *r, int64_t t) {
     }
 }
 
+/* the seed of the next step's random words (a 64-bit LCG step: Knuth's MMIX constants) */
+static inline uint64_t next_seed(uint64_t s) { return s * 6364136223846793005ULL + 1442695040888963407ULL; }
+
 /* Runs steps t0 <= t < t1 of r->inputs (T, B, I), errors from the loss, outputs into r->outputs (T, B, O): the
    batch elements of r, or of a slice of it (r->bs: the full batch, the stride of the per-step arrays). ``r->seed``
    advances by one per step (stochastic rounding keys). */
@@ -245,7 +248,7 @@ static void run_steps(Run *r, int64_t t0, int64_t t1) {
         memcpy(r->outputs + t * BS * O, r->yout, sizeof(float) * B * O);
         output_error(r, t);
         ni_update(r);
-        r->seed = r->seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        r->seed = next_seed(r->seed);
     }
     if (rec && t1 > t0) memcpy(pre0, r->pre_rec, sizeof(float) * BN); /* the trace's home holds its latest value */
     r->post = post0; r->L = L0; r->pre_rec = pre0; r->pre_src = NULL;
@@ -321,7 +324,7 @@ int64_t ni_run(Run *r, int64_t t0, int64_t t1) {
     }
     if (!r->quant) r->rec_pos += t1 - t0;
     for (int64_t t = t0; t < t1; t++) /* the seed run_steps advances once per step (the slices advanced copies) */
-        r->seed = r->seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        r->seed = next_seed(r->seed);
     for (int t = 0; t < nt; t++) {
         const float *g = part + t * go, *w = part_w + t * gw;
         for (int64_t k = 0; k < O * N; k++) r->g_out[k] += g[k];
