@@ -69,6 +69,21 @@ class PartialResults:
                              "give the same options, or delete the file to start over")
         return rows
 
+    def begin(self, cfg, *, resume: bool) -> list[dict]:
+        """Start the file for a run of ``cfg`` and return the rows it reuses: with ``resume`` those of the
+        interrupted run (:meth:`resumable_rows`), else none -- and a ValueError (one line) where an interrupted
+        run's results are on file, which a new run would otherwise drop."""
+        if resume:
+            keep = self.resumable_rows(cfg)
+        else:
+            left = self.rows()
+            if left:
+                raise ValueError(f"{self.path} holds {len(left)} results of an interrupted run: add --resume to "
+                                 "continue it (same options), or delete the file to start over")
+            keep = []
+        self.start(cfg, keep)
+        return keep
+
     def start(self, cfg, keep: list[dict]) -> None:
         """Begin the file for a run of ``cfg``: the header, then the rows ``keep`` (a resumed run's)."""
         lines = [json.dumps({"bench_partial": 1, "config": comparable_config(cfg)})]

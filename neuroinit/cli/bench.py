@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from neuroinit.cli import _note_missing_fused, echo_json, fail_cleanly, main
+from neuroinit.cli import _check_out_dir, _note_missing_fused, echo_json, fail_cleanly, main
 
 
 # --- bench ---
@@ -124,25 +124,9 @@ def _partial_results(cfg, json_out, resume):
             raise click.BadParameter("needs --json OUT (the file whose OUT.partial.jsonl to continue)",
                                      param_hint="--resume")
         return None, []
-    from pathlib import Path
-
     from neuroinit.bench.partial import PartialResults
 
-    if not Path(json_out).resolve().parent.is_dir():
-        raise click.BadParameter(f"{json_out!r}: its directory does not exist", param_hint="--json")
+    _check_out_dir(json_out, "--json")
     partial = PartialResults(json_out)
-    if resume:
-        try:
-            reuse = partial.resumable_rows(cfg)
-        except ValueError as e:
-            raise click.ClickException(str(e)) from None
-    else:
-        left = partial.rows()
-        if left:
-            raise click.ClickException(
-                f"{partial.path} holds {len(left)} results of an interrupted run: add --resume to continue it "
-                "(same options), or delete the file to start over")
-        reuse = []
-    partial.start(cfg, reuse)
-    return partial, reuse
+    return partial, partial.begin(cfg, resume=resume)  # its ValueError: one line (fail_cleanly)
 # --- end bench ---
