@@ -253,7 +253,7 @@ def test_batch_split_over_threads_draws_the_same_codes(monkeypatch, profile, mod
     # ni_run) draws every random word by its whole-batch index: the same trace codes as on one thread, the
     # gradients up to the order their slices are added in
     from neuroinit.learning.online import OnlineEprop
-    from tests.test_fused import _setup
+    from tests.test_fused import _setup, _slices
 
     monkeypatch.setattr(fused, "PAR_WORK", 1)
     cell, batch, task = _setup(model, form=form, n=40, b=5, t_len=12, profile=profile)
@@ -269,7 +269,7 @@ def test_batch_split_over_threads_draws_the_same_codes(monkeypatch, profile, mod
             trial = rule.backward(batch, task)
         finally:
             torch.set_num_threads(saved)
-        assert rule.uses_fast_path and rule.native_backend.batch_slices == threads
+        assert rule.uses_fast_path and rule.native_backend.batch_slices == _slices(threads)
         codes = {n: rule.native_backend.buf[n].clone() for n in FULL}
         runs.append((trial.outputs.clone(), codes, {n: getattr(cell, n).grad.clone() for n in PARAM_NAMES}))
     (y1, c1, g1), (y3, c3, g3) = runs
