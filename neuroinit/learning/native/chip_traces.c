@@ -96,34 +96,49 @@ typedef struct {
 
 /* 16 codes (as int32) from 16 stored codes c: the update above; r: their random bits (k of them) */
 static inline __attribute__((always_inline)) __m512i code16(__m512 c, const float *pre, __mmask16 m, __m512i r,
-        __m512 ps, const RowV *v, const int k, const int nearest, const int inc) {
+        __m512 ps, const RowV *v, const int k, const int nearest, const int inc, const int clamp) {
     __m512 x = _mm512_mul_ps(c, v->ed);
     if (inc) /* fl(ed c) + fl(ps pre), never fused; without an increment (post 0) x = fl(ed c) + 0, the same */
         x = _mm512_add_round_ps(x, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), ps),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_min_ps(_mm512_max_ps(x, v->lo), v->hi);
+    if (clamp) x = _mm512_min_ps(_mm512_max_ps(x, v->lo), v->hi); /* max(x, lo): lo for NaN, as lanes16 */
     if (nearest) return _mm512_cvtps_epi32(_mm512_mul_ps(x, v->inv));
     return _mm512_srai_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), r), k);
 }
-/* 16 codes of one row at i0 (mask m): load, update, store, add to the gradient */
-static inline __attribute__((always_inline)) void group16(void *codes, const int bytes, const int nearest,
-        const int inc, const int vec, const float *pre, int64_t i0, __mmask16 m, __m512i r, const RowV *v,
-        const RowQ *q, float *g) {
+/* 16 codes of one row at i0 (mask m): load, update, add to the gradient, store (store 0: returned, for the caller
+   to store a whole block packed) */
+static inline __attribute__((always_inline)) __m512i group16(void *codes, const int bytes, const int nearest,
+        const int inc, const int vec, const int clamp, const int store, const float *pre, int64_t i0, __mmask16 m,
+        __m512i r, const RowV *v, const RowQ *q, float *g) {
     const __m512 ps = vec ? _mm512_maskz_loadu_ps(m, q->ps_v + i0) : v->ps;
     const __m512 ls = vec ? _mm512_maskz_loadu_ps(m, q->ls_v + i0) : v->ls;
     __m512i code;
     if (bytes == 1) {
         int8_t *e = (int8_t *)codes + i0;
         code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, e))), pre + i0, m, r, ps, v,
-                      8, nearest, inc);
-        _mm_mask_storeu_epi8(e, m, _mm512_cvtepi32_epi8(code));
+                      8, nearest, inc, clamp);
+        if (store) _mm_mask_storeu_epi8(e, m, _mm512_cvtepi32_epi8(code));
     } else {
         int16_t *e = (int16_t *)codes + i0;
         code = code16(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, e))), pre + i0, m, r,
-                      ps, v, 16, nearest, inc);
-        _mm256_mask_storeu_epi16(e, m, _mm512_cvtepi32_epi16(code));
+                      ps, v, 16, nearest, inc, clamp);
+        if (store) _mm256_mask_storeu_epi16(e, m, _mm512_cvtepi32_epi16(code));
     }
     _mm512_mask_storeu_ps(g + i0, m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), ls, _mm512_maskz_loadu_ps(m, g + i0)));
+    return code;
+}
+/* a whole block's codes (4 groups of int8, 2 of int16; all within the codes' range) stored by packing with
+   saturation and one lane permutation, instead of one narrowing store per group (slow on AMD's Zen 4 and 5) */
+static inline __attribute__((always_inline)) void store_block(void *codes, const int bytes, int64_t i,
+                                                              const __m512i *out) {
+    if (bytes == 1) { /* lane l of the packed bytes: elements 4l .. 4l + 3 of groups 0, 1, 2, 3 */
+        const __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(out[0], out[1]), _mm512_packs_epi32(out[2], out[3]));
+        const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_storeu_si512((int8_t *)codes + i, _mm512_permutexvar_epi32(order, p));
+    } else { /* lane l: elements 4l .. 4l + 3 of groups 0, 1 */
+        const __m512i p = _mm512_packs_epi32(out[0], out[1]);
+        _mm512_storeu_si512((int16_t *)codes + i, _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), p));
+    }
 }
 /* the random bits of group s (0 .. 32 / k - 1) of a block, from its 16 words */
 static inline __attribute__((always_inline)) __m512i bits_of(__m512i w, const int bytes, const int s) {
@@ -133,7 +148,7 @@ static inline __attribute__((always_inline)) __m512i bits_of(__m512i w, const in
 }
 /* the same values as codes_scalar, 16 lanes at a time (the last block masked) */
 static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, const int bytes, const int nearest,
-        const int inc, const int vec, const float *pre, int64_t n, const RowQ *q, float *g) {
+        const int inc, const int vec, const int clamp, const float *pre, int64_t n, const RowQ *q, float *g) {
     const int64_t G = bytes == 1 ? 64 : 32;
     const int S = (int)(G / 16);
     const RowV v = {_mm512_set1_ps(q->ed), _mm512_set1_ps(q->ps), _mm512_set1_ps(q->lo), _mm512_set1_ps(q->hi),
@@ -146,29 +161,60 @@ static inline __attribute__((always_inline)) void codes_avx512_w(void *codes, co
     int64_t i = 0;
     for (; i + G <= n; i += G, c = _mm512_add_epi32(c, step)) {
         if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
+        __m512i out[4];
         for (int s = 0; s < S; s++)
-            group16(codes, bytes, nearest, inc, vec, pre, i + 16 * s, 0xffff, bits_of(w, bytes, s), &v, q, g);
+            out[s] = group16(codes, bytes, nearest, inc, vec, clamp, 0, pre, i + 16 * s, 0xffff, bits_of(w, bytes, s),
+                             &v, q, g);
+        store_block(codes, bytes, i, out);
     }
     if (i < n) {
         if (!nearest) w = mix32_v(_mm512_xor_si512(c, key));
         for (int s = 0; s < S && i + 16 * s < n; s++) {
             const int64_t left = n - i - 16 * s;
-            group16(codes, bytes, nearest, inc, vec, pre, i + 16 * s,
+            group16(codes, bytes, nearest, inc, vec, clamp, 1, pre, i + 16 * s,
                     left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), bits_of(w, bytes, s), &v, q, g);
         }
     }
 }
 #if defined(__AVX512VBMI__)
 #define CHIP_DECAY_TABLE 1
+/* the 64 codes of a block at i (mask m) by the tables h, nl (DecayTable's hi and nlo, 4 registers each) and their
+   small parts hs, ns; c: the block's word indices (multiplied) */
+static inline __attribute__((always_inline)) void decay8_block(int8_t *codes, int64_t i, const __mmask64 m,
+        __m512i c, __m512i key, __m512i order, const __m512i *h, const __m512i *nl, __m512i hs, __m512i ns, __m512 ls,
+        float *g, const int nearest) {
+    const __m512i v = _mm512_maskz_loadu_epi8(m, codes + i);
+    /* codes in [-32, 32) (traces that stay small): one lookup per table, else two and a select by sign */
+    const int small = !_mm512_test_epi8_mask(_mm512_add_epi8(v, _mm512_set1_epi8(32)), _mm512_set1_epi8(-64));
+    const __mmask64 neg = _mm512_movepi8_mask(v);
+    __m512i code = small ? _mm512_permutexvar_epi8(v, hs)
+                         : _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(h[0], v, h[1]),
+                                                  _mm512_permutex2var_epi8(h[2], v, h[3]));
+    if (!nearest) {
+        const __m512i nlo = small ? _mm512_permutexvar_epi8(v, ns)
+                                  : _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(nl[0], v, nl[1]),
+                                                           _mm512_permutex2var_epi8(nl[2], v, nl[3]));
+        const __m512i r = _mm512_permutexvar_epi8(order, mix32_v(_mm512_xor_si512(c, key)));
+        code = _mm512_mask_add_epi8(code, _mm512_cmpgt_epu8_mask(r, nlo), code, _mm512_set1_epi8(1));
+    }
+    _mm512_mask_storeu_epi8(codes + i, m, code);
+    float *gi = g + i;
+    for (int s = 0; s < 4; s++) {
+        const __mmask16 ms = (__mmask16)(m >> (16 * s));
+        if (!ms) break;
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(code, s)));
+        _mm512_mask_storeu_ps(gi + 16 * s, ms, _mm512_fmadd_ps(f, ls, _mm512_maskz_loadu_ps(ms, gi + 16 * s)));
+    }
+}
 /* int8 codes of a row without an increment, 64 at a time by byte-table lookups (DecayTable; the same codes as
    codes_avx512_w: element p of a block takes byte p div 16 of word p mod 16, as there). */
 static inline __attribute__((always_inline)) void decay8_w(int8_t *codes, int64_t n, const RowQ *q, float *g,
         const int nearest) {
     const DecayTable *t = q->decay;
-    const __m512i h0 = _mm512_loadu_si512(t->hi), h1 = _mm512_loadu_si512(t->hi + 64),
-                  h2 = _mm512_loadu_si512(t->hi + 128), h3 = _mm512_loadu_si512(t->hi + 192);
-    const __m512i n0 = _mm512_loadu_si512(t->nlo), n1 = _mm512_loadu_si512(t->nlo + 64),
-                  n2 = _mm512_loadu_si512(t->nlo + 128), n3 = _mm512_loadu_si512(t->nlo + 192);
+    const __m512i h[4] = {_mm512_loadu_si512(t->hi), _mm512_loadu_si512(t->hi + 64),
+                          _mm512_loadu_si512(t->hi + 128), _mm512_loadu_si512(t->hi + 192)};
+    const __m512i nl[4] = {_mm512_loadu_si512(t->nlo), _mm512_loadu_si512(t->nlo + 64),
+                           _mm512_loadu_si512(t->nlo + 128), _mm512_loadu_si512(t->nlo + 192)};
     const __m512i hs = _mm512_loadu_si512(t->hi_small), ns = _mm512_loadu_si512(t->nlo_small);
     const __m512 ls = _mm512_set1_ps(q->ls);
     const __m512i key = _mm512_set1_epi32((int)q->key), step = _mm512_set1_epi32((int)(16 * GOLD));
@@ -179,34 +225,11 @@ static inline __attribute__((always_inline)) void decay8_w(int8_t *codes, int64_
                                           62, 58, 54, 50, 46, 42, 38, 34, 30, 26, 22, 18, 14, 10, 6, 2,
                                           61, 57, 53, 49, 45, 41, 37, 33, 29, 25, 21, 17, 13, 9, 5, 1,
                                           60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
-    for (int64_t i = 0; i < n; i += 64, c = _mm512_add_epi32(c, step)) {
-        const __mmask64 m = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
-        const __m512i v = _mm512_maskz_loadu_epi8(m, codes + i);
-        /* codes in [-32, 32) (traces that stay small): one lookup per table, else two and a select by sign */
-        const int small = !_mm512_test_epi8_mask(_mm512_add_epi8(v, _mm512_set1_epi8(32)), _mm512_set1_epi8(-64));
-        const __mmask64 neg = _mm512_movepi8_mask(v);
-        __m512i code = small ? _mm512_permutexvar_epi8(v, hs)
-                             : _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(h0, v, h1),
-                                                      _mm512_permutex2var_epi8(h2, v, h3));
-        if (!nearest) {
-            const __m512i nlo = small ? _mm512_permutexvar_epi8(v, ns)
-                                      : _mm512_mask_blend_epi8(neg, _mm512_permutex2var_epi8(n0, v, n1),
-                                                               _mm512_permutex2var_epi8(n2, v, n3));
-            const __m512i r = _mm512_permutexvar_epi8(order, mix32_v(_mm512_xor_si512(c, key)));
-            code = _mm512_mask_add_epi8(code, _mm512_cmpgt_epu8_mask(r, nlo), code, _mm512_set1_epi8(1));
-        }
-        _mm512_mask_storeu_epi8(codes + i, m, code);
-        float *gi = g + i;
-#define DECAY_GRAD(s)                                                                                         \
-        if (i + 16 * (s) < n) {                                                                               \
-            const __mmask16 ms = (__mmask16)(m >> (16 * (s)));                                                \
-            const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(code, s)));   \
-            _mm512_mask_storeu_ps(gi + 16 * (s), ms,                                                          \
-                                  _mm512_fmadd_ps(f, ls, _mm512_maskz_loadu_ps(ms, gi + 16 * (s))));          \
-        }
-        DECAY_GRAD(0) DECAY_GRAD(1) DECAY_GRAD(2) DECAY_GRAD(3)
-#undef DECAY_GRAD
-    }
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64, c = _mm512_add_epi32(c, step)) /* whole blocks: the masks fold away */
+        decay8_block(codes, i, ~(__mmask64)0, c, key, order, h, nl, hs, ns, ls, g, nearest);
+    if (i < n)
+        decay8_block(codes, i, ((__mmask64)1 << (n - i)) - 1, c, key, order, h, nl, hs, ns, ls, g, nearest);
 }
 #endif
 
@@ -222,21 +245,27 @@ static void codes_avx512(void *codes, int bytes, const float *pre, int64_t n, co
 #endif
     if (q->ps_v) { /* per-element factors: the input and bias traces of a block of rows */
         if (q->nearest) {
-            if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 1, pre, n, q, g);
-            else codes_avx512_w(codes, 2, 1, 1, 1, pre, n, q, g);
+            if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 1, 1, pre, n, q, g);
+            else codes_avx512_w(codes, 2, 1, 1, 1, 1, pre, n, q, g);
         } else {
-            if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 1, pre, n, q, g);
-            else codes_avx512_w(codes, 2, 0, 1, 1, pre, n, q, g);
+            if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 1, 1, pre, n, q, g);
+            else codes_avx512_w(codes, 2, 0, 1, 1, 1, pre, n, q, g);
         }
     } else if (q->nearest) {
-        if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 0, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 1, 1, 0, pre, n, q, g);
+        if (bytes == 1) codes_avx512_w(codes, 1, 1, 1, 0, 1, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 1, 1, 0, 1, pre, n, q, g);
+    } else if (inc && q->in_range) { /* rows whose sums provably stay within [lo, hi]: no clamp, the same codes */
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 0, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 1, 0, 0, pre, n, q, g);
     } else if (inc) {
-        if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 0, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 0, 1, 0, pre, n, q, g);
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 1, 0, 1, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 1, 0, 1, pre, n, q, g);
+    } else if (q->in_range) {
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 0, 0, 0, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 0, 0, 0, pre, n, q, g);
     } else {
-        if (bytes == 1) codes_avx512_w(codes, 1, 0, 0, 0, pre, n, q, g);
-        else codes_avx512_w(codes, 2, 0, 0, 0, pre, n, q, g);
+        if (bytes == 1) codes_avx512_w(codes, 1, 0, 0, 0, 1, pre, n, q, g);
+        else codes_avx512_w(codes, 2, 0, 0, 0, 1, pre, n, q, g);
     }
 }
 #endif
@@ -485,14 +514,16 @@ static float abs_max(const float *v, int64_t n) {
 }
 /* Whether every sum x = fl(fl(ed c) + fl(ps pre)) of a row lies in [lo, hi], for codes c in [c_lo, c_hi] and
    |ps pre| <= m = fl(|ps| max |pre|): rounding is monotone, so fl(ed c) lies in [dec_lo, dec_hi] = [fl(ed c_lo),
-   fl(ed c_hi)] (ed >= 0) and x in [fl(dec_lo - m), fl(dec_hi + m)]. False for NaN or infinite bounds. */
-static NO_CONTRACT int in_range(float ed, float dec_lo, float dec_hi, float m, float lo, float hi) {
+   fl(ed c_hi)] (ed >= 0) and x in [fl(dec_lo - m), fl(dec_hi + m)]. False for NaN or infinite bounds. Inlined
+   into chip_elig, whose arithmetic is not contracted either (m's product must stay rounded on its own). */
+static inline __attribute__((always_inline)) NO_CONTRACT int in_range(float ed, float dec_lo, float dec_hi, float m, float lo, float hi) {
     EXACT_FP
     const float top = dec_hi + m, bottom = dec_lo - m;
     return ed >= 0.0f && top <= hi && bottom >= lo; /* comparisons with NaN are false */
 }
 
-void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
+NO_CONTRACT void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
+    EXACT_FP
     const int64_t N = r->N, I = r->I;
     const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
     const float two_k = (float)(1 << k);
