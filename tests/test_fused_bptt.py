@@ -139,15 +139,19 @@ _native_missing = not fused_bptt_native.available()
 
 @pytest.mark.skipif(_native_missing, reason=f"native loops unavailable: {fused_bptt_native.unavailable_reason()}")
 @pytest.mark.parametrize("name", list(CELLS))
-@pytest.mark.parametrize("t_len,b,blas", [(1, 1, True), (30, 4, True), (30, 4, False)])
-def test_native_loops_equal_the_pytorch_loops(monkeypatch, name, t_len, b, blas):
-    """Both loops in C equal the PyTorch loops to float32 rounding, with the dense products through torch's BLAS
-    and through the native kernel (N not a multiple of its 16 columns)."""
-    if blas and not fused_bptt_native.has_blas():
+@pytest.mark.parametrize("t_len,b,dense", [(1, 1, "blas"), (30, 4, "blas"), (30, 4, "portable"), (1, 1, "avx512"),
+                                           (30, 11, "avx512")])
+def test_native_loops_equal_the_pytorch_loops(monkeypatch, name, t_len, b, dense):
+    """Both loops in C equal the PyTorch loops to float32 rounding, with the dense products through torch's BLAS,
+    the portable kernel (N = 37, not a multiple of its 16 columns) and the AVX-512 kernel (N = 64; B = 11: row
+    blocks of 8, 2 and 1)."""
+    if dense == "blas" and fused_bptt_native._sgemm() is None:
         pytest.skip("torch's BLAS is not reachable from the native loops here")
-    if not blas:
-        monkeypatch.setattr(fused_bptt_native, "_sgemm", lambda: None)
-    cell, batch, task = _setup(name, t_len=t_len, b=b, n=37)
+    if dense == "avx512" and not fused_bptt_native._load().nb_wide():
+        pytest.skip("the native library was built without AVX-512 here")
+    monkeypatch.setattr(fused_bptt_native, "dense_products", lambda n: dense)
+    n = 64 if dense == "avx512" else 37
+    cell, batch, task = _setup(name, t_len=t_len, b=b, n=n)
     params = CellParams(*(t.detach() for t in cell.params()))
     got = {}
     for native in (False, True):

@@ -42,7 +42,7 @@ autograd's tape. Only untruncated BPTT (``truncation=None``) is fused.
 
 The two loops run as PyTorch ops (any dtype; a few eager ops per step around the product) or in C
 (:mod:`neuroinit.learning.fused_bptt_native`, float32: one call per loop, dense products through torch's own
-BLAS, products with spikes over the spikes only); :func:`_native` picks the faster one
+BLAS or an AVX-512 kernel, products with spikes over the spikes only); :func:`_native` picks the faster one
 (``benchmarks/experiment_speed.md``).
 """
 
@@ -115,16 +115,17 @@ class Workspace:
 def _native(cell, native: bool | None, like: torch.Tensor, loop: str) -> bool:
     """Whether the native ``loop`` ("forward" or "backward"; :mod:`~neuroinit.learning.fused_bptt_native`,
     float32 CPU) runs: ``native`` when given, else where it is faster than the PyTorch loop (measured:
-    benchmarks/experiment_speed.md): both loops when the native code reaches torch's BLAS (MKL) for its dense
-    products, else only the LIF forward, whose product skips the zero spikes (~4% of the entries on Romo; the
-    native kernel's dense products run at about half MKL's rate)."""
+    benchmarks/experiment_speed.md): both loops when the native code's dense products are fast (torch's BLAS, MKL,
+    or its AVX-512 kernel: ``fused_bptt_native.dense_products``), else only the LIF forward, whose product skips
+    the zero spikes (~4% of the entries on Romo; the portable kernel's dense products run at about half MKL's
+    rate)."""
     from neuroinit.learning import fused_bptt_native
 
     fits = like.dtype == torch.float32 and like.device.type == "cpu"
     if native and not fits:
         raise ValueError(f"Invalid native=True for {like.dtype} on {like.device}: the native loops are float32, CPU")
     if native is None:
-        native = fits and (fused_bptt_native.has_blas() or (loop == "forward" and _model(cell) == "lif"))
+        native = fits and (fused_bptt_native.fast_dense(cell.n_hidden) or (loop == "forward" and _model(cell) == "lif"))
     return bool(native) and fused_bptt_native.available()
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from neuroinit._util import cpu_fields
 from neuroinit.learning.native import loader
 from neuroinit.learning.native.fused_step import ACTS, MODELS  # the codes bptt.c shares with fused_run.h
 from neuroinit.learning.native.loader import NativeLibrary
 
-__all__ = ["available", "backward", "forward", "grad_events", "has_blas", "new_library",
+__all__ = ["available", "backward", "dense_products", "fast_dense", "forward", "grad_events", "new_library",
            "unavailable_reason"]
 
 # the loader's flags with OpenMP's SIMD pragmas only: the loops are serial, no OpenMP runtime is linked
@@ -38,7 +39,8 @@ class _Run(ctypes.Structure):
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 SYMBOLS = {"nb_forward": (None, [_P]), "nb_backward": (None, [_P]), "nb_pack": (None, [_P, _I, ctypes.c_int, _P]),
-           "nb_grad_events": (None, [_P, _P, _I, _I, _I, _P]), "nb_abi": (ctypes.c_int, [])}
+           "nb_grad_events": (None, [_P, _P, _I, _I, _I, _P]), "nb_abi": (ctypes.c_int, []),
+           "nb_wide": (ctypes.c_int, [])}
 
 
 def _check_abi(lib: ctypes.CDLL) -> None:
@@ -71,10 +73,32 @@ def _sgemm() -> int | None:
         return None
 
 
-def has_blas() -> bool:
-    """Whether the native loops' dense products go through torch's BLAS (MKL); without it they are slower than
-    the PyTorch loops."""
-    return available() and _sgemm() is not None
+def dense_products(n: int) -> str | None:
+    """How the native loops take their dense products for ``n`` neurons (``n x n`` weights times a batch of rows,
+    every step):
+
+    - ``"avx512"``: the library's AVX-512 kernel (``rows32`` in ``vecmath.h``; ``n`` a multiple of 32) on CPUs
+      with AVX-512 other than Intel's (AMD Zen 4 and 5), where MKL runs its AVX2 code: measured on a Zen 5 EPYC,
+      Romo N = 256, B = 32, one thread, a BPTT iteration took 11.1 ms through MKL (``benchmarks/experiment_speed.md``);
+    - ``"blas"``: torch's own BLAS (``sgemm_``, MKL), on Intel CPUs (MKL's AVX-512 code) and elsewhere;
+    - ``"portable"``: the event-driven 8-lane kernel, about half MKL's rate (slower than the PyTorch loops);
+    - None: no native library.
+
+    The rule depends on the CPU and ``n`` only, never on a timing: a machine always takes the same path, and
+    rounds the same way."""
+    lib = _load()
+    if lib is None:
+        return None
+    intel = (cpu_fields() or {}).get("vendor_id") == "GenuineIntel"
+    if lib.nb_wide() and n % 32 == 0 and not (intel and _sgemm() is not None):
+        return "avx512"
+    return "blas" if _sgemm() is not None else "portable"
+
+
+def fast_dense(n: int) -> bool:
+    """Whether the native loops' dense products for ``n`` neurons are at least as fast as the PyTorch loops'
+    (MKL or the AVX-512 kernel: :func:`dense_products`)."""
+    return available() and dense_products(n) in ("blas", "avx512")
 
 
 def available() -> bool:
@@ -101,7 +125,7 @@ def _run(cell, w_rec: torch.Tensor, loop: str, bufs: dict[str, torch.Tensor | No
         r.alpha, r.v_th, r.gamma = float(cell.alpha), float(cell.v_th), float(cell.gamma)
     else:
         r.model, r.actfn, r.alpha = MODELS[cell.form], ACTS[cell.activation_name], float(cell.alpha)
-    r.sgemm = _sgemm()
+    r.sgemm = _sgemm() if dense_products(n) == "blas" else None  # NULL: bptt.c's own kernels
     keep = [w_rec]
     transpose = loop == "fwd"
     wp = torch.empty(max(n // 16, 1), n, 16)

@@ -73,16 +73,37 @@ static void product_add(const float *A, int64_t B, int64_t K, const float *Wp, c
         }
 }
 
-/* D (B, N) += A (B, K) M (K, N), all row-major, M packed as Mp for the own kernel: through the BLAS where one was
-   given (column-major: D^T = M^T A^T), else the event-driven kernel above. */
+#if defined(__AVX512F__)
+/* D (B, N) += A (B, K) M (K, N) with AVX-512 (N a multiple of 32): rows32 (vecmath.h) over pairs of Mp's 16-column
+   panels, rows in blocks of 8, 4, 2, 1 */
+static void product_wide(const float *A, int64_t B, int64_t K, const float *Mp, int64_t N, float *D) {
+    for (int64_t j0 = 0; j0 < N; j0 += 32) {
+        const float *P0 = Mp + j0 * K, *P1 = P0 + 16 * K;
+        int64_t b = 0;
+        for (; b + 8 <= B; b += 8) rows32(8, A + b * K, K, P0, P1, NULL, 0, NULL, NULL, D + b * N, N, N, j0, D + b * N);
+        for (; b + 4 <= B; b += 4) rows32(4, A + b * K, K, P0, P1, NULL, 0, NULL, NULL, D + b * N, N, N, j0, D + b * N);
+        for (; b + 2 <= B; b += 2) rows32(2, A + b * K, K, P0, P1, NULL, 0, NULL, NULL, D + b * N, N, N, j0, D + b * N);
+        for (; b < B; b++) rows32(1, A + b * K, K, P0, P1, NULL, 0, NULL, NULL, D + b * N, N, N, j0, D + b * N);
+    }
+}
+#define WIDE 1
+#else
+#define WIDE 0
+#endif
+
+/* D (B, N) += A (B, K) M (K, N), all row-major, M packed as Mp for the own kernels: through the BLAS where one was
+   given (column-major: D^T = M^T A^T), else the AVX-512 kernel (N a multiple of 32), else the event-driven kernel
+   above. */
 static void product_dense(const BpttRun *r, const float *A, const float *Mp, const float *M, float *D) {
     if (r->sgemm) {
         const int n = (int)r->N, b = (int)r->B;
         const float one = 1.0f;
         ((sgemm_fn)r->sgemm)("N", "N", &n, &b, &n, &one, M, &n, A, &n, &one, D, &n);
-    } else {
-        product_add(A, r->B, r->N, Mp, M, r->N, D, r->events);
     }
+#if WIDE
+    else if (r->N % 32 == 0) product_wide(A, r->B, r->N, Mp, r->N, D);
+#endif
+    else product_add(A, r->B, r->N, Mp, M, r->N, D, r->events);
 }
 
 static inline float act(int a, float x, float *df) {
@@ -225,3 +246,5 @@ void nb_pack(const float *w, int64_t n, int transpose, float *wp) {
 }
 
 int nb_abi(void) { return (int)sizeof(BpttRun); }
+/* 1 where the library was built with its AVX-512 dense kernel (product_wide) */
+int nb_wide(void) { return WIDE; }

@@ -83,31 +83,6 @@ static void drive_row(const float *a, int64_t K, const float *P, const float *u,
     st8(d + j0 + 8, (c[0][1] + c[1][1]) + (c[2][1] + c[3][1]));
 }
 
-#if defined(__AVX512F__)
-/* With AVX-512: R rows x 32 columns (two panels, P0 and P1) in 2 R 16-lane registers, 2 loads + R broadcasts per
-   2 R FMAs: twice drive_rows' width (GCC's 8-lane vectors stay 8 lanes wide under -march=native), the same sums
-   in the same order (bias, then k = 0 .. K - 1, then the inputs), so the same values. */
-typedef float v16f __attribute__((vector_size(64)));
-static inline v16f ld16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
-static inline void st16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
-static inline __attribute__((always_inline)) void drive_rows32(const int R, const float *A, int64_t K,
-        const float *P0, const float *P1, const float *U, int64_t I, const float *Pi0, const float *Pi1,
-        const float *bias, int64_t N, int64_t j0, float *D) {
-    v16f c[8][2];
-    const v16f b0 = ld16(bias + j0), b1 = ld16(bias + j0 + 16);
-    for (int q = 0; q < R; q++) { c[q][0] = b0; c[q][1] = b1; }
-    for (int64_t k = 0; k < K; k++) {
-        const v16f w0 = ld16(P0 + 16 * k), w1 = ld16(P1 + 16 * k);
-        for (int q = 0; q < R; q++) { const float a = A[q * K + k]; c[q][0] += a * w0; c[q][1] += a * w1; }
-    }
-    for (int64_t k = 0; k < I; k++) {
-        const v16f w0 = ld16(Pi0 + 16 * k), w1 = ld16(Pi1 + 16 * k);
-        for (int q = 0; q < R; q++) { const float a = U[q * I + k]; c[q][0] += a * w0; c[q][1] += a * w1; }
-    }
-    for (int q = 0; q < R; q++) { st16(D + q * N + j0, c[q][0]); st16(D + q * N + j0 + 16, c[q][1]); }
-}
-#endif
-
 /* Wp, Wpi: Wt and Wti packed by 16-column blocks (block jb: K x 16, then I x 16, contiguous) */
 void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, const float *Wp, const float *U,
                         int64_t I, const float *Wti, const float *Wpi, const float *bias, int64_t N, float *D,
@@ -115,7 +90,7 @@ void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, const fl
     /* rows in blocks of 6, then 4 (a remainder of 2 turns one block of 6 into two of 4), then single rows */
     const int64_t b6 = 6 * (B / 6 - (B % 6 == 2 && B >= 8)), nb = N / 16;
 #if defined(__AVX512F__)
-    /* pairs of column blocks by drive_rows32 (rows in blocks of 8, then 4), then as below: the last odd block */
+    /* pairs of column blocks by rows32 (vecmath.h; rows in blocks of 8, then 4), then as below: the last odd block */
     const int64_t npair = nb / 2;
 #pragma omp parallel for if (par) schedule(static)
     for (int64_t jp = 0; jp < npair; jp++) {
@@ -123,8 +98,8 @@ void drive_dense(const float *A, int64_t B, int64_t K, const float *Wt, const fl
         const float *P0 = Wp + 2 * jp * K * 16, *P1 = P0 + K * 16;
         const float *Pi0 = Wpi + 2 * jp * I * 16, *Pi1 = Pi0 + I * 16;
         int64_t b = 0;
-        for (; b + 8 <= B; b += 8) drive_rows32(8, A + b * K, K, P0, P1, U + b * I, I, Pi0, Pi1, bias, N, j0, D + b * N);
-        for (; b + 4 <= B; b += 4) drive_rows32(4, A + b * K, K, P0, P1, U + b * I, I, Pi0, Pi1, bias, N, j0, D + b * N);
+        for (; b + 8 <= B; b += 8) rows32(8, A + b * K, K, P0, P1, U + b * I, I, Pi0, Pi1, bias, 0, N, j0, D + b * N);
+        for (; b + 4 <= B; b += 4) rows32(4, A + b * K, K, P0, P1, U + b * I, I, Pi0, Pi1, bias, 0, N, j0, D + b * N);
         for (; b < B; b++) {
             drive_row(A + b * K, K, P0, U + b * I, I, Pi0, bias, j0, D + b * N);
             drive_row(A + b * K, K, P1, U + b * I, I, Pi1, bias, j0 + 16, D + b * N);
