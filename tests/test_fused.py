@@ -236,6 +236,45 @@ def test_batch_split_over_threads_equals_plain_step(monkeypatch, model, form, ki
             assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
+@pytest.mark.parametrize("r,m,n", [(1, 8, 32), (37, 19, 70), (300, 64, 96)])
+def test_gemm_tn_adds_the_product_to_float32_rounding_for_any_thread_count(r, m, n):
+    # ni_gemm_tn: C += A^T B (the chunk's weight gradient); shapes with and without whole 8 x 32 blocks (the rest by
+    # the plain loop); every entry is summed by one thread in one order, so the thread count changes nothing
+    lib = fused._load()
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(r, m, generator=g), torch.randn(r, n, generator=g), torch.randn(m, n, generator=g))
+    want = c.double() + a.double().T @ b.double()
+    bound = (r + 1) * 2.0**-24 * (c.double().abs() + a.double().abs().T @ b.double().abs())  # gamma_(r+1)
+    got = {}
+    for threads in (1, 3):
+        out = c.clone()
+        lib.ni_gemm_tn(a.data_ptr(), b.data_ptr(), r, m, n, out.data_ptr(), threads)
+        got[threads] = out
+        assert bool(((out.double() - want).abs() <= bound).all())
+    assert torch.equal(got[1], got[3])
+
+
+def test_own_gemm_only_where_torchs_blas_would_not_run_avx512(monkeypatch):
+    from neuroinit.learning import fused_bptt_native
+    from neuroinit.learning.native import loader
+
+    monkeypatch.setattr(loader, "cpu_fields", lambda: {"vendor_id": "GenuineIntel"})
+    assert loader.blas_runs_avx512.__wrapped__() == torch.backends.mkl.is_available()
+    monkeypatch.setattr(loader, "cpu_fields", lambda: {"vendor_id": "AuthenticAMD"})
+    assert not loader.blas_runs_avx512.__wrapped__()
+    wide = bool(fused._load().ni_wide())
+    for blas_avx512 in (True, False):
+        monkeypatch.setattr(loader, "blas_runs_avx512", lambda v=blas_avx512: v)
+        assert fused.own_gemm() == (wide and not blas_avx512)
+        if fused_bptt_native.available():
+            want = ("avx512",) if fused_bptt_native._load().nb_wide() and not blas_avx512 else ("blas", "portable")
+            assert fused_bptt_native.dense_products(64) in want
+            assert fused_bptt_native.dense_products(37) in ("blas", "portable")  # the kernel needs 32 | N
+        # the result is the product either way
+        a, b, c = torch.randn(50, 40), torch.randn(50, 64), torch.zeros(40, 64)
+        assert torch.allclose(fused.add_at_b(c, a, b), a.T @ b, atol=1e-4)
+
+
 def test_reused_buffers_start_from_zero(monkeypatch):
     # a second trial on the same rule reuses the fused buffers: same gradient as a fresh rule
     monkeypatch.setattr(fused, "chunk_steps", lambda n, i, full: 7)

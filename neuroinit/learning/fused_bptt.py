@@ -53,6 +53,7 @@ from typing import NamedTuple
 import torch
 
 from neuroinit.cells.base import CellParams, RecurrentCell
+from neuroinit.learning import fused
 
 __all__ = ["Records", "Workspace", "backward", "backward_records", "forward_records", "supports"]
 
@@ -283,7 +284,7 @@ def backward_records(cell: RecurrentCell, p: CellParams, inputs: torch.Tensor, r
 
         g_rec = fused_bptt_native.grad_events(flat_e, rec.pre.reshape(-1, n))
     else:
-        g_rec = flat_e.T @ rec.pre.reshape(-1, n)
+        g_rec = fused.add_at_b(flat_e.new_zeros(n, n), flat_e, rec.pre.reshape(-1, n))
     if not lif and cell.form == "voltage":
         g_in_bias.mul_(float(cell.alpha))
         g_rec.mul_(float(cell.alpha))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from neuroinit._util import cpu_fields
 from neuroinit.learning.native import loader
 from neuroinit.learning.native.fused_step import ACTS, MODELS  # the codes bptt.c shares with fused_run.h
 from neuroinit.learning.native.loader import NativeLibrary
@@ -77,9 +76,10 @@ def dense_products(n: int) -> str | None:
     """How the native loops take their dense products for ``n`` neurons (``n x n`` weights times a batch of rows,
     every step):
 
-    - ``"avx512"``: the library's AVX-512 kernel (``rows32`` in ``vecmath.h``; ``n`` a multiple of 32) on CPUs
-      with AVX-512 other than Intel's (AMD Zen 4 and 5), where MKL runs its AVX2 code: measured on a Zen 5 EPYC,
-      Romo N = 256, B = 32, one thread, a BPTT iteration took 11.1 ms through MKL (``benchmarks/experiment_speed.md``);
+    - ``"avx512"``: the library's AVX-512 kernel (``rows32`` in ``vecmath.h``; ``n`` a multiple of 32) where
+      torch's BLAS would not run AVX-512 code (:func:`~neuroinit.learning.native.loader.blas_runs_avx512`: AMD's
+      Zen 4 and 5); measured on a Zen 5 EPYC, Romo N = 256, B = 32, one thread: a BPTT iteration 11.2 ms with
+      MKL's products, 8.1 ms with these (``benchmarks/experiment_speed.md``);
     - ``"blas"``: torch's own BLAS (``sgemm_``, MKL), on Intel CPUs (MKL's AVX-512 code) and elsewhere;
     - ``"portable"``: the event-driven 8-lane kernel, about half MKL's rate (slower than the PyTorch loops);
     - None: no native library.
@@ -89,8 +89,7 @@ def dense_products(n: int) -> str | None:
     lib = _load()
     if lib is None:
         return None
-    intel = (cpu_fields() or {}).get("vendor_id") == "GenuineIntel"
-    if lib.nb_wide() and n % 32 == 0 and not (intel and _sgemm() is not None):
+    if lib.nb_wide() and n % 32 == 0 and not loader.blas_runs_avx512():
         return "avx512"
     return "blas" if _sgemm() is not None else "portable"
 

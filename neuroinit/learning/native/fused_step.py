@@ -44,6 +44,7 @@ SYMBOLS = {
     "ni_chunk_prepare": (_I, [_P, _P]), "ni_chunk_carry": (None, [_P, _P]),
     "ni_pack": (None, [_P, _I, _I, _P, _P]), "ni_abi": (ctypes.c_int, []), "ni_stream": (None, [_P, _I, _I]),
     "ni_random_words": (ctypes.c_uint32, [_I, ctypes.c_uint32]), "ni_chip_probe": (ctypes.c_float, [_I, _I, _I]),
+    "ni_gemm_tn": (None, [_P, _P, _I, _I, _I, _P, _I]), "ni_wide": (ctypes.c_int, []),
 }
 
 

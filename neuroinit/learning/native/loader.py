@@ -17,6 +17,7 @@ holds the compiler's full output. Callers then take their PyTorch path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -30,9 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from neuroinit._util import cache_dir as package_cache_dir
-from neuroinit._util import cpu_id
+from neuroinit._util import cpu_fields, cpu_id
 
-__all__ = ["FLAGS", "NativeLibrary", "cache_dir", "compiler"]
+__all__ = ["FLAGS", "NativeLibrary", "blas_runs_avx512", "cache_dir", "compiler"]
 
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99"]
 DISABLE_ENV = "NEUROINIT_NO_FUSED"
@@ -42,6 +43,19 @@ SERIAL_OPENMP = "-fopenmp-simd"  # what replaces -fopenmp where the compiler has
 def cache_dir() -> Path:
     """Where compiled libraries are cached."""
     return package_cache_dir("native")
+
+
+@functools.cache
+def blas_runs_avx512() -> bool:
+    """Whether torch's BLAS runs AVX-512 code for float32 GEMMs here: torch's x86 BLAS is MKL, which dispatches
+    its AVX-512 kernels on Intel CPUs only (on AMD's Zen 4 and 5, which have AVX-512, it runs its AVX2 code:
+    ``perf`` shows ``mkl_blas_def_sgemm_kernel_0_zen``, ~105 GFLOP/s per Zen 5 core against ~240 for the
+    libraries' own AVX-512 kernels). Where it does not, the libraries built with AVX-512 take their dense
+    products and weight-gradient GEMMs themselves. Depends on the CPU only (never on a timing), so a machine
+    always takes the same path and rounds the same way."""
+    import torch
+
+    return torch.backends.mkl.is_available() and (cpu_fields() or {}).get("vendor_id") == "GenuineIntel"
 
 
 def compiler() -> list[str]:

@@ -301,3 +301,51 @@ void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const f
             D[b * N + j] = s;
         }
 }
+
+/* ---------------------------------------------------------------- the weight gradient's GEMM */
+/* C (M, N) += A^T B for A (R, M) and B (R, N), all row-major: a weight gradient summed over recorded rows (the
+   chunked e-prop update, the fused BPTT), each entry summed in the order C, r = 0 .. R - 1. With AVX-512: blocks
+   of 8 rows x 32 columns of C in 16 registers, per row r 2 loads of B + 8 broadcasts of A per 16 FMAs; column
+   blocks outer, so that B's 32-column slice (R x 128 bytes) stays in L2 across the row blocks, and split over
+   `threads` threads. The rows and columns that do not fill a block (and every entry without AVX-512): a plain
+   loop. For CPUs where torch's BLAS would not run AVX-512 code (fused.py: own_gemm). */
+void ni_gemm_tn(const float *A, const float *B, int64_t R, int64_t M, int64_t N, float *C, int64_t threads) {
+    int64_t m0 = 0, n0 = 0;
+#if defined(__AVX512F__)
+    const int64_t nb = N / 32, mb = M / 8;
+    m0 = 8 * mb, n0 = 32 * nb;
+#pragma omp parallel for num_threads((int)threads) if (threads > 1) schedule(static)
+    for (int64_t jb = 0; jb < nb; jb++) {
+        const int64_t j0 = 32 * jb;
+        for (int64_t i0 = 0; i0 < m0; i0 += 8) {
+            v16f c[8][2];
+            for (int q = 0; q < 8; q++) { c[q][0] = ld16(C + (i0 + q) * N + j0); c[q][1] = ld16(C + (i0 + q) * N + j0 + 16); }
+            for (int64_t r = 0; r < R; r++) {
+                const float *a = A + r * M + i0;
+                const v16f w0 = ld16(B + r * N + j0), w1 = ld16(B + r * N + j0 + 16);
+                for (int q = 0; q < 8; q++) { c[q][0] += a[q] * w0; c[q][1] += a[q] * w1; }
+            }
+            for (int q = 0; q < 8; q++) { st16(C + (i0 + q) * N + j0, c[q][0]); st16(C + (i0 + q) * N + j0 + 16, c[q][1]); }
+        }
+    }
+#else
+    (void)threads;
+#endif
+    for (int64_t i = 0; i < M; i++) { /* rows i >= m0: every column; rows i < m0: the columns j >= n0 */
+        const int64_t j0 = i < m0 ? n0 : 0;
+        float *c = C + i * N;
+        for (int64_t r = 0; r < R; r++) {
+            const float a = A[r * M + i], *b = B + r * N;
+#pragma omp simd
+            for (int64_t j = j0; j < N; j++) c[j] += a * b[j];
+        }
+    }
+}
+/* 1 where the library was built with its AVX-512 dense kernels (rows32, ni_gemm_tn's blocks) */
+int ni_wide(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
