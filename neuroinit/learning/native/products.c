@@ -305,27 +305,32 @@ void drive_events(const float *Z, int64_t B, int64_t K, const float *Wt, const f
 /* ---------------------------------------------------------------- the weight gradient's GEMM */
 /* C (M, N) += A^T B for A (R, M) and B (R, N), all row-major: a weight gradient summed over recorded rows (the
    chunked e-prop update, the fused BPTT), each entry summed in the order C, r = 0 .. R - 1. With AVX-512: blocks
-   of 8 rows x 32 columns of C in 16 registers, per row r 2 loads of B + 8 broadcasts of A per 16 FMAs; column
-   blocks outer, so that B's 32-column slice (R x 128 bytes) stays in L2 across the row blocks, and split over
-   `threads` threads. The rows and columns that do not fill a block (and every entry without AVX-512): a plain
-   loop. For CPUs where torch's BLAS would not run AVX-512 code (fused.py: own_gemm). */
+   of 8 rows x 32 columns of C in 16 registers, per row r 2 loads of B + 8 broadcasts of A per 16 FMAs; the rows r
+   in chunks of GEMM_RB, so that a chunk of A and of B stays in L2 while every block of C passes over it; the
+   column blocks split over `threads` threads. The rows and columns that do not fill a block (and every entry
+   without AVX-512): a plain loop. For CPUs where torch's BLAS would not run AVX-512 code (fused.py: own_gemm). */
+#define GEMM_RB 256
 void ni_gemm_tn(const float *A, const float *B, int64_t R, int64_t M, int64_t N, float *C, int64_t threads) {
     int64_t m0 = 0, n0 = 0;
 #if defined(__AVX512F__)
     const int64_t nb = N / 32, mb = M / 8;
     m0 = 8 * mb, n0 = 32 * nb;
+    for (int64_t r0 = 0; r0 < R; r0 += GEMM_RB) {
+        const int64_t r1 = r0 + GEMM_RB < R ? r0 + GEMM_RB : R;
 #pragma omp parallel for num_threads((int)threads) if (threads > 1) schedule(static)
-    for (int64_t jb = 0; jb < nb; jb++) {
-        const int64_t j0 = 32 * jb;
-        for (int64_t i0 = 0; i0 < m0; i0 += 8) {
-            v16f c[8][2];
-            for (int q = 0; q < 8; q++) { c[q][0] = ld16(C + (i0 + q) * N + j0); c[q][1] = ld16(C + (i0 + q) * N + j0 + 16); }
-            for (int64_t r = 0; r < R; r++) {
-                const float *a = A + r * M + i0;
-                const v16f w0 = ld16(B + r * N + j0), w1 = ld16(B + r * N + j0 + 16);
-                for (int q = 0; q < 8; q++) { c[q][0] += a[q] * w0; c[q][1] += a[q] * w1; }
+        for (int64_t jb = 0; jb < nb; jb++) {
+            const int64_t j0 = 32 * jb;
+            for (int64_t i0 = 0; i0 < m0; i0 += 8) {
+                v16f c[8][2];
+                float *ci = C + i0 * N + j0;
+                for (int q = 0; q < 8; q++) { c[q][0] = ld16(ci + q * N); c[q][1] = ld16(ci + q * N + 16); }
+                for (int64_t r = r0; r < r1; r++) {
+                    const float *a = A + r * M + i0;
+                    const v16f w0 = ld16(B + r * N + j0), w1 = ld16(B + r * N + j0 + 16);
+                    for (int q = 0; q < 8; q++) { c[q][0] += a[q] * w0; c[q][1] += a[q] * w1; }
+                }
+                for (int q = 0; q < 8; q++) { st16(ci + q * N, c[q][0]); st16(ci + q * N + 16, c[q][1]); }
             }
-            for (int q = 0; q < 8; q++) { st16(C + (i0 + q) * N + j0, c[q][0]); st16(C + (i0 + q) * N + j0 + 16, c[q][1]); }
         }
     }
 #else
