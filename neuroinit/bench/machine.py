@@ -213,10 +213,14 @@ def _peak_memory(fn: Callable[[], None], device: str) -> float | None:
 def _calib_key(device: str) -> str:
     """What a cached calibration must match. Besides the model name (generic under a hypervisor: "Intel(R) Xeon(R)
     Processor" on hosts of different generations sharing one home directory) the vector extensions and the cache
-    sizes, which set the matmul rate and the levels the roofline places working sets in."""
+    sizes, which set the matmul rate and the levels the roofline places working sets in, and whether the fused
+    library takes its GEMMs itself (its own GEMM's rate then counts)."""
+    from neuroinit.learning import fused
+
     caches = ",".join(f"{k}={v}" for k, v in sorted(_cache_sizes().items()))
     return "|".join([_cpu_model(), str(torch.get_num_threads()), torch.__version__, device,
-                     os.environ.get("OMP_WAIT_POLICY", ""), _cpu_identity().get("isa", ""), caches])
+                     os.environ.get("OMP_WAIT_POLICY", ""), _cpu_identity().get("isa", ""), caches,
+                     "own-gemm" if device == "cpu" and fused.own_gemm() else ""])
 
 
 def _calib_path() -> Path:
@@ -357,10 +361,24 @@ def _measure_device(device: str, quick: bool) -> dict:
     n = 1024 if quick else 2048
     m = torch.randn(n, n)
     t = _best_time(lambda: m @ m, 3 if quick else 5, lambda: None)
-    return {"bandwidth_gbs": bw, "matmul_gflops": 2 * n ** 3 / t / 1e9,
-            "working_set_bytes": sizes, "caches": caches,
-            "method": ("fused stream kernel a <- c a + d in place (read + write) per working set; "
-                       f"{n}^2 float32 torch matmul")}
+    gflops, how = 2 * n ** 3 / t / 1e9, f"{n}^2 float32 torch matmul"
+    own = _own_gemm_gflops(n, 3 if quick else 5)
+    if own is not None and own > gflops:  # the rate the fused kernels' own GEMMs reach is the machine's
+        gflops, how = own, f"{n}^2 float32 GEMM of the fused library (ni_gemm_tn; torch's matmul: {gflops:.0f})"
+    return {"bandwidth_gbs": bw, "matmul_gflops": gflops, "working_set_bytes": sizes, "caches": caches,
+            "method": f"fused stream kernel a <- c a + d in place (read + write) per working set; {how}"}
+
+
+def _own_gemm_gflops(n: int, repeats: int) -> float | None:
+    """GFLOP/s of the fused library's own AVX-512 GEMM on ``n x n`` matrices (at torch's thread count), where the
+    library takes its GEMMs itself (``fused.own_gemm``: torch's BLAS runs no AVX-512 code here); else None."""
+    from neuroinit.learning import fused
+
+    if not fused.own_gemm():
+        return None
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.zeros(n, n)
+    t = _best_time(lambda: fused.add_at_b(c, a, b), repeats, lambda: None)
+    return 2 * n ** 3 / t / 1e9
 
 
 def _stream_bandwidth(sizes: dict[str, int], quick: bool) -> dict[str, float]:
