@@ -236,7 +236,7 @@ def test_batch_split_over_threads_equals_plain_step(monkeypatch, model, form, ki
             assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
-@pytest.mark.parametrize("r,m,n", [(1, 8, 32), (37, 19, 70), (300, 64, 96)])
+@pytest.mark.parametrize("r,m,n", [(1, 8, 32), (37, 19, 70), (300, 64, 96), (50, 3, 208), (20, 9, 90)])
 def test_gemm_tn_adds_the_product_to_float32_rounding_for_any_thread_count(r, m, n):
     # ni_gemm_tn: C += A^T B (the chunk's weight gradient); shapes with and without whole 8 x 32 blocks (the rest by
     # the plain loop); every entry is summed by one thread in one order, so the thread count changes nothing
