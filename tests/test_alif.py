@@ -141,18 +141,44 @@ def test_bad_options_are_one_line_errors(bad, match):
 
 
 @pytest.mark.parametrize("fast", [True, "auto"])
-def test_fast_path_falls_back_to_pytorch(fast):
-    from neuroinit.learning import fused
+@pytest.mark.parametrize("reset,kind,feedback", [("subtract", "mse", "symmetric"), ("zero", "ce", "random"),
+                                                 ("subtract", "ce", "random")])
+def test_fast_trials_run_the_recorded_path_with_the_step_by_step_gradient(monkeypatch, fast, reset, kind, feedback):
+    # no fused kernel for ALIF: whole trials take OnlineEprop's recorded path (per-step records, one GEMM per
+    # chunk); chunks of 7 steps over 30 carry both full traces (ebar, eps) across four chunk boundaries
+    from _synthetic import random_trials
 
-    cell, task = _alif(dtype=torch.float32), ToyTask()
-    batch = task.batch(2, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
-    rule = OnlineEprop(cell, fast=fast)
-    _, fast_grads = _grads(cell, rule, batch, task)
-    assert not rule.uses_fast_path
-    assert rule.fast_path_reason == "no fused kernel for model 'alif': the PyTorch step runs"
-    assert "ALIFRNN" in fused.supports(cell)
-    _, slow = _grads(cell, OnlineEprop(cell), batch, task)
-    assert max(_max_diffs(fast_grads, slow).values()) == 0.0
+    from neuroinit.init import hardware_init
+    from neuroinit.learning import fused, online
+
+    monkeypatch.setattr(online, "record_steps", lambda cell: 7)
+    g = torch.Generator().manual_seed(0)
+    p, _ = hardware_init("alif", 3, 20, 2, 1.3, "ideal", generator=g, out_of_range="clamp", dtype=F64)
+    cell = make_cell("alif", p, v_th=0.5, tau_out=5.0, reset=reset)
+    batch, task = random_trials(30, 4, kind, g, dtype=F64, drive=3.0)
+    assert _spikes(cell, batch.inputs) > 0
+    rule = OnlineEprop(cell, fast=fast, feedback=feedback, generator=torch.Generator().manual_seed(1))
+    trial, got = _grads(cell, rule, batch, task)
+    assert not rule.uses_fast_path and rule.step_path == "recorded" and "ALIFRNN" in fused.supports(cell)
+    assert "recorded" in rule.fast_path_reason
+    slow_rule = OnlineEprop(cell, feedback="symmetric" if rule.feedback is None else rule.feedback)
+    slow_trial, want = _grads(cell, slow_rule, batch, task)
+    assert slow_rule.step_path == "torch" and torch.equal(trial.outputs, slow_trial.outputs)
+    for n in PARAM_NAMES:
+        assert float((got[n] - want[n]).abs().max()) <= 1e-12 * float(want[n].abs().max()), n
+    # learning epochs and chip-precision traces run step by step
+    rule.backward(batch, task, optimizer=torch.optim.SGD(cell.parameters(), lr=0.0), apply_every=10)
+    assert rule.step_path == "torch"
+
+
+def test_recorded_chunks_bound_memory_by_the_traces():
+    # records of a chunk stay within twice the full traces they stand for (at least 32 steps)
+    from neuroinit.learning.online import record_steps
+
+    for n in (16, 64, 256):
+        cell = ALIFRNN(float_init(3, n, 2, 1.0, generator=torch.Generator().manual_seed(0), dtype=F64), dt=1.0)
+        k = record_steps(cell)
+        assert k >= 32 and (k == 32 or k * (8 * n + 4) <= 2 * 2 * n * (n + 4))
 
 
 def test_chip_precision_traces_cover_the_adaptation_component():
