@@ -11,7 +11,8 @@ the machine's roofline reached.
 
 Methods (``METHODS``):
     neuroinit-fused  online e-prop / RFLO, one native call per trial (:mod:`neuroinit.learning.fused`), under the
-                     chosen profile (chip-precision traces where it learns on chip) and under ``ideal``
+                     chosen profile (chip-precision traces where it learns on chip) and under ``ideal``; ALIF
+                     (no kernel): the recorded PyTorch path, ``ideal``, in a row named ``neuroinit-recorded``
     neuroinit-torch  the same rule through the plain PyTorch step (the fallback), ``ideal``
     autograd-eprop   the paper's method (detach where the state enters W_rec), autograd
     neuroinit-bptt   backpropagation through time, fused (:mod:`neuroinit.learning.fused_bptt`: records, the backward

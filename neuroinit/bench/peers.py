@@ -290,14 +290,23 @@ def trial_fn(method: str, cell, batch: Batch, task: Task, *, seed: int = 0) -> C
 
 
 def method_applies(method: str, variant: str) -> bool:
-    """snntorch: LIF; norse: LIF and ALIF (``LSNNRecurrent``); the fused step: cells with a kernel."""
+    """snntorch: LIF; norse: LIF and ALIF (``LSNNRecurrent``); the fused BPTT: cells with a kernel; the fused
+    online step: cells with a kernel, and ALIF, whose fast path is the recorded one (the row says
+    ``neuroinit-recorded``)."""
     if method == "snntorch-bptt":
         return variant == "lif"
     if method == "norse-bptt":
         return variant in ("lif", "alif")
-    if method in ("neuroinit-fused", "neuroinit-bptt"):
-        return cell_class(MODEL_VARIANTS[variant][0]).kernel_id is not None
+    if method == "neuroinit-fused":
+        return has_kernel(variant) or variant == "alif"
+    if method == "neuroinit-bptt":
+        return has_kernel(variant)
     return True
+
+
+def has_kernel(variant: str) -> bool:
+    """Whether the fused native step runs ``variant``'s cell."""
+    return cell_class(MODEL_VARIANTS[variant][0]).kernel_id is not None
 
 
 def _peer_available(method: str) -> str | None:

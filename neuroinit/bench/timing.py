@@ -25,6 +25,7 @@ from neuroinit.bench.peers import (
     SyntheticTask,
     _peer_available,
     check_gradients,
+    has_kernel,
     make_batch,
     make_bench_cell,
     method_applies,
@@ -153,8 +154,8 @@ def _summarise(entry: _Entry, window_load: float | None) -> Result:
     rule = getattr(entry.fn, "rule", None)
     if rule is not None:
         res.fast_path = rule.uses_fast_path
-        if res.method == "neuroinit-fused" and not rule.uses_fast_path:
-            res.method = "neuroinit-torch"  # the row names the path that ran (the fused step declined the cell)
+        if res.method == "neuroinit-fused" and not rule.uses_fast_path:  # the row names the path that ran
+            res.method = "neuroinit-recorded" if rule.step_path == "recorded" else "neuroinit-torch"
         if rule.native_backend is not None:
             res.state_bytes = rule.native_backend.state_bytes()
             res.chunk_steps = rule.native_backend.chunk_capacity
@@ -223,7 +224,8 @@ def planned_rows(cfg: BenchConfig, cpus: int | None = None) -> list[tuple[str, i
                 for method in cfg.methods:
                     if not method_applies(method, variant):
                         continue
-                    profiles = [cfg.profile, "ideal"] if method == "neuroinit-fused" else ["ideal"]
+                    chip = method == "neuroinit-fused" and has_kernel(variant)  # chip-precision traces: native
+                    profiles = [cfg.profile, "ideal"] if chip else ["ideal"]
                     for prof in dict.fromkeys(profiles):
                         for row_counts in per_row:
                             jobs.append((variant, n, b, method, prof, row_counts))
