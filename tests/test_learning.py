@@ -402,3 +402,28 @@ def test_online_eprop_equals_autograd_eprop_with_xylo_neuron_options(feedback, r
     _, plain_grads = _grads(plain, AutogradEprop(plain, feedback=feedback,
                                                  generator=torch.Generator().manual_seed(7)), batch, ToyTask())
     assert _max_diff(ref, plain_grads) > 1e-6
+
+
+@pytest.mark.parametrize("reset,max_spikes", [("subtract", 1), ("zero", 31)])
+def test_fast_trials_with_xylo_neuron_options_run_the_recorded_path(monkeypatch, reset, max_spikes):
+    """The fused kernel does not run a chip's neuron options, so whole trials take OnlineEprop's recorded path
+    (per-step records, one GEMM per chunk; chunks of 7 steps over the toy task's carry the traces across chunk
+    boundaries): the step-by-step path's gradient to float64 rounding; learning epochs run step by step."""
+    from neuroinit.learning import fused, online
+
+    monkeypatch.setattr(online, "record_steps", lambda cell: 7)
+    p = _params()
+    cell = LIFRNN(p._replace(w_in=1.6 * p.w_in), dt=1.0, tau_m=10.0, tau_out=5.0, reset=reset, tau_syn=3.0,
+                  threshold_compare=">=", max_spikes=max_spikes, reset_leaks=reset == "subtract")
+    assert not fused.kernel_runs(cell) and fused.kernel_runs(LIFRNN(p, dt=1.0))
+    task = ToyTask()
+    batch = task.batch(4, generator=torch.Generator().manual_seed(1))
+    assert batch.inputs.shape[0] > 14 and cell_spike_count(cell, batch) > 10
+    rule = OnlineEprop(cell, fast=True)
+    _, got = _grads(cell, rule, batch, task)
+    assert rule.step_path == "recorded" and "recorded" in rule.fast_path_reason
+    _, want = _grads(cell, OnlineEprop(cell), batch, task)
+    for n in PARAM_NAMES:
+        assert float((got[n] - want[n]).abs().max()) <= 1e-12 * float(want[n].abs().max()), n
+    rule.backward(batch, task, optimizer=torch.optim.SGD(cell.parameters(), lr=0.0), apply_every=5)
+    assert rule.step_path == "torch"

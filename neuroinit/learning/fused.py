@@ -51,8 +51,8 @@ import torch
 from neuroinit.learning.native import loader
 from neuroinit.learning.native.fused_step import ACTS, LOSSES, MODELS, QUANT_NAMES, RunStruct, new_library
 
-__all__ = ["LIBRARY", "FusedOnline", "available", "chunk_steps", "code_dtype", "library_path", "make_backend",
-           "new_library", "supports", "trial_supported", "unavailable_reason"]
+__all__ = ["LIBRARY", "FusedOnline", "available", "chunk_steps", "code_dtype", "kernel_runs", "library_path",
+           "make_backend", "new_library", "supports", "trial_supported", "unavailable_reason"]
 
 # below this many multiply-adds per loop a step stays on one thread: a parallel loop ends in a barrier, which costs
 # ~1-5 us on a quiet machine but up to a scheduler time slice (ms) when the other core is busy (measured: LIF
@@ -124,12 +124,18 @@ def add_at_b(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _cell_code(cell) -> tuple[int, int] | None:
     """The kernel's model and activation codes for ``cell``, by its ``kernel_id`` (the cell contract)."""
     kernel = getattr(cell, "kernel_id", None)
-    if kernel == "lif":  # the chip neuron options (synaptic current, >=) run unfused
+    if kernel == "lif":  # the chip neuron options (synaptic current, >=): OnlineEprop's recorded path
         plain = cell.tau_syn is None and cell.threshold_compare == ">" and cell.max_spikes == 1 and not cell.reset_leaks
         return (MODELS["lif"], 0) if plain else None
     if kernel == "rate" and cell.activation_name in ACTS:
         return MODELS[cell.form], ACTS[cell.activation_name]
     return None
+
+
+def kernel_runs(cell) -> bool:
+    """Whether the fused kernel implements ``cell``'s dynamics (its ``kernel_id`` and options; e.g. not adaptive
+    LIF, not LIF with a chip's neuron options)."""
+    return _cell_code(cell) is not None
 
 
 def supports(cell, *, feedback: torch.Tensor | None = None, quantiser=None) -> str | None:

@@ -215,10 +215,11 @@ class OnlineEprop(LearningRule):
     (float32, CPU), with the same results (chip-precision traces: integer codes, the same arithmetic and rounding
     distribution, other random draws); ``"auto"`` does so only where the results are the same (float traces:
     equal to float32 rounding, ~1e-7 relative, not bit for bit); ``False`` (default) always runs the PyTorch
-    step of this module. For cells without a fused kernel (adaptive LIF) ``True`` and ``"auto"`` run whole
-    trials (:meth:`backward` without learning epochs, float traces) through :meth:`_backward_recorded`: the same
-    gradient up to float rounding from per-step records, ~20x faster than the step by step path at N = 256
-    (which updates ``O(B N^2)`` traces every step; Romo, ``docs/training.md``). Both backends sit behind the same methods. The native backend updates the state in
+    step of this module. For cells the fused kernel does not run (adaptive LIF, LIF with a chip's neuron
+    options) ``True`` and ``"auto"`` run whole trials (:meth:`backward` without learning epochs, float traces)
+    through :meth:`_backward_recorded`: the same gradient up to float rounding from per-step records, ~20x
+    faster than the step by step path at N = 256 (which updates ``O(B N^2)`` traces every step; Romo,
+    ``docs/training.md``). Both backends sit behind the same methods. The native backend updates the state in
     place: a state passed to :meth:`step` is consumed. ``uses_fast_path`` says which backend the last
     :meth:`start` took, ``native_backend`` gives it.
     """
@@ -287,9 +288,12 @@ class OnlineEprop(LearningRule):
         :meth:`start` took the fused step): e.g. a cell without a fused kernel (``kernel_id = None``)."""
         if not self.fast or self._native is not None:
             return None
+        recorded = ("whole trials run the recorded PyTorch path, single steps (and learning epochs) the PyTorch step"
+                    if self._records_apply() else "the PyTorch step runs")
         if self.cell.kernel_id is None:
-            return (f"no fused kernel for model {self.cell.model!r}: whole trials run the recorded PyTorch path, "
-                    "single steps (and learning epochs, chip-precision traces) the PyTorch step")
+            return f"no fused kernel for model {self.cell.model!r}: {recorded}"
+        if not fused.kernel_runs(self.cell):
+            return f"the fused kernel does not run this {self.cell.model!r} cell's options: {recorded}"
         why = fused.supports(self.cell, feedback=self.feedback, quantiser=self.trace_quantiser)
         return why or ("chip-precision traces with fast='auto'" if self.trace_quantiser is not None else None)
 
@@ -366,11 +370,13 @@ class OnlineEprop(LearningRule):
         return "recorded" if self._recorded else "torch"
 
     def _records_apply(self) -> bool:
-        """Whether trials take :meth:`_backward_recorded`: a cell without a fused kernel (``kernel_id = None``;
-        e.g. adaptive LIF), float traces, at most one further eligibility component (with one decay factor,
+        """Whether trials take :meth:`_backward_recorded`: a cell whose dynamics the fused kernel does not
+        implement (:func:`~neuroinit.learning.fused.kernel_runs`: adaptive LIF, LIF with a chip's neuron
+        options), float traces, at most one further eligibility component (with one decay factor,
         ``decay[0][0]``)."""
         cell = self.cell
-        return cell.kernel_id is None and self.trace_quantiser is None and cell.eligibility_components <= 2
+        return (not fused.kernel_runs(cell) and self.trace_quantiser is None
+                and cell.eligibility_components <= 2)
 
     @torch.no_grad()
     def _backward_recorded(self, batch: Batch, task: Task) -> torch.Tensor:
