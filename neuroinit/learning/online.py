@@ -189,6 +189,34 @@ def _recorded_coefficients(rec: dict, weights: torch.Tensor, ed: float, hidden: 
     return coef, lf, gh
 
 
+def _carried_traces(rec: dict, pres: torch.Tensor, ebar: torch.Tensor | None, eps: torch.Tensor | None,
+                    ed: float, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full traces at the end of a recorded chunk of K steps (:meth:`OnlineEprop._backward_recorded`), from
+    those at its start (``ebar``, ``eps``: (B, N, M), or None for zero) and its records: ``ebar_end = sum_t
+    ed^(K-1-t) e_t + ed^K ebar`` is the chunk's gradient sum with the learning signal replaced by ``ed^(K-1-t)``
+    per sequence, and ``eps_end = sum_r (d_{r+1} ... d_{K-1}) from_pre_r (x) pre_{r-1} + (d_0 ... d_{K-1}) eps``;
+    one batched GEMM each."""
+    k, b, n = rec["post"].shape
+    last = (ed ** torch.arange(k - 1, -1, -1, dtype=pres.dtype, device=pres.device))[:, None, None]
+    coef, _, gh = _recorded_coefficients(rec, last.expand(k, b, n), 0.0, hidden)
+    new_ebar = torch.einsum("kbj,kbm->bjm", coef, pres)
+    if ebar is not None:
+        new_ebar += ed ** k * ebar
+        if hidden:
+            new_ebar += (rec["decay"][0] * gh[0])[..., None] * eps
+    if not hidden:
+        return new_ebar, None
+    after = torch.ones_like(rec["decay"])  # after[r] = d_{r+1} ... d_{K-1}
+    for r in range(k - 2, -1, -1):
+        torch.mul(after[r + 1], rec["decay"][r + 1], out=after[r])
+    ecoef = pres.new_zeros(k + 1, b, n)
+    torch.mul(after, rec["from_pre"], out=ecoef[:-1])
+    new_eps = torch.einsum("kbj,kbm->bjm", ecoef, pres)
+    if eps is not None:
+        new_eps += (after[0] * rec["decay"][0])[..., None] * eps
+    return new_ebar, new_eps
+
+
 class OnlineState(NamedTuple):
     """Everything an online run carries from one step to the next."""
 
@@ -443,25 +471,8 @@ class OnlineEprop(LearningRule):
             g["w_rec"].add_(grad[:, :n])
             g["w_in"].add_(grad[:, n:-1])
             g["bias"].add_(grad[:, -1])
-            if t0 + k < n_steps and (ed != 0.0 or hidden):  # the full traces at the chunk's end
-                last = (ed ** torch.arange(k - 1, -1, -1, dtype=like.dtype, device=like.device))[:, None, None]
-                ccoef, _, cgh = _recorded_coefficients(rec, last.expand(k, b, n), 0.0, hidden)
-                new_ebar = torch.einsum("kbj,kbm->bjm", ccoef, pres)
-                if ebar is not None:
-                    new_ebar += ed ** k * ebar
-                    if hidden:
-                        new_ebar += (rec["decay"][0] * cgh[0])[..., None] * eps
-                if hidden:
-                    after = torch.ones_like(rec["decay"])  # after[r] = d_{r+1} ... d_{K-1}
-                    for r in range(k - 2, -1, -1):
-                        torch.mul(after[r + 1], rec["decay"][r + 1], out=after[r])
-                    ecoef = like.new_zeros(k + 1, b, n)
-                    torch.mul(after, rec["from_pre"], out=ecoef[:-1])
-                    new_eps = torch.einsum("kbj,kbm->bjm", ecoef, pres)
-                    if eps is not None:
-                        new_eps += (after[0] * rec["decay"][0])[..., None] * eps
-                    eps = new_eps
-                ebar = new_ebar
+            if t0 + k < n_steps and (ed != 0.0 or hidden):  # another chunk follows: it starts from these
+                ebar, eps = _carried_traces(rec, pres, ebar, eps, ed, hidden)
         return outputs
 
     def _apply(self, optimizer: torch.optim.Optimizer) -> None:
