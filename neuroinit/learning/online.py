@@ -189,6 +189,11 @@ def _recorded_coefficients(rec: dict, weights: torch.Tensor, ed: float, hidden: 
     return coef, lf, gh
 
 
+def _stacked(values: list, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """A chunk's per-step factors (tensors broadcastable to ``shape``, or numbers) as one (K, *shape) tensor."""
+    return torch.stack([v.expand(shape) if isinstance(v, torch.Tensor) else like.new_full(shape, v) for v in values])
+
+
 def _carried_traces(rec: dict, pres: torch.Tensor, ebar: torch.Tensor | None, eps: torch.Tensor | None,
                     ed: float, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The full traces at the end of a recorded chunk of K steps (:meth:`OnlineEprop._backward_recorded`), from
@@ -430,36 +435,49 @@ class OnlineEprop(LearningRule):
         m = n + n_in + 1  # presynaptic traces side by side: recurrent, input, bias (the constant 1)
         like = cell.w_rec.detach()
         hidden = cell.eligibility_components == 2
-        names = ("L", "post", "from_pre", "decay", "hidden_post") if hidden else ("L", "post")
+        names = ("post", "from_pre", "decay", "hidden_post") if hidden else ("post",)
         chunk = record_steps(cell)
         outputs = like.new_empty(n_steps, b, cell.n_out)
-        readout, readout_bias = like.new_zeros(b, n), like.new_zeros(b, 1)
         state, g = cell.init_state(b), self._grads
+        readout, readout_bias = like.new_zeros(b, n), 0.0
         pre_start, ebar, eps = like.new_zeros(b, m), None, None  # ebar, eps: full traces (None: zero)
         for t0 in range(0, n_steps, chunk):
             k = min(chunk, n_steps - t0)
-            pres = like.new_empty(k + 1, b, m)  # pres[s]: the presynaptic traces before the chunk's step s
-            pres[0] = pre_start
-            rec = {name: like.new_empty(k, b, n) for name in names}
-            ro, ro_bias, errs = like.new_empty(k, b, n), like.new_empty(k, b, 1), like.new_empty(k, b, cell.n_out)
+            # the steps collect their factors (tensors each step makes anew: kept, stacked once per chunk)
+            got = {name: [] for name in ("pre_rec", "pre_in", "readout_in", "err", *names)}
             for s in range(k):
                 u = batch.inputs[t0 + s]
                 y, new = cell.step(p, state, u)
                 f = cell.local_factors(p, state, new, u)
-                torch.add(pd * pres[s, :, :n], f.pre_rec, alpha=pg, out=pres[s + 1, :, :n])
-                torch.add(pd * pres[s, :, n:-1], f.pre_in, alpha=pg, out=pres[s + 1, :, n:-1])
-                pres[s + 1, :, -1] = pd * pres[s, :, -1] + pg
-                readout = torch.add(rd * readout, f.readout_in, out=ro[s])
-                readout_bias = torch.add(rd * readout_bias, 1.0, out=ro_bias[s])
-                errs[s] = task.output_error(y, batch, t0 + s)
-                rec["post"][s] = f.post
-                if hidden:
-                    rec["from_pre"][s], rec["decay"][s] = f.from_pre[0], f.decay[0][0]
-                    rec["hidden_post"][s] = f.hidden_post[0]
                 outputs[t0 + s] = y
+                got["err"].append(task.output_error(y, batch, t0 + s))
+                for name, v in (("pre_rec", f.pre_rec), ("pre_in", f.pre_in), ("readout_in", f.readout_in),
+                                ("post", f.post)):
+                    got[name].append(v)
+                if hidden:
+                    got["from_pre"].append(f.from_pre[0])
+                    got["decay"].append(f.decay[0][0])
+                    got["hidden_post"].append(f.hidden_post[0])
                 state = new
+            rec = {name: _stacked(got[name], (b, n), like) for name in names}
+            errs = torch.stack(got["err"])
+            # the traces' recursions, all sequences and presynaptic signals at once: pres[s] before step s
+            pres = like.new_empty(k + 1, b, m)
+            pres[0] = pre_start
+            pres[1:, :, :n] = _stacked(got["pre_rec"], (b, n), like)
+            pres[1:, :, n:-1] = _stacked(got["pre_in"], (b, n_in), like)
+            pres[1:, :, -1] = 1.0
+            ro, biases = _stacked(got["readout_in"], (b, n), like), []
+            for s in range(k):
+                if pg != 1.0:
+                    pres[s + 1].mul_(pg)
+                pres[s + 1].add_(pres[s], alpha=pd)
+                readout = ro[s].add_(readout, alpha=rd)
+                readout_bias = rd * readout_bias + 1.0
+                biases.append(readout_bias)
+            ro_bias = like.new_tensor(biases).view(k, 1, 1)
             pre_start = pres[k].clone()
-            torch.matmul(errs, fb, out=rec["L"])  # the learning signals; the readout's exact local gradient
+            rec["L"] = errs @ fb  # the learning signals; the readout's exact local gradient
             g["w_out"].add_(errs.view(-1, cell.n_out).T @ ro.view(-1, n))
             g["b_out"].add_((errs * ro_bias).sum((0, 1)))
             coef, lf, gh = _recorded_coefficients(rec, rec["L"], ed, hidden)
