@@ -6,6 +6,8 @@
 #   3. rate networks (voltage-form e-prop and RFLO) at N=512,1024, B=16,64 (the RFLO roofline targets);
 #   4. the chip-precision rows at N=256, B=16,64, LIF and RFLO, under PROFILE and under reckon-like (int16 traces),
 #      against the float fused row and the peers (the chip targets of issue 16);
+#   5. adaptive LIF at N=256, B=16: its recorded online path (neuroinit-recorded) and the step-by-step one against
+#      autograd e-prop, BPTT and norse's LSNN;
 # then renders the JSON files into one page. Runs 2 and 3 leave out neuroinit-torch (the plain-PyTorch fallback:
 # 10-15 s per trial at N=512, B=64, no target depends on it). Run it again after an interruption: each invocation
 # continues from its OUT.partial.jsonl (neuroinit bench --resume), keeping the configurations already timed.
@@ -37,6 +39,9 @@ run rate --model rate --hidden 512,1024 --batch 16,64 --methods "$no_torch"
 run chip-rflo256 --model rate --hidden 256 --batch 16,64 --methods "$chip_methods" --no-memory-scaling
 run chip-reckon256 --model both --hidden 256 --batch 16,64 --methods "$chip_methods" --no-memory-scaling \
     --profile reckon-like
+run alif256 --model alif --hidden 256 --batch 16 --methods "neuroinit-fused,neuroinit-torch,autograd-eprop,bptt,norse-bptt" \
+    --no-memory-scaling
 python benchmarks/render.py "benchmarks/results/${tag}-lif256.json" "benchmarks/results/${tag}-lif512.json" \
     "benchmarks/results/${tag}-rate.json" "benchmarks/results/${tag}-chip-rflo256.json" \
-    "benchmarks/results/${tag}-chip-reckon256.json" > "benchmarks/results/${tag}.md"
+    "benchmarks/results/${tag}-chip-reckon256.json" "benchmarks/results/${tag}-alif256.json" \
+    > "benchmarks/results/${tag}.md"
