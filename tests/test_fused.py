@@ -262,6 +262,8 @@ def test_own_gemm_only_where_torchs_blas_would_not_run_avx512(monkeypatch):
     assert loader.blas_runs_avx512.__wrapped__() == torch.backends.mkl.is_available()
     monkeypatch.setattr(loader, "cpu_fields", lambda: {"vendor_id": "AuthenticAMD"})
     assert not loader.blas_runs_avx512.__wrapped__()
+    monkeypatch.setattr(loader, "cpu_fields", lambda: None)  # vendor unknown: MKL keeps its GEMMs
+    assert loader.blas_runs_avx512.__wrapped__() == torch.backends.mkl.is_available()
     wide = bool(fused._load().ni_wide())
     for blas_avx512 in (True, False):
         monkeypatch.setattr(loader, "blas_runs_avx512", lambda v=blas_avx512: v)

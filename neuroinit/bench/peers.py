@@ -290,15 +290,13 @@ def trial_fn(method: str, cell, batch: Batch, task: Task, *, seed: int = 0) -> C
 
 
 def method_applies(method: str, variant: str) -> bool:
-    """snntorch: LIF; norse: LIF and ALIF (``LSNNRecurrent``); the fused BPTT: cells with a kernel; the fused
-    online step: cells with a kernel, and ALIF, whose fast path is the recorded one (the row says
-    ``neuroinit-recorded``)."""
+    """snntorch: LIF; norse: LIF and ALIF (``LSNNRecurrent``); the fused BPTT: cells with a kernel. The online
+    rule's fast path (``neuroinit-fused``) runs every variant: the native kernel, or for cells without one
+    (ALIF) the recorded path, whose row says ``neuroinit-recorded``."""
     if method == "snntorch-bptt":
         return variant == "lif"
     if method == "norse-bptt":
         return variant in ("lif", "alif")
-    if method == "neuroinit-fused":
-        return has_kernel(variant) or variant == "alif"
     if method == "neuroinit-bptt":
         return has_kernel(variant)
     return True

@@ -321,12 +321,12 @@ class OnlineEprop(LearningRule):
         :meth:`start` took the fused step): e.g. a cell without a fused kernel (``kernel_id = None``)."""
         if not self.fast or self._native is not None:
             return None
-        recorded = ("whole trials run the recorded PyTorch path, single steps (and learning epochs) the PyTorch step"
-                    if self._records_apply() else "the PyTorch step runs")
-        if self.cell.kernel_id is None:
-            return f"no fused kernel for model {self.cell.model!r}: {recorded}"
         if not fused.kernel_runs(self.cell):
-            return f"the fused kernel does not run this {self.cell.model!r} cell's options: {recorded}"
+            what = (f"no fused kernel for model {self.cell.model!r}" if self.cell.kernel_id is None
+                    else f"the fused kernel does not run this {self.cell.model!r} cell's options")
+            how = ("whole trials run the recorded PyTorch path, single steps (and learning epochs) the PyTorch step"
+                   if self._records_apply() else "the PyTorch step runs")
+            return f"{what}: {how}"
         why = fused.supports(self.cell, feedback=self.feedback, quantiser=self.trace_quantiser)
         return why or ("chip-precision traces with fast='auto'" if self.trace_quantiser is not None else None)
 
@@ -372,13 +372,13 @@ class OnlineEprop(LearningRule):
         epoch_end = None if apply_every is None else lambda: self._apply(optimizer)
         outputs = None
         self._recorded = False
-        if self.fast and fused.trial_supported(batch, task):  # --- native backend: a call per learning epoch ---
+        if self.fast and apply_every is None and self._records_apply():
+            self._begin(batch_size)  # --- a cell the kernel does not run: the trial's gradient from its records ---
+            outputs, self._recorded = self._backward_recorded(batch, task), True
+        elif self.fast and fused.trial_supported(batch, task):  # --- native backend: a call per learning epoch ---
             self._begin(batch_size)
             if self._native is not None:
                 outputs = self._native.run_trial(batch, task, apply_every=apply_every, on_epoch_end=epoch_end)
-        if outputs is None and self.fast and apply_every is None and self._records_apply():
-            self._begin(batch_size)  # --- no native kernel for the cell: the trial's gradient from its records ---
-            outputs, self._recorded = self._backward_recorded(batch, task), True
         if outputs is None:  # the PyTorch step
             st = self.start(batch_size)
             # preallocated: the outputs are the only thing kept per step (T * B * O numbers, no per-step objects)

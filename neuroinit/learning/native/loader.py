@@ -52,10 +52,12 @@ def blas_runs_avx512() -> bool:
     ``perf`` shows ``mkl_blas_def_sgemm_kernel_0_zen``, ~105 GFLOP/s per Zen 5 core against ~240 for the
     libraries' own AVX-512 kernels). Where it does not, the libraries built with AVX-512 take their dense
     products and weight-gradient GEMMs themselves. Depends on the CPU only (never on a timing), so a machine
-    always takes the same path and rounds the same way."""
+    always takes the same path and rounds the same way. A CPU whose vendor cannot be read (no ``/proc/cpuinfo``)
+    counts as one MKL serves well: the libraries' own GEMMs only where the CPU is known not to be Intel's."""
     import torch
 
-    return torch.backends.mkl.is_available() and (cpu_fields() or {}).get("vendor_id") == "GenuineIntel"
+    vendor = (cpu_fields() or {}).get("vendor_id")
+    return torch.backends.mkl.is_available() and vendor in ("GenuineIntel", None)
 
 
 def compiler() -> list[str]:
