@@ -171,14 +171,25 @@ def test_fast_trials_run_the_recorded_path_with_the_step_by_step_gradient(monkey
     assert rule.step_path == "torch"
 
 
-def test_recorded_chunks_bound_memory_by_the_traces():
+def test_recorded_chunks_bound_memory_by_the_traces(monkeypatch):
     # records of a chunk stay within twice the full traces they stand for (at least 32 steps)
+    from neuroinit.learning import online
     from neuroinit.learning.online import record_steps
 
     for n in (16, 64, 256):
         cell = ALIFRNN(float_init(3, n, 2, 1.0, generator=torch.Generator().manual_seed(0), dtype=F64), dt=1.0)
         k = record_steps(cell)
         assert k >= 32 and (k == 32 or k * (8 * n + 4) <= 2 * 2 * n * (n + 4))
+    # and a trial never holds more steps of records than that: 30 steps in chunks of 7 stack 7, 7, 7, 7, 2 steps
+    stacked = []
+    real = online._stacked
+    monkeypatch.setattr(online, "_stacked", lambda values, shape, like: stacked.append(len(values))
+                        or real(values, shape, like))
+    monkeypatch.setattr(online, "record_steps", lambda cell: 7)
+    cell, task = _alif(), ToyTask()
+    rule = OnlineEprop(cell, fast=True)
+    rule.backward(task.batch(2, generator=torch.Generator().manual_seed(3)), task)
+    assert rule.step_path == "recorded" and sorted(set(stacked)) == [2, 7] and stacked.count(2) == stacked.count(7) / 4
 
 
 def test_chip_precision_traces_cover_the_adaptation_component():

@@ -237,7 +237,8 @@ def test_host_readers_under_a_faked_host(tmp_path, monkeypatch, l2, l3, cpus, l3
 def test_the_matmul_rate_is_the_faster_of_torchs_and_the_fused_librarys_own_gemm(monkeypatch):
     # where the fused library takes its GEMMs itself (torch's BLAS runs no AVX-512 code), its rate is the machine's
     monkeypatch.setattr(bench.machine, "_measure_device", _MEASURE_DEVICE)
-    monkeypatch.setattr(bench.machine, "_stream_bandwidth", lambda sizes, quick: {"L2": 100.0, "L3": 50.0, "DRAM": 20.0})
+    monkeypatch.setattr(bench.machine, "_stream_bandwidth",
+                        lambda sizes, quick: {"L2": 100.0, "L3": 50.0, "DRAM": 20.0})
     monkeypatch.setattr(bench.machine, "_own_gemm_gflops", lambda n, repeats: 1e4)
     calib = bench.calibrate(quick=True, use_cache=False)
     assert calib["matmul_gflops"] == 1e4 and "ni_gemm_tn" in calib["method"]

@@ -132,12 +132,14 @@ static inline __attribute__((always_inline)) __m512i group16(void *codes, const 
 static inline __attribute__((always_inline)) void store_block(void *codes, const int bytes, int64_t i,
                                                               const __m512i *out) {
     if (bytes == 1) { /* lane l of the packed bytes: elements 4l .. 4l + 3 of groups 0, 1, 2, 3 */
-        const __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(out[0], out[1]), _mm512_packs_epi32(out[2], out[3]));
+        const __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(out[0], out[1]),
+                                             _mm512_packs_epi32(out[2], out[3]));
         const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         _mm512_storeu_si512((int8_t *)codes + i, _mm512_permutexvar_epi32(order, p));
     } else { /* lane l: elements 4l .. 4l + 3 of groups 0, 1 */
         const __m512i p = _mm512_packs_epi32(out[0], out[1]);
-        _mm512_storeu_si512((int16_t *)codes + i, _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), p));
+        const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+        _mm512_storeu_si512((int16_t *)codes + i, _mm512_permutexvar_epi64(order, p));
     }
 }
 /* the random bits of group s (0 .. 32 / k - 1) of a block, from its 16 words */
@@ -516,7 +518,8 @@ static float abs_max(const float *v, int64_t n) {
    |ps pre| <= m = fl(|ps| max |pre|): rounding is monotone, so fl(ed c) lies in [dec_lo, dec_hi] = [fl(ed c_lo),
    fl(ed c_hi)] (ed >= 0) and x in [fl(dec_lo - m), fl(dec_hi + m)]. False for NaN or infinite bounds. Inlined
    into chip_elig, whose arithmetic is not contracted either (m's product must stay rounded on its own). */
-static inline __attribute__((always_inline)) NO_CONTRACT int in_range(float ed, float dec_lo, float dec_hi, float m, float lo, float hi) {
+static inline __attribute__((always_inline)) NO_CONTRACT int in_range(float ed, float dec_lo, float dec_hi, float m,
+                                                                      float lo, float hi) {
     EXACT_FP
     const float top = dec_hi + m, bottom = dec_lo - m;
     return ed >= 0.0f && top <= hi && bottom >= lo; /* comparisons with NaN are false */
