@@ -14,6 +14,7 @@ from neuroinit.init import hardware_init
 from neuroinit.learning import fused
 from neuroinit.learning.chip import make_trace_quantiser
 from neuroinit.learning.online import Traces, accumulate_step
+from neuroinit.quantize import Grid
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused step unavailable: "
                                 f"{fused.unavailable_reason()}")
@@ -282,6 +283,53 @@ def test_batch_split_over_threads_draws_the_same_codes(monkeypatch, profile, mod
     for name in PARAM_NAMES:
         scale = max(1.0, float(g1[name].abs().max()))
         assert float((g1[name] - g3[name]).abs().max()) <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("profile,model,form,rounding", [("loihi-like", "lif", "voltage", "stochastic"),
+                                                          ("loihi-like", "lif", "voltage", "nearest"),
+                                                          ("reckon-like", "rate", "rate", "stochastic"),
+                                                          ("reckon-like", "lif", "voltage", "nearest")])
+def test_a_trial_updates_the_recurrent_traces_a_chunk_of_steps_at_a_time(monkeypatch, profile, model, form,
+                                                                         rounding):
+    # ni_run defers the recurrent traces and updates each row over a chunk of steps (chip_chunk_flush, where the
+    # library has AVX-512): 37 steps are two whole chunks of 16 and a partial one; a row of N = 200 codes is a
+    # superblock of 128, one of 64 and a masked one of 8. The portable loop updates every step in turn: the same codes (random words
+    # by step and element), the gradients up to the order the batch elements' terms are added in.
+    from neuroinit.learning.online import OnlineEprop
+    from tests.test_fused import _setup
+
+    cell, batch, task = _setup(model, form=form, n=200, b=3, t_len=37, profile=profile, drive=6.0)
+    init = fused.FusedOnline.__init__
+    runs = []
+    for portable in (False, True):
+        def portable_init(self, *a, portable=portable, **kw):
+            init(self, *a, **kw)
+            self.run_struct.portable = int(portable)
+
+        monkeypatch.setattr(fused.FusedOnline, "__init__", portable_init)
+        q = make_trace_quantiser(cell, generator=torch.Generator().manual_seed(9), rounding=rounding)
+        if model == "rate":  # a grid 16x finer than the traces' bound: rows that saturate (and take the clamp)
+            gr = q.grids["elig_rec"]
+            q.grids["elig_rec"] = Grid(gr.scale / 16, gr.code_min, gr.code_max)
+        rule = OnlineEprop(cell, fast=True, trace_quantiser=q, generator=torch.Generator().manual_seed(4))
+        for name in PARAM_NAMES:
+            getattr(cell, name).grad = None
+        trial = rule.backward(batch, task)
+        assert rule.uses_fast_path
+        codes = {n: rule.native_backend.buf[n].clone() for n in FULL}
+        runs.append((trial.outputs.clone(), codes, {n: getattr(cell, n).grad.clone() for n in PARAM_NAMES}))
+    (y1, c1, g1), (y2, c2, g2) = runs
+    assert torch.equal(y1, y2)
+    for name in FULL:
+        assert torch.equal(c1[name], c2[name]), name
+    rec = c1["elig_rec"]
+    gr = q.grids["elig_rec"]
+    assert int(rec.ne(0).sum()) > rec.numel() // 20  # the traces did move
+    if model == "rate":
+        assert int(rec.eq(gr.code_max).sum() + rec.eq(gr.code_min).sum()) > 0  # and some saturated
+    for name in PARAM_NAMES:
+        scale = max(1.0, float(g2[name].abs().max()))
+        assert float((g1[name] - g2[name]).abs().max()) <= 1e-5 * scale, name
 
 
 def test_runs_too_large_for_the_random_counters_take_the_pytorch_path():

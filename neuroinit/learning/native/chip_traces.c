@@ -50,8 +50,8 @@ static inline __attribute__((always_inline)) NO_CONTRACT void lanes16(void *code
 #pragma omp simd
     for (int64_t l = 0; l < m; l++) {
         const float c = bytes == 1 ? (float)c8[l] : (float)c16[l];
-        const float t1 = ed * c, t2 = (psv ? psv[l] : ps) * p[l];
-        float x = t1 + t2;
+        const float t2 = (psv ? psv[l] : ps) * p[l];
+        float x = nearest ? ed * c + t2 : fmaf(ed, c, t2);
         x = x > lo ? x : lo; /* NaN -> lo */
         x = x < hi ? x : hi;
         const int32_t code = nearest ? (int32_t)rintf(x * inv)
@@ -97,10 +97,14 @@ typedef struct {
 /* 16 codes (as int32) from 16 stored codes c: the update above; r: their random bits (k of them) */
 static inline __attribute__((always_inline)) __m512i code16(__m512 c, const float *pre, __mmask16 m, __m512i r,
         __m512 ps, const RowV *v, const int k, const int nearest, const int inc, const int clamp) {
-    __m512 x = _mm512_mul_ps(c, v->ed);
-    if (inc) /* fl(ed c) + fl(ps pre), never fused; without an increment (post 0) x = fl(ed c) + 0, the same */
-        x = _mm512_add_round_ps(x, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), ps),
+    __m512 x;
+    if (!inc) /* without an increment (post 0) x = fl(ed c) (+ 0) */
+        x = _mm512_mul_ps(c, v->ed);
+    else if (nearest) /* fl(fl(ed c) + fl(ps pre)), as the PyTorch path */
+        x = _mm512_add_round_ps(_mm512_mul_ps(c, v->ed), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), ps),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    else /* fl(ed c + fl(ps pre)) */
+        x = _mm512_fmadd_ps(c, v->ed, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pre), ps));
     if (clamp) x = _mm512_min_ps(_mm512_max_ps(x, v->lo), v->hi); /* max(x, lo): lo for NaN, as lanes16 */
     if (nearest) return _mm512_cvtps_epi32(_mm512_mul_ps(x, v->inv));
     return _mm512_srai_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), r), k);
@@ -291,7 +295,8 @@ static inline __attribute__((always_inline)) NO_CONTRACT __m256i update8(__m256 
     __m256 x = _mm256_mul_ps(c, v->ed);
     if (inc) {
         const __m256 ps = vec ? _mm256_loadu_ps(q->ps_v + at) : v->ps;
-        x = _mm256_add_ps(x, _mm256_mul_ps(ps, _mm256_loadu_ps(pre + at)));
+        const __m256 t2 = _mm256_mul_ps(ps, _mm256_loadu_ps(pre + at));
+        x = nearest ? _mm256_add_ps(x, t2) : _mm256_fmadd_ps(c, v->ed, t2);
     }
     if (clamp) x = _mm256_min_ps(_mm256_max_ps(x, v->lo), v->hi); /* max(x, lo): lo for NaN, as lanes16 */
     __m256i code;
@@ -431,11 +436,12 @@ static int zero_codes(const char *c, int64_t n) {
     return 1;
 }
 
-/* The integer eligibility traces of rows j0 <= j < j1 of batch element b, with their gradients (the chip branch
-   of ni_update): the recurrent trace one row (N codes) at a time, the input and bias traces of the block's rows
-   together (contiguous: I codes per row, one per row), with the row's factors repeated per element. A row of
-   the recurrent trace takes words from ctr = row * row_words(N); a piece of up to CHIP_PIECE input or bias codes
-   starting at row j takes them from ctr = (b N + j) row_words(CHIP_PIECE). */
+/* The integer eligibility traces (the chip branch of ni_update), with their gradients: the recurrent trace one row
+   (N codes) at a time (chip_elig_rec; or a chunk of steps at a time, chip_chunk_flush), the input and bias traces
+   in pieces of whole rows (chip_piece: I codes per row, one per row), the rows' factors repeated per element. A
+   row of the recurrent trace takes words from ctr = row * row_words(N); a piece of up to CHIP_PIECE input or bias
+   codes starting at row j (a multiple of the rows a piece holds) takes them from ctr = (b N + j)
+   row_words(CHIP_PIECE). */
 #define CHIP_PIECE 1024
 #ifdef CHIP_DECAY_TABLE
 /* DecayTable of the recurrent trace's grid: X(c) = clamp(2^8 ed c, 2^8 lo, 2^8 hi), as the kernels compute it */
@@ -484,12 +490,24 @@ static void piece_factors(float *pre, float *ps, float *ls, const float *src, in
         for (int64_t j = 0; j < rows; j++) { pre[j] = src[0]; ps[j] = post[j] * f; ls[j] = L[j] * s; }
         return;
     }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (len < 16) { /* short rows (a few inputs): 16 lanes stored per row, the next row overwriting the surplus
+                       (the arrays hold 16 floats more than a piece); masked stores are slow on AMD's Zen 4 and 5 */
+        const __m512 sv = _mm512_maskz_loadu_ps((__mmask16)((1u << len) - 1), src);
+        for (int64_t j = 0; j < rows; j++) {
+            _mm512_storeu_ps(pre + j * len, sv);
+            _mm512_storeu_ps(ps + j * len, _mm512_set1_ps(post[j] * f));
+            _mm512_storeu_ps(ls + j * len, _mm512_set1_ps(L[j] * s));
+        }
+        return;
+    }
+#endif
     for (int64_t j = 0; j < rows; j++) {
         const float pj = post[j] * f, lj = L[j] * s;
         float *pe = pre + j * len, *se = ps + j * len, *le = ls + j * len;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
         const __m512 pv = _mm512_set1_ps(pj), lv = _mm512_set1_ps(lj);
-        for (int64_t i = 0; i < len; i += 16) { /* short rows (a few inputs): one masked store each */
+        for (int64_t i = 0; i < len; i += 16) {
             const __mmask16 m = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
             _mm512_mask_storeu_ps(pe + i, m, _mm512_maskz_loadu_ps(m, src + i));
             _mm512_mask_storeu_ps(se + i, m, pv);
@@ -514,20 +532,30 @@ static float abs_max(const float *v, int64_t n) {
     }
     return nan ? NAN : m;
 }
-/* Whether every sum x = fl(fl(ed c) + fl(ps pre)) of a row lies in [lo, hi], for codes c in [c_lo, c_hi] and
-   |ps pre| <= m = fl(|ps| max |pre|): rounding is monotone, so fl(ed c) lies in [dec_lo, dec_hi] = [fl(ed c_lo),
-   fl(ed c_hi)] (ed >= 0) and x in [fl(dec_lo - m), fl(dec_hi + m)]. False for NaN or infinite bounds. Inlined
-   into chip_elig, whose arithmetic is not contracted either (m's product must stay rounded on its own). */
+/* Whether every sum x of a row lies in [lo, hi], x = fl(fl(ed c) + fl(ps pre)) (nearest rounding) or
+   fl(ed c + fl(ps pre)) (stochastic: one rounding, a fused multiply-add), for codes c in [c_lo, c_hi] and
+   |fl(ps pre)| <= m = fl(|ps| max |pre|). With dec_lo <= ed c_lo and dec_hi >= ed c_hi (decayed_bounds: the
+   products rounded outward) both sums lie in [fl(dec_lo - m), fl(dec_hi + m)], as rounding is monotone (ed >= 0).
+   False for NaN or infinite bounds. Inlined into its callers, whose arithmetic is not contracted either (m's
+   product must stay rounded on its own). */
 static inline __attribute__((always_inline)) NO_CONTRACT int in_range(float ed, float dec_lo, float dec_hi, float m,
                                                                       float lo, float hi) {
     EXACT_FP
     const float top = dec_hi + m, bottom = dec_lo - m;
     return ed >= 0.0f && top <= hi && bottom >= lo; /* comparisons with NaN are false */
 }
-
-NO_CONTRACT void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, const uint32_t keys[3]) {
+/* [dec_lo, dec_hi] holding ed c for every code c in [c_lo, c_hi] (ed >= 0): fl(ed c_lo) and fl(ed c_hi), each
+   moved one float outward (a rounded product is within half a unit in the last place of the exact one) */
+static NO_CONTRACT void decayed_bounds(float ed, float c_lo, float c_hi, float *dec_lo, float *dec_hi) {
     EXACT_FP
-    const int64_t N = r->N, I = r->I;
+    *dec_lo = nextafterf(ed * c_lo, -INFINITY);
+    *dec_hi = nextafterf(ed * c_hi, INFINITY);
+}
+
+/* the recurrent trace's rows j0 <= j < j1 of batch element b at this step (key: its random stream) */
+NO_CONTRACT void chip_elig_rec(const Run *r, int64_t b, int64_t j0, int64_t j1, uint32_t key) {
+    EXACT_FP
+    const int64_t N = r->N;
     const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
     const float two_k = (float)(1 << k);
     const float s_rec = r->q_scale[Q_ELIG_REC], f_rec = two_k / s_rec;
@@ -538,7 +566,8 @@ NO_CONTRACT void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, cons
 #endif
     /* the largest |ed c| and |pre| of the recurrent rows: a row whose sums cannot leave [lo, hi] skips the clamp */
     const float ed = two_k * r->ed, lo = two_k * r->q_min[Q_ELIG_REC], hi = two_k * r->q_max[Q_ELIG_REC];
-    const float dec_hi = ed * r->q_max[Q_ELIG_REC], dec_lo = ed * r->q_min[Q_ELIG_REC];
+    float dec_lo, dec_hi;
+    decayed_bounds(ed, r->q_min[Q_ELIG_REC], r->q_max[Q_ELIG_REC], &dec_lo, &dec_hi);
     const float pre_max = abs_max(r->pre_rec + b * N, N);
     const int64_t gb = r->b0 + b; /* the whole batch's index of b: the random words' */
     for (int64_t j = j0; j < j1; j++) {
@@ -549,39 +578,234 @@ NO_CONTRACT void chip_elig(const Run *r, int64_t b, int64_t j0, int64_t j1, cons
            threshold whose traces have decayed away) */
         if (p == 0.0f && zero_codes(codes, N * bytes))
             continue;
-        RowQ q = {ed, p * f_rec, lo, hi, r->L[row] * s_rec, keys[0], (uint32_t)(gb * N + j) * words, k,
+        RowQ q = {ed, p * f_rec, lo, hi, r->L[row] * s_rec, key, (uint32_t)(gb * N + j) * words, k,
                   (int)r->q_nearest, NULL, NULL, decay,
                   in_range(ed, dec_lo, dec_hi, fabsf(p * f_rec) * pre_max, lo, hi)};
         chip_row(codes, bytes, r->pre_rec + b * N, N, &q, r->g_rec + j * N, portable);
     }
-    float pre[CHIP_PIECE], ps[CHIP_PIECE], ls[CHIP_PIECE];
-    for (int t = 1; t < 3; t++) { /* input, bias */
-        const int which = t == 1 ? Q_ELIG_IN : Q_ELIG_BIAS;
-        const int64_t len = t == 1 ? I : 1; /* codes per row */
-        if (len == 0) continue;
-        const float s = r->q_scale[which], f = two_k / s;
-        const float *src = t == 1 ? r->pre_in + b * I : r->pre_bias + b;
-        const int64_t rows = CHIP_PIECE / len > 0 ? CHIP_PIECE / len : 1;
-        for (int64_t ja = j0; ja < j1; ja += rows) {
-            const int64_t jz = ja + rows < j1 ? ja + rows : j1, n = (jz - ja) * len;
-            if (n > CHIP_PIECE) { /* an input row longer than a piece: one row at a time */
-                for (int64_t j = ja; j < jz; j++) {
-                    RowQ q = {two_k * r->ed, r->post[b * N + j] * f, two_k * r->q_min[which], two_k * r->q_max[which],
-                              r->L[b * N + j] * s, keys[t], (uint32_t)(gb * N + j) * row_words(len, k), k,
-                              (int)r->q_nearest, NULL, NULL, NULL, 0};
-                    chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q,
-                             r->g_in + j * len, portable);
-                }
-                continue;
-            }
-            piece_factors(pre, ps, ls, src, len, r->post + b * N + ja, r->L + b * N + ja, f, s, jz - ja);
-            char *codes = (char *)(t == 1 ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
-            float *g = t == 1 ? r->g_in + ja * I : r->g_bias + ja;
-            RowQ q = {two_k * r->ed, 0.0f, two_k * r->q_min[which], two_k * r->q_max[which], 0.0f, keys[t],
-                      (uint32_t)(gb * N + ja) * row_words(CHIP_PIECE, k), k, (int)r->q_nearest, ps, ls, NULL,
-                      0};
-            chip_row(codes, bytes, pre, n, &q, g, portable);
+}
+
+/* rows per piece of the input (which = Q_ELIG_IN) or bias (Q_ELIG_BIAS) trace: pieces start at its multiples */
+int64_t chip_piece_rows(const Run *r, int which) {
+    const int64_t len = which == Q_ELIG_IN ? r->I : 1;
+    return len == 0 ? 0 : CHIP_PIECE / len > 0 ? CHIP_PIECE / len : 1;
+}
+
+/* the input or bias trace's rows ja <= j < jz (a piece: ja a multiple of chip_piece_rows) of batch element b */
+NO_CONTRACT void chip_piece(const Run *r, int which, int64_t b, int64_t ja, int64_t jz, uint32_t key) {
+    EXACT_FP
+    const int64_t N = r->N, I = r->I, len = which == Q_ELIG_IN ? I : 1, n = (jz - ja) * len; /* codes per row */
+    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
+    const float two_k = (float)(1 << k), s = r->q_scale[which], f = two_k / s;
+    const float ed = two_k * r->ed, lo = two_k * r->q_min[which], hi = two_k * r->q_max[which];
+    const float *src = which == Q_ELIG_IN ? r->pre_in + b * I : r->pre_bias + b;
+    const int64_t gb = r->b0 + b;
+    if (n > CHIP_PIECE) { /* an input row longer than a piece: one row at a time */
+        for (int64_t j = ja; j < jz; j++) {
+            RowQ q = {ed, r->post[b * N + j] * f, lo, hi, r->L[b * N + j] * s, key,
+                      (uint32_t)(gb * N + j) * row_words(len, k), k, (int)r->q_nearest, NULL, NULL, NULL, 0};
+            chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q, r->g_in + j * len,
+                     portable);
         }
+        return;
+    }
+    float pre[CHIP_PIECE + 16], ps[CHIP_PIECE + 16], ls[CHIP_PIECE + 16];
+    piece_factors(pre, ps, ls, src, len, r->post + b * N + ja, r->L + b * N + ja, f, s, jz - ja);
+    char *codes = (char *)(which == Q_ELIG_IN ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
+    float *g = which == Q_ELIG_IN ? r->g_in + ja * I : r->g_bias + ja;
+    RowQ q = {ed, 0.0f, lo, hi, 0.0f, key, (uint32_t)(gb * N + ja) * row_words(CHIP_PIECE, k), k,
+              (int)r->q_nearest, ps, ls, NULL, 0};
+    chip_row(codes, bytes, pre, n, &q, g, portable);
+}
+
+
+/* ---------------------------------------------------------------- the recurrent traces over a chunk of steps */
+/* The per-step kernel above streams every code and gradient row through memory at every step (B N^2 bytes: past
+   L2 from N = 256, B = 16 on). Nothing in the forward pass reads the eligibility traces, so their update can wait:
+   each step records its factors (chip_chunk_record), and chip_chunk_flush then takes every row through all the
+   recorded steps at once, 64 codes at a time held in registers (as floats) with their gradient. Each step's codes
+   are chip_row's: the same sums fl(fl(ed c) + fl(ps pre)), the same random words (word w of the row's stream of
+   step t: mix32(GOLD (ctr + w) ^ key_t)), the same bits per element. Only the order in which the gradient adds the
+   batch elements' terms changes (per chunk: element by element over the steps, instead of step by step over the
+   elements): float rounding. */
+
+/* Whether ni_update defers the recurrent traces to chip_chunk_flush: with a vector kernel (AVX-512), not when the
+   portable loop is asked for (tests), at chip precision with full traces. */
+int chip_chunks(const Run *r) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return r->quant && r->full && !r->portable;
+#else
+    (void)r;
+    return 0;
+#endif
+}
+
+/* this step's factors of the recurrent traces (r->pre_rec, post, L: B N each) and its random stream key */
+void chip_chunk_record(const Run *r, ChipChunk *cc, uint32_t key) {
+    const int64_t B = r->B, N = r->N, s = cc->n++;
+    memcpy(cc->pre + s * B * N, r->pre_rec, sizeof(float) * B * N);
+    memcpy(cc->post + s * B * N, r->post, sizeof(float) * B * N);
+    memcpy(cc->L + s * B * N, r->L, sizeof(float) * B * N);
+    for (int64_t b = 0; b < B; b++) cc->pre_max[s * B + b] = abs_max(r->pre_rec + b * N, N);
+    cc->key[s] = key;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* one row over K steps: 2^k ed, the codes' bounds 2^k [lo, hi] and 1 / 2^k (v), step t's 2^k post / s and L s
+   (ps[t], ls[t]), its stream key[t] and presynaptic trace pre + t stride; the row's words from ctr */
+typedef struct {
+    const float *ps, *ls; /* step t's: ps[t fstride], ls[t fstride] */
+    const uint32_t *key;
+    int64_t K, stride, fstride;
+    uint32_t ctr;
+} ChunkRow;
+
+/* 16 ng codes from i (ng = 4 or 8 groups of 16; masks m: the last, partial superblock) through all K steps: the
+   codes as floats c[] (exact integers), the gradient's elements in acc[]. Each group's update is a chain of ~16
+   cycles of latency per step (convert, multiply, add, round, shift): 8 groups keep the vector units busy. */
+static inline __attribute__((always_inline)) void chunk_groups(void *codes, const int bytes, const int nearest,
+        const int clamp, const int ng, const int whole, const float *pre, int64_t i, const __mmask16 *m,
+        const RowV *v, const ChunkRow *q, float *g) {
+    const int k = bytes == 1 ? 8 : 16, per_word = bytes == 1 ? 4 : 2; /* groups per 16 random words */
+    __m512 c[8], acc[8];
+    for (int u = 0; u < ng; u++) {
+        const __mmask16 mu = whole ? 0xffff : m[u];
+        const __m512i ci = bytes == 1 ? _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mu, (int8_t *)codes + i + 16 * u))
+                                      : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(mu,
+                                                                                      (int16_t *)codes + i + 16 * u));
+        c[u] = _mm512_cvtepi32_ps(ci);
+        acc[u] = _mm512_maskz_loadu_ps(mu, g + i + 16 * u);
+    }
+    /* the word indices (multiplied) of the blocks of 16 words the groups draw from: block i / G on */
+    const int nw = ng / per_word;
+    __m512i wi[4];
+    wi[0] = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(q->ctr + (uint32_t)(i / (16 * per_word)) * 16)),
+                               _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
+                               _mm512_set1_epi32((int)GOLD));
+    for (int h = 1; h < nw; h++) wi[h] = _mm512_add_epi32(wi[h - 1], _mm512_set1_epi32((int)(16 * GOLD)));
+    for (int64_t t = 0; t < q->K; t++) {
+        const float pst = q->ps[t * q->fstride];
+        if (pst == 0.0f) { /* no increment: codes that are all 0 stay 0 and add nothing */
+            __m512 any = c[0];
+            for (int u = 1; u < ng; u++) any = _mm512_or_ps(any, c[u]);
+            if (!_mm512_test_epi32_mask(_mm512_castps_si512(any), _mm512_castps_si512(any))) continue;
+        }
+        const __m512i key = _mm512_set1_epi32((int)q->key[t]);
+        __m512i w[4];
+        for (int h = 0; h < nw; h++) w[h] = nearest ? _mm512_setzero_si512() : mix32_v(_mm512_xor_si512(wi[h], key));
+        const __m512 ps = _mm512_set1_ps(pst), ls = _mm512_set1_ps(q->ls[t * q->fstride]);
+        const float *p = pre + t * q->stride + i;
+        for (int u = 0; u < ng; u++) {
+            const __m512i r = bits_of(w[u / per_word], bytes, u % per_word);
+            const __mmask16 mu = whole ? 0xffff : m[u];
+            const __m512i code = pst != 0.0f ? code16(c[u], p + 16 * u, mu, r, ps, v, k, nearest, 1, clamp)
+                                             : code16(c[u], p + 16 * u, mu, r, ps, v, k, nearest, 0, clamp);
+            c[u] = _mm512_cvtepi32_ps(code);
+            acc[u] = _mm512_fmadd_ps(c[u], ls, acc[u]);
+        }
+    }
+    __m512i out[8];
+    for (int u = 0; u < ng; u++) {
+        out[u] = _mm512_cvtps_epi32(c[u]);
+        _mm512_mask_storeu_ps(g + i + 16 * u, whole ? 0xffff : m[u], acc[u]);
+    }
+    if (whole) /* store_block: 64 int8 or 32 int16 codes */
+        for (int u = 0; u < ng; u += per_word) store_block(codes, bytes, i + 16 * u, out + u);
+    else
+        for (int u = 0; u < ng; u++) {
+            if (bytes == 1) _mm_mask_storeu_epi8((int8_t *)codes + i + 16 * u, m[u], _mm512_cvtepi32_epi8(out[u]));
+            else _mm256_mask_storeu_epi16((int16_t *)codes + i + 16 * u, m[u], _mm512_cvtepi32_epi16(out[u]));
+        }
+}
+static inline __attribute__((always_inline)) void chunk_w(void *codes, const int bytes, const int nearest,
+        const int clamp, const float *pre, int64_t n, const RowV *v, const ChunkRow *q, float *g) {
+    int64_t i = 0;
+    for (; i + 128 <= n; i += 128) chunk_groups(codes, bytes, nearest, clamp, 8, 1, pre, i, NULL, v, q, g);
+    if (i + 64 <= n) {
+        chunk_groups(codes, bytes, nearest, clamp, 4, 1, pre, i, NULL, v, q, g);
+        i += 64;
+    }
+    if (i < n) {
+        __mmask16 m[4];
+        for (int u = 0; u < 4; u++) {
+            const int64_t left = n - i - 16 * u;
+            m[u] = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        }
+        chunk_groups(codes, bytes, nearest, clamp, 4, 0, pre, i, m, v, q, g);
+    }
+}
+static void chunk_row(void *codes, int bytes, int nearest, int clamp, const float *pre, int64_t n, const RowV *v,
+                      const ChunkRow *q, float *g) {
+    /* constant widths and modes: the group loops unroll, shifts and masks are immediates */
+    if (nearest) {
+        if (bytes == 1) chunk_w(codes, 1, 1, 1, pre, n, v, q, g);
+        else chunk_w(codes, 2, 1, 1, pre, n, v, q, g);
+    } else if (clamp) {
+        if (bytes == 1) chunk_w(codes, 1, 0, 1, pre, n, v, q, g);
+        else chunk_w(codes, 2, 0, 1, pre, n, v, q, g);
+    } else {
+        if (bytes == 1) chunk_w(codes, 1, 0, 0, pre, n, v, q, g);
+        else chunk_w(codes, 2, 0, 0, pre, n, v, q, g);
     }
 }
 
+/* The recorded steps' updates of the recurrent traces and their gradient (chip_elig's recurrent rows, step after
+   step for each row); threads own blocks of rows as in ni_update. Empties the chunk. */
+NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
+    EXACT_FP
+    const int64_t K = cc->n, B = r->B, N = r->N;
+    cc->n = 0;
+    if (K == 0) return;
+    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, nearest = (int)r->q_nearest;
+    const float two_k = (float)(1 << k);
+    const float s_rec = r->q_scale[Q_ELIG_REC], f_rec = two_k / s_rec;
+    const uint32_t words = row_words(N, k);
+    const float ed = two_k * r->ed, lo = two_k * r->q_min[Q_ELIG_REC], hi = two_k * r->q_max[Q_ELIG_REC];
+    float dec_lo, dec_hi;
+    decayed_bounds(ed, r->q_min[Q_ELIG_REC], r->q_max[Q_ELIG_REC], &dec_lo, &dec_hi);
+    const RowV v = {_mm512_set1_ps(ed), _mm512_setzero_ps(), _mm512_set1_ps(lo), _mm512_set1_ps(hi),
+                    _mm512_set1_ps(1.0f / two_k), _mm512_setzero_ps()};
+    const int64_t jb = N >= 2048 ? 4 : 8192 / N > 4 ? 8192 / N : 4; /* ni_update's blocks of rows */
+    const int par = K * B * N * N >= r->par_work;
+#pragma omp parallel for if (par) schedule(dynamic, 1)
+    for (int64_t j0 = 0; j0 < N; j0 += jb) {
+        const int64_t j1 = j0 + jb < N ? j0 + jb : N;
+        enum { R = 64 }; /* rows whose factors are gathered together */
+        float ps[CHIP_CHUNK * R], ls[CHIP_CHUNK * R], m[R];
+        int inc[R], nan[R];
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t gb = r->b0 + b;
+            for (int64_t ja = j0; ja < j1; ja += R) {
+                const int64_t nj = j1 - ja < R ? j1 - ja : R;
+                /* each row's steps' factors, and whether every step's sums stay within [lo, hi] (chip_elig_rec's
+                   in_range, which is monotone in m = fl(|ps| max |pre|): true for the largest m over the steps
+                   exactly when true for each) */
+                for (int64_t u = 0; u < nj; u++) m[u] = 0.0f, inc[u] = 0, nan[u] = 0;
+                for (int64_t t = 0; t < K; t++) {
+                    const float *post = cc->post + t * B * N + b * N + ja, *L = cc->L + t * B * N + b * N + ja;
+                    const float pm = cc->pre_max[t * B + b];
+#pragma omp simd
+                    for (int64_t u = 0; u < nj; u++) {
+                        const float f = post[u] * f_rec, a = fabsf(f) * pm;
+                        ps[t * R + u] = f;
+                        ls[t * R + u] = L[u] * s_rec;
+                        m[u] = a > m[u] ? a : m[u];
+                        nan[u] |= a != a;
+                        inc[u] |= post[u] != 0.0f;
+                    }
+                }
+                for (int64_t u = 0; u < nj; u++) {
+                    const int64_t j = ja + u, row = b * N + j;
+                    char *codes = (char *)r->elig_rec + row * N * bytes;
+                    if (!inc[u] && zero_codes(codes, N * bytes)) continue; /* zero codes that only decay */
+                    const int fits = !nan[u] && in_range(ed, dec_lo, dec_hi, m[u], lo, hi);
+                    const ChunkRow q = {ps + u, ls + u, cc->key, K, B * N, R, (uint32_t)(gb * N + j) * words};
+                    chunk_row(codes, bytes, nearest, !fits, cc->pre + b * N, N, &v, &q, r->g_rec + j * N);
+                }
+            }
+        }
+    }
+}
+#else
+void chip_chunk_flush(const Run *r, ChipChunk *cc) { (void)r; cc->n = 0; }
+#endif

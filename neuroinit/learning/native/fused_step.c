@@ -100,8 +100,9 @@ void ni_forward(Run *r, const float *u) {
 
 /* ---------------------------------------------------------------- update: eligibility traces + gradients */
 /* Given the output error r->err (B, O) of this step: learning signal, eligibility traces (one pass each,
-   updated and accumulated into the gradient together) and readout gradients. */
-void ni_update(Run *r) {
+   updated and accumulated into the gradient together) and readout gradients. With a chunk cc (chip precision,
+   chip_chunks) the recurrent traces' factors are recorded instead, and their update waits for the chunk's flush. */
+static void update(Run *r, ChipChunk *cc) {
     const int64_t B = r->B, N = r->N, I = r->I, O = r->O;
     float *L = r->L, *err = r->err;
     for (int64_t b = 0; b < B; b++) { /* learning signal L = err B (feedback B: O x N) */
@@ -152,9 +153,27 @@ void ni_update(Run *r) {
             }
             r->g_bias[j] += gb;
         }
+    } else if (r->quant) { /* chip precision: integer codes (chip_traces.c) */
+        const uint32_t keys[3] = {qkey(r, Q_ELIG_REC), qkey(r, Q_ELIG_IN), qkey(r, Q_ELIG_BIAS)};
+        const int64_t jb = N >= 2048 ? 4 : 8192 / N > 4 ? 8192 / N : 4; /* as the float traces' blocks below */
+        if (cc) chip_chunk_record(r, cc, keys[0]);
+        else {
+#pragma omp parallel for if (par) schedule(dynamic, 1)
+            for (int64_t j0 = 0; j0 < N; j0 += jb)
+                for (int64_t b = 0; b < B; b++) chip_elig_rec(r, b, j0, j0 + jb < N ? j0 + jb : N, keys[0]);
+        }
+        /* the input and bias traces in pieces of whole rows; threads own pieces (their gradient rows) */
+        for (int which = Q_ELIG_IN; which <= Q_ELIG_BIAS; which++) {
+            const int64_t rows = chip_piece_rows(r, which);
+            if (rows == 0) continue;
+#pragma omp parallel for if (B * N * (I + 1) >= r->par_work) schedule(dynamic, 1)
+            for (int64_t ja = 0; ja < N; ja += rows)
+                for (int64_t b = 0; b < B; b++)
+                    chip_piece(r, which, b, ja, ja + rows < N ? ja + rows : N, keys[which - Q_ELIG_REC]);
+        }
+        if (cc && cc->n == CHIP_CHUNK) chip_chunk_flush(r, cc);
     } else {
         const float ed = r->ed;
-        const uint32_t keys[3] = {qkey(r, Q_ELIG_REC), qkey(r, Q_ELIG_IN), qkey(r, Q_ELIG_BIAS)};
         /* blocks of jb rows: for each batch element the block's trace rows are one contiguous stream (jb N floats,
            ~32 KB) and the block's gradient rows stay in L1/L2 across the batch; each thread owns whole blocks */
         const int64_t jb = N >= 2048 ? 4 : 8192 / N > 4 ? 8192 / N : 4;
@@ -162,10 +181,6 @@ void ni_update(Run *r) {
         for (int64_t j0 = 0; j0 < N; j0 += jb) {
             const int64_t j1 = j0 + jb < N ? j0 + jb : N;
             for (int64_t b = 0; b < B; b++) {
-                if (r->quant) { /* chip precision: integer codes */
-                    chip_elig(r, b, j0, j1, keys);
-                    continue;
-                }
                 float *ER = r->elig_rec, *EI = r->elig_in, *EB = r->elig_bias;
                 for (int64_t j = j0; j < j1; j++) {
                     float *gr = r->g_rec + j * N, *gi = r->g_in + j * I;
@@ -204,6 +219,8 @@ void ni_update(Run *r) {
     }
 }
 
+void ni_update(Run *r) { update(r, NULL); }
+
 /* ---------------------------------------------------------------- whole sequences */
 static void output_error(Run *r, int64_t t) {
     const int64_t B = r->B, O = r->O, BS = r->bs ? r->bs : B;
@@ -236,6 +253,16 @@ static void run_steps(Run *r, int64_t t0, int64_t t1) {
        record rows (the trace reads its previous value from the row before) instead of being copied there */
     const int rec = r->rec_L && !r->quant;
     float *post0 = r->post, *L0 = r->L, *pre0 = r->pre_rec;
+    /* chip precision: the recurrent traces a chunk of steps at a time (chip_chunk_flush), when the buffers exist */
+    ChipChunk chunk = {0}, *cc = NULL;
+    if (chip_chunks(r) && t1 > t0) {
+        const size_t per = (size_t)(CHIP_CHUNK * BN);
+        float *buf = malloc(sizeof(float) * (3 * per + (size_t)(CHIP_CHUNK * B)));
+        if (buf) {
+            chunk.pre = buf, chunk.post = buf + per, chunk.L = buf + 2 * per, chunk.pre_max = buf + 3 * per;
+            cc = &chunk;
+        }
+    }
     for (int64_t t = t0; t < t1; t++) {
         if (rec) {
             const int64_t s = r->rec_pos;
@@ -247,8 +274,12 @@ static void run_steps(Run *r, int64_t t0, int64_t t1) {
         ni_forward(r, r->inputs + t * BS * I);
         memcpy(r->outputs + t * BS * O, r->yout, sizeof(float) * B * O);
         output_error(r, t);
-        ni_update(r);
+        update(r, cc);
         r->seed = next_seed(r->seed);
+    }
+    if (cc) {
+        chip_chunk_flush(r, cc);
+        free(chunk.pre);
     }
     if (rec && t1 > t0) memcpy(pre0, r->pre_rec, sizeof(float) * BN); /* the trace's home holds its latest value */
     r->post = post0; r->L = L0; r->pre_rec = pre0; r->pre_src = NULL;
