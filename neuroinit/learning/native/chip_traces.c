@@ -657,6 +657,7 @@ typedef struct {
     const float *ps, *ls; /* step t's: ps[t fstride], ls[t fstride] */
     const uint32_t *key;
     int64_t K, stride, fstride;
+    int64_t t_inc; /* the first step with an increment (ps != 0; K: none) */
     uint32_t ctr;
 } ChunkRow;
 
@@ -683,13 +684,12 @@ static inline __attribute__((always_inline)) void chunk_groups(void *codes, cons
                                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
                                _mm512_set1_epi32((int)GOLD));
     for (int h = 1; h < nw; h++) wi[h] = _mm512_add_epi32(wi[h - 1], _mm512_set1_epi32((int)(16 * GOLD)));
-    for (int64_t t = 0; t < q->K; t++) {
+    /* codes that are all 0 stay 0 and add nothing until the first increment */
+    __m512 any = c[0];
+    for (int u = 1; u < ng; u++) any = _mm512_or_ps(any, c[u]);
+    const int64_t t0 = _mm512_test_epi32_mask(_mm512_castps_si512(any), _mm512_castps_si512(any)) ? 0 : q->t_inc;
+    for (int64_t t = t0; t < q->K; t++) {
         const float pst = q->ps[t * q->fstride];
-        if (pst == 0.0f) { /* no increment: codes that are all 0 stay 0 and add nothing */
-            __m512 any = c[0];
-            for (int u = 1; u < ng; u++) any = _mm512_or_ps(any, c[u]);
-            if (!_mm512_test_epi32_mask(_mm512_castps_si512(any), _mm512_castps_si512(any))) continue;
-        }
         const __m512i key = _mm512_set1_epi32((int)q->key[t]);
         __m512i w[4];
         for (int h = 0; h < nw; h++) w[h] = nearest ? _mm512_setzero_si512() : mix32_v(_mm512_xor_si512(wi[h], key));
@@ -772,7 +772,8 @@ NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
         const int64_t j1 = j0 + jb < N ? j0 + jb : N;
         enum { R = 64 }; /* rows whose factors are gathered together */
         float ps[CHIP_CHUNK * R], ls[CHIP_CHUNK * R], m[R];
-        int inc[R], nan[R];
+        int64_t inc[R];
+        int nan[R];
         for (int64_t b = 0; b < B; b++) {
             const int64_t gb = r->b0 + b;
             for (int64_t ja = j0; ja < j1; ja += R) {
@@ -780,8 +781,8 @@ NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
                 /* each row's steps' factors, and whether every step's sums stay within [lo, hi] (chip_elig_rec's
                    in_range, which is monotone in m = fl(|ps| max |pre|): true for the largest m over the steps
                    exactly when true for each) */
-                for (int64_t u = 0; u < nj; u++) m[u] = 0.0f, inc[u] = 0, nan[u] = 0;
-                for (int64_t t = 0; t < K; t++) {
+                for (int64_t u = 0; u < nj; u++) m[u] = 0.0f, inc[u] = K, nan[u] = 0;
+                for (int64_t t = K - 1; t >= 0; t--) { /* backwards: inc[u] ends as row u's first increment */
                     const float *post = cc->post + t * B * N + b * N + ja, *L = cc->L + t * B * N + b * N + ja;
                     const float pm = cc->pre_max[t * B + b];
 #pragma omp simd
@@ -791,15 +792,16 @@ NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
                         ls[t * R + u] = L[u] * s_rec;
                         m[u] = a > m[u] ? a : m[u];
                         nan[u] |= a != a;
-                        inc[u] |= post[u] != 0.0f;
+                        inc[u] = post[u] != 0.0f ? t : inc[u];
                     }
                 }
                 for (int64_t u = 0; u < nj; u++) {
                     const int64_t j = ja + u, row = b * N + j;
                     char *codes = (char *)r->elig_rec + row * N * bytes;
-                    if (!inc[u] && zero_codes(codes, N * bytes)) continue; /* zero codes that only decay */
+                    if (inc[u] == K && zero_codes(codes, N * bytes)) continue; /* zero codes that only decay */
                     const int fits = !nan[u] && in_range(ed, dec_lo, dec_hi, m[u], lo, hi);
-                    const ChunkRow q = {ps + u, ls + u, cc->key, K, B * N, R, (uint32_t)(gb * N + j) * words};
+                    const ChunkRow q = {ps + u, ls + u, cc->key, K, B * N, R, inc[u],
+                                        (uint32_t)(gb * N + j) * words};
                     chunk_row(codes, bytes, nearest, !fits, cc->pre + b * N, N, &v, &q, r->g_rec + j * N);
                 }
             }
