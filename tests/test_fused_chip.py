@@ -335,8 +335,10 @@ def test_a_trial_updates_the_recurrent_traces_a_chunk_of_steps_at_a_time(monkeyp
 def test_runs_too_large_for_the_random_counters_take_the_pytorch_path():
     from neuroinit.learning.fused import _counters_fit
 
-    assert _counters_fit(64, 4096, torch.int8) and _counters_fit(64, 2048, torch.int16)
-    assert not _counters_fit(256, 8192, torch.int8) and not _counters_fit(128, 8192, torch.int16)
+    assert _counters_fit(64, 4096, 3, torch.int8) and _counters_fit(64, 2048, 3, torch.int16)
+    assert not _counters_fit(256, 8192, 3, torch.int8) and not _counters_fit(128, 8192, 3, torch.int16)
+    assert _counters_fit(64, 256, 2 ** 15, torch.int8)
+    assert not _counters_fit(64, 4096, 2 ** 16, torch.int8)  # the input trace's words (2^32 of them)
 
 
 def test_training_on_a_chip_profile_runs_the_fused_step_reproducibly(tmp_path):

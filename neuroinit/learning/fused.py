@@ -166,12 +166,15 @@ def code_dtype(quantiser) -> torch.dtype:
     return torch.int8 if all(-128 <= g.code_min and g.code_max <= 127 for g in grids) else torch.int16
 
 
-def _counters_fit(batch_size: int, n_hidden: int, code: torch.dtype) -> bool:
-    """Whether every random word of a step has its own 32-bit counter (``chip_elig``): B N rows of ceil(n / G)
-    blocks of 16 words (G = 64 int8 or 32 int16 codes per block; n = N for the recurrent trace, 1024 for a piece
-    of the input and bias traces), below 2^32 (e.g. B = 64 up to N = 4096)."""
-    per_block = 64 if code == torch.int8 else 32
-    return batch_size * n_hidden * -(-max(n_hidden, 1024) // per_block) * 16 < 2 ** 32
+def _counters_fit(batch_size: int, n_hidden: int, n_in: int, code: torch.dtype) -> bool:
+    """Whether every random word of a step has its own 32-bit counter (``chip_traces.c``): the recurrent trace's
+    B N rows of ceil(N / G) blocks of 16 words (G = 64 int8 or 32 int16 codes per block), and the input trace's
+    B N rows of ceil(I / P) words (P = 4 int8 or 2 int16 codes per word), below 2^32 (e.g. B = 64 up to
+    N = 4096)."""
+    per_block, per_word = (64, 4) if code == torch.int8 else (32, 2)
+    recurrent = batch_size * n_hidden * -(-n_hidden // per_block) * 16
+    inputs = batch_size * n_hidden * -(-max(n_in, 1) // per_word)
+    return max(recurrent, inputs) < 2 ** 32
 
 
 def _quantiser_problem(quantiser) -> str | None:
@@ -528,7 +531,7 @@ def make_backend(cell, batch_size: int, params, grads: dict[str, torch.Tensor], 
         return None
     if any(g.dtype != torch.float32 or not g.is_contiguous() for g in grads.values()):
         return None
-    if quantiser is not None and not _counters_fit(batch_size, cell.n_hidden, code_dtype(quantiser)):
+    if quantiser is not None and not _counters_fit(batch_size, cell.n_hidden, cell.n_in, code_dtype(quantiser)):
         return None
     if reuse is not None and reuse.matches(cell, batch_size, feedback=feedback, quantiser=quantiser):
         reuse.reset(params, grads)

@@ -437,12 +437,9 @@ static int zero_codes(const char *c, int64_t n) {
 }
 
 /* The integer eligibility traces (the chip branch of ni_update), with their gradients: the recurrent trace one row
-   (N codes) at a time (chip_elig_rec; or a chunk of steps at a time, chip_chunk_flush), the input and bias traces
-   in pieces of whole rows (chip_piece: I codes per row, one per row), the rows' factors repeated per element. A
-   row of the recurrent trace takes words from ctr = row * row_words(N); a piece of up to CHIP_PIECE input or bias
-   codes starting at row j (a multiple of the rows a piece holds) takes them from ctr = (b N + j)
-   row_words(CHIP_PIECE). */
-#define CHIP_PIECE 1024
+   (N codes) at a time (chip_elig_rec; or a chunk of steps at a time, chip_chunk_flush). A row of the recurrent
+   trace takes words from ctr = row * row_words(N). The input and bias traces (chip_cols) have a few codes per row
+   (I, and one): their vectors run across 16 rows instead, one input at a time. */
 #ifdef CHIP_DECAY_TABLE
 /* DecayTable of the recurrent trace's grid: X(c) = clamp(2^8 ed c, 2^8 lo, 2^8 hi), as the kernels compute it */
 static NO_CONTRACT void decay_table(DecayTable *t, const Run *r) {
@@ -480,45 +477,6 @@ static const DecayTable *decay_table_of(const Run *r) {
     return &c.table;
 }
 #endif
-
-/* the per-element factors of a piece of rows (len codes each): row j's post f and L s repeated over its codes,
-   the presynaptic traces src (len of them) repeated over the rows */
-static void piece_factors(float *pre, float *ps, float *ls, const float *src, int64_t len, const float *post,
-                          const float *L, float f, float s, int64_t rows) {
-    if (len == 1) { /* the bias traces: one code per row */
-#pragma omp simd
-        for (int64_t j = 0; j < rows; j++) { pre[j] = src[0]; ps[j] = post[j] * f; ls[j] = L[j] * s; }
-        return;
-    }
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (len < 16) { /* short rows (a few inputs): 16 lanes stored per row, the next row overwriting the surplus
-                       (the arrays hold 16 floats more than a piece); masked stores are slow on AMD's Zen 4 and 5 */
-        const __m512 sv = _mm512_maskz_loadu_ps((__mmask16)((1u << len) - 1), src);
-        for (int64_t j = 0; j < rows; j++) {
-            _mm512_storeu_ps(pre + j * len, sv);
-            _mm512_storeu_ps(ps + j * len, _mm512_set1_ps(post[j] * f));
-            _mm512_storeu_ps(ls + j * len, _mm512_set1_ps(L[j] * s));
-        }
-        return;
-    }
-#endif
-    for (int64_t j = 0; j < rows; j++) {
-        const float pj = post[j] * f, lj = L[j] * s;
-        float *pe = pre + j * len, *se = ps + j * len, *le = ls + j * len;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-        const __m512 pv = _mm512_set1_ps(pj), lv = _mm512_set1_ps(lj);
-        for (int64_t i = 0; i < len; i += 16) {
-            const __mmask16 m = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
-            _mm512_mask_storeu_ps(pe + i, m, _mm512_maskz_loadu_ps(m, src + i));
-            _mm512_mask_storeu_ps(se + i, m, pv);
-            _mm512_mask_storeu_ps(le + i, m, lv);
-        }
-#else
-#pragma omp simd
-        for (int64_t i = 0; i < len; i++) { pe[i] = src[i]; se[i] = pj; le[i] = lj; }
-#endif
-    }
-}
 
 /* max |v_i| (NaN where any v_i is NaN) */
 static float abs_max(const float *v, int64_t n) {
@@ -585,37 +543,51 @@ NO_CONTRACT void chip_elig_rec(const Run *r, int64_t b, int64_t j0, int64_t j1, 
     }
 }
 
-/* rows per piece of the input (which = Q_ELIG_IN) or bias (Q_ELIG_BIAS) trace: pieces start at its multiples */
-int64_t chip_piece_rows(const Run *r, int which) {
-    const int64_t len = which == Q_ELIG_IN ? r->I : 1;
-    return len == 0 ? 0 : CHIP_PIECE / len > 0 ? CHIP_PIECE / len : 1;
-}
+/* The input (which = Q_ELIG_IN, len = I codes per row) or bias (Q_ELIG_BIAS, len = 1) trace of the rows
+   jg <= j < jg + nl (nl <= 16, jg a multiple of 16) of batch element b at this step:
+       c <- SR(ed c + (post_j / s) pre_i),     gradient_ji += (L_j s) c
+   as the recurrent trace's rows (lanes16), with the rows as lanes: element (j, i), i = P h + p (P = 32 / k codes
+   per word), takes bits k p .. of word ctr + 16 h + (j - jg) of its step's stream, ctr = (b N + jg) col_blocks(len).
+   Always clamped. */
+static inline int64_t col_blocks(int64_t len, int k) { return (len + 32 / k - 1) / (32 / k); }
 
-/* the input or bias trace's rows ja <= j < jz (a piece: ja a multiple of chip_piece_rows) of batch element b */
-NO_CONTRACT void chip_piece(const Run *r, int which, int64_t b, int64_t ja, int64_t jz, uint32_t key) {
+NO_CONTRACT void chip_cols(const Run *r, int which, int64_t b, int64_t jg, int64_t nl, uint32_t key) {
     EXACT_FP
-    const int64_t N = r->N, I = r->I, len = which == Q_ELIG_IN ? I : 1, n = (jz - ja) * len; /* codes per row */
-    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, portable = (int)r->portable;
-    const float two_k = (float)(1 << k), s = r->q_scale[which], f = two_k / s;
+    const int64_t N = r->N, I = r->I, len = which == Q_ELIG_IN ? I : 1;
+    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, P = 32 / k, nearest = (int)r->q_nearest;
+    const uint32_t mask = k == 8 ? 0xffu : 0xffffu;
+    const float two_k = (float)(1 << k), s = r->q_scale[which], f = two_k / s, inv = 1.0f / two_k;
     const float ed = two_k * r->ed, lo = two_k * r->q_min[which], hi = two_k * r->q_max[which];
     const float *src = which == Q_ELIG_IN ? r->pre_in + b * I : r->pre_bias + b;
-    const int64_t gb = r->b0 + b;
-    if (n > CHIP_PIECE) { /* an input row longer than a piece: one row at a time */
-        for (int64_t j = ja; j < jz; j++) {
-            RowQ q = {ed, r->post[b * N + j] * f, lo, hi, r->L[b * N + j] * s, key,
-                      (uint32_t)(gb * N + j) * row_words(len, k), k, (int)r->q_nearest, NULL, NULL, NULL, 0};
-            chip_row((char *)r->elig_in + (b * N + j) * len * bytes, bytes, src, len, &q, r->g_in + j * len,
-                     portable);
+    const int64_t nb = col_blocks(len, k);
+    const uint32_t ctr = (uint32_t)((r->b0 + b) * N + jg) * (uint32_t)nb;
+    char *codes = (char *)(which == Q_ELIG_IN ? r->elig_in : r->elig_bias) + (b * N + jg) * len * bytes;
+    int8_t *c8 = (int8_t *)codes;
+    int16_t *c16 = (int16_t *)codes;
+    float *g = which == Q_ELIG_IN ? r->g_in + jg * len : r->g_bias + jg;
+    float ps[16], ls[16];
+    for (int64_t l = 0; l < nl; l++) ps[l] = r->post[b * N + jg + l] * f, ls[l] = r->L[b * N + jg + l] * s;
+    for (int64_t h = 0; h < nb; h++) {
+        uint32_t w[16] = {0};
+        if (!nearest)
+            for (int l = 0; l < 16; l++) w[l] = mix32((ctr + (uint32_t)h * 16 + (uint32_t)l) * GOLD ^ key);
+        for (int p = 0; p < P && h * P + p < len; p++) {
+            const int64_t i = h * P + p;
+            const float pre = src[i];
+#pragma omp simd
+            for (int64_t l = 0; l < nl; l++) {
+                const int64_t e = l * len + i;
+                const float c = bytes == 1 ? (float)c8[e] : (float)c16[e], t2 = ps[l] * pre;
+                float x = nearest ? ed * c + t2 : fmaf(ed, c, t2);
+                x = x > lo ? x : lo; /* NaN -> lo */
+                x = x < hi ? x : hi;
+                const int32_t code = nearest ? (int32_t)rintf(x * inv)
+                                             : ((int32_t)rintf(x) + (int32_t)((w[l] >> (k * p)) & mask)) >> k;
+                if (bytes == 1) c8[e] = (int8_t)code; else c16[e] = (int16_t)code;
+                g[e] += ls[l] * (float)code;
+            }
         }
-        return;
     }
-    float pre[CHIP_PIECE + 16], ps[CHIP_PIECE + 16], ls[CHIP_PIECE + 16];
-    piece_factors(pre, ps, ls, src, len, r->post + b * N + ja, r->L + b * N + ja, f, s, jz - ja);
-    char *codes = (char *)(which == Q_ELIG_IN ? r->elig_in : r->elig_bias) + (b * N + ja) * len * bytes;
-    float *g = which == Q_ELIG_IN ? r->g_in + ja * I : r->g_bias + ja;
-    RowQ q = {ed, 0.0f, lo, hi, 0.0f, key, (uint32_t)(gb * N + ja) * row_words(CHIP_PIECE, k), k,
-              (int)r->q_nearest, ps, ls, NULL, 0};
-    chip_row(codes, bytes, pre, n, &q, g, portable);
 }
 
 
@@ -640,14 +612,16 @@ int chip_chunks(const Run *r) {
 #endif
 }
 
-/* this step's factors of the recurrent traces (r->pre_rec, post, L: B N each) and its random stream key */
-void chip_chunk_record(const Run *r, ChipChunk *cc, uint32_t key) {
-    const int64_t B = r->B, N = r->N, s = cc->n++;
+/* this step's factors of the traces (the presynaptic traces, post, L) and its random streams' keys */
+void chip_chunk_record(const Run *r, ChipChunk *cc, const uint32_t keys[3]) {
+    const int64_t B = r->B, N = r->N, I = r->I, s = cc->n++;
     memcpy(cc->pre + s * B * N, r->pre_rec, sizeof(float) * B * N);
     memcpy(cc->post + s * B * N, r->post, sizeof(float) * B * N);
     memcpy(cc->L + s * B * N, r->L, sizeof(float) * B * N);
+    memcpy(cc->pre_in + s * B * I, r->pre_in, sizeof(float) * B * I);
+    memcpy(cc->pre_bias + s * B, r->pre_bias, sizeof(float) * B);
     for (int64_t b = 0; b < B; b++) cc->pre_max[s * B + b] = abs_max(r->pre_rec + b * N, N);
-    cc->key[s] = key;
+    memcpy(cc->key[s], keys, sizeof(uint32_t) * 3);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -655,7 +629,7 @@ void chip_chunk_record(const Run *r, ChipChunk *cc, uint32_t key) {
    (ps[t], ls[t]), its stream key[t] and presynaptic trace pre + t stride; the row's words from ctr */
 typedef struct {
     const float *ps, *ls; /* step t's: ps[t fstride], ls[t fstride] */
-    const uint32_t *key;
+    const uint32_t (*key)[3]; /* step t's stream: key[t][0] */
     int64_t K, stride, fstride;
     int64_t t_inc; /* the first step with an increment (ps != 0; K: none) */
     uint32_t ctr;
@@ -690,7 +664,7 @@ static inline __attribute__((always_inline)) void chunk_groups(void *codes, cons
     const int64_t t0 = _mm512_test_epi32_mask(_mm512_castps_si512(any), _mm512_castps_si512(any)) ? 0 : q->t_inc;
     for (int64_t t = t0; t < q->K; t++) {
         const float pst = q->ps[t * q->fstride];
-        const __m512i key = _mm512_set1_epi32((int)q->key[t]);
+        const __m512i key = _mm512_set1_epi32((int)q->key[t][0]);
         __m512i w[4];
         for (int h = 0; h < nw; h++) w[h] = nearest ? _mm512_setzero_si512() : mix32_v(_mm512_xor_si512(wi[h], key));
         const __m512 ps = _mm512_set1_ps(pst), ls = _mm512_set1_ps(q->ls[t * q->fstride]);
@@ -749,8 +723,70 @@ static void chunk_row(void *codes, int bytes, int nearest, int clamp, const floa
     }
 }
 
-/* The recorded steps' updates of the recurrent traces and their gradient (chip_elig's recurrent rows, step after
-   step for each row); threads own blocks of rows as in ni_update. Empties the chunk. */
+/* chip_cols over the K recorded steps: the rows' codes of up to P inputs (one block of words) and their gradient
+   held in registers across the steps */
+static NO_CONTRACT void cols_chunk(const Run *r, const ChipChunk *cc, int64_t K, int which, int64_t b, int64_t jg,
+                                   int64_t nl) {
+    EXACT_FP
+    const int64_t N = r->N, I = r->I, B = r->B, len = which == Q_ELIG_IN ? I : 1;
+    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, P = 32 / k, nearest = (int)r->q_nearest;
+    const float two_k = (float)(1 << k), s = r->q_scale[which];
+    const __m512 f = _mm512_set1_ps(two_k / s), sv = _mm512_set1_ps(s), inv = _mm512_set1_ps(1.0f / two_k);
+    const __m512 ed = _mm512_set1_ps(two_k * r->ed), lo = _mm512_set1_ps(two_k * r->q_min[which]),
+                 hi = _mm512_set1_ps(two_k * r->q_max[which]);
+    const __mmask16 m = nl >= 16 ? 0xffff : (__mmask16)((1u << nl) - 1);
+    const int64_t nb = col_blocks(len, k);
+    const uint32_t ctr = (uint32_t)((r->b0 + b) * N + jg) * (uint32_t)nb;
+    const int kw = which == Q_ELIG_IN ? 1 : 2;
+    char *codes = (char *)(which == Q_ELIG_IN ? r->elig_in : r->elig_bias) + (b * N + jg) * len * bytes;
+    float *g = which == Q_ELIG_IN ? r->g_in + jg * len : r->g_bias + jg;
+    for (int64_t h = 0; h < nb; h++) {
+        const int np = len - h * P < P ? (int)(len - h * P) : P;
+        float cv[4][16] = {{0}}, gv[4][16] = {{0}};
+        for (int p = 0; p < np; p++) /* the block's codes and gradient elements, row by row (strided: len) */
+            for (int64_t l = 0; l < nl; l++) {
+                const int64_t e = l * len + h * P + p;
+                cv[p][l] = bytes == 1 ? (float)((int8_t *)codes)[e] : (float)((int16_t *)codes)[e];
+                gv[p][l] = g[e];
+            }
+        __m512 c[4], acc[4];
+        for (int p = 0; p < 4; p++) c[p] = _mm512_loadu_ps(cv[p]), acc[p] = _mm512_loadu_ps(gv[p]);
+        const __m512i wi = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(ctr + (uint32_t)h * 16)),
+                           _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
+                           _mm512_set1_epi32((int)GOLD));
+        for (int64_t t = 0; t < K; t++) {
+            const __m512i w = nearest ? _mm512_setzero_si512()
+                                      : mix32_v(_mm512_xor_si512(wi, _mm512_set1_epi32((int)cc->key[t][kw])));
+            const int64_t row = t * B * N + b * N + jg;
+            const __m512 ps = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, cc->post + row), f);
+            const __m512 ls = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, cc->L + row), sv);
+            const float *pre = which == Q_ELIG_IN ? cc->pre_in + (t * B + b) * I + h * P : cc->pre_bias + t * B + b;
+            for (int p = 0; p < np; p++) {
+                const __m512 t2 = _mm512_mul_ps(ps, _mm512_set1_ps(pre[p]));
+                __m512 x = nearest ? _mm512_add_round_ps(_mm512_mul_ps(c[p], ed), t2,
+                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                   : _mm512_fmadd_ps(c[p], ed, t2);
+                x = _mm512_min_ps(_mm512_max_ps(x, lo), hi); /* max(x, lo): lo for NaN, as chip_cols */
+                const __m512i code = nearest ? _mm512_cvtps_epi32(_mm512_mul_ps(x, inv))
+                                             : _mm512_srai_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x),
+                                                                                  bits_of(w, bytes, p)), k);
+                c[p] = _mm512_cvtepi32_ps(code);
+                acc[p] = _mm512_fmadd_ps(c[p], ls, acc[p]);
+            }
+        }
+        for (int p = 0; p < np; p++) _mm512_storeu_ps(cv[p], c[p]), _mm512_storeu_ps(gv[p], acc[p]);
+        for (int p = 0; p < np; p++)
+            for (int64_t l = 0; l < nl; l++) {
+                const int64_t e = l * len + h * P + p;
+                if (bytes == 1) ((int8_t *)codes)[e] = (int8_t)cv[p][l]; else ((int16_t *)codes)[e] = (int16_t)cv[p][l];
+                g[e] = gv[p][l];
+            }
+    }
+}
+
+/* The recorded steps' updates of the traces and their gradients (chip_elig_rec's recurrent rows and chip_cols'
+   input and bias rows, step after step for each row); threads own blocks of rows (whole groups of 16) as in
+   ni_update. Empties the chunk. */
 NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
     EXACT_FP
     const int64_t K = cc->n, B = r->B, N = r->N;
@@ -765,7 +801,7 @@ NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
     decayed_bounds(ed, r->q_min[Q_ELIG_REC], r->q_max[Q_ELIG_REC], &dec_lo, &dec_hi);
     const RowV v = {_mm512_set1_ps(ed), _mm512_setzero_ps(), _mm512_set1_ps(lo), _mm512_set1_ps(hi),
                     _mm512_set1_ps(1.0f / two_k), _mm512_setzero_ps()};
-    const int64_t jb = N >= 2048 ? 4 : 8192 / N > 4 ? 8192 / N : 4; /* ni_update's blocks of rows */
+    const int64_t jb = chip_rows_per_block(N);
     const int par = K * B * N * N >= r->par_work;
 #pragma omp parallel for if (par) schedule(dynamic, 1)
     for (int64_t j0 = 0; j0 < N; j0 += jb) {
@@ -804,6 +840,10 @@ NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
                                         (uint32_t)(gb * N + j) * words};
                     chunk_row(codes, bytes, nearest, !fits, cc->pre + b * N, N, &v, &q, r->g_rec + j * N);
                 }
+            }
+            for (int64_t jg = j0; jg < j1; jg += 16) {
+                if (r->I) cols_chunk(r, cc, K, Q_ELIG_IN, b, jg, j1 - jg < 16 ? j1 - jg : 16);
+                cols_chunk(r, cc, K, Q_ELIG_BIAS, b, jg, j1 - jg < 16 ? j1 - jg : 16);
             }
         }
     }

@@ -123,14 +123,15 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 static inline __m256i mix32_v8(__m256i x) { u32x8 v = (u32x8)x; return (__m256i)MIX32(v); }
 #endif
 
-/* The recurrent eligibility traces of up to CHIP_CHUNK steps, deferred (chip_chunk_flush): each step's factors
-   are recorded, then every row's codes are updated over all recorded steps while they stay in registers. */
+/* The eligibility traces of up to CHIP_CHUNK steps, deferred (chip_chunk_flush): each step's factors are recorded,
+   then every row's codes are updated over all recorded steps while they stay in registers. */
 #define CHIP_CHUNK 16
 typedef struct {
     int64_t n;                     /* steps recorded */
     float *pre, *post, *L;         /* (CHIP_CHUNK, B, N): each step's presynaptic trace, post factor, signal */
+    float *pre_in, *pre_bias;      /* (CHIP_CHUNK, B, I) and (CHIP_CHUNK, B): the input and bias traces */
     float *pre_max;                /* (CHIP_CHUNK, B): max |pre| of each step's batch element */
-    uint32_t key[CHIP_CHUNK];      /* each step's random stream of the recurrent trace */
+    uint32_t key[CHIP_CHUNK][3];   /* each step's random streams of the recurrent, input and bias traces */
 } ChipChunk;
 
 /* chip_traces.c (internal to the library: not exported) */
@@ -139,10 +140,15 @@ NI_INTERNAL void quant_vec(const Run *r, int which, float *v, int64_t n, int64_t
 NI_INTERNAL void decay_add(float *dst, const float *src, float d, const float *x, float g, int64_t n);
 NI_INTERNAL void chip_row(void *codes, int bytes, const float *pre, int64_t n, const RowQ *q, float *g, int portable);
 NI_INTERNAL void chip_elig_rec(const Run *r, int64_t b, int64_t j0, int64_t j1, uint32_t key);
-NI_INTERNAL int64_t chip_piece_rows(const Run *r, int which);
-NI_INTERNAL void chip_piece(const Run *r, int which, int64_t b, int64_t ja, int64_t jz, uint32_t key);
+NI_INTERNAL void chip_cols(const Run *r, int which, int64_t b, int64_t jg, int64_t nl, uint32_t key);
 NI_INTERNAL int chip_chunks(const Run *r);
-NI_INTERNAL void chip_chunk_record(const Run *r, ChipChunk *cc, uint32_t key);
+/* rows per block of the chip traces' update (whole groups of 16: chip_cols), about 8 K codes of the recurrent
+   trace: a thread's share */
+static inline int64_t chip_rows_per_block(int64_t N) {
+    const int64_t jb = 8192 / N;
+    return jb <= 16 ? 16 : (jb + 15) / 16 * 16;
+}
+NI_INTERNAL void chip_chunk_record(const Run *r, ChipChunk *cc, const uint32_t keys[3]);
 NI_INTERNAL void chip_chunk_flush(const Run *r, ChipChunk *cc);
 
 /* products.c (internal to the library) */

@@ -155,23 +155,24 @@ static void update(Run *r, ChipChunk *cc) {
         }
     } else if (r->quant) { /* chip precision: integer codes (chip_traces.c) */
         const uint32_t keys[3] = {qkey(r, Q_ELIG_REC), qkey(r, Q_ELIG_IN), qkey(r, Q_ELIG_BIAS)};
-        const int64_t jb = N >= 2048 ? 4 : 8192 / N > 4 ? 8192 / N : 4; /* as the float traces' blocks below */
-        if (cc) chip_chunk_record(r, cc, keys[0]);
-        else {
+        if (cc) {
+            chip_chunk_record(r, cc, keys);
+            if (cc->n == CHIP_CHUNK) chip_chunk_flush(r, cc);
+        } else {
+            /* blocks of rows (whole groups of 16 for the input and bias traces): each thread owns whole blocks */
+            const int64_t jb = chip_rows_per_block(N);
 #pragma omp parallel for if (par) schedule(dynamic, 1)
-            for (int64_t j0 = 0; j0 < N; j0 += jb)
-                for (int64_t b = 0; b < B; b++) chip_elig_rec(r, b, j0, j0 + jb < N ? j0 + jb : N, keys[0]);
+            for (int64_t j0 = 0; j0 < N; j0 += jb) {
+                const int64_t j1 = j0 + jb < N ? j0 + jb : N;
+                for (int64_t b = 0; b < B; b++) {
+                    chip_elig_rec(r, b, j0, j1, keys[0]);
+                    for (int64_t jg = j0; jg < j1; jg += 16) {
+                        if (I) chip_cols(r, Q_ELIG_IN, b, jg, j1 - jg < 16 ? j1 - jg : 16, keys[1]);
+                        chip_cols(r, Q_ELIG_BIAS, b, jg, j1 - jg < 16 ? j1 - jg : 16, keys[2]);
+                    }
+                }
+            }
         }
-        /* the input and bias traces in pieces of whole rows; threads own pieces (their gradient rows) */
-        for (int which = Q_ELIG_IN; which <= Q_ELIG_BIAS; which++) {
-            const int64_t rows = chip_piece_rows(r, which);
-            if (rows == 0) continue;
-#pragma omp parallel for if (B * N * (I + 1) >= r->par_work) schedule(dynamic, 1)
-            for (int64_t ja = 0; ja < N; ja += rows)
-                for (int64_t b = 0; b < B; b++)
-                    chip_piece(r, which, b, ja, ja + rows < N ? ja + rows : N, keys[which - Q_ELIG_REC]);
-        }
-        if (cc && cc->n == CHIP_CHUNK) chip_chunk_flush(r, cc);
     } else {
         const float ed = r->ed;
         /* blocks of jb rows: for each batch element the block's trace rows are one contiguous stream (jb N floats,
@@ -256,10 +257,11 @@ static void run_steps(Run *r, int64_t t0, int64_t t1) {
     /* chip precision: the recurrent traces a chunk of steps at a time (chip_chunk_flush), when the buffers exist */
     ChipChunk chunk = {0}, *cc = NULL;
     if (chip_chunks(r) && t1 > t0) {
-        const size_t per = (size_t)(CHIP_CHUNK * BN);
-        float *buf = malloc(sizeof(float) * (3 * per + (size_t)(CHIP_CHUNK * B)));
+        const size_t per = (size_t)(CHIP_CHUNK * BN), in = (size_t)(CHIP_CHUNK * B * I), one = (size_t)(CHIP_CHUNK * B);
+        float *buf = malloc(sizeof(float) * (3 * per + in + 2 * one));
         if (buf) {
-            chunk.pre = buf, chunk.post = buf + per, chunk.L = buf + 2 * per, chunk.pre_max = buf + 3 * per;
+            chunk.pre = buf, chunk.post = buf + per, chunk.L = buf + 2 * per, chunk.pre_in = buf + 3 * per;
+            chunk.pre_bias = chunk.pre_in + in, chunk.pre_max = chunk.pre_bias + one;
             cc = &chunk;
         }
     }
