@@ -292,13 +292,13 @@ def test_batch_split_over_threads_draws_the_same_codes(monkeypatch, profile, mod
 def test_a_trial_updates_the_recurrent_traces_a_chunk_of_steps_at_a_time(monkeypatch, profile, model, form,
                                                                          rounding):
     # ni_run defers the recurrent traces and updates each row over a chunk of steps (chip_chunk_flush, where the
-    # library has AVX-512): 37 steps are two whole chunks of 16 and a partial one; a row of N = 200 codes is a
+    # library has AVX-512): 70 steps are two whole chunks of 32 and a partial one; a row of N = 200 codes is a
     # superblock of 128, one of 64 and a masked one of 8. The portable loop updates every step in turn: the same codes (random words
     # by step and element), the gradients up to the order the batch elements' terms are added in.
     from neuroinit.learning.online import OnlineEprop
     from tests.test_fused import _setup
 
-    cell, batch, task = _setup(model, form=form, n=200, b=3, t_len=37, profile=profile, drive=6.0)
+    cell, batch, task = _setup(model, form=form, n=200, b=3, t_len=70, profile=profile, drive=6.0)
     init = fused.FusedOnline.__init__
     runs = []
     for portable in (False, True):

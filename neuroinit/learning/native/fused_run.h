@@ -125,7 +125,7 @@ static inline __m256i mix32_v8(__m256i x) { u32x8 v = (u32x8)x; return (__m256i)
 
 /* The eligibility traces of up to CHIP_CHUNK steps, deferred (chip_chunk_flush): each step's factors are recorded,
    then every row's codes are updated over all recorded steps while they stay in registers. */
-#define CHIP_CHUNK 16
+#define CHIP_CHUNK 32
 typedef struct {
     int64_t n;                     /* steps recorded */
     float *pre, *post, *L;         /* (CHIP_CHUNK, B, N): each step's presynaptic trace, post factor, signal */
