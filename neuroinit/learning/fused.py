@@ -28,11 +28,14 @@ step, and the weight gradient is summed in one of three ways:
   <= 16), updated and accumulated into the gradient (dequantised on the fly) in one vectorised pass, with
   stochastic rounding from a counter-based generator that serves 4 (int8) or 2 (int16) elements per 32-bit
   draw: ``|E[code] - x| <= 2^-9`` (int8) or ``2^-17`` (int16) of a code, against ``2^-24`` for the PyTorch
-  path (``chip_elig`` in the C source has the equations). The sum ``x`` is the PyTorch path's float value
-  bit for bit, so with ``rounding="nearest"`` the codes equal the PyTorch path's exactly. Random draws are
-  seeded from the rule's ``torch.Generator`` once per step and depend on the seed only (the AVX-512 and AVX2
-  kernels and the portable loop draw the same bits): the same distribution as the PyTorch path, not the same
-  draws.
+  path (``chip_traces.c`` has the equations). With ``rounding="nearest"`` the sum ``x`` is the PyTorch path's
+  float value bit for bit (two roundings), so the codes equal the PyTorch path's exactly; stochastic rounding
+  forms it with one rounding (a fused multiply-add), within an ulp of it. Random draws are seeded from the
+  rule's ``torch.Generator`` once per step and depend on the seed only (the AVX-512 and AVX2 kernels and the
+  portable loop draw the same bits): the same distribution as the PyTorch path, not the same draws. Nothing in
+  the forward pass reads these traces, so a whole trial (``ni_run``) defers them: each step records its
+  factors, and every 32 steps each row's codes and gradient are taken through all of them while they stay in
+  registers (``chip_chunk_flush``; the same codes as step by step).
 
 Where no compiler is found, or for float64, CUDA tensors or cells it does not know, the rule takes the PyTorch
 path (:func:`available`, :func:`supports`), which gives the same results (tests: ``tests/test_fused.py``,

@@ -24,8 +24,9 @@ NO_CONTRACT void decay_add(float *dst, const float *src, float d, const float *x
 /* The eligibility traces (B x N x N and B x N x I) as integer codes, int8 or int16, one row at a time:
        c <- SR(ed c + (post / s) pre),     gradient += (L s) c
    with s the grid's (power-of-two) scale and SR stochastic rounding to the codes [lo, hi] (saturating). The sum is
-   taken in float as the PyTorch path does (x = fl(fl(ed c) + fl(post pre) / s), the same value), held as
-   X = 2^k x (exact: a power-of-two scale) and clamped to [2^k lo, 2^k hi]; then
+   taken in float: with nearest rounding as the PyTorch path does (x = fl(fl(ed c) + fl(post pre) / s), the same
+   value), with stochastic rounding by a fused multiply-add (x = fl(ed c + fl(post pre) / s), within an ulp of
+   it), held as X = 2^k x (exact: a power-of-two scale) and clamped to [2^k lo, 2^k hi]; then
        c = (rint(X) + r) >> k,      r: k random bits (k = 8 for int8 codes, 16 for int16)
    which is ceil or floor of x with P(up) = rint(2^k frac(x)) / 2^k: |E[c] - x| <= 2^-(k+1) of a code (and exactly
    0 when x is on the grid), against 2^-24 for the PyTorch path's float uniform. One 32-bit random word serves
