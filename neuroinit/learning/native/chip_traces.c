@@ -602,10 +602,10 @@ NO_CONTRACT void chip_cols(const Run *r, int which, int64_t b, int64_t jg, int64
    batch elements' terms changes (per chunk: element by element over the steps, instead of step by step over the
    elements): float rounding. */
 
-/* Whether ni_update defers the recurrent traces to chip_chunk_flush: with a vector kernel (AVX-512), not when the
+/* Whether ni_update defers the traces to chip_chunk_flush: with a vector kernel (AVX-512 or AVX2), not when the
    portable loop is asked for (tests), at chip precision with full traces. */
 int chip_chunks(const Run *r) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if (defined(__AVX512F__) && defined(__AVX512BW__)) || defined(CHIP_AVX2)
     return r->quant && r->full && !r->portable;
 #else
     (void)r;
@@ -625,7 +625,7 @@ void chip_chunk_record(const Run *r, ChipChunk *cc, const uint32_t keys[3]) {
     memcpy(cc->key[s], keys, sizeof(uint32_t) * 3);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if (defined(__AVX512F__) && defined(__AVX512BW__)) || defined(CHIP_AVX2)
 /* one row over K steps: 2^k ed, the codes' bounds 2^k [lo, hi] and 1 / 2^k (v), step t's 2^k post / s and L s
    (ps[t], ls[t]), its stream key[t] and presynaptic trace pre + t stride; the row's words from ctr */
 typedef struct {
@@ -635,6 +635,11 @@ typedef struct {
     int64_t t_inc; /* the first step with an increment (ps != 0; K: none) */
     uint32_t ctr;
 } ChunkRow;
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+typedef RowV ChunkV;
+
 
 /* 16 ng codes from i (ng = 4 or 8 groups of 16; masks m: the last, partial superblock) through all K steps: the
    codes as floats c[] (exact integers), the gradient's elements in acc[]. Each group's update is a chain of ~16
@@ -785,6 +790,153 @@ static NO_CONTRACT void cols_chunk(const Run *r, const ChipChunk *cc, int64_t K,
     }
 }
 
+#elif defined(CHIP_AVX2)
+typedef RowV8 ChunkV;
+/* 64 codes from i (int8: one block of words; int16: two) through the K steps, 8 lanes at a time as codes_avx2_w
+   takes them (lanes 0-7 of each group of 16 from words 0-7, lanes 8-15 from words 8-15): the codes as floats in
+   registers, the gradient's elements updated in place (they stay in L1) */
+static inline __attribute__((always_inline)) NO_CONTRACT void chunk64_avx2(void *codes, const int bytes,
+        const int nearest, const int clamp, const float *pre, int64_t i, const RowV8 *v, const ChunkRow *q,
+        float *g) {
+    EXACT_FP
+    const int k = bytes == 1 ? 8 : 16;
+    __m256 c[8];
+    for (int h = 0; h < 8; h++)
+        c[h] = _mm256_cvtepi32_ps(bytes == 1 ? _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((int8_t *)codes + i + 8 * h)))
+                                             : _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)((int16_t *)codes + i + 8 * h))));
+    __m256 any = c[0];
+    for (int h = 1; h < 8; h++) any = _mm256_or_ps(any, c[h]);
+    const int64_t t0 = _mm256_testz_si256(_mm256_castps_si256(any), _mm256_castps_si256(any)) ? q->t_inc : 0;
+    const int64_t blk = bytes == 1 ? i / 64 : i / 32;
+    __m256i ci[4];
+    ci[0] = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32((int)(q->ctr + (uint32_t)blk * 16)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), _mm256_set1_epi32((int)GOLD));
+    for (int h = 1; h < 4; h++) ci[h] = _mm256_add_epi32(ci[h - 1], _mm256_set1_epi32((int)(8 * GOLD)));
+    for (int64_t t = t0; t < q->K; t++) {
+        const float pst = q->ps[t * q->fstride];
+        const __m256i key = _mm256_set1_epi32((int)q->key[t][0]);
+        __m256i w[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        if (!nearest)
+            for (int h = 0; h < (bytes == 1 ? 2 : 4); h++) w[h] = mix32_v8(_mm256_xor_si256(ci[h], key));
+        const __m256 ps = _mm256_set1_ps(pst), ls = _mm256_set1_ps(q->ls[t * q->fstride]);
+        const float *p = pre + t * q->stride + i;
+        for (int h = 0; h < 8; h++) {
+            const __m256i r = bytes == 1 ? bits8(w[0], w[1], 1, h) : bits8(w[2 * (h >> 2)], w[2 * (h >> 2) + 1], 2, h & 3);
+            __m256 x = _mm256_mul_ps(c[h], v->ed);
+            if (pst != 0.0f) {
+                const __m256 t2 = _mm256_mul_ps(ps, _mm256_loadu_ps(p + 8 * h));
+                x = nearest ? _mm256_add_ps(x, t2) : _mm256_fmadd_ps(c[h], v->ed, t2);
+            }
+            if (clamp) x = _mm256_min_ps(_mm256_max_ps(x, v->lo), v->hi); /* max(x, lo): lo for NaN */
+            const __m256i code = nearest ? _mm256_cvtps_epi32(_mm256_mul_ps(x, v->inv))
+                                         : (k == 8 ? _mm256_srai_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(x), r), 8)
+                                                   : _mm256_srai_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(x), r), 16));
+            c[h] = _mm256_cvtepi32_ps(code);
+            _mm256_storeu_ps(g + i + 8 * h, _mm256_fmadd_ps(c[h], ls, _mm256_loadu_ps(g + i + 8 * h)));
+        }
+    }
+    __m256i out[8];
+    for (int h = 0; h < 8; h++) out[h] = _mm256_cvtps_epi32(c[h]);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    if (bytes == 1)
+        for (int h = 0; h < 8; h += 4) { /* 32 int32 codes to bytes (in range: no saturation) */
+            const __m256i pk = _mm256_packs_epi16(_mm256_packs_epi32(out[h], out[h + 1]),
+                                                  _mm256_packs_epi32(out[h + 2], out[h + 3]));
+            _mm256_storeu_si256((__m256i *)((int8_t *)codes + i + 8 * h), _mm256_permutevar8x32_epi32(pk, order));
+        }
+    else
+        for (int h = 0; h < 8; h += 2)
+            _mm256_storeu_si256((__m256i *)((int16_t *)codes + i + 8 * h),
+                                _mm256_permute4x64_epi64(_mm256_packs_epi32(out[h], out[h + 1]), 0xD8));
+}
+/* a row: whole passes of 64 codes, then the rest step by step through the portable loop (from its block's first
+   word on: 64 is a whole number of blocks) */
+static inline __attribute__((always_inline)) NO_CONTRACT void chunk_w(void *codes, const int bytes,
+        const int nearest, const int clamp, const float *pre, int64_t n, const RowV8 *v, const ChunkRow *q, float *g) {
+    EXACT_FP
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) chunk64_avx2(codes, bytes, nearest, clamp, pre, i, v, q, g);
+    if (i == n) return;
+    const int k = bytes == 1 ? 8 : 16;
+    const float ed = _mm256_cvtss_f32(v->ed), lo = _mm256_cvtss_f32(v->lo), hi = _mm256_cvtss_f32(v->hi);
+    for (int64_t t = 0; t < q->K; t++) {
+        const RowQ rq = {ed, q->ps[t * q->fstride], lo, hi, q->ls[t * q->fstride], q->key[t][0],
+                         q->ctr + (uint32_t)(i / (16 * (32 / k))) * 16, k, nearest, NULL, NULL, NULL, 0};
+        codes_scalar((char *)codes + i * bytes, bytes, pre + t * q->stride + i, n - i, &rq, g + i);
+    }
+}
+static void chunk_row(void *codes, int bytes, int nearest, int clamp, const float *pre, int64_t n, const RowV8 *v,
+                      const ChunkRow *q, float *g) {
+    if (nearest) {
+        if (bytes == 1) chunk_w(codes, 1, 1, 1, pre, n, v, q, g);
+        else chunk_w(codes, 2, 1, 1, pre, n, v, q, g);
+    } else if (clamp) {
+        if (bytes == 1) chunk_w(codes, 1, 0, 1, pre, n, v, q, g);
+        else chunk_w(codes, 2, 0, 1, pre, n, v, q, g);
+    } else {
+        if (bytes == 1) chunk_w(codes, 1, 0, 0, pre, n, v, q, g);
+        else chunk_w(codes, 2, 0, 0, pre, n, v, q, g);
+    }
+}
+/* chip_cols over the K recorded steps: the rows' codes of up to P inputs (one block of words) and their gradient
+   elements kept together across the steps (16 lanes each, vectorised by the compiler) */
+static NO_CONTRACT void cols_chunk(const Run *r, const ChipChunk *cc, int64_t K, int which, int64_t b, int64_t jg,
+                                   int64_t nl) {
+    EXACT_FP
+    const int64_t N = r->N, I = r->I, B = r->B, len = which == Q_ELIG_IN ? I : 1;
+    const int bytes = (int)r->code_bytes, k = bytes == 1 ? 8 : 16, P = 32 / k, nearest = (int)r->q_nearest;
+    const uint32_t mask = k == 8 ? 0xffu : 0xffffu;
+    const float two_k = (float)(1 << k), s = r->q_scale[which], f = two_k / s, inv = 1.0f / two_k;
+    const float ed = two_k * r->ed, lo = two_k * r->q_min[which], hi = two_k * r->q_max[which];
+    const int64_t nb = col_blocks(len, k);
+    const uint32_t ctr = (uint32_t)((r->b0 + b) * N + jg) * (uint32_t)nb;
+    const int kw = which == Q_ELIG_IN ? 1 : 2;
+    char *codes = (char *)(which == Q_ELIG_IN ? r->elig_in : r->elig_bias) + (b * N + jg) * len * bytes;
+    float *g = which == Q_ELIG_IN ? r->g_in + jg * len : r->g_bias + jg;
+    for (int64_t h = 0; h < nb; h++) {
+        const int np = len - h * P < P ? (int)(len - h * P) : P;
+        float c[4][16] = {{0}}, acc[4][16] = {{0}}, ps[16] = {0}, ls[16] = {0};
+        uint32_t wi[16], w[16];
+        for (int p = 0; p < np; p++) /* the block's codes and gradient elements, row by row (strided: len) */
+            for (int64_t l = 0; l < nl; l++) {
+                const int64_t e = l * len + h * P + p;
+                c[p][l] = bytes == 1 ? (float)((int8_t *)codes)[e] : (float)((int16_t *)codes)[e];
+                acc[p][l] = g[e];
+            }
+        for (int l = 0; l < 16; l++) wi[l] = (ctr + (uint32_t)h * 16 + (uint32_t)l) * GOLD;
+        for (int64_t t = 0; t < K; t++) {
+            const uint32_t key = cc->key[t][kw];
+            const float *post = cc->post + t * B * N + b * N + jg, *L = cc->L + t * B * N + b * N + jg;
+            const float *pre = which == Q_ELIG_IN ? cc->pre_in + (t * B + b) * I + h * P : cc->pre_bias + t * B + b;
+            for (int64_t l = 0; l < nl; l++) ps[l] = post[l] * f, ls[l] = L[l] * s;
+#pragma omp simd
+            for (int l = 0; l < 16; l++) w[l] = nearest ? 0u : mix32(wi[l] ^ key);
+            for (int p = 0; p < np; p++) {
+                const float pr = pre[p];
+#pragma omp simd
+                for (int l = 0; l < 16; l++) {
+                    const float t2 = ps[l] * pr;
+                    float x = nearest ? ed * c[p][l] + t2 : fmaf(ed, c[p][l], t2);
+                    x = x > lo ? x : lo; /* NaN -> lo, as chip_cols */
+                    x = x < hi ? x : hi;
+                    const int32_t code = nearest ? (int32_t)rintf(x * inv)
+                                                 : ((int32_t)rintf(x) + (int32_t)((w[l] >> (k * p)) & mask)) >> k;
+                    c[p][l] = (float)code;
+                    acc[p][l] += ls[l] * c[p][l];
+                }
+            }
+        }
+        for (int p = 0; p < np; p++)
+            for (int64_t l = 0; l < nl; l++) {
+                const int64_t e = l * len + h * P + p;
+                if (bytes == 1) ((int8_t *)codes)[e] = (int8_t)c[p][l]; else ((int16_t *)codes)[e] = (int16_t)c[p][l];
+                g[e] = acc[p][l];
+            }
+    }
+}
+#endif
+
+#if (defined(__AVX512F__) && defined(__AVX512BW__)) || defined(CHIP_AVX2)
 /* The recorded steps' updates of the traces and their gradients (chip_elig_rec's recurrent rows and chip_cols'
    input and bias rows, step after step for each row); threads own blocks of rows (whole groups of 16) as in
    ni_update. Empties the chunk. */
@@ -800,8 +952,13 @@ NO_CONTRACT void chip_chunk_flush(const Run *r, ChipChunk *cc) {
     const float ed = two_k * r->ed, lo = two_k * r->q_min[Q_ELIG_REC], hi = two_k * r->q_max[Q_ELIG_REC];
     float dec_lo, dec_hi;
     decayed_bounds(ed, r->q_min[Q_ELIG_REC], r->q_max[Q_ELIG_REC], &dec_lo, &dec_hi);
-    const RowV v = {_mm512_set1_ps(ed), _mm512_setzero_ps(), _mm512_set1_ps(lo), _mm512_set1_ps(hi),
-                    _mm512_set1_ps(1.0f / two_k), _mm512_setzero_ps()};
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const ChunkV v = {_mm512_set1_ps(ed), _mm512_setzero_ps(), _mm512_set1_ps(lo), _mm512_set1_ps(hi),
+                      _mm512_set1_ps(1.0f / two_k), _mm512_setzero_ps()};
+#else
+    const ChunkV v = {_mm256_set1_ps(ed), _mm256_setzero_ps(), _mm256_set1_ps(lo), _mm256_set1_ps(hi),
+                      _mm256_set1_ps(1.0f / two_k), _mm256_setzero_ps()};
+#endif
     const int64_t jb = chip_rows_per_block(N);
     const int par = K * B * N * N >= r->par_work;
 #pragma omp parallel for if (par) schedule(dynamic, 1)
